@@ -1,0 +1,54 @@
+# The project's one contract: CI runs `make test`; a new user runs `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: help venv tools generate verify lint typecheck test test-unit test-integration demo demo-down clean
+
+help:
+	@echo "make demo    - local simulated GPU cluster + S3, chart installed, example engine to Ready"
+	@echo "make test    - install what the tests need, then run them all"
+	@echo "make lint | typecheck | generate | verify | tools | demo-down"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+venv: $(STAMP)
+
+tools:
+	devcluster/build-tools.sh
+
+generate: venv
+	$(BIN)/llmengine generate
+
+verify: generate
+	@git diff --exit-code -- crds charts || { echo "generated files drifted from the API models: run 'make generate' and commit"; exit 1; }
+
+lint: venv
+	$(BIN)/ruff format --check operator tests
+	$(BIN)/ruff check operator tests
+	$(BIN)/lint-imports
+
+typecheck: venv
+	$(BIN)/mypy
+
+test-unit: venv
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test: venv tools
+	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+demo: venv tools
+	$(BIN)/python -m llmengine.dev.demo
+
+demo-down: venv
+	$(BIN)/llmengine dev down --name demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

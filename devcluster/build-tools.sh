@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Builds the dev cluster's binaries from the Go module proxy into a cache outside the repository.
+# Each component lands in $CACHE/<component>-<version>/bin and is built only when its stamp file is missing.
+# Usage: devcluster/build-tools.sh [component ...]   (default: all; prints the cache root on success)
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+. "$here/versions.env"
+CACHE=${LLMENGINE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llmengine-devcluster}
+export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
+mkdir -p "$CACHE"
+
+die() { echo "devcluster: $*" >&2; exit 1; }
+command -v go >/dev/null 2>&1 || die "Go is not installed or not on PATH; install Go >= 1.24 (https://go.dev/doc/install) and retry."
+builddate=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+
+# Fails fast with one line when the module proxy cannot be reached, instead of a wall of resolver errors.
+check_proxy() {
+  local mod=$1
+  if ! out=$(timeout 120 go list -m -json "$mod" 2>&1); then
+    die "cannot fetch $mod from the Go module proxy (GOPROXY=$(go env GOPROXY)): $(echo "$out" | tail -n 1)"
+  fi
+}
+
+# new_module DIR NAME: an empty wrapper module of its own per tool, so MVS of one tool never moves another's deps.
+new_module() {
+  rm -rf "$1"; mkdir -p "$1"; (cd "$1" && go mod init "$2" >/dev/null 2>&1)
+}
+
+done_stamp() { echo "$CACHE/$1/.built"; }
+
+build_etcd() {
+  local d="etcd-$ETCD_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
+  echo "devcluster: building etcd $ETCD_VERSION" >&2
+  check_proxy "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+  local w="$CACHE/$d/src"; new_module "$w" llmengine.dev/etcd
+  (cd "$w" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null \
+    && go build -trimpath -ldflags "-s -w" -o "$CACHE/$d/bin/etcd" go.etcd.io/etcd/server/v3)
+  touch "$(done_stamp $d)"
+}
+
+build_kwok() {
+  local d="kwok-$KWOK_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
+  echo "devcluster: building kwok $KWOK_VERSION" >&2
+  check_proxy "sigs.k8s.io/kwok@$KWOK_VERSION"
+  GOBIN="$CACHE/$d/bin" go install -trimpath \
+    -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  touch "$(done_stamp $d)"
+}
+
+build_helm() {
+  local d="helm-$HELM_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
+  echo "devcluster: building helm $HELM_VERSION" >&2
+  check_proxy "helm.sh/helm/v3@$HELM_VERSION"
+  GOBIN="$CACHE/$d/bin" go install -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  touch "$(done_stamp $d)"
+}
+
+build_versitygw() {
+  local d="versitygw-$VERSITYGW_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
+  echo "devcluster: building versitygw $VERSITYGW_VERSION" >&2
+  check_proxy "github.com/versity/versitygw@$VERSITYGW_VERSION"
+  GOBIN="$CACHE/$d/bin" go install -trimpath \
+    -ldflags "-s -w -X main.Version=$VERSITYGW_VERSION -X main.Build=module -X main.BuildTime=$builddate" \
+    "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+  touch "$(done_stamp $d)"
+}
+
+build_kubernetes() {
+  local d="kubernetes-$KUBERNETES_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
+  echo "devcluster: building kubernetes $KUBERNETES_VERSION (cold: 25-40 min on 2 cores)" >&2
+  check_proxy "k8s.io/kubernetes@$KUBERNETES_VERSION"
+  local w="$CACHE/$d/src"; new_module "$w" llmengine.dev/kubernetes
+  local gomod staging_ver="v0${KUBERNETES_VERSION#v1}"
+  gomod=$(cd "$w" && go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  [ -f "$gomod" ] || die "could not download the go.mod of k8s.io/kubernetes@$KUBERNETES_VERSION"
+  # Upstream replaces each staging module with ./staging/...; point those at the published tags instead.
+  local mods
+  mods=$(sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$gomod")
+  [ -n "$mods" ] || die "no staging replaces found in $gomod"
+  (cd "$w" && for m in $mods; do go mod edit -replace "$m=$m@$staging_ver"; done)
+  local pkgs="k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl"
+  local minor; minor=$(echo "$KUBERNETES_VERSION" | cut -d. -f2)
+  local ld="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+    ld="$ld -X $p.gitTreeState=clean -X $p.buildDate=$builddate -X $p.gitCommit=module"
+  done
+  (cd "$w" && go get "k8s.io/kubernetes@$KUBERNETES_VERSION" >/dev/null && go get $pkgs >/dev/null)
+  for p in $pkgs; do
+    (cd "$w" && go build -trimpath -ldflags "$ld" -o "$CACHE/$d/bin/$(basename "$p")" "$p")
+  done
+  touch "$(done_stamp $d)"
+}
+
+all="etcd kwok helm versitygw kubernetes"
+for c in ${*:-$all}; do
+  case $c in
+    etcd|kwok|helm|versitygw|kubernetes) "build_$c" ;;
+    *) die "unknown component '$c' (choose from: $all)" ;;
+  esac
+done
+echo "$CACHE"

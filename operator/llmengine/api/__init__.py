@@ -1,0 +1,1 @@
+"""API layer: pydantic models for the LLMEngine resource and the documents exchanged with Jobs."""

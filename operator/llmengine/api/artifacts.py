@@ -1,0 +1,149 @@
+"""Documents exchanged between the operator, the builder and the server.
+
+The build request is what the operator mounts into a build Job; the build result is what the builder writes
+into its termination message and next to the engine; the manifest is the commit record of an engine in the
+store. All three are versioned JSON documents with camelCase keys.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class Doc(BaseModel):
+    """Base for wire documents: camelCase on the wire, snake_case in Python, unknown keys rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class SecretKeyRef(Doc):
+    name: str
+    key: str
+
+
+class StoreLocation(Doc):
+    """Where engines live: s3://bucket/prefix/<digest>/."""
+
+    bucket: str
+    prefix: str = "engines"
+    endpoint: str | None = None
+    region: str = "us-east-1"
+
+    def engine_prefix(self, digest: str) -> str:
+        p = self.prefix.strip("/")
+        return f"{p}/{digest}/" if p else f"{digest}/"
+
+    def engine_uri(self, digest: str) -> str:
+        return f"s3://{self.bucket}/{self.engine_prefix(digest)}"
+
+
+class ModelSource(Doc):
+    """Exactly one of hugging_face_repo or s3_uri is set."""
+
+    hugging_face_repo: str | None = None
+    revision: str | None = None
+    s3_uri: str | None = None
+    tokenizer: str | None = None
+
+
+class BuildShapes(Doc):
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    max_num_tokens: int
+    max_beam_width: int = 1
+    opt_num_tokens: int | None = None
+
+
+class BuildRequest(Doc):
+    """Everything a builder needs to produce one engine. The digest identifies it in the store."""
+
+    api_version: Literal["llmengine.io/v1alpha1"] = "llmengine.io/v1alpha1"
+    kind: Literal["BuildRequest"] = "BuildRequest"
+    engine_digest: str
+    backend: Literal["tensorrt", "pytorch"]
+    compiler: Literal["tensorrt-llm", "test"] = "tensorrt-llm"
+    # Size of the engine the test compiler writes, in bytes; ignored by the real compiler.
+    test_engine_bytes: int | None = None
+    model: ModelSource
+    architecture: str
+    # Model facts, as used by the planner (hidden size, layers, ...), passed through for checks and provenance.
+    model_facts: dict[str, int | str]
+    dtype: Literal["float16", "bfloat16"]
+    quantization: str = "none"
+    kv_cache_dtype: str = "auto"
+    tp_size: int = 1
+    pp_size: int = 1
+    shapes: BuildShapes
+    features: dict[str, bool] = Field(default_factory=dict)
+    gpu_class: str
+    sm: str
+    image: str
+    trtllm_version: str
+    store: StoreLocation
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+
+class ManifestFile(Doc):
+    path: str
+    sha256: str
+    size: int
+
+
+class Provenance(Doc):
+    builder_image: str
+    trtllm_version: str
+    compiler: str
+    gpu_class: str
+    sm: str
+    build_time: str
+    build_seconds: float
+    test_build: bool = False
+    gpu_name: str | None = None
+    driver_version: str | None = None
+
+
+class Manifest(Doc):
+    """Written last: its presence is what makes an engine committed."""
+
+    api_version: Literal["llmengine.io/v1alpha1"] = "llmengine.io/v1alpha1"
+    kind: Literal["EngineManifest"] = "EngineManifest"
+    engine_digest: str
+    backend: Literal["tensorrt", "pytorch"]
+    tp_size: int
+    pp_size: int
+    shapes: BuildShapes
+    files: list[ManifestFile]
+    provenance: Provenance
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class BuildResult(Doc):
+    """The builder's structured outcome; also its container termination message (kept under 4 KiB)."""
+
+    api_version: Literal["llmengine.io/v1alpha1"] = "llmengine.io/v1alpha1"
+    kind: Literal["BuildResult"] = "BuildResult"
+    engine_digest: str
+    succeeded: bool
+    # Stage that failed (fetch, compile, verify, upload) and why, in one line.
+    stage: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    # A failure the same request can never recover from (bad request, unsupported combination).
+    permanent: bool = False
+    engine_uri: str | None = None
+    total_bytes: int | None = None
+    build_seconds: float | None = None
+    test_build: bool = False

@@ -1,0 +1,45 @@
+"""The `llmengine` command. Each subcommand lives in its own module and parses its own arguments."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help). The function takes argv (after the subcommand) and returns an exit code.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "plan": ("llmengine.plan.cli", "main", "validate LLMEngine manifests offline and say what applying would do"),
+    "operator": ("llmengine.handlers", "main", "run the operator (Kopf)"),
+    "build-engine": ("llmengine.builder.main", "main", "build one engine from a build request and commit it"),
+    "serve-engine": ("llmengine.server.main", "main", "download, verify and serve a committed engine"),
+    "dev": ("llmengine.dev.cli", "main", "run a local simulated GPU cluster with S3 (up|down|status|env)"),
+    "generate": ("llmengine.api.crdgen", "main", "write the CRD generated from the API models"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: llmengine COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<14}{help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name in ("-V", "--version", "version"):
+        from llmengine import __version__
+
+        print(__version__)
+        return 0
+    if name not in COMMANDS:
+        print(f"llmengine: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    entry = getattr(importlib.import_module(module), func)
+    return int(entry(rest))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
