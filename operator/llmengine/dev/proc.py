@@ -129,7 +129,7 @@ def wait_until(
         try:
             if check():
                 return
-        except Exception:  # noqa: S110 - any failure of the probe just means "not yet"
+        except Exception:
             pass
         time.sleep(interval)
     tail = f"; last log lines:\n{log_tail(proc.log)}" if proc else ""

@@ -1,0 +1,346 @@
+"""The pod runner: makes selected pods on simulated nodes do their real work.
+
+kwok nodes run no containers. The runner watches pods bound to them and, for those it should execute,
+runs the container's command as a local process with the pod's environment (values, Secret and ConfigMap
+references, field references) and its ConfigMap, Secret and emptyDir volumes materialised in a scratch
+directory (mount paths in arguments and environment values are rewritten to it). It then reports the result
+through annotations that the kwok stages turn into pod status:
+
+- Job pods (restartPolicy Never/OnFailure): the main container runs; exit 0 -> Succeeded, else Failed, with the
+  exit code and the termination message the process wrote.
+- Long-running pods: runnable init containers run in order; then the pod is marked Ready. A failing init
+  container leaves the pod Pending and unready, with the error in an annotation (as an init crash loop would).
+
+A pod is runnable when its command starts with `llmengine` (the product's own entrypoints) or when it carries
+the annotation `devcluster.llmengine.io/run: "true"` (test pods). Other Job pods wait for a test to finish them;
+other long-running pods become Ready at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ANN = "devcluster.llmengine.io"
+OUTCOME, EXIT_CODE, MESSAGE, RUN, STATE = (
+    f"{ANN}/outcome",
+    f"{ANN}/exit-code",
+    f"{ANN}/message",
+    f"{ANN}/run",
+    f"{ANN}/runner",
+)
+MAX_MESSAGE = 4096
+log = logging.getLogger("llmengine.dev.runner")
+
+
+def is_runnable(pod: dict[str, Any], container: dict[str, Any]) -> bool:
+    cmd = list(container.get("command") or [])
+    if cmd and os.path.basename(cmd[0]) == "llmengine":
+        return True
+    return (pod["metadata"].get("annotations") or {}).get(RUN) == "true"
+
+
+def is_job_pod(pod: dict[str, Any]) -> bool:
+    return pod["spec"].get("restartPolicy", "Always") != "Always"
+
+
+class Runner:
+    def __init__(self, api: Any, work_dir: Path, llmengine_bin: str) -> None:
+        from kubernetes import client
+
+        self.core = client.CoreV1Api(api)
+        self.api = api
+        self.work = work_dir
+        self.llmengine_bin = llmengine_bin
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.handled: set[str] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    # ---- reporting --------------------------------------------------------------------------------------
+    def annotate(self, pod: dict[str, Any], values: dict[str, str | None]) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        md = pod["metadata"]
+        try:
+            self.core.patch_namespaced_pod(md["name"], md["namespace"], {"metadata": {"annotations": values}})
+        except ApiException as e:
+            if e.status != 404:
+                log.warning("annotate %s/%s failed: %s", md["namespace"], md["name"], e.reason)
+
+    # ---- materialising a pod ----------------------------------------------------------------------------
+    def _secret(self, ns: str, name: str) -> dict[str, bytes]:
+        s = self.core.read_namespaced_secret(name, ns)
+        return {k: base64.b64decode(v) for k, v in (s.data or {}).items()}
+
+    def _configmap(self, ns: str, name: str) -> dict[str, bytes]:
+        cm = self.core.read_namespaced_config_map(name, ns)
+        return {k: v.encode() for k, v in (cm.data or {}).items()}
+
+    def _volumes(self, pod: dict[str, Any], root: Path) -> dict[str, Path]:
+        ns = pod["metadata"]["namespace"]
+        out: dict[str, Path] = {}
+        for v in pod["spec"].get("volumes") or []:
+            path = root / "volumes" / v["name"]
+            path.mkdir(parents=True, exist_ok=True)
+            files: dict[str, bytes] = {}
+            if "configMap" in v:
+                files = self._configmap(ns, v["configMap"]["name"])
+                items = v["configMap"].get("items")
+            elif "secret" in v:
+                files = self._secret(ns, v["secret"]["secretName"])
+                items = v["secret"].get("items")
+            else:
+                items = None  # emptyDir and anything else: an empty directory
+            if items:
+                files = {i.get("path", i["key"]): files[i["key"]] for i in items if i["key"] in files}
+            for fname, data in files.items():
+                (path / fname).parent.mkdir(parents=True, exist_ok=True)
+                (path / fname).write_bytes(data)
+            out[v["name"]] = path
+        return out
+
+    def _env(self, pod: dict[str, Any], c: dict[str, Any], root: Path) -> dict[str, str]:
+        ns = pod["metadata"]["namespace"]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root), "PYTHONUNBUFFERED": "1"}
+        for ef in c.get("envFrom") or []:
+            if "secretRef" in ef:
+                env.update({k: v.decode() for k, v in self._secret(ns, ef["secretRef"]["name"]).items()})
+            if "configMapRef" in ef:
+                env.update(
+                    {k: v.decode() for k, v in self._configmap(ns, ef["configMapRef"]["name"]).items()}
+                )
+        for e in c.get("env") or []:
+            if "value" in e:
+                env[e["name"]] = e["value"]
+            elif "valueFrom" in e:
+                vf = e["valueFrom"]
+                if "secretKeyRef" in vf:
+                    ref = vf["secretKeyRef"]
+                    data = self._secret(ns, ref["name"])
+                    if ref["key"] in data:
+                        env[e["name"]] = data[ref["key"]].decode()
+                elif "configMapKeyRef" in vf:
+                    ref = vf["configMapKeyRef"]
+                    env[e["name"]] = self._configmap(ns, ref["name"]).get(ref["key"], b"").decode()
+                elif "fieldRef" in vf:
+                    env[e["name"]] = _field(pod, vf["fieldRef"]["fieldPath"])
+        return env
+
+    def run_container(self, pod: dict[str, Any], c: dict[str, Any], root: Path) -> tuple[int, str]:
+        """Run one container to completion; returns (exit code, termination message)."""
+        vols = self._volumes(pod, root)
+        mounts = sorted(
+            ((m["mountPath"], vols[m["name"]]) for m in c.get("volumeMounts") or [] if m["name"] in vols),
+            key=lambda m: -len(m[0]),
+        )
+        term_path = c.get("terminationMessagePath") or "/dev/termination-log"
+        term_local = root / f"termination-{c['name']}"
+        term_local.unlink(missing_ok=True)
+        rewrites = [(term_path, str(term_local)), *[(mp, str(lp)) for mp, lp in mounts]]
+
+        def rw(s: str) -> str:
+            for src, dst in rewrites:
+                if s == src or s.startswith(src.rstrip("/") + "/"):
+                    return dst + s[len(src) :]
+                if "=" in s and s.split("=", 1)[1].startswith(src):  # --flag=/mount/path
+                    k, v = s.split("=", 1)
+                    return f"{k}={rw(v)}"
+            return s
+
+        argv = [rw(a) for a in list(c.get("command") or []) + list(c.get("args") or [])]
+        if not argv:
+            return 127, "container has no command: the runner cannot execute image entrypoints"
+        if os.path.basename(argv[0]) == "llmengine":
+            argv[0] = self.llmengine_bin
+        env = {k: rw(v) for k, v in self._env(pod, c, root).items()}
+        key = _key(pod)
+        out = root / f"{c['name']}.log"
+        workdir = rw(c["workingDir"]) if c.get("workingDir") else str(root)
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        with open(out, "ab") as f:
+            try:
+                p = subprocess.Popen(
+                    argv, env=env, cwd=workdir, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            except OSError as e:
+                return 127, f"cannot start {argv[0]}: {e.strerror}"
+            with self.lock:
+                self.procs[key] = p
+            code = p.wait()
+            with self.lock:
+                self.procs.pop(key, None)
+        msg = term_local.read_text(errors="replace")[:MAX_MESSAGE] if term_local.exists() else ""
+        if not msg and code != 0:
+            # Like terminationMessagePolicy FallbackToLogsOnError: the log's tail explains the failure.
+            msg = "\n".join(out.read_text(errors="replace").splitlines()[-20:])[-MAX_MESSAGE:]
+        return (code if code >= 0 else 128 - code), msg
+
+    # ---- per pod ----------------------------------------------------------------------------------------
+    def handle(self, pod: dict[str, Any]) -> None:
+        md = pod["metadata"]
+        root = self.work / f"{md['namespace']}_{md['name']}_{md['uid'][:8]}"
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            if is_job_pod(pod):
+                main = pod["spec"]["containers"][0]
+                for ic in pod["spec"].get("initContainers") or []:
+                    if is_runnable(pod, ic):
+                        code, msg = self.run_container(pod, ic, root)
+                        if code != 0:
+                            self.annotate(pod, {OUTCOME: "fail", EXIT_CODE: str(code), MESSAGE: msg})
+                            return
+                self.annotate(pod, {STATE: "running"})
+                code, msg = self.run_container(pod, main, root)
+                if self.stopping.is_set():
+                    return
+                outcome = "succeed" if code == 0 else "fail"
+                self.annotate(pod, {OUTCOME: outcome, EXIT_CODE: str(code), MESSAGE: msg, STATE: "done"})
+            else:
+                for ic in pod["spec"].get("initContainers") or []:
+                    if is_runnable(pod, ic):
+                        code, msg = self.run_container(pod, ic, root)
+                        if code != 0:
+                            self.annotate(pod, {STATE: "init-failed", EXIT_CODE: str(code), MESSAGE: msg})
+                            return
+                self.annotate(pod, {OUTCOME: "ready", STATE: "done"})
+        except Exception as e:  # the runner must outlive any one pod
+            log.exception("pod %s/%s", md["namespace"], md["name"])
+            if is_job_pod(pod):
+                self.annotate(pod, {OUTCOME: "fail", EXIT_CODE: "128", MESSAGE: f"runner error: {e}"})
+
+    def consider(self, pod: dict[str, Any]) -> None:
+        md, spec = pod["metadata"], pod["spec"]
+        ann = md.get("annotations") or {}
+        key = _key(pod)
+        if md.get("deletionTimestamp"):
+            self.kill(key)
+            return
+        if not spec.get("nodeName") or (pod.get("status") or {}).get("phase") != "Pending":
+            return
+        if OUTCOME in ann or ann.get(STATE) in ("done", "init-failed"):
+            return
+        with self.lock:
+            if key in self.handled:
+                return
+            self.handled.add(key)
+        if ann.get(STATE) == "running":
+            # Its process died with a previous runner: report it as a killed container.
+            self.annotate(
+                pod, {OUTCOME: "fail", EXIT_CODE: "137", MESSAGE: "container killed (runner restart)"}
+            )
+            return
+        containers = spec["containers"]
+        inits = spec.get("initContainers") or []
+        if is_job_pod(pod):
+            if not is_runnable(pod, containers[0]):
+                return  # a test decides how it ends
+        elif not any(is_runnable(pod, c) for c in inits):
+            self.annotate(pod, {OUTCOME: "ready", STATE: "done"})
+            return
+        threading.Thread(target=self.handle, args=(pod,), daemon=True, name=key).start()
+
+    def kill(self, key: str) -> None:
+        with self.lock:
+            p = self.procs.pop(key, None)
+        if p is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+
+    # ---- watch loop -------------------------------------------------------------------------------------
+    def run(self) -> None:
+        from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
+
+        while not self.stopping.is_set():
+            try:
+                lst = self.api.sanitize_for_serialization(self.core.list_pod_for_all_namespaces())
+                for pod in lst.get("items") or []:
+                    self.consider(pod)
+                w = watch.Watch()
+                for ev in w.stream(
+                    self.core.list_pod_for_all_namespaces,
+                    resource_version=lst["metadata"]["resourceVersion"],
+                    timeout_seconds=300,
+                    _request_timeout=330,
+                ):
+                    if self.stopping.is_set():
+                        break
+                    pod = self.api.sanitize_for_serialization(ev["object"])
+                    if ev["type"] == "DELETED":
+                        self.kill(_key(pod))
+                    else:
+                        self.consider(pod)
+            except ApiException as e:
+                if e.status != 410:
+                    log.warning("watch failed: %s; retrying", e.reason)
+                    time.sleep(1)
+            except Exception as e:
+                log.warning("watch failed: %s; retrying", e)
+                time.sleep(1)
+
+
+def _key(pod: dict[str, Any]) -> str:
+    md = pod["metadata"]
+    return f"{md['namespace']}/{md['name']}/{md.get('uid', '')}"
+
+
+def _field(pod: dict[str, Any], path: str) -> str:
+    md = pod["metadata"]
+    simple = {
+        "metadata.name": md.get("name"),
+        "metadata.namespace": md.get("namespace"),
+        "metadata.uid": md.get("uid"),
+        "spec.nodeName": pod["spec"].get("nodeName"),
+        "spec.serviceAccountName": pod["spec"].get("serviceAccountName"),
+        "status.podIP": (pod.get("status") or {}).get("podIP"),
+    }
+    if path in simple:
+        return str(simple[path] or "")
+    for prefix, src in (("metadata.labels", "labels"), ("metadata.annotations", "annotations")):
+        if path.startswith(prefix + "['") and path.endswith("']"):
+            return str((md.get(src) or {}).get(path[len(prefix) + 2 : -2], ""))
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="llmengine-dev-runner")
+    ap.add_argument("--cluster-dir", required=True, type=Path)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    from kubernetes import config
+
+    info = json.loads((args.cluster_dir / "cluster.json").read_text())
+    api = config.new_client_from_config(config_file=info["kubeconfig"])
+    work = args.cluster_dir / "pods"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    exe = Path(sys.executable).parent / "llmengine"
+    runner = Runner(api, work, str(exe) if exe.exists() else "llmengine")
+
+    def stop(*_: Any) -> None:
+        runner.stopping.set()
+        for k in list(runner.procs):
+            runner.kill(k)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    log.info("pod runner watching pods (work dir %s)", work)
+    runner.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
