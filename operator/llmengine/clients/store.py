@@ -1,0 +1,744 @@
+"""The engine store: content-addressed engine directories in S3, committed by a manifest written last.
+
+Layout: ``s3://<bucket>/<prefix>/<digest>/<files...>`` plus ``build-result.json`` and, last, ``manifest.json``.
+An engine is committed exactly when its manifest is present and parses. Readers never trust anything else: the
+download checks every file's size and SHA-256 against the manifest before the engine may be served.
+
+Used by the operator (from asyncio through ``asyncio.to_thread``), the builder and the server. ``EngineStore``
+holds nothing but the (thread-safe) boto3 client and the location, so one instance may be shared by threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+import boto3
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore import exceptions as bx
+from botocore.config import Config
+from pydantic import ValidationError
+from s3transfer.subscribers import BaseSubscriber
+
+from llmengine.api.artifacts import BuildResult, BuildShapes, Manifest, ManifestFile, Provenance, StoreLocation
+from llmengine.logging import get_logger
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+else:
+    S3Client = Any
+
+MANIFEST_NAME = "manifest.json"
+RESULT_NAME = "build-result.json"
+RESERVED_NAMES = frozenset({MANIFEST_NAME, RESULT_NAME})
+PARTIAL_SUFFIX = ".llmengine-partial"
+MiB = 1024 * 1024
+
+# Settings the one-line errors point at (the LLMEngine fields a user edits).
+SETTING_CREDENTIALS = "spec.store.credentialsSecretRef"
+SETTING_BUCKET = "spec.store.bucket"
+SETTING_ENDPOINT = "spec.store.endpoint"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+class StoreError(Exception):
+    """A store operation failed. The message is one line; ``setting`` names what the user should fix, if any."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+class CredentialsError(StoreError):
+    pass
+
+
+class AccessDenied(StoreError):
+    pass
+
+
+class BucketNotFound(StoreError):
+    pass
+
+
+class EndpointUnreachable(StoreError):
+    pass
+
+
+class IntegrityError(StoreError):
+    """The stored engine does not match its manifest (or has none). ``path`` names the file when one is at fault."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message, setting=None)
+        self.path = path
+
+
+_CREDENTIAL_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"}
+)
+
+
+def translate_error(exc: BaseException, endpoint: str, bucket: str) -> StoreError:
+    """Map a botocore/s3transfer exception to a one-line StoreError naming the setting to fix."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return CredentialsError(
+            "no S3 credentials found: set spec.store.credentialsSecretRef or configure workload identity",
+            SETTING_CREDENTIALS,
+        )
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ConnectionClosedError):
+        return EndpointUnreachable(f"cannot reach S3 endpoint {endpoint}: check {SETTING_ENDPOINT}", SETTING_ENDPOINT)
+    if isinstance(exc, bx.ReadTimeoutError):
+        return EndpointUnreachable(f"S3 endpoint {endpoint} timed out: check {SETTING_ENDPOINT}", SETTING_ENDPOINT)
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        if code in _CREDENTIAL_CODES:
+            return CredentialsError(
+                f"S3 rejected the credentials ({code}): check the secret named in {SETTING_CREDENTIALS}",
+                SETTING_CREDENTIALS,
+            )
+        if code == "NoSuchBucket":
+            return BucketNotFound(
+                f"bucket '{bucket}' does not exist at {endpoint}: create it or fix {SETTING_BUCKET}", SETTING_BUCKET
+            )
+        if code in ("AccessDenied", "403", "Forbidden"):
+            return AccessDenied(
+                f"S3 denied access to bucket '{bucket}' ({code}): grant the credentials in "
+                f"{SETTING_CREDENTIALS} read/write on it",
+                SETTING_CREDENTIALS,
+            )
+        msg = str(err.get("Message", "")) or str(exc)
+        return StoreError(f"S3 error {code or 'unknown'} at {endpoint}: {_one_line(msg)}")
+    if isinstance(exc, bx.BotoCoreError):
+        return StoreError(f"S3 client error at {endpoint}: {_one_line(str(exc))}")
+    return StoreError(f"S3 operation failed at {endpoint}: {type(exc).__name__}: {_one_line(str(exc))}")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _error_code(exc: BaseException) -> str:
+    if isinstance(exc, bx.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Client
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """How to reach S3. Without explicit keys, boto3's default chain applies (env AWS_*, web identity, IMDS).
+
+    Secrets are excluded from repr so the config can be logged.
+    """
+
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_attempts: int = 5
+    max_pool_connections: int = 32
+
+    @classmethod
+    def for_location(cls, location: StoreLocation, **overrides: Any) -> S3Config:
+        """Endpoint and region from the location; AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL when it names none."""
+        endpoint = location.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return cls(endpoint=endpoint or None, region=location.region, **overrides)
+
+
+def make_s3_client(cfg: S3Config) -> S3Client:
+    """A boto3 S3 client: path-style addressing (S3-compatible servers), standard retries, bounded timeouts.
+
+    Each call gets its own boto3 Session: sessions are not thread-safe, clients are.
+    """
+    session = boto3.session.Session()
+    config = Config(
+        s3={"addressing_style": "path"},
+        signature_version="s3v4",
+        retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
+        max_pool_connections=cfg.max_pool_connections,
+        # Integrity is ours (SHA-256 per file against the manifest); the newer default CRC trailers are not
+        # understood by every S3-compatible server.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    client: S3Client = session.client(
+        "s3",
+        endpoint_url=cfg.endpoint,
+        region_name=cfg.region,
+        aws_access_key_id=cfg.access_key_id,
+        aws_secret_access_key=cfg.secret_access_key,
+        aws_session_token=cfg.session_token,
+        config=config,
+    )
+    return client
+
+
+@dataclass(frozen=True)
+class TransferTuning:
+    """Part size and parallelism of uploads and downloads.
+
+    64 MiB parts keep a 140 GB rank file well under S3's 10,000-part limit and amortise per-request overhead;
+    8 streams saturate a 10-25 Gbit/s link to S3 without holding more than ~(concurrency + 2) parts in memory.
+    """
+
+    part_size: int = 64 * MiB
+    concurrency: int = 8
+    # Files at least this large are fetched with parallel ranged GETs; smaller ones with one GET.
+    ranged_threshold: int = 64 * MiB
+    progress_interval_s: float = 5.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+class _Progress:
+    """Thread-safe byte counter that logs bytes, total and rate at most every `interval` seconds."""
+
+    def __init__(self, log: Any, op: str, total: int, interval: float) -> None:
+        self._log, self._op, self._total, self._interval = log, op, total, interval
+        self._lock = threading.Lock()
+        self._done = 0
+        self._start = self._last = time.monotonic()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._done += n
+            now = time.monotonic()
+            if now - self._last < self._interval:
+                return
+            self._last = now
+            done, elapsed = self._done, now - self._start
+        self._log.info(
+            f"{self._op} progress",
+            bytes=done,
+            total_bytes=self._total,
+            percent=round(100.0 * done / self._total, 1) if self._total else 100.0,
+            rate_mib_s=round(done / MiB / elapsed, 1) if elapsed > 0 else None,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = time.monotonic() - self._start
+        return {
+            "bytes": self._done,
+            "seconds": round(elapsed, 3),
+            "rate_mib_s": round(self._done / MiB / elapsed, 1) if elapsed > 0 else None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Upload helpers
+
+
+class _HashingReader:
+    """Sequential, non-seekable view of a file that hashes what s3transfer reads.
+
+    Declaring it non-seekable makes s3transfer read parts strictly in order from one thread, so the SHA-256 is
+    computed while streaming, with no second pass over a multi-GB file.
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+
+class _UploadSubscriber(BaseSubscriber):
+    """Gives s3transfer the size up front and feeds the progress counter.
+
+    The size spares s3transfer from buffering a whole part to find it out, and lets it grow the part size for
+    files that would otherwise exceed S3's 10,000-part limit.
+    """
+
+    def __init__(self, size: int, progress: _Progress) -> None:
+        self._size, self._progress = size, progress
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        future.meta.provide_transfer_size(self._size)
+
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self._progress.add(bytes_transferred)
+
+
+def _local_files(root: Path) -> list[tuple[str, Path]]:
+    out: list[tuple[str, Path]] = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(root).as_posix()
+            if rel in RESERVED_NAMES or rel.endswith(PARTIAL_SUFFIX):
+                continue
+            out.append((rel, p))
+    return out
+
+
+def check_manifest_paths(files: list[ManifestFile]) -> None:
+    """Every entry must be a unique, relative, normalised path that is not one of the store's own documents."""
+    seen: set[str] = set()
+    for f in files:
+        p = PurePosixPath(f.path)
+        if (
+            not f.path
+            or p.is_absolute()
+            or ".." in p.parts
+            or str(p) != f.path
+            or f.path in RESERVED_NAMES
+            or f.path.endswith(PARTIAL_SUFFIX)
+        ):
+            raise IntegrityError(
+                f"manifest lists an unexpected entry '{f.path}' (not a plain relative file path)", f.path
+            )
+        if f.path in seen:
+            raise IntegrityError(f"manifest lists '{f.path}' twice", f.path)
+        if f.size < 0 or len(f.sha256) != 64:
+            raise IntegrityError(f"manifest entry '{f.path}' has an invalid size or sha256", f.path)
+        seen.add(f.path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The store
+
+
+class EngineStore:
+    """Engines under one StoreLocation. Stateless apart from the client: safe to share across threads."""
+
+    def __init__(self, client: S3Client, location: StoreLocation, tuning: TransferTuning | None = None) -> None:
+        self.client = client
+        self.location = location
+        self.tuning = tuning or TransferTuning()
+
+    # -- naming ---------------------------------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return str(self.client.meta.endpoint_url)
+
+    def key(self, digest: str, name: str) -> str:
+        return self.location.engine_prefix(digest) + name
+
+    def uri(self, digest: str) -> str:
+        return self.location.engine_uri(digest)
+
+    @contextlib.contextmanager
+    def _s3(self) -> Iterator[None]:
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, self.endpoint, self.location.bucket) from exc
+
+    # -- reading the commit record --------------------------------------------------------------------------------
+
+    def _get_json(self, digest: str, name: str) -> bytes | None:
+        with self._s3():
+            try:
+                obj = self.client.get_object(Bucket=self.location.bucket, Key=self.key(digest, name))
+            except Exception as exc:
+                if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
+            return obj["Body"].read()
+
+    def get_manifest(self, digest: str) -> Manifest | None:
+        """The engine's manifest, or None when it is not committed. A manifest that does not parse raises."""
+        raw = self._get_json(digest, MANIFEST_NAME)
+        if raw is None:
+            return None
+        where = self.uri(digest) + MANIFEST_NAME
+        try:
+            manifest = Manifest.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(x) for x in first.get("loc", ()))
+            raise StoreError(
+                f"manifest at {where} is malformed ({loc}: {first.get('msg')}); rebuild the engine"
+            ) from exc
+        if manifest.engine_digest != digest:
+            raise IntegrityError(f"manifest at {where} is for engine {manifest.engine_digest}, not {digest}")
+        return manifest
+
+    def is_committed(self, digest: str) -> bool:
+        return self.get_manifest(digest) is not None
+
+    def get_result(self, digest: str) -> BuildResult | None:
+        raw = self._get_json(digest, RESULT_NAME)
+        if raw is None:
+            return None
+        try:
+            return BuildResult.model_validate_json(raw)
+        except ValidationError as exc:
+            raise StoreError(f"build result at {self.uri(digest)}{RESULT_NAME} is malformed") from exc
+
+    def _put_bytes(self, digest: str, name: str, body: bytes) -> None:
+        with self._s3():
+            self.client.put_object(
+                Bucket=self.location.bucket,
+                Key=self.key(digest, name),
+                Body=body,
+                ContentType="application/json",
+            )
+
+    def put_result(self, digest: str, result: BuildResult) -> None:
+        self._put_bytes(digest, RESULT_NAME, result.to_json().encode())
+
+    def list_objects(self, prefix: str) -> dict[str, int]:
+        """key -> size for every object under the prefix."""
+        out: dict[str, int] = {}
+        with self._s3():
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    out[obj["Key"]] = int(obj["Size"])
+        return out
+
+    # -- upload ----------------------------------------------------------------------------------------------------
+
+    def _transfer_manager(self) -> Any:
+        t = self.tuning
+        cfg = TransferConfig(
+            multipart_threshold=t.part_size,
+            multipart_chunksize=t.part_size,
+            max_concurrency=t.concurrency,
+            use_threads=True,
+            preferred_transfer_client="classic",
+        )
+        # Bounds memory for the sequential (hashing) reader: parts read ahead of the uploads.
+        cfg.max_in_memory_upload_chunks = t.concurrency + 2
+        return create_transfer_manager(self.client, cfg)
+
+    def upload_file(self, local: Path, key: str, progress: _Progress | None = None) -> tuple[str, int]:
+        """Upload one file (multipart, parallel parts); returns (sha256, size), the hash computed while streaming."""
+        size = local.stat().st_size
+        prog = progress or _Progress(get_logger(), "upload", size, self.tuning.progress_interval_s)
+        with self._s3(), self._transfer_manager() as tm, open(local, "rb") as f:
+            reader = _HashingReader(f)
+            fut = tm.upload(reader, self.location.bucket, key, subscribers=[_UploadSubscriber(size, prog)])
+            fut.result()
+        if reader.size != size:
+            raise StoreError(f"{local} changed size while uploading ({size} -> {reader.size} bytes)")
+        return reader.sha256.hexdigest(), size
+
+    def upload_engine(
+        self,
+        digest: str,
+        local_dir: Path,
+        *,
+        backend: Literal["tensorrt", "pytorch"],
+        tp_size: int,
+        pp_size: int,
+        shapes: BuildShapes,
+        provenance: Provenance,
+        result: BuildResult | None = None,
+    ) -> Manifest:
+        """Upload every file of an engine directory, then the build result, then (last) the manifest.
+
+        A crash before the final PUT leaves no manifest, so the engine stays uncommitted and a retry re-uploads.
+        """
+        log = get_logger(engine_digest=digest, stage="upload")
+        files = _local_files(local_dir)
+        if not files:
+            raise StoreError(f"nothing to upload: {local_dir} has no files")
+        total = sum(p.stat().st_size for _, p in files)
+        prog = _Progress(log, "upload", total, self.tuning.progress_interval_s)
+        log.info("upload started", uri=self.uri(digest), files=len(files), total_bytes=total)
+        entries: list[ManifestFile] = []
+        for rel, path in files:
+            sha, size = self.upload_file(path, self.key(digest, rel), prog)
+            entries.append(ManifestFile(path=rel, sha256=sha, size=size))
+        self._check_uploaded(digest, entries)
+        manifest = Manifest(
+            engine_digest=digest,
+            backend=backend,
+            tp_size=tp_size,
+            pp_size=pp_size,
+            shapes=shapes,
+            files=entries,
+            provenance=provenance,
+        )
+        if result is not None:
+            self.put_result(digest, result)
+        self._put_bytes(digest, MANIFEST_NAME, manifest.to_json().encode())
+        log.info("upload committed", uri=self.uri(digest), files=len(entries), **prog.summary())
+        return manifest
+
+    def _check_uploaded(self, digest: str, entries: list[ManifestFile]) -> None:
+        """Read back the sizes the store reports before committing: a silently short object must not commit."""
+        listed = self.list_objects(self.location.engine_prefix(digest))
+        for e in entries:
+            got = listed.get(self.key(digest, e.path))
+            if got != e.size:
+                raise StoreError(f"after upload the store reports {got} bytes for '{e.path}', expected {e.size}")
+
+    # -- download --------------------------------------------------------------------------------------------------
+
+    def download_engine(self, digest: str, dest_dir: Path, parallelism: int | None = None) -> Manifest:
+        """Download a committed engine into dest_dir and verify every file against the manifest.
+
+        Raises IntegrityError (naming the file) when the manifest is missing, lists an odd or absent file, or a
+        file's size or SHA-256 differs. Files already present and matching are kept (restarts are cheap).
+        """
+        log = get_logger(engine_digest=digest, stage="download")
+        manifest = self.get_manifest(digest)
+        if manifest is None:
+            raise IntegrityError(
+                f"engine {digest} is not committed: no {MANIFEST_NAME} at {self.uri(digest)} "
+                "(the build never finished or its upload was interrupted)"
+            )
+        check_manifest_paths(manifest.files)
+        listed = self.list_objects(self.location.engine_prefix(digest))
+        for f in manifest.files:
+            got = listed.get(self.key(digest, f.path))
+            if got is None:
+                raise IntegrityError(
+                    f"'{f.path}' is listed in the manifest but missing from {self.uri(digest)}", f.path
+                )
+            if got != f.size:
+                raise IntegrityError(
+                    f"'{f.path}' is {got} bytes in the store but the manifest says {f.size} (truncated or replaced)",
+                    f.path,
+                )
+        expected = {self.key(digest, f.path) for f in manifest.files} | {self.key(digest, n) for n in RESERVED_NAMES}
+        extra = sorted(k for k in listed if k not in expected)
+        if extra:
+            log.warning("store has objects the manifest does not list; ignoring them", objects=extra[:10])
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        self._check_dest(dest_dir, manifest)
+        prog = _Progress(log, "download", manifest.total_bytes, self.tuning.progress_interval_s)
+        log.info("download started", uri=self.uri(digest), files=len(manifest.files), total_bytes=manifest.total_bytes)
+        jobs = [
+            _FileJob(key=self.key(digest, f.path), dest=dest_dir / f.path, size=f.size, sha256=f.sha256, name=f.path)
+            for f in manifest.files
+        ]
+        self._download_files(jobs, parallelism or self.tuning.concurrency, prog)
+        (dest_dir / MANIFEST_NAME).write_text(manifest.to_json())
+        log.info("download verified", dest=str(dest_dir), files=len(jobs), **prog.summary())
+        return manifest
+
+    def _check_dest(self, dest_dir: Path, manifest: Manifest) -> None:
+        wanted = {f.path for f in manifest.files} | RESERVED_NAMES
+        for p in sorted(dest_dir.rglob("*")):
+            if not p.is_file():
+                continue
+            rel = p.relative_to(dest_dir).as_posix()
+            if rel.endswith(PARTIAL_SUFFIX):
+                p.unlink()
+            elif rel not in wanted:
+                raise IntegrityError(
+                    f"'{rel}' in {dest_dir} is not part of engine {manifest.engine_digest}: use an empty directory",
+                    rel,
+                )
+
+    def download_prefix(self, prefix: str, dest_dir: Path, parallelism: int | None = None) -> int:
+        """Download every object under a prefix (a model checkpoint) into dest_dir; sizes are checked. Returns bytes."""
+        log = get_logger(stage="fetch")
+        prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
+        listed = self.list_objects(prefix)
+        jobs = []
+        for key, size in sorted(listed.items()):
+            rel = key[len(prefix) :]
+            if not rel or rel.endswith("/"):
+                continue
+            p = PurePosixPath(rel)
+            if p.is_absolute() or ".." in p.parts:
+                raise IntegrityError(f"refusing object key with an unsafe path: {key}", rel)
+            jobs.append(_FileJob(key=key, dest=dest_dir / rel, size=size, sha256=None, name=rel))
+        if not jobs:
+            raise StoreError(f"no objects under s3://{self.location.bucket}/{prefix}: check the model source URI")
+        total = sum(j.size for j in jobs)
+        prog = _Progress(log, "fetch", total, self.tuning.progress_interval_s)
+        self._download_files(jobs, parallelism or self.tuning.concurrency, prog)
+        log.info(
+            "fetched model from S3", uri=f"s3://{self.location.bucket}/{prefix}", files=len(jobs), **prog.summary()
+        )
+        return total
+
+    def _download_files(self, jobs: list[_FileJob], parallelism: int, prog: _Progress) -> None:
+        """Parallel ranged GETs into `<file>.llmengine-partial`, hashed in order as parts land, renamed if good.
+
+        All parts of all files share one pool (FIFO), so the in-order hashing on this thread trails the network
+        by a few parts and overlaps with it instead of adding a second pass.
+        """
+        part = self.tuning.part_size
+        with self._s3(), ThreadPoolExecutor(max_workers=max(1, parallelism), thread_name_prefix="s3get") as pool:
+            pending: list[tuple[_FileJob, list[tuple[int, int, Future[None]]]]] = []
+            try:
+                for job in jobs:
+                    if _already_present(job):
+                        prog.add(job.size)
+                        continue
+                    job.dest.parent.mkdir(parents=True, exist_ok=True)
+                    partial = job.partial
+                    with open(partial, "wb") as f:
+                        f.truncate(job.size)
+                    ranges = _ranges(job.size, part if job.size >= self.tuning.ranged_threshold else job.size)
+                    futs = [
+                        (off, ln, pool.submit(self._get_range, job, off, ln, len(ranges) > 1, prog))
+                        for off, ln in ranges
+                    ]
+                    pending.append((job, futs))
+                for job, futs in pending:
+                    self._finish_file(job, futs)
+            except BaseException:
+                for _, futs in pending:
+                    for _, _, fut in futs:
+                        fut.cancel()
+                for job, _ in pending:
+                    with contextlib.suppress(FileNotFoundError):
+                        job.partial.unlink()
+                raise
+
+    def _get_range(self, job: _FileJob, offset: int, length: int, ranged: bool, prog: _Progress) -> None:
+        if length == 0:
+            return
+        kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Key": job.key}
+        if ranged:
+            kwargs["Range"] = f"bytes={offset}-{offset + length - 1}"
+        try:
+            body = self.client.get_object(**kwargs)["Body"]
+        except Exception as exc:
+            code = _error_code(exc)
+            if code in ("NoSuchKey", "404"):
+                raise IntegrityError(f"'{job.name}' disappeared from the store during download", job.name) from exc
+            if code == "InvalidRange":
+                raise IntegrityError(
+                    f"'{job.name}' is shorter in the store than expected (truncated)", job.name
+                ) from exc
+            raise
+        fd = os.open(job.partial, os.O_WRONLY)
+        try:
+            pos = offset
+            while True:
+                chunk = body.read(MiB)
+                if not chunk:
+                    break
+                if pos + len(chunk) > offset + length:
+                    raise IntegrityError(f"'{job.name}' is longer in the store than the manifest says", job.name)
+                view = memoryview(chunk)
+                while view:
+                    n = os.pwrite(fd, view, pos)
+                    view, pos = view[n:], pos + n
+                prog.add(len(chunk))
+        finally:
+            os.close(fd)
+            body.close()
+        if pos != offset + length:
+            raise IntegrityError(
+                f"'{job.name}' ended after {pos} bytes, expected {offset + length} (truncated in the store)", job.name
+            )
+
+    def _finish_file(self, job: _FileJob, futs: list[tuple[int, int, Future[None]]]) -> None:
+        sha = hashlib.sha256()
+        with open(job.partial, "rb", buffering=0) as f:
+            for off, ln, fut in futs:
+                fut.result()
+                _hash_range(f, off, ln, sha)
+        if job.sha256 is not None and sha.hexdigest() != job.sha256:
+            job.partial.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"'{job.name}' failed verification: sha256 {sha.hexdigest()[:16]}... "
+                f"does not match the manifest's {job.sha256[:16]}... (corrupted)",
+                job.name,
+            )
+        os.replace(job.partial, job.dest)
+
+    # -- delete (tests and garbage collection only) ----------------------------------------------------------------
+
+    def delete_engine(self, digest: str) -> int:
+        """Remove an engine: the manifest first (uncommit), then everything else. Returns objects deleted."""
+        bucket = self.location.bucket
+        with self._s3():
+            self.client.delete_object(Bucket=bucket, Key=self.key(digest, MANIFEST_NAME))
+            keys = list(self.list_objects(self.location.engine_prefix(digest)))
+            for i in range(0, len(keys), 1000):
+                batch: list[Any] = [{"Key": k} for k in keys[i : i + 1000]]
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys) + 1
+
+
+@dataclass
+class _FileJob:
+    key: str
+    dest: Path
+    size: int
+    sha256: str | None
+    name: str
+
+    @property
+    def partial(self) -> Path:
+        return self.dest.with_name(self.dest.name + PARTIAL_SUFFIX)
+
+
+def _ranges(size: int, part: int) -> list[tuple[int, int]]:
+    if size == 0 or part <= 0:
+        return [(0, size)]
+    return [(off, min(part, size - off)) for off in range(0, size, part)]
+
+
+def _hash_range(f: IO[bytes], offset: int, length: int, sha: Any, block: int = 8 * MiB) -> None:
+    f.seek(offset)
+    left = length
+    while left:
+        data = f.read(min(block, left))
+        if not data:
+            break
+        sha.update(data)
+        left -= len(data)
+
+
+def file_sha256(path: Path, block: int = 8 * MiB) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while data := f.read(block):
+            sha.update(data)
+    return sha.hexdigest()
+
+
+def _already_present(job: _FileJob) -> bool:
+    if job.sha256 is None:
+        return False
+    try:
+        if job.dest.stat().st_size != job.size:
+            return False
+    except FileNotFoundError:
+        return False
+    return file_sha256(job.dest) == job.sha256
+
+
+def store_for(location: StoreLocation, tuning: TransferTuning | None = None, **client_overrides: Any) -> EngineStore:
+    """An EngineStore for a location; credentials from the environment (or workload identity)."""
+    return EngineStore(make_s3_client(S3Config.for_location(location, **client_overrides)), location, tuning)
