@@ -1,0 +1,297 @@
+"""`llmengine build-engine`: build one engine from a BuildRequest and commit it to the store.
+
+Stages: fetch -> compile -> verify -> upload. Each logs one structured line when it ends (stage, bytes, seconds,
+rate). The outcome is a BuildResult written to the container's termination message (and stdout) and next to the
+engine in the store. Exit 0 on success or when the engine is already committed, 1 on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from llmengine.api.artifacts import BuildRequest, BuildResult, Provenance, StoreLocation
+from llmengine.builder.compiler import BuildFailure, Compiler, check_request
+from llmengine.builder.fetch import HfDownload, StoreFactory, default_store_factory, fetch_model
+from llmengine.builder.verify import verify_engine
+from llmengine.clients.store import EngineStore, StoreError
+from llmengine.logging import configure_logging, get_logger
+
+TERMINATION_LOG = Path("/dev/termination-log")
+RESULT_LIMIT = 4096  # Kubernetes keeps at most 4 KiB of a termination message
+MiB = 1024 * 1024
+
+
+def default_compilers() -> dict[str, Compiler]:
+    from llmengine.builder.testcompiler import TestCompiler
+    from llmengine.builder.trtllm import TensorRTLLMCompiler
+
+    return {"tensorrt-llm": TensorRTLLMCompiler(), "test": TestCompiler()}
+
+
+@dataclass
+class Seams:
+    """What tests replace: the store, the compilers, the Hugging Face download and the GPU description."""
+
+    store_factory: StoreFactory = default_store_factory
+    compilers: Callable[[], dict[str, Compiler]] = default_compilers
+    hf_download: HfDownload | None = None
+    gpu_info: Callable[[], tuple[str | None, str | None]] | None = None
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+def gpu_name_and_driver() -> tuple[str | None, str | None]:
+    from llmengine.server.gpus import probe
+
+    report = probe()
+    if report.error or not report.devices:
+        return None, report.driver_version
+    return report.devices[0].name, report.driver_version
+
+
+def load_request(path: Path) -> BuildRequest:
+    try:
+        return BuildRequest.model_validate_json(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise BuildFailure("validate", "InvalidRequest", f"build request {path} does not exist", True) from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        raise BuildFailure(
+            "validate", "InvalidRequest", f"build request field {loc}: {first.get('msg')}", permanent=True
+        ) from exc
+
+
+def _stage_done(log: Any, stage: str, start: float, nbytes: int | None = None, **extra: Any) -> None:
+    seconds = time.monotonic() - start
+    fields: dict[str, Any] = {"stage": stage, "seconds": round(seconds, 3), **extra}
+    if nbytes is not None:
+        fields["bytes"] = nbytes
+        fields["rate_mib_s"] = round(nbytes / MiB / seconds, 1) if seconds > 0 else None
+    log.info("stage finished", **fields)
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> BuildResult:
+    """Run the pipeline for a valid request; raises BuildFailure on a failed stage."""
+    started_at = datetime.now(UTC)
+    t0 = time.monotonic()
+    check_request(request)
+    compilers = seams.compilers()
+    compiler = compilers.get(request.compiler)
+    if compiler is None:
+        raise BuildFailure("validate", "InvalidRequest", f"compiler {request.compiler!r} is unknown", permanent=True)
+
+    store = _store(seams, request.store)
+    try:
+        if store.get_manifest(request.engine_digest) is not None:
+            log.info("engine already committed; nothing to do", uri=store.uri(request.engine_digest))
+            return BuildResult(
+                engine_digest=request.engine_digest,
+                succeeded=True,
+                message="already committed",
+                engine_uri=store.uri(request.engine_digest),
+            )
+    except StoreError as exc:
+        if exc.setting is not None:
+            raise BuildFailure("upload", "StoreUnavailable", str(exc)) from exc
+        log.warning("existing manifest is unreadable; rebuilding over it", error=str(exc))
+
+    t = time.monotonic()
+    fetched = fetch_model(request, work_dir / "model", seams.store_factory, seams.hf_download)
+    _stage_done(log.bind(stage="fetch"), "fetch", t, fetched.bytes)
+
+    t = time.monotonic()
+    engine_dir = work_dir / "engine"
+    out = compiler.compile(request, fetched.path, engine_dir, log.bind(stage="compile", compiler=compiler.name))
+    _stage_done(log, "compile", t, _tree_bytes(out.engine_dir), compiler=compiler.name, test_build=out.test_build)
+
+    t = time.monotonic()
+    files = verify_engine(request, out.engine_dir)
+    _stage_done(log, "verify", t, files=len(files))
+
+    t = time.monotonic()
+    gpu_info = seams.gpu_info or (_no_gpu_info if out.test_build else gpu_name_and_driver)
+    gpu_name, driver = gpu_info()
+    build_seconds = round(time.monotonic() - t0, 3)
+    provenance = Provenance(
+        builder_image=seams.env.get("LLMENGINE_BUILDER_IMAGE") or request.image,
+        trtllm_version=out.trtllm_version,
+        compiler=compiler.name,
+        gpu_class=request.gpu_class,
+        sm=request.sm,
+        build_time=started_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        build_seconds=build_seconds,
+        test_build=out.test_build,
+        gpu_name=gpu_name,
+        driver_version=driver,
+    )
+    total = _tree_bytes(out.engine_dir)
+    result = BuildResult(
+        engine_digest=request.engine_digest,
+        succeeded=True,
+        message="built and committed" + (" (TEST BUILD, not TensorRT-LLM)" if out.test_build else ""),
+        engine_uri=store.uri(request.engine_digest),
+        total_bytes=total,
+        build_seconds=build_seconds,
+        test_build=out.test_build,
+    )
+    try:
+        store.upload_engine(
+            request.engine_digest,
+            out.engine_dir,
+            backend=request.backend,
+            tp_size=request.tp_size,
+            pp_size=request.pp_size,
+            shapes=request.shapes,
+            provenance=provenance,
+            result=result,
+        )
+    except StoreError as exc:
+        raise BuildFailure("upload", "UploadFailed", str(exc)) from exc
+    _stage_done(log, "upload", t, total)
+    return result
+
+
+def _no_gpu_info() -> tuple[str | None, str | None]:
+    return None, None
+
+
+def _store(seams: Seams, location: StoreLocation) -> EngineStore:
+    try:
+        return seams.store_factory(location)
+    except StoreError as exc:
+        raise BuildFailure("upload", "StoreUnavailable", str(exc)) from exc
+
+
+def failure_result(digest: str, failure: BuildFailure, seconds: float | None = None) -> BuildResult:
+    return BuildResult(
+        engine_digest=digest,
+        succeeded=False,
+        stage=failure.stage,
+        reason=failure.reason,
+        message=failure.message,
+        permanent=failure.permanent,
+        build_seconds=round(seconds, 3) if seconds is not None else None,
+    )
+
+
+def fit_result(result: BuildResult, limit: int = RESULT_LIMIT) -> str:
+    """The result as JSON under `limit` bytes, shortening the message if it must."""
+    text = result.to_json()
+    if len(text.encode()) <= limit or not result.message:
+        return text
+    over = len(text.encode()) - limit
+    msg = result.message.encode()[: max(0, len(result.message.encode()) - over - 16)].decode(errors="ignore")
+    return result.model_copy(update={"message": msg + "...[cut]"}).to_json()
+
+
+def write_result(text: str, path: Path | None) -> None:
+    """stdout always; the termination message path too when it is writable."""
+    print(text, flush=True)
+    target = path if path is not None else (TERMINATION_LOG if os.access(TERMINATION_LOG, os.W_OK) else None)
+    if target is not None:
+        try:
+            target.write_text(text)
+        except OSError as exc:
+            get_logger().warning("could not write the build result", path=str(target), error=str(exc))
+
+
+def run(request_path: Path, work_dir: Path | None, seams: Seams | None = None) -> BuildResult:
+    """Load, build, and always come back with a BuildResult (never raises for a build failure)."""
+    seams = seams or Seams()
+    t0 = time.monotonic()
+    digest = "unknown"
+    log = get_logger(component="builder")
+    request: BuildRequest | None = None
+    try:
+        request = load_request(request_path)
+        digest = request.engine_digest
+        log = log.bind(engine_digest=digest)
+        log.info(
+            "build started",
+            compiler=request.compiler,
+            backend=request.backend,
+            model=request.model.hugging_face_repo or request.model.s3_uri,
+            tp_size=request.tp_size,
+            pp_size=request.pp_size,
+            quantization=request.quantization,
+            gpu_class=request.gpu_class,
+        )
+        with _work_dir(work_dir) as wd:
+            result = build(request, wd, seams, log)
+        log.info("build succeeded", message=result.message, seconds=round(time.monotonic() - t0, 3))
+        return result
+    except BuildFailure as failure:
+        log.error(
+            "build failed",
+            stage=failure.stage,
+            reason=failure.reason,
+            permanent=failure.permanent,
+            error=failure.message,
+        )
+        result = failure_result(digest, failure, time.monotonic() - t0)
+    except Exception as exc:  # a bug or an unexpected environment: report it as a (retryable) failure
+        log.exception("build crashed")
+        result = failure_result(digest, BuildFailure("internal", "InternalError", f"{type(exc).__name__}: {exc}"))
+    if request is not None:
+        _store_failure(request, result, seams, log)
+    return result
+
+
+def _store_failure(request: BuildRequest, result: BuildResult, seams: Seams, log: Any) -> None:
+    """Best effort: leave the failed result next to where the engine would be (never a manifest)."""
+    if result.stage in ("validate",) or result.reason in ("StoreUnavailable",):
+        return
+    try:
+        seams.store_factory(request.store).put_result(request.engine_digest, result)
+    except Exception as exc:
+        log.warning("could not store the failed build result", error=str(exc))
+
+
+@contextlib.contextmanager
+def _work_dir(path: Path | None) -> Iterator[Path]:
+    """The given scratch directory (kept, for debugging), or a temporary one removed afterwards."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="llmengine-build-") as tmp:
+        yield Path(tmp)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llmengine build-engine", description=__doc__.splitlines()[0])
+    p.add_argument("--request", type=Path, required=True, help="BuildRequest JSON file")
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument(
+        "--result",
+        type=Path,
+        default=None,
+        help="where to write the BuildResult (default: /dev/termination-log when writable; always stdout)",
+    )
+    p.add_argument("--log-format", choices=("json", "console"), default="json")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(json=args.log_format == "json", level=args.log_level)
+    result = run(args.request, args.work_dir)
+    write_result(fit_result(result), args.result)
+    return 0 if result.succeeded else 1

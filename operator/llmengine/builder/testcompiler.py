@@ -1,0 +1,145 @@
+"""THE TEST COMPILER. IT IS NOT TENSORRT-LLM AND ITS OUTPUT CANNOT BE SERVED.
+
+It exists so the whole build pipeline (fetch, verify, upload, commit, download, verify again) runs on machines
+without a GPU: it writes an engine directory shaped like the one ``trtllm-build`` writes (``config.json`` with
+``version``, ``pretrained_config`` and ``build_config``, one ``rank{N}.engine`` per rank, tokenizer files), filled
+with pseudo-random bytes of the requested size. Everything it writes is marked ``"test_build": true``, and so are
+the manifest and the build result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llmengine.api.artifacts import BuildRequest
+from llmengine.builder.compiler import (
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    TOKENS_PER_BLOCK,
+    CompileOutput,
+    copy_tokenizer,
+    feature,
+)
+from llmengine.builder.trtllm import gemm_plugin
+
+MiB = 1024 * 1024
+DEFAULT_ENGINE_BYTES = 4 * MiB
+MARKER_NAME = "llmengine-test-build.json"
+_BLOCK = 8 * MiB
+
+
+def engine_config(request: BuildRequest) -> dict[str, Any]:
+    """config.json as trtllm-build lays it out, with the requested mapping, quantization and shapes."""
+    s = request.shapes
+    facts = request.model_facts
+    pretrained: dict[str, Any] = {
+        "architecture": request.architecture,
+        "dtype": request.dtype,
+        "mapping": {"world_size": request.world_size, "tp_size": request.tp_size, "pp_size": request.pp_size},
+        "quantization": {
+            "quant_algo": QUANTIZATIONS[request.quantization].quant_algo,
+            "kv_cache_quant_algo": KV_CACHE_DTYPES[request.kv_cache_dtype][0],
+        },
+    }
+    for src, dest in (
+        ("hidden_size", "hidden_size"),
+        ("num_layers", "num_hidden_layers"),
+        ("num_hidden_layers", "num_hidden_layers"),
+        ("num_attention_heads", "num_attention_heads"),
+        ("num_key_value_heads", "num_key_value_heads"),
+        ("vocab_size", "vocab_size"),
+    ):
+        if src in facts:
+            pretrained[dest] = facts[src]
+    enable = {True: "enable", False: "disable"}
+    return {
+        "version": request.trtllm_version,
+        "test_build": True,
+        "pretrained_config": pretrained,
+        "build_config": {
+            "max_batch_size": s.max_batch_size,
+            "max_input_len": s.max_input_len,
+            "max_seq_len": s.max_seq_len,
+            "max_num_tokens": s.max_num_tokens,
+            "max_beam_width": s.max_beam_width,
+            "opt_num_tokens": s.opt_num_tokens,
+            "kv_cache_type": "PAGED" if feature(request, "paged_kv_cache") else "CONTINUOUS",
+            "strip_plan": feature(request, "strip_plan"),
+            "weight_streaming": feature(request, "weight_streaming"),
+            "plugin_config": {
+                "gemm_plugin": gemm_plugin(request),
+                "gpt_attention_plugin": "auto",
+                "context_fmha": feature(request, "context_fmha"),
+                "remove_input_padding": feature(request, "remove_input_padding"),
+                "use_paged_context_fmha": feature(request, "paged_context_fmha"),
+                "use_fp8_context_fmha": feature(request, "fp8_context_fmha"),
+                "multiple_profiles": feature(request, "multiple_profiles"),
+                "tokens_per_block": TOKENS_PER_BLOCK,
+                "paged_kv_cache": enable[feature(request, "paged_kv_cache")],
+            },
+        },
+    }
+
+
+def rank_sizes(total: int, ranks: int) -> list[int]:
+    base, rest = divmod(total, ranks)
+    return [base + (1 if r < rest else 0) for r in range(ranks)]
+
+
+def write_pseudo_random(path: Path, size: int, seed: int) -> None:
+    """Write `size` bytes quickly: one random block, rotated by a different offset for every block written.
+
+    No compressor with a normal window can shrink it and no two blocks are equal, at disk speed (os.urandom for
+    the whole size would be CPU-bound at a few hundred MB/s).
+    """
+    rnd = os.urandom(_BLOCK)
+    view = memoryview(rnd)
+    with open(path, "wb", buffering=0) as f:
+        left, i = size, 0
+        while left > 0:
+            k = ((i + seed * 7919) * 104_729 * 64) % _BLOCK
+            for piece in (view[k:], view[:k]):
+                n = min(len(piece), left)
+                if n:
+                    f.write(piece[:n])
+                    left -= n
+            i += 1
+
+
+class TestCompiler:
+    """Writes a realistic engine directory without TensorRT-LLM. NOT A REAL ENGINE."""
+
+    __test__ = False  # not a pytest test class despite the name
+    name = "test"
+
+    def compile(self, request: BuildRequest, checkpoint_dir: Path, out_dir: Path, log: Any) -> CompileOutput:
+        log.warning("TEST COMPILER: this is NOT TensorRT-LLM; the engine written is fake and cannot be served")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        total = DEFAULT_ENGINE_BYTES if request.test_engine_bytes is None else request.test_engine_bytes
+        if request.backend == "tensorrt":
+            (out_dir / "config.json").write_text(json.dumps(engine_config(request), indent=2))
+            for rank, size in enumerate(rank_sizes(total, request.world_size)):
+                write_pseudo_random(out_dir / f"rank{rank}.engine", size, rank)
+        else:
+            # PyTorch backend: the artifact is the (optionally quantized) HF checkpoint.
+            shutil.copytree(checkpoint_dir, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache"))
+            algo = QUANTIZATIONS[request.quantization].quant_algo
+            if algo is not None:
+                hf_quant = {
+                    "producer": {"name": "llmengine-test-compiler", "version": "0"},
+                    "quantization": {
+                        "quant_algo": algo,
+                        "kv_cache_quant_algo": KV_CACHE_DTYPES[request.kv_cache_dtype][0],
+                    },
+                }
+                (out_dir / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
+        copy_tokenizer(checkpoint_dir, out_dir)
+        (out_dir / MARKER_NAME).write_text(
+            json.dumps({"test_build": True, "compiler": self.name, "note": "NOT TensorRT-LLM output"}) + "\n"
+        )
+        log.warning("TEST COMPILER wrote a fake engine", engine_dir=str(out_dir), bytes=total)
+        return CompileOutput(engine_dir=out_dir, trtllm_version=request.trtllm_version, test_build=True)

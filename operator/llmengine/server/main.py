@@ -1,0 +1,186 @@
+"""`llmengine serve-engine [download|preflight|run|all]`: fetch, verify and serve a committed engine.
+
+- download: (init container) fetch the engine into --engine-dir and verify every file against the manifest.
+- preflight: check the GPUs (count, SM, free memory, MIG) against the downloaded manifest; print a JSON report.
+- run: preflight, then exec trtllm-serve.
+- all (default): download, then run.
+
+Every failure is one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmengine.api.artifacts import Manifest, StoreLocation
+from llmengine.clients.store import MANIFEST_NAME, EngineStore, StoreError, store_for
+from llmengine.logging import configure_logging, get_logger
+from llmengine.server.preflight import DEFAULT_MARGIN_BYTES, Expectation, run_preflight
+from llmengine.server.serve import (
+    EXTRA_OPTIONS,
+    RuntimeKnobs,
+    ServeConfigError,
+    min_free_bytes,
+    resolve_knobs,
+    serve_argv,
+)
+
+STEPS = ("download", "preflight", "run", "all")
+
+
+class ServeError(Exception):
+    """A one-line reason not to serve."""
+
+
+@dataclass
+class Seams:
+    store_factory: Callable[[StoreLocation], EngineStore] = store_for
+    nvml: Any = None
+    execvp: Callable[[str, list[str]], Any] = os.execvp
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name) or default
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llmengine serve-engine", description=__doc__.splitlines()[0])
+    p.add_argument("step", nargs="?", choices=STEPS, default="all")
+    p.add_argument(
+        "--digest", default=_env("LLMENGINE_ENGINE_DIGEST"), help="engine digest (env LLMENGINE_ENGINE_DIGEST)"
+    )
+    p.add_argument("--bucket", default=_env("LLMENGINE_STORE_BUCKET"), help="store bucket (env LLMENGINE_STORE_BUCKET)")
+    p.add_argument("--prefix", default=_env("LLMENGINE_STORE_PREFIX", "engines"), help="store prefix")
+    p.add_argument(
+        "--endpoint",
+        default=_env("LLMENGINE_STORE_ENDPOINT") or _env("AWS_ENDPOINT_URL_S3"),
+        help="S3 endpoint URL (default AWS; env LLMENGINE_STORE_ENDPOINT or AWS_ENDPOINT_URL_S3)",
+    )
+    p.add_argument("--region", default=_env("AWS_REGION", "us-east-1"))
+    p.add_argument("--engine-dir", type=Path, default=Path(_env("LLMENGINE_ENGINE_DIR", "/engine") or "/engine"))
+    p.add_argument("--parallelism", type=int, default=8, help="parallel ranged GETs while downloading")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir or HF name (default: the engine dir)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=("tensorrt", "pytorch"), default=None, help="must match the engine's")
+    p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument("--max-num-tokens", type=int, default=None)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--max-beam-width", type=int, default=None)
+    p.add_argument("--kv-cache-free-gpu-memory-fraction", type=float, default=0.9)
+    p.add_argument("--min-free-bytes", type=int, default=None, help="override: free memory each GPU must have")
+    p.add_argument("--memory-margin-bytes", type=int, default=DEFAULT_MARGIN_BYTES)
+    p.add_argument(
+        "--extra-options-file",
+        type=Path,
+        default=Path("/tmp/llmengine/extra_llm_api_options.yaml"),
+    )
+    p.add_argument("--log-format", choices=("json", "console"), default="json")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def download(args: argparse.Namespace, seams: Seams) -> Manifest:
+    if not args.digest:
+        raise ServeError("no engine digest: pass --digest or set LLMENGINE_ENGINE_DIGEST")
+    if not args.bucket:
+        raise ServeError("no store bucket: pass --bucket or set LLMENGINE_STORE_BUCKET")
+    loc = StoreLocation(bucket=args.bucket, prefix=args.prefix, endpoint=args.endpoint, region=args.region)
+    try:
+        store = seams.store_factory(loc)
+        return store.download_engine(args.digest, args.engine_dir, parallelism=args.parallelism)
+    except StoreError as exc:
+        raise ServeError(str(exc)) from exc
+
+
+def local_manifest(args: argparse.Namespace) -> Manifest:
+    path = args.engine_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ServeError(f"no {MANIFEST_NAME} in {args.engine_dir}: run `serve-engine download` first")
+    try:
+        manifest = Manifest.model_validate_json(path.read_bytes())
+    except ValueError as exc:
+        raise ServeError(f"{path} is not a valid manifest") from exc
+    if args.digest and manifest.engine_digest != args.digest:
+        raise ServeError(f"{args.engine_dir} holds engine {manifest.engine_digest}, expected {args.digest}")
+    return manifest
+
+
+def preflight(args: argparse.Namespace, manifest: Manifest, seams: Seams) -> dict[str, Any]:
+    need = (
+        args.min_free_bytes if args.min_free_bytes is not None else min_free_bytes(manifest, args.memory_margin_bytes)
+    )
+    exp = Expectation(world_size=manifest.tp_size * manifest.pp_size, sm=manifest.provenance.sm, min_free_bytes=need)
+    doc, problems = run_preflight(exp, seams.nvml)
+    print(json.dumps(doc), flush=True)
+    if problems:
+        raise ServeError("; ".join(problems))
+    return doc
+
+
+def exec_server(args: argparse.Namespace, manifest: Manifest, seams: Seams) -> None:
+    if manifest.provenance.test_build:
+        raise ServeError(
+            f"engine {manifest.engine_digest} is a TEST BUILD (not TensorRT-LLM output): trtllm-serve cannot load it"
+        )
+    if args.backend is not None and args.backend != manifest.backend:
+        raise ServeError(
+            f"--backend {args.backend} but engine {manifest.engine_digest} is a {manifest.backend} artifact"
+        )
+    knobs = RuntimeKnobs(
+        max_batch_size=args.max_batch_size,
+        max_num_tokens=args.max_num_tokens,
+        max_seq_len=args.max_seq_len,
+        max_beam_width=args.max_beam_width,
+        kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
+    )
+    try:
+        resolved = resolve_knobs(manifest, knobs)
+    except ServeConfigError as exc:
+        raise ServeError(str(exc)) from exc
+    args.extra_options_file.parent.mkdir(parents=True, exist_ok=True)
+    args.extra_options_file.write_text(EXTRA_OPTIONS)
+    argv = serve_argv(
+        manifest,
+        args.engine_dir,
+        args.tokenizer or args.engine_dir,
+        resolved,
+        args.extra_options_file,
+        host=args.host,
+        port=args.port,
+    )
+    get_logger(engine_digest=manifest.engine_digest).info("exec trtllm-serve", argv=argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    seams.execvp(argv[0], argv)
+
+
+def run_step(args: argparse.Namespace, seams: Seams) -> None:
+    if args.step in ("download", "all"):
+        download(args, seams)
+        if args.step == "download":
+            return
+    manifest = local_manifest(args)
+    preflight(args, manifest, seams)
+    if args.step in ("run", "all"):
+        exec_server(args, manifest, seams)
+
+
+def main(argv: list[str] | None = None, seams: Seams | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(json=args.log_format == "json", level=args.log_level)
+    log = get_logger(component="server", engine_digest=args.digest, step=args.step)
+    try:
+        run_step(args, seams or Seams())
+    except ServeError as exc:
+        log.error("refusing to serve", error=str(exc))
+        print(f"serve-engine: {exc}", file=sys.stderr)
+        return 1
+    return 0
