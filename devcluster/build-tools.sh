@@ -88,7 +88,9 @@ build_kubernetes() {
     ld="$ld -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
     ld="$ld -X $p.gitTreeState=clean -X $p.buildDate=$builddate -X $p.gitCommit=module"
   done
-  (cd "$w" && go get "k8s.io/kubernetes@$KUBERNETES_VERSION" >/dev/null && go get $pkgs >/dev/null)
+  # Pin every package to the release: an unversioned `go get` of a package would move to the newest k8s.
+  (cd "$w" && go get "k8s.io/kubernetes@$KUBERNETES_VERSION" >/dev/null \
+    && go get $(for p in $pkgs; do printf '%s@%s ' "$p" "$KUBERNETES_VERSION"; done) >/dev/null)
   for p in $pkgs; do
     (cd "$w" && go build -trimpath -ldflags "$ld" -o "$CACHE/$d/bin/$(basename "$p")" "$p")
   done

@@ -33,9 +33,7 @@ def _pod(name: str, resources: dict[str, str], **spec: Any) -> dict[str, Any]:
 
 
 def _scheduled_node(core: client.CoreV1Api, ns: str, name: str) -> str:
-    pod = wait_for(
-        f"pod {name} bound", lambda: (p := core.read_namespaced_pod(name, ns)).spec.node_name and p
-    )
+    pod = wait_for(f"pod {name} bound", lambda: (p := core.read_namespaced_pod(name, ns)).spec.node_name and p)
     return str(pod.spec.node_name)
 
 
@@ -113,11 +111,7 @@ def test_sixteen_gpus_on_one_node_stays_pending_with_scheduler_reason(api: Any, 
     def unschedulable() -> Any:
         p = core.read_namespaced_pod("big", namespace)
         return next(
-            (
-                c
-                for c in p.status.conditions or []
-                if c.type == "PodScheduled" and c.reason == "Unschedulable"
-            ),
+            (c for c in p.status.conditions or [] if c.type == "PodScheduled" and c.reason == "Unschedulable"),
             None,
         )
 

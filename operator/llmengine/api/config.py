@@ -1,0 +1,59 @@
+"""Operator settings, read from the environment (the Helm chart sets them from values)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmengine.api.artifacts import StoreLocation
+
+
+class OperatorConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    builder_image: str = "ghcr.io/llmengine/llmengine-builder:0.1.0-trtllm1.2.1"
+    server_image: str = "ghcr.io/llmengine/llmengine-server:0.1.0-trtllm1.2.1"
+    image_pull_policy: str = "IfNotPresent"
+    # "test" swaps TensorRT-LLM for the test compiler (local clusters and tests only); it changes engine identity.
+    compiler: Literal["tensorrt-llm", "test"] = "tensorrt-llm"
+    test_engine_bytes: int | None = None
+    default_store: StoreLocation | None = None
+    # Name of a Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) expected in an engine's namespace when the
+    # engine uses the default store without its own credentials reference.
+    default_store_secret: str | None = None
+    build_concurrency_per_pool: int = Field(default=2, ge=1)
+    build_active_deadline_seconds: int = 4 * 3600
+    build_ttl_seconds_after_finished: int = 24 * 3600
+    build_max_attempts: int = Field(default=5, ge=1)
+    build_backoff_base_seconds: float = 30.0
+    build_backoff_max_seconds: float = 3600.0
+    build_cpu: str = "8"
+    build_memory: str = "64Gi"
+    resync_seconds: float = 60.0
+    metrics_port: int = 8080
+    health_port: int = 8081
+    json_logs: bool = True
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:
+        e = dict(os.environ if env is None else env)
+        kw: dict[str, object] = {}
+        for field in cls.model_fields:
+            key = "LLMENGINE_" + field.upper()
+            if key in e and e[key] != "":
+                kw[field] = e[key]
+        bucket = e.get("LLMENGINE_STORE_BUCKET")
+        if bucket:
+            kw["default_store"] = StoreLocation(
+                bucket=bucket,
+                prefix=e.get("LLMENGINE_STORE_PREFIX", "engines"),
+                endpoint=e.get("LLMENGINE_STORE_ENDPOINT") or None,
+                region=e.get("LLMENGINE_STORE_REGION", "us-east-1"),
+            )
+        if e.get("LLMENGINE_STORE_SECRET"):
+            kw["default_store_secret"] = e["LLMENGINE_STORE_SECRET"]
+        if "json_logs" in kw:
+            kw["json_logs"] = str(kw["json_logs"]).lower() in ("1", "true", "yes")
+        return cls.model_validate(kw)

@@ -1,0 +1,129 @@
+"""Thin async adapter over the synchronous Kubernetes client: every call runs in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from llmengine import GROUP, PLURAL, VERSION
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 merge patch turning old into new (None deletes a key); empty when nothing changed."""
+    patch: dict[str, Any] = {}
+    for k in old.keys() - new.keys():
+        patch[k] = None
+    for k, v in new.items():
+        o = old.get(k)
+        if isinstance(v, Mapping) and isinstance(o, Mapping):
+            sub = merge_patch(o, v)
+            if sub:
+                patch[k] = sub
+        elif o != v:
+            patch[k] = v
+    return patch
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.apps = client.AppsV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.calls = 0  # API requests made, for the scale benchmark
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def _get(self, fn: Any, *args: Any) -> dict[str, Any] | None:
+        try:
+            obj = await self._call(fn, *args)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return dict(self.api.sanitize_for_serialization(obj))
+
+    # ---- reads --------------------------------------------------------------------------------------------
+    async def get_job(self, ns: str, name: str) -> dict[str, Any] | None:
+        return await self._get(self.batch.read_namespaced_job, name, ns)
+
+    async def get_deployment(self, ns: str, name: str) -> dict[str, Any] | None:
+        return await self._get(self.apps.read_namespaced_deployment, name, ns)
+
+    async def get_service(self, ns: str, name: str) -> dict[str, Any] | None:
+        return await self._get(self.core.read_namespaced_service, name, ns)
+
+    async def get_secret_data(self, ns: str, name: str) -> dict[str, str] | None:
+        import base64
+
+        s = await self._get(self.core.read_namespaced_secret, name, ns)
+        if s is None:
+            return None
+        return {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
+
+    async def list_jobs(self, label_selector: str) -> list[dict[str, Any]]:
+        res = await self._call(self.batch.list_job_for_all_namespaces, label_selector=label_selector)
+        return list(self.api.sanitize_for_serialization(res).get("items") or [])
+
+    # ---- writes -------------------------------------------------------------------------------------------
+    async def create(self, obj: Mapping[str, Any]) -> bool:
+        """Create; False when it already exists (joining an existing object is not an error)."""
+        kind, ns = obj["kind"], obj["metadata"]["namespace"]
+        fn = {
+            "Job": self.batch.create_namespaced_job,
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "Deployment": self.apps.create_namespaced_deployment,
+            "Service": self.core.create_namespaced_service,
+        }[kind]
+        try:
+            await self._call(fn, ns, obj)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    async def replace_deployment(self, obj: Mapping[str, Any], resource_version: str) -> None:
+        body = {**obj, "metadata": {**obj["metadata"], "resourceVersion": resource_version}}
+        md = obj["metadata"]
+        await self._call(self.apps.replace_namespaced_deployment, md["name"], md["namespace"], body)
+
+    async def add_owner(
+        self, kind: str, ns: str, name: str, owners: list[dict[str, Any]], owner: dict[str, Any]
+    ) -> None:
+        if any(o.get("uid") == owner["uid"] for o in owners):
+            return
+        patch = {"metadata": {"ownerReferences": [*owners, owner]}}
+        fn = {"Job": self.batch.patch_namespaced_job, "ConfigMap": self.core.patch_namespaced_config_map}[kind]
+        try:
+            await self._call(fn, name, ns, patch)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    async def delete_job(self, ns: str, name: str) -> None:
+        for fn in (self.batch.delete_namespaced_job, self.core.delete_namespaced_config_map):
+            try:
+                await self._call(fn, name, ns, propagation_policy="Background")
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+
+    async def patch_status(self, ns: str, name: str, patch: Mapping[str, Any]) -> None:
+        await self._call(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            ns,
+            PLURAL,
+            name,
+            {"status": patch},
+            _content_type="application/merge-patch+json",
+        )

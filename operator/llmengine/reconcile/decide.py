@@ -1,0 +1,282 @@
+"""Pure policy: from what is observed, decide what to do and what the status says. No I/O here."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmengine.api import conditions as cond
+from llmengine.api.artifacts import BuildResult
+
+PENDING, QUEUED, BUILDING, DEPLOYING, READY, DEGRADED, FAILED = (
+    "Pending",
+    "Queued",
+    "Building",
+    "Deploying",
+    "Ready",
+    "Degraded",
+    "Failed",
+)
+
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    digest: str
+    attempt: int
+    active: bool
+    succeeded: bool
+    failed: bool
+    message: str | None  # the builder's termination message, when it ended
+    reason: str | None  # the Job controller's reason (DeadlineExceeded, BackoffLimitExceeded, ...)
+    started_at: str | None
+    completed_at: str | None
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    digest: str | None
+    generation: int
+    observed_generation: int
+    replicas: int
+    updated: int
+    ready: int
+    available: int
+
+    @property
+    def rolled_out(self) -> bool:
+        return self.observed_generation >= self.generation and self.updated >= self.replicas
+
+
+@dataclass(frozen=True)
+class Observed:
+    generation: int
+    valid: bool
+    errors: list[tuple[str, str]]
+    desired_digest: str
+    desired_uri: str | None
+    gpu: str
+    replicas: int
+    committed: bool | None  # None: the store could not be asked
+    store_error: str | None
+    job: JobView | None
+    deployment: DeploymentView | None
+    queue_position: int  # 0: a build may start now
+    status: dict[str, Any]  # the status as it is now
+    now: datetime.datetime
+    max_attempts: int
+    backoff_base: float
+    backoff_max: float
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    create_job: int | None = None  # attempt number of the Job to create
+    delete_job: bool = False
+    deploy_digest: str | None = None  # the engine the Deployment should serve; None: no Deployment yet
+    requeue_after: float | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def backoff_seconds(attempts: int, base: float, cap: float) -> float:
+    return float(min(cap, base * (2 ** max(0, attempts - 1))))
+
+
+def _iso(t: datetime.datetime) -> str:
+    return t.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _parse_iso(s: str | None) -> datetime.datetime | None:
+    if not s:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def parse_build_result(message: str | None) -> BuildResult | None:
+    """The builder's termination message is a BuildResult; anything else (logs, garbage) yields None."""
+    if not message:
+        return None
+    try:
+        return BuildResult.model_validate(json.loads(message))
+    except (ValueError, TypeError):
+        return None
+
+
+def failure_text(job: JobView) -> tuple[str, bool]:
+    """One line saying why a build failed, and whether retrying the same request can never help."""
+    result = parse_build_result(job.message)
+    if result is not None and not result.succeeded:
+        stage = f"{result.stage}: " if result.stage else ""
+        return f"{stage}{result.reason or result.message or 'build failed'}"[:1024], result.permanent
+    if job.reason == "DeadlineExceeded":
+        return "build exceeded its deadline (activeDeadlineSeconds)", False
+    if job.message:
+        lines = [ln for ln in job.message.strip().splitlines() if ln.strip()]
+        return (lines[-1] if lines else "build failed")[:1024], False
+    return f"build Job failed ({job.reason or 'no reason given'})", False
+
+
+def decide(o: Observed) -> Decision:
+    st: dict[str, Any] = {
+        k: v for k, v in o.status.items() if k not in ("phase", "message", "observedGeneration", "conditions")
+    }
+    conditions: list[dict[str, Any]] = list(o.status.get("conditions") or [])
+    gen = o.generation
+    dep = o.deployment
+    build: dict[str, Any] = dict(st.get("build") or {})
+    d = Decision(status=st)
+    st["gpu"] = o.gpu
+    st["replicas"] = o.replicas
+    st["readyReplicas"] = dep.ready if dep else 0
+    serving_digest = st.get("servingEngine", {}).get("digest") if st.get("servingEngine") else None
+
+    def setc(t: str, s: bool | str, reason: str, msg: str) -> None:
+        nonlocal conditions
+        conditions = cond.set_condition(conditions, t, s, reason, msg, gen, _iso(o.now))
+
+    # The Deployment keeps whatever it serves unless the desired engine is committed.
+    d.deploy_digest = dep.digest if dep else None
+
+    if not o.valid:
+        msg = "; ".join(f"{f}: {m}" for f, m in o.errors)[:2048]
+        setc(cond.STALLED, True, "InvalidSpec", msg)
+        setc(cond.RECONCILING, False, "InvalidSpec", "the spec can never build; fix it to continue")
+        setc(cond.READY, False, "InvalidSpec", msg)
+        return _finish(d, o, st, conditions, FAILED, msg)
+
+    digest = o.desired_digest
+    if st.get("desiredEngine", {}).get("digest") != digest:
+        # A new identity: its build history starts afresh.
+        build = {}
+    st["desiredEngine"] = {"digest": digest, "uri": o.desired_uri}
+
+    phase = PENDING
+    message = ""
+    if o.committed:
+        d.deploy_digest = digest
+        if o.job and o.job.digest == digest and o.job.succeeded and o.job.started_at and o.job.completed_at:
+            s, e = _parse_iso(o.job.started_at), _parse_iso(o.job.completed_at)
+            if s and e:
+                build["lastDurationSeconds"] = (e - s).total_seconds()
+        reason = "BuildSucceeded" if build.get("job") else "StoreHit"
+        setc(cond.ENGINE_BUILT, True, reason, f"engine {digest[:12]} is committed in the store")
+        build.pop("queuePosition", None)
+        build.pop("nextRetryAt", None)
+    elif o.committed is None:
+        setc(cond.ENGINE_BUILT, "Unknown", "StoreUnreachable", o.store_error or "store unreachable")
+        phase, message = (PENDING, f"cannot check the engine store: {o.store_error}")
+        d.requeue_after = 30.0
+    else:
+        phase, message = _build_step(o, d, build, setc)
+
+    st["build"] = {k: v for k, v in build.items() if v is not None}
+    if not st["build"]:
+        st.pop("build")
+
+    stalled = phase == FAILED
+    # Rollout state of the Deployment.
+    deployed = bool(dep and dep.digest == digest and dep.rolled_out and dep.available >= o.replicas)
+    if dep and dep.rolled_out and dep.available >= dep.replicas and dep.digest:
+        st["servingEngine"] = {"digest": dep.digest, "uri": _uri_like(o.desired_uri, digest, dep.digest)}
+    elif dep is None and serving_digest and not o.committed:
+        pass
+    if o.committed:
+        if dep is None or dep.digest != digest or not dep.rolled_out:
+            phase, message = DEPLOYING, f"rolling out engine {digest[:12]}"
+            setc(cond.DEPLOYED, False, "RollingOut", message)
+        elif dep.available < o.replicas:
+            was_ready = o.status.get("phase") in (READY, DEGRADED)
+            phase = DEGRADED if was_ready else DEPLOYING
+            message = f"{dep.available}/{o.replicas} serving replicas available"
+            setc(cond.DEPLOYED, False, "Unavailable" if was_ready else "RollingOut", message)
+        else:
+            phase, message = READY, f"serving engine {digest[:12]} on {o.replicas} replica(s)"
+            setc(cond.DEPLOYED, True, "Available", message)
+        if not deployed:
+            d.requeue_after = d.requeue_after or 30.0
+    elif dep is not None:
+        setc(cond.DEPLOYED, False, "WaitingForEngine", f"serving the previous engine until {digest[:12]} is built")
+
+    setc(cond.STALLED, stalled, "BuildFailed" if stalled else "Progressing", message if stalled else "")
+    setc(cond.RECONCILING, phase not in (READY, FAILED), phase, message if phase not in (READY, FAILED) else "")
+    setc(cond.READY, phase == READY, phase, message)
+    return _finish(d, o, st, conditions, phase, message)
+
+
+def _build_step(o: Observed, d: Decision, build: dict[str, Any], setc: Any) -> tuple[str, str]:
+    """The desired engine is not in the store: queue, start, watch or retry its build."""
+    digest, job = o.desired_digest, o.job
+    attempts = int(build.get("attempts") or 0)
+    if job is not None and job.digest == digest:
+        build["job"] = job.name
+        build["startedAt"] = job.started_at
+        attempts = max(attempts, job.attempt)
+        build["attempts"] = attempts
+        if job.active or not (job.failed or job.succeeded):
+            build.pop("queuePosition", None)
+            setc(cond.ENGINE_BUILT, False, "Building", f"build Job {job.name} is running (attempt {attempts})")
+            return BUILDING, f"building engine {digest[:12]} (attempt {attempts})"
+        text, permanent = (
+            failure_text(job) if job.failed else ("the build finished but the store holds no committed manifest", False)
+        )
+        if build.get("lastFailure") != text or build.get("failedAttempt") != attempts:
+            d.events.append(("Warning", "BuildFailed", f"attempt {attempts}: {text}"))
+        build["lastFailure"] = text
+        build["failedAttempt"] = attempts
+        if permanent or attempts >= o.max_attempts:
+            why = "not retried: the request can never build" if permanent else f"gave up after {attempts} attempts"
+            setc(cond.ENGINE_BUILT, False, "BuildFailed", f"{text} ({why})")
+            build.pop("nextRetryAt", None)
+            return FAILED, f"build failed: {text} ({why})"
+        retry_at = o.now + datetime.timedelta(seconds=backoff_seconds(attempts, o.backoff_base, o.backoff_max))
+        build.setdefault("nextRetryAt", _iso(retry_at))
+        d.delete_job = True
+        d.requeue_after = 1.0
+        setc(cond.ENGINE_BUILT, False, "BuildFailed", f"{text}; retry at {build['nextRetryAt']}")
+        return BUILDING, f"build attempt {attempts} failed: {text}; retrying at {build['nextRetryAt']}"
+
+    if build.get("lastFailure") and build.get("failedAttempt") == attempts and not build.get("nextRetryAt"):
+        return FAILED, f"build failed: {build['lastFailure']}"
+    retry_at = _parse_iso(build.get("nextRetryAt"))
+    if retry_at and retry_at > o.now:
+        d.requeue_after = (retry_at - o.now).total_seconds()
+        setc(cond.ENGINE_BUILT, False, "BackingOff", f"{build.get('lastFailure')}; retry at {build['nextRetryAt']}")
+        return (
+            BUILDING,
+            f"build attempt {attempts} failed: {build.get('lastFailure')}; retrying at {build['nextRetryAt']}",
+        )
+    if o.queue_position > 0:
+        build["queuePosition"] = o.queue_position
+        d.requeue_after = 15.0
+        setc(cond.ENGINE_BUILT, False, "Queued", f"waiting for a build slot (position {o.queue_position})")
+        return QUEUED, f"build queued at position {o.queue_position}"
+    build.pop("queuePosition", None)
+    build.pop("nextRetryAt", None)
+    build["attempts"] = attempts + 1
+    d.create_job = attempts + 1
+    d.requeue_after = 5.0
+    setc(cond.ENGINE_BUILT, False, "Building", f"starting build attempt {attempts + 1}")
+    return BUILDING, f"building engine {digest[:12]} (attempt {attempts + 1})"
+
+
+def _uri_like(desired_uri: str | None, desired: str, digest: str) -> str | None:
+    return desired_uri.replace(desired, digest) if desired_uri else None
+
+
+def _finish(
+    d: Decision, o: Observed, st: dict[str, Any], conditions: list[dict[str, Any]], phase: str, message: str
+) -> Decision:
+    st["phase"] = phase
+    st["message"] = message
+    st["observedGeneration"] = o.generation
+    st["conditions"] = conditions
+    if o.status.get("phase") != phase:
+        kind = "Warning" if phase in (FAILED, DEGRADED) else "Normal"
+        d.events.append((kind, phase, message or phase))
+    return d

@@ -1,0 +1,371 @@
+"""Reconcile one LLMEngine: gather what is (plan, store, Job, Deployment), decide (pure), act idempotently."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from llmengine.api.artifacts import StoreLocation
+from llmengine.api.config import OperatorConfig
+from llmengine.clients.kube import Kube, merge_patch
+from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client
+from llmengine.plan import plan_object
+from llmengine.reconcile import metrics
+from llmengine.reconcile.decide import Decision, DeploymentView, JobView, Observed, decide
+from llmengine.reconcile.queue import BuildQueue
+from llmengine.render import build as render_build
+from llmengine.render import common, serving
+
+RENDER_HASH = f"{common.PREFIX}/render-hash" if hasattr(common, "PREFIX") else "llmengine.io/render-hash"
+
+EventSink = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    location: StoreLocation
+    pod_secret: str | None  # Secret the build and serving pods read credentials from
+    cache_key: tuple[Any, ...]
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, cfg: OperatorConfig, events: EventSink | None = None) -> None:
+        self.kube = kube
+        self.cfg = cfg
+        self.queue = BuildQueue(cfg.build_concurrency_per_pool)
+        self.events = events or (lambda body, type_, reason, msg: None)
+        self._committed: set[tuple[str, str, str, str]] = set()
+        self._stores: dict[tuple[Any, ...], EngineStore] = {}
+        self._build_key: dict[tuple[str, str], tuple[str, str]] = {}
+        self._seen_finished: set[str] = set()
+
+    # ---- store ----------------------------------------------------------------------------------------------
+    async def _store_access(self, body: Mapping[str, Any], location: StoreLocation) -> StoreAccess:
+        spec = common.spec_of(body)
+        store_spec = spec.get("store") or {}
+        secret = (store_spec.get("credentialsSecretRef") or {}).get("name")
+        if not store_spec:
+            secret = self.cfg.default_store_secret
+        return StoreAccess(location, secret, (body["metadata"]["namespace"], secret, location))
+
+    async def _store(self, ns: str, access: StoreAccess, explicit_secret: bool) -> EngineStore:
+        key = access.cache_key
+        creds: dict[str, str] = {}
+        if explicit_secret and access.pod_secret:
+            data = await self.kube.get_secret_data(ns, access.pod_secret)
+            if data is None:
+                raise StoreError(
+                    f"Secret {access.pod_secret!r} not found in namespace {ns!r}",
+                    setting="spec.store.credentialsSecretRef",
+                )
+            creds = {
+                "access_key_id": data.get("AWS_ACCESS_KEY_ID", ""),
+                "secret_access_key": data.get("AWS_SECRET_ACCESS_KEY", ""),
+            }
+            key = (*key, hashlib.sha256(json.dumps(creds, sort_keys=True).encode()).hexdigest())
+        if key not in self._stores:
+            cfg = S3Config.for_location(access.location, **creds)
+            self._stores[key] = EngineStore(make_s3_client(cfg), access.location)
+        return self._stores[key]
+
+    async def _committed_check(
+        self, body: Mapping[str, Any], access: StoreAccess, digest: str
+    ) -> tuple[bool | None, str | None]:
+        loc = access.location
+        ck = (loc.endpoint or "", loc.bucket, loc.prefix, digest)
+        if ck in self._committed:
+            return True, None
+        explicit = bool((common.spec_of(body).get("store") or {}).get("credentialsSecretRef"))
+        try:
+            store = await self._store(body["metadata"]["namespace"], access, explicit)
+            ok = await asyncio.to_thread(store.is_committed, digest)
+        except StoreError as e:
+            metrics.STORE_ERRORS.inc()
+            return None, str(e)
+        except Exception as e:  # a store outage must never crash the operator
+            metrics.STORE_ERRORS.inc()
+            return None, f"{type(e).__name__}: {e}"[:300]
+        if ok:
+            self._committed.add(ck)
+        return ok, None
+
+    # ---- gather ---------------------------------------------------------------------------------------------
+    async def _job_view(self, ns: str, name: str) -> tuple[JobView | None, dict[str, Any] | None]:
+        job = await self.kube.get_job(ns, name)
+        if job is None:
+            return None, None
+        st = job.get("status") or {}
+        conds = {c["type"]: c for c in st.get("conditions") or [] if c.get("status") == "True"}
+        failed = "Failed" in conds
+        message = None
+        if failed:
+            message = await self._termination_message(ns, name)
+        ann = job["metadata"].get("annotations") or {}
+        try:
+            attempt = int(ann.get(common.ATTEMPT_ANNOTATION, "1"))
+        except ValueError:
+            attempt = 1
+        view = JobView(
+            name=name,
+            digest=ann.get(common.DIGEST_ANNOTATION, ""),
+            attempt=attempt,
+            active=bool(st.get("active")),
+            succeeded="Complete" in conds,
+            failed=failed,
+            message=message,
+            reason=conds["Failed"].get("reason") if failed else None,
+            started_at=st.get("startTime"),
+            completed_at=st.get("completionTime"),
+        )
+        return view, job
+
+    async def _termination_message(self, ns: str, job_name: str) -> str | None:
+        res = await self.kube._call(self.kube.core.list_namespaced_pod, ns, label_selector=f"job-name={job_name}")
+        pods = self.kube.api.sanitize_for_serialization(res).get("items") or []
+        for pod in pods:
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                term = (cs.get("state") or {}).get("terminated") or {}
+                if term.get("message"):
+                    return str(term["message"])
+        return None
+
+    @staticmethod
+    def _deployment_view(dep: Mapping[str, Any] | None) -> DeploymentView | None:
+        if dep is None:
+            return None
+        st = dep.get("status") or {}
+        tmpl = dep["spec"]["template"]["metadata"].get("annotations") or {}
+        return DeploymentView(
+            digest=tmpl.get(common.DIGEST_ANNOTATION),
+            generation=int(dep["metadata"].get("generation") or 0),
+            observed_generation=int(st.get("observedGeneration") or 0),
+            replicas=int(dep["spec"].get("replicas") or 0),
+            updated=int(st.get("updatedReplicas") or 0),
+            ready=int(st.get("readyReplicas") or 0),
+            available=int(st.get("availableReplicas") or 0),
+        )
+
+    async def _active_builds(self, pool: str) -> set[str]:
+        sel = f"app.kubernetes.io/managed-by={common.MANAGED_BY},{common.POOL_LABEL}={pool}"
+        jobs = await self.kube.list_jobs(sel)
+        return {
+            f"{j['metadata']['namespace']}/{j['metadata']['name']}"
+            for j in jobs
+            if not any(
+                c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+                for c in (j.get("status") or {}).get("conditions") or []
+            )
+        }
+
+    # ---- the pass -------------------------------------------------------------------------------------------
+    async def reconcile(self, body: Mapping[str, Any]) -> float | None:
+        """One level-based pass; returns seconds until the next pass is due (None: only on events)."""
+        t0 = time.perf_counter()
+        try:
+            return await self._reconcile(body)
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)
+
+    async def _reconcile(self, body: Mapping[str, Any]) -> float | None:
+        md = body["metadata"]
+        ns, name = md["namespace"], md["name"]
+        spec = common.spec_of(body)
+        status = dict(body.get("status") or {})
+        plan = plan_object(
+            {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(md), "spec": dict(spec)},
+            compiler=self.cfg.compiler,
+            default_store=self.cfg.default_store,
+            test_engine_bytes=self.cfg.test_engine_bytes,
+        )
+        dep_name = common.serving_name(name)
+        dep = await self.kube.get_deployment(ns, dep_name)
+        dview = self._deployment_view(dep)
+        now = datetime.datetime.now(datetime.UTC)
+        base = {
+            "generation": int(md.get("generation") or 0),
+            "replicas": int((spec.get("serving") or {}).get("replicas", 1) or 0),
+            "status": status,
+            "now": now,
+            "max_attempts": self.cfg.build_max_attempts,
+            "backoff_base": self.cfg.build_backoff_base_seconds,
+            "backoff_max": self.cfg.build_backoff_max_seconds,
+            "deployment": dview,
+        }
+        req = plan.build_request
+        if not plan.valid or req is None:
+            errors = [(e.field, e.message) for e in plan.errors] or [("spec", "invalid")]
+            obs = Observed(
+                valid=False,
+                errors=errors,
+                desired_digest="",
+                desired_uri=None,
+                gpu=_gpu_text(plan),
+                committed=None,
+                store_error=None,
+                job=None,
+                queue_position=0,
+                **base,
+            )
+            d = decide(obs)
+            await self._act(body, d, plan, None, None, dep)
+            return d.requeue_after
+
+        access = await self._store_access(body, req.store)
+        digest = plan.engine_digest
+        committed, store_error = await self._committed_check(body, access, digest)
+        pool = common.pool_name(plan.gpu.name, plan.mig_profile)
+        job_name = common.build_job_name(plan.short_digest)
+        key = f"{ns}/{job_name}"
+        previous = self._build_key.get((ns, name))
+        if previous and previous[1] != key:
+            self.queue.forget(previous[1])
+        self._build_key[(ns, name)] = (pool, key)
+        job_view, job = (None, None) if committed else await self._job_view(ns, job_name)
+        position = 0
+        if not committed and committed is not None and job_view is None:
+            position = self.queue.position(pool, key, await self._active_builds(pool))
+            metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
+        elif committed:
+            self.queue.forget(key)
+            metrics.STORE_HITS.inc()
+        obs = Observed(
+            valid=True,
+            errors=[],
+            desired_digest=digest,
+            desired_uri=access.location.engine_uri(digest),
+            gpu=_gpu_text(plan),
+            committed=committed,
+            store_error=store_error,
+            job=job_view,
+            queue_position=position,
+            **base,
+        )
+        d = decide(obs)
+        if job is not None:
+            owners = list(job["metadata"].get("ownerReferences") or [])
+            owner = common.owner_reference(body, controller=False)
+            await self.kube.add_owner("Job", ns, job_name, owners, owner)
+            await self.kube.add_owner("ConfigMap", ns, job_name, owners, owner)
+            self._record_finished(job_view)
+        await self._act(body, d, plan, access, (pool, key), dep)
+        return d.requeue_after
+
+    def _record_finished(self, job: JobView | None) -> None:
+        if job is None or not (job.succeeded or job.failed):
+            return
+        marker = f"{job.name}/{job.attempt}/{job.started_at}"
+        if marker in self._seen_finished:
+            return
+        self._seen_finished.add(marker)
+        metrics.BUILDS.labels("succeeded" if job.succeeded else "failed").inc()
+        if job.succeeded and job.started_at and job.completed_at:
+            s = datetime.datetime.fromisoformat(job.started_at.replace("Z", "+00:00"))
+            e = datetime.datetime.fromisoformat(job.completed_at.replace("Z", "+00:00"))
+            metrics.BUILD_SECONDS.observe((e - s).total_seconds())
+
+    # ---- act ------------------------------------------------------------------------------------------------
+    async def _act(
+        self,
+        body: Mapping[str, Any],
+        d: Decision,
+        plan: Any,
+        access: StoreAccess | None,
+        build_key: tuple[str, str] | None,
+        dep: dict[str, Any] | None,
+    ) -> None:
+        md = body["metadata"]
+        ns = md["namespace"]
+        spec = common.spec_of(body)
+        if d.delete_job:
+            await self.kube.delete_job(ns, common.build_job_name(plan.short_digest))
+        if d.create_job is not None and access is not None and build_key is not None:
+            await self._start_build(body, plan, access, build_key, d.create_job)
+        if d.deploy_digest and access is not None:
+            desired = serving.deployment(
+                body=body,
+                digest=d.deploy_digest,
+                short_digest=d.deploy_digest[:12],
+                backend=str(spec.get("backend") or "tensorrt"),
+                store=access.location,
+                store_secret=access.pod_secret,
+                product_labels=list(plan.gpu.product_labels),
+                gpu_resource=plan.gpu_resource,
+                gpu_count=plan.gpu_count,
+                cfg=self.cfg,
+            )
+            await self._apply_deployment(desired, dep)
+            if await self.kube.get_service(ns, common.serving_name(md["name"])) is None:
+                await self.kube.create(serving.service(body))
+        old = dict(body.get("status") or {})
+        patch = merge_patch(old, d.status)
+        if patch:
+            await self.kube.patch_status(ns, md["name"], patch)
+        for type_, reason, message in d.events:
+            self.events(body, type_, reason, message)
+
+    async def _apply_deployment(self, desired: dict[str, Any], current: dict[str, Any] | None) -> None:
+        h = hashlib.sha256(json.dumps(desired, sort_keys=True).encode()).hexdigest()[:16]
+        desired["metadata"]["annotations"][RENDER_HASH] = h
+        if current is None:
+            await self.kube.create(desired)
+            return
+        if (current["metadata"].get("annotations") or {}).get(RENDER_HASH) == h:
+            return
+        await self.kube.replace_deployment(desired, current["metadata"]["resourceVersion"])
+
+    async def _start_build(
+        self, body: Mapping[str, Any], plan: Any, access: StoreAccess, build_key: tuple[str, str], attempt: int
+    ) -> None:
+        md = body["metadata"]
+        ns = md["namespace"]
+        spec = common.spec_of(body)
+        pool, key = build_key
+        owner = common.owner_reference(body, controller=False)
+        hf = ((spec.get("model") or {}).get("source") or {}).get("huggingFace") or {}
+        token_ref = hf.get("tokenSecretRef")
+        cm = render_build.request_configmap(plan.build_request, plan.short_digest, pool, ns, [owner])
+        if not await self.kube.create(cm):
+            existing_owners: list[dict[str, Any]] = []
+            await self.kube.add_owner("ConfigMap", ns, cm["metadata"]["name"], existing_owners, owner)
+        job = render_build.build_job(
+            request=plan.build_request,
+            short_digest=plan.short_digest,
+            pool=pool,
+            namespace=ns,
+            owners=[owner],
+            product_labels=list(plan.gpu.product_labels),
+            gpu_resource=plan.gpu_resource,
+            gpu_count=plan.gpu_count,
+            target=dict(spec.get("target") or {}),
+            store_secret=access.pod_secret,
+            hf_token={"name": token_ref["name"], "key": token_ref.get("key", "token")} if token_ref else None,
+            attempt=attempt,
+            cfg=self.cfg,
+        )
+        created = await self.kube.create(job)
+        self.queue.started(pool, key)
+        if created:
+            self.events(body, "Normal", "BuildStarted", f"build Job {job['metadata']['name']} (attempt {attempt})")
+
+    def forget(self, ns: str, name: str) -> None:
+        prev = self._build_key.pop((ns, name), None)
+        if prev:
+            self.queue.forget(prev[1])
+
+
+def _gpu_text(plan: Any) -> str:
+    try:
+        if plan.mig_profile:
+            return f"{plan.gpu.name}/{plan.mig_profile}"
+        return f"{plan.gpu.name} x{plan.gpu_count}"
+    except AttributeError:
+        return ""

@@ -1,0 +1,22 @@
+"""Prometheus metrics of the operator."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BUILDS = Counter("llmengine_builds_total", "Build Jobs by result", ["result"])
+BUILD_SECONDS = Histogram(
+    "llmengine_build_duration_seconds",
+    "Duration of successful builds",
+    buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
+)
+STORE_HITS = Counter("llmengine_store_hits_total", "Reconciles that found the desired engine already committed")
+STORE_ERRORS = Counter("llmengine_store_errors_total", "Failed engine store look-ups")
+QUEUE_DEPTH = Gauge("llmengine_build_queue_depth", "Builds waiting for a slot", ["pool"])
+RECONCILE_SECONDS = Histogram(
+    "llmengine_reconcile_duration_seconds",
+    "Latency of one reconcile pass",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RECONCILE_ERRORS = Counter("llmengine_reconcile_errors_total", "Reconcile passes that raised")
+ENGINES = Gauge("llmengine_engines", "LLMEngines by phase", ["phase"])

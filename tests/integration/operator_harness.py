@@ -1,0 +1,185 @@
+"""Helpers for operator tests: the operator as a real subprocess, engines, waiting, a tiny checkpoint in S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+from llmengine.dev.cluster import ClusterInfo, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_ARCH = {
+    "architecture": "LlamaForCausalLM",
+    "numLayers": 2,
+    "hiddenSize": 256,
+    "numAttentionHeads": 4,
+    "numKeyValueHeads": 4,
+    "headDim": 64,
+    "vocabSize": 32000,
+    "parameterCount": 20_000_000,
+    "maxPositionEmbeddings": 4096,
+}
+
+
+def upload_tiny_checkpoint(info: ClusterInfo, prefix: str) -> str:
+    """A small HF-format checkpoint (config, tokenizer, weights file) the builder fetches through the S3 source."""
+    s3 = info.s3().client()
+    files = {
+        "config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}).encode(),
+        "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE"}}).encode(),
+        "tokenizer_config.json": b"{}",
+        "model.safetensors": os.urandom(64 * 1024),
+    }
+    for name, data in files.items():
+        s3.put_object(Bucket=info.s3_bucket, Key=f"{prefix}/{name}", Body=data)
+    return f"s3://{info.s3_bucket}/{prefix}/"
+
+
+def store_secret(api: Any, info: ClusterInfo, ns: str, name: str = "s3-creds") -> str:
+    client.CoreV1Api(api).create_namespaced_secret(
+        ns,
+        {
+            "metadata": {"name": name},
+            "stringData": {"AWS_ACCESS_KEY_ID": info.s3_access_key, "AWS_SECRET_ACCESS_KEY": info.s3_secret_key},
+        },
+    )
+    return name
+
+
+def engine(name: str, info: ClusterInfo, model_uri: str, store_prefix: str, **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"source": {"s3": {"uri": model_uri}}, "architecture": dict(TINY_ARCH)},
+        "precision": {"dtype": "bfloat16"},
+        "build": {"maxBatchSize": 8, "maxInputLen": 512, "maxSeqLen": 1024, "maxNumTokens": 2048},
+        "target": {"gpu": "H100-80GB"},
+        "store": {
+            "bucket": info.s3_bucket,
+            "prefix": store_prefix,
+            "endpoint": info.s3_endpoint,
+            "credentialsSecretRef": {"name": "s3-creds"},
+        },
+        "serving": {"replicas": 2},
+    }
+    for k, v in overrides.items():
+        spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) and isinstance(spec.get(k), dict) else v
+    return {"apiVersion": "llmengine.io/v1alpha1", "kind": "LLMEngine", "metadata": {"name": name}, "spec": spec}
+
+
+class Engines:
+    def __init__(self, api: Any, ns: str) -> None:
+        self.co = client.CustomObjectsApi(api)
+        self.ns = ns
+
+    def create(self, body: dict[str, Any]) -> None:
+        self.co.create_namespaced_custom_object("llmengine.io", "v1alpha1", self.ns, "llmengines", body)
+
+    def get(self, name: str) -> dict[str, Any]:
+        return dict(self.co.get_namespaced_custom_object("llmengine.io", "v1alpha1", self.ns, "llmengines", name))
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.co.patch_namespaced_custom_object("llmengine.io", "v1alpha1", self.ns, "llmengines", name, {"spec": spec})
+
+    def delete(self, name: str) -> None:
+        self.co.delete_namespaced_custom_object("llmengine.io", "v1alpha1", self.ns, "llmengines", name)
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 120) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            obj = self.get(name)
+            st = obj.get("status") or {}
+            gen_ok = st.get("observedGeneration") == obj["metadata"]["generation"]
+            return obj if st.get("phase") == phase and gen_ok else None
+
+        try:
+            return dict(wait_for(f"{name} phase {phase}", check, timeout=timeout, interval=0.5))
+        except TimeoutError as e:
+            raise AssertionError(f"{e}; status now: {json.dumps(self.get(name).get('status'), indent=1)}") from None
+
+
+@contextmanager
+def run_operator(info: ClusterInfo, ns: str, log_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[Any]:
+    """`llmengine operator` as a subprocess watching one namespace, with the test compiler."""
+    log = log_dir / f"operator-{ns}-{uuid.uuid4().hex[:6]}.log"
+    env = {
+        **os.environ,
+        "KUBECONFIG": info.kubeconfig,
+        "LLMENGINE_COMPILER": "test",
+        "LLMENGINE_TEST_ENGINE_BYTES": str(256 * 1024),
+        "LLMENGINE_BUILDER_IMAGE": "llmengine-builder:dev",
+        "LLMENGINE_SERVER_IMAGE": "llmengine-server:dev",
+        "LLMENGINE_RESYNC_SECONDS": "5",
+        "LLMENGINE_BUILD_BACKOFF_BASE_SECONDS": "1",
+        "LLMENGINE_JSON_LOGS": "true",
+        **(extra_env or {}),
+    }
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(k, None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmengine.cli",
+        "operator",
+        "--namespace",
+        ns,
+        "--metrics-port",
+        "0",
+        "--liveness",
+        "http://127.0.0.1:0/healthz",
+    ]
+    holder: dict[str, Any] = {}
+
+    def start() -> subprocess.Popen[bytes]:
+        f = open(log, "ab")  # noqa: SIM115 - closed when the process ends
+        p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        holder["p"] = p
+        return p
+
+    start()
+
+    class Handle:
+        log_path = log
+
+        def kill9(self) -> None:
+            holder["p"].kill()
+            holder["p"].wait()
+
+        def restart(self) -> None:
+            start()
+
+        def logs(self) -> str:
+            return log.read_text(errors="replace")
+
+    try:
+        yield Handle()
+    finally:
+        p = holder["p"]
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def jobs(api: Any, ns: str) -> list[Any]:
+    return list(client.BatchV1Api(api).list_namespaced_job(ns).items)
+
+
+def deployment(api: Any, ns: str, name: str) -> Any:
+    return client.AppsV1Api(api).read_namespaced_deployment(f"llme-{name}", ns)
+
+
+def served_digest(api: Any, ns: str, name: str) -> str:
+    return str(deployment(api, ns, name).spec.template.metadata.annotations["llmengine.io/engine-digest"])
+
+
+def now() -> float:
+    return time.monotonic()

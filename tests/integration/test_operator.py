@@ -1,0 +1,169 @@
+"""The whole lifecycle on the real control plane: build Jobs run by the pod runner with the real builder entrypoint
+(test compiler), engines committed to the real S3 server, serving Deployments rolled out by the real controllers."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from llmengine.dev.cluster import ClusterInfo, wait_for
+from llmengine.dev.nodes import POOL_LABEL
+from tests.integration.operator_harness import (
+    Engines,
+    deployment,
+    engine,
+    jobs,
+    run_operator,
+    served_digest,
+    store_secret,
+    upload_tiny_checkpoint,
+)
+
+pytestmark = pytest.mark.usefixtures("crd")
+
+
+@pytest.fixture
+def env(dev_cluster: ClusterInfo, api: Any, namespace: str, tmp_path: Path) -> Any:
+    class Env:
+        info = dev_cluster
+        ns = namespace
+        engines = Engines(api, namespace)
+        prefix = f"engines-{uuid.uuid4().hex[:8]}"
+        model = upload_tiny_checkpoint(dev_cluster, f"models/{uuid.uuid4().hex[:8]}")
+        logs = tmp_path
+
+        def body(self, name: str, **kw: Any) -> dict[str, Any]:
+            return engine(name, dev_cluster, self.model, self.prefix, **kw)
+
+    store_secret(api, dev_cluster, namespace)
+    return Env()
+
+
+def _committed(info: ClusterInfo, prefix: str, digest: str) -> bool:
+    s3 = info.s3().client()
+    return "Contents" in s3.list_objects_v2(Bucket=info.s3_bucket, Prefix=f"{prefix}/{digest}/manifest.json")
+
+
+def test_full_lifecycle_build_deploy_scale_rebuild_delete(env: Any, api: Any) -> None:
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    with run_operator(env.info, env.ns, env.logs):
+        env.engines.create(env.body("tiny"))
+        obj = env.engines.wait_phase("tiny", "Ready", timeout=180)
+        st = obj["status"]
+        digest = st["desiredEngine"]["digest"]
+        assert st["servingEngine"]["digest"] == digest
+        assert _committed(env.info, env.prefix, digest)
+        conds = {c["type"]: c for c in st["conditions"]}
+        assert conds["Ready"]["status"] == "True" and conds["EngineBuilt"]["status"] == "True"
+        assert conds["Stalled"]["status"] == "False"
+        # The build ran on the H100 pool, with whole GPUs and required affinity on the product.
+        (job,) = jobs(api, env.ns)
+        pod = core.list_namespaced_pod(env.ns, label_selector=f"job-name={job.metadata.name}").items[0]
+        assert core.read_node(pod.spec.node_name).metadata.labels[POOL_LABEL] == "h100-80gb"
+        res = pod.spec.containers[0].resources
+        assert res.limits["nvidia.com/gpu"] == res.requests["nvidia.com/gpu"] == "1"
+        dep = deployment(api, env.ns, "tiny")
+        assert dep.status.available_replicas == 2
+        assert served_digest(api, env.ns, "tiny") == digest
+
+        # Replicas only: no build, the Deployment scales.
+        env.engines.patch_spec("tiny", {"serving": {"replicas": 3}})
+        env.engines.wait_phase("tiny", "Ready")
+        wait_for("3 replicas", lambda: deployment(api, env.ns, "tiny").status.available_replicas == 3, 60)
+        assert len(jobs(api, env.ns)) == 1
+
+        # maxSeqLen: a new engine; the old one keeps serving with never fewer than 3 available.
+        low = {"min": 99}
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                d = apps.read_namespaced_deployment("llme-tiny", env.ns)
+                low["min"] = min(low["min"], d.status.available_replicas or 0)
+                stop.wait(0.2)
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        env.engines.patch_spec("tiny", {"build": {"maxSeqLen": 2048}})
+        obj = env.engines.wait_phase("tiny", "Ready", timeout=180)
+        stop.set()
+        t.join()
+        new = obj["status"]["desiredEngine"]["digest"]
+        assert new != digest and obj["status"]["servingEngine"]["digest"] == new
+        assert served_digest(api, env.ns, "tiny") == new
+        assert len(jobs(api, env.ns)) == 2
+        assert low["min"] >= 3, f"available replicas dropped to {low['min']} during the rollout"
+
+        # Delete: children are garbage-collected, engines stay in the store.
+        env.engines.delete("tiny")
+        wait_for("deployment gone", lambda: not apps.list_namespaced_deployment(env.ns).items, 60)
+        wait_for("jobs gone", lambda: not jobs(api, env.ns), 60)
+        assert _committed(env.info, env.prefix, digest) and _committed(env.info, env.prefix, new)
+
+
+def test_same_identity_joins_one_build_and_store_hit_skips_build(env: Any, api: Any, namespace: str) -> None:
+    with run_operator(env.info, env.ns, env.logs):
+        env.engines.create(env.body("a"))
+        env.engines.create(env.body("b"))
+        a = env.engines.wait_phase("a", "Ready", timeout=180)
+        b = env.engines.wait_phase("b", "Ready", timeout=180)
+        assert a["status"]["desiredEngine"]["digest"] == b["status"]["desiredEngine"]["digest"]
+        (job,) = jobs(api, env.ns)
+        assert {o.name for o in job.metadata.owner_references} == {"a", "b"}
+        # Same identity again, later: the store has it; no Job at all.
+        env.engines.create(env.body("c", serving={"replicas": 1}))
+        c = env.engines.wait_phase("c", "Ready", timeout=120)
+        cond = next(x for x in c["status"]["conditions"] if x["type"] == "EngineBuilt")
+        assert cond["reason"] == "StoreHit"
+        assert len(jobs(api, env.ns)) == 1
+
+
+def test_builder_failure_reports_reason_and_fixed_spec_recovers(env: Any, api: Any) -> None:
+    with run_operator(env.info, env.ns, env.logs, {"LLMENGINE_BUILD_MAX_ATTEMPTS": "2"}):
+        bad = f"s3://{env.info.s3_bucket}/models/does-not-exist-{uuid.uuid4().hex[:6]}/"
+        env.engines.create(env.body("broken", model={"source": {"s3": {"uri": bad}}}))
+        obj = env.engines.wait_phase("broken", "Failed", timeout=180)
+        st = obj["status"]
+        assert "fetch" in st["build"]["lastFailure"]
+        assert st["build"]["attempts"] >= 1
+        stalled = next(x for x in st["conditions"] if x["type"] == "Stalled")
+        assert stalled["status"] == "True"
+        events = client.CoreV1Api(api).list_namespaced_event(env.ns).items
+        assert any(e.reason == "BuildFailed" and e.involved_object.name == "broken" for e in events)
+        env.engines.patch_spec("broken", {"model": {"source": {"s3": {"uri": env.model}}}})
+        env.engines.wait_phase("broken", "Ready", timeout=180)
+
+
+def test_invalid_spec_fails_with_planner_message_and_no_job(env: Any, api: Any) -> None:
+    with run_operator(env.info, env.ns, env.logs):
+        env.engines.create(env.body("fp8a100", precision={"quantization": "fp8"}, target={"gpu": "A100-80GB"}))
+        obj = env.engines.wait_phase("fp8a100", "Failed", timeout=60)
+        assert "spec.precision.quantization" in obj["status"]["message"]
+        assert not jobs(api, env.ns)
+
+
+def test_operator_killed_mid_build_makes_no_duplicate_job(env: Any, api: Any) -> None:
+    with run_operator(env.info, env.ns, env.logs) as op:
+        env.engines.create(env.body("k"))
+        wait_for("build job", lambda: jobs(api, env.ns), 60)
+        op.kill9()
+        op.restart()
+        env.engines.wait_phase("k", "Ready", timeout=180)
+        assert len(jobs(api, env.ns)) == 1
+
+
+def test_mig_engine_builds_and_serves_on_mig_slice_only(env: Any, api: Any) -> None:
+    core = client.CoreV1Api(api)
+    with run_operator(env.info, env.ns, env.logs):
+        env.engines.create(env.body("mig", target={"gpu": "H100-80GB", "migProfile": "3g.40gb"}))
+        env.engines.wait_phase("mig", "Ready", timeout=180)
+        for pod in core.list_namespaced_pod(env.ns).items:
+            limits = pod.spec.containers[0].resources.limits
+            assert limits.get("nvidia.com/mig-3g.40gb") == "1"
+            assert "nvidia.com/gpu" not in limits
+            assert core.read_node(pod.spec.node_name).metadata.labels[POOL_LABEL] == "h100-mig"

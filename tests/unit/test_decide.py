@@ -1,0 +1,142 @@
+"""The reconcile policy is pure: observed state in, actions and status out."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import replace
+from typing import Any
+
+from llmengine.reconcile.decide import DeploymentView, JobView, Observed, backoff_seconds, decide
+
+NOW = datetime.datetime(2026, 11, 26, 12, 0, tzinfo=datetime.UTC)
+D = "a" * 64
+
+
+def obs(**kw: Any) -> Observed:
+    base = Observed(
+        generation=3,
+        valid=True,
+        errors=[],
+        desired_digest=D,
+        desired_uri=f"s3://b/engines/{D}/",
+        gpu="H100-80GB x1",
+        replicas=2,
+        committed=False,
+        store_error=None,
+        job=None,
+        deployment=None,
+        queue_position=0,
+        status={},
+        now=NOW,
+        max_attempts=3,
+        backoff_base=30,
+        backoff_max=3600,
+    )
+    return replace(base, **kw)
+
+
+def job(**kw: Any) -> JobView:
+    base = JobView("llme-build-x", D, 1, True, False, False, None, None, "2026-11-26T11:00:00Z", None)
+    return replace(base, **kw)
+
+
+def cond(d: Any, t: str) -> dict[str, Any]:
+    return next(c for c in d.status["conditions"] if c["type"] == t)
+
+
+def test_invalid_spec_is_failed_and_stalled_and_keeps_what_serves() -> None:
+    dep = DeploymentView("old", 1, 1, 2, 2, 2, 2)
+    d = decide(obs(valid=False, errors=[("spec.precision.quantization", "fp8 needs SM 8.9")], deployment=dep))
+    assert d.status["phase"] == "Failed"
+    assert cond(d, "Stalled")["status"] == "True" and cond(d, "Ready")["status"] == "False"
+    assert "spec.precision.quantization" in d.status["message"]
+    assert d.create_job is None and d.deploy_digest == "old"
+
+
+def test_missing_engine_starts_first_build() -> None:
+    d = decide(obs())
+    assert d.create_job == 1 and d.status["phase"] == "Building"
+    assert d.status["build"]["attempts"] == 1
+    assert d.deploy_digest is None
+    assert cond(d, "Reconciling")["status"] == "True"
+
+
+def test_full_pool_queues_with_position() -> None:
+    d = decide(obs(queue_position=2))
+    assert d.create_job is None
+    assert d.status["phase"] == "Queued" and d.status["build"]["queuePosition"] == 2
+
+
+def test_running_job_is_building_and_not_duplicated() -> None:
+    d = decide(obs(job=job(), status={"desiredEngine": {"digest": D}, "build": {"attempts": 1}}))
+    assert d.create_job is None and not d.delete_job
+    assert d.status["phase"] == "Building" and d.status["build"]["job"] == "llme-build-x"
+
+
+def test_permanent_builder_failure_is_not_retried() -> None:
+    result = {"engineDigest": D, "succeeded": False, "stage": "fetch", "reason": "no such model", "permanent": True}
+    j = job(active=False, failed=True, message=json.dumps(result), reason="BackoffLimitExceeded")
+    d = decide(obs(job=j, status={"desiredEngine": {"digest": D}, "build": {"attempts": 1}}))
+    assert d.status["phase"] == "Failed" and not d.delete_job and d.create_job is None
+    assert d.status["build"]["lastFailure"] == "fetch: no such model"
+    assert ("Warning", "BuildFailed", "attempt 1: fetch: no such model") in d.events
+
+
+def test_transient_failure_backs_off_exponentially_then_retries() -> None:
+    j = job(active=False, failed=True, message="Traceback...\nConnectionError: reset", reason="BackoffLimitExceeded")
+    d = decide(obs(job=j, status={"desiredEngine": {"digest": D}, "build": {"attempts": 1}}))
+    assert d.delete_job and d.status["phase"] == "Building"
+    retry = d.status["build"]["nextRetryAt"]
+    assert retry == "2026-11-26T12:00:30Z"
+    # Job deleted, retry time not reached: wait.
+    st = {"desiredEngine": {"digest": D}, "build": d.status["build"]}
+    d2 = decide(obs(status=st, now=NOW + datetime.timedelta(seconds=10)))
+    assert d2.create_job is None and 19 <= (d2.requeue_after or 0) <= 20
+    d3 = decide(obs(status=st, now=NOW + datetime.timedelta(seconds=31)))
+    assert d3.create_job == 2
+    assert backoff_seconds(1, 30, 3600) == 30 and backoff_seconds(3, 30, 3600) == 120
+    assert backoff_seconds(20, 30, 3600) == 3600
+
+
+def test_gives_up_after_max_attempts() -> None:
+    j = job(attempt=3, active=False, failed=True, message="boom")
+    d = decide(obs(job=j, status={"desiredEngine": {"digest": D}, "build": {"attempts": 3}}))
+    assert d.status["phase"] == "Failed" and not d.delete_job
+    assert "gave up after 3 attempts" in d.status["message"]
+
+
+def test_old_engine_keeps_serving_while_new_one_builds() -> None:
+    dep = DeploymentView("old", 1, 1, 2, 2, 2, 2)
+    d = decide(obs(deployment=dep, job=job()))
+    assert d.deploy_digest == "old"
+    assert cond(d, "Deployed")["reason"] == "WaitingForEngine"
+    assert cond(d, "Ready")["status"] == "False"
+
+
+def test_committed_engine_rolls_out_then_is_ready() -> None:
+    d = decide(obs(committed=True))
+    assert d.deploy_digest == D and d.status["phase"] == "Deploying"
+    assert cond(d, "EngineBuilt")["reason"] == "StoreHit"
+    dep = DeploymentView(D, 2, 2, 2, 2, 2, 2)
+    ready = decide(obs(committed=True, deployment=dep, status=d.status))
+    assert ready.status["phase"] == "Ready" and cond(ready, "Ready")["status"] == "True"
+    assert ready.status["servingEngine"]["digest"] == D
+    # A later pass with nothing changed keeps lastTransitionTime.
+    later = decide(obs(committed=True, deployment=dep, status=ready.status, now=NOW + datetime.timedelta(hours=1)))
+    assert cond(later, "Ready")["lastTransitionTime"] == cond(ready, "Ready")["lastTransitionTime"]
+    assert not later.events
+
+
+def test_lost_replicas_after_ready_is_degraded() -> None:
+    dep = DeploymentView(D, 2, 2, 2, 2, 1, 1)
+    d = decide(obs(committed=True, deployment=dep, status={"phase": "Ready"}))
+    assert d.status["phase"] == "Degraded"
+    assert ("Warning", "Degraded", "1/2 serving replicas available") in d.events
+
+
+def test_unreachable_store_never_starts_a_build() -> None:
+    d = decide(obs(committed=None, store_error="cannot reach S3 endpoint http://x: check spec.store.endpoint"))
+    assert d.create_job is None
+    assert cond(d, "EngineBuilt")["status"] == "Unknown"
+    assert "spec.store.endpoint" in d.status["message"]

@@ -1,0 +1,151 @@
+"""Render functions are pure: golden files pin their output; properties pin what must always hold."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llmengine.api.config import OperatorConfig
+from llmengine.plan import plan_object
+from llmengine.render import build, common, serving
+
+GOLDEN = Path(__file__).parent / "golden"
+CFG = OperatorConfig(builder_image="reg/builder:1", server_image="reg/server:1")
+
+
+def _engine(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "llmengine.io/v1alpha1",
+        "kind": "LLMEngine",
+        "metadata": {"name": "llama", "namespace": "ml", "uid": "1111-2222", "generation": 1},
+        "spec": {
+            "model": {
+                "source": {"huggingFace": {"repo": "meta-llama/Llama-3.1-8B", "revision": "d04e592"}},
+                "catalog": "llama-3.1-8b",
+            },
+            "precision": {"dtype": "bfloat16"},
+            "build": {"maxBatchSize": 64, "maxInputLen": 2048, "maxSeqLen": 4096, "maxNumTokens": 8192},
+            "target": {"gpu": "H100-80GB", "tolerations": [{"key": "team", "operator": "Equal", "value": "ml"}]},
+            "store": {"bucket": "engines", "credentialsSecretRef": {"name": "s3"}},
+            "serving": {"replicas": 2, "runtime": {"maxBatchSize": 32}, "resources": {"limits": {"memory": "64Gi"}}},
+        },
+    }
+    for k, v in spec.items():
+        body["spec"][k] = v
+    return body
+
+
+def _render(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    plan = plan_object(body)
+    assert plan.valid, plan.errors
+    assert plan.build_request is not None
+    job = build.build_job(
+        request=plan.build_request,
+        short_digest=plan.short_digest,
+        pool=common.pool_name(plan.gpu.name, plan.mig_profile),
+        namespace="ml",
+        owners=[common.owner_reference(body, controller=False)],
+        product_labels=list(plan.gpu.product_labels),
+        gpu_resource=plan.gpu_resource,
+        gpu_count=plan.gpu_count,
+        target=body["spec"]["target"],
+        store_secret="s3",
+        hf_token={"name": "hf", "key": "token"},
+        attempt=1,
+        cfg=CFG,
+    )
+    dep = serving.deployment(
+        body=body,
+        digest=plan.engine_digest,
+        short_digest=plan.short_digest,
+        backend="tensorrt",
+        store=plan.build_request.store,
+        store_secret="s3",
+        product_labels=list(plan.gpu.product_labels),
+        gpu_resource=plan.gpu_resource,
+        gpu_count=plan.gpu_count,
+        cfg=CFG,
+    )
+    return job, dep
+
+
+def _golden(name: str, obj: dict[str, Any]) -> None:
+    path = GOLDEN / f"{name}.yaml"
+    text = yaml.safe_dump(obj, sort_keys=True)
+    if os.environ.get("UPDATE_GOLDEN") or not path.exists():
+        path.write_text(text)
+    assert text == path.read_text(), f"{path} differs; rerun with UPDATE_GOLDEN=1 if the change is intended"
+
+
+def test_build_job_and_deployment_golden() -> None:
+    job, dep = _render(_engine())
+    _golden("build-job", job)
+    _golden("deployment", dep)
+
+
+@pytest.mark.parametrize(
+    "target,resource",
+    [
+        ({"gpu": "H100-80GB"}, "nvidia.com/gpu"),
+        ({"gpu": "H100-80GB", "migProfile": "3g.40gb"}, "nvidia.com/mig-3g.40gb"),
+    ],
+)
+def test_gpu_resources_never_mix_whole_gpus_and_mig(target: dict[str, Any], resource: str) -> None:
+    job, dep = _render(_engine(target=target))
+    for pod in (job["spec"]["template"]["spec"], dep["spec"]["template"]["spec"]):
+        res = pod["containers"][0]["resources"]
+        gpu_keys = {k for k in res["limits"] if k.startswith("nvidia.com/")}
+        assert gpu_keys == {resource}
+        assert res["limits"][resource] == res["requests"][resource] == "1"
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert {
+            "key": "nvidia.com/gpu.product",
+            "operator": "In",
+            "values": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe"],
+        } in terms[0]["matchExpressions"]
+        assert common.GPU_TOLERATION in pod["tolerations"]
+
+
+def test_pods_are_hardened_and_secrets_only_by_reference() -> None:
+    job, dep = _render(_engine())
+    for pod in (job["spec"]["template"]["spec"], dep["spec"]["template"]["spec"]):
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["readOnlyRootFilesystem"] is True
+            for e in c.get("env") or []:
+                if e["name"] in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"):
+                    assert "value" not in e and "secretKeyRef" in e["valueFrom"]
+
+
+def test_job_identity_naming_and_rollout_strategy() -> None:
+    job, dep = _render(_engine())
+    plan = plan_object(_engine())
+    assert job["metadata"]["name"] == f"llme-build-{plan.short_digest.removeprefix('e-')}"
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] > 0
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+    assert all(o["controller"] is False for o in job["metadata"]["ownerReferences"])
+    assert (
+        json.loads(
+            build.request_configmap(plan.build_request, plan.short_digest, "p", "ml", [])["data"]["request.json"]
+        )["engineDigest"]
+        == plan.engine_digest
+    )
+    strategy = dep["spec"]["strategy"]["rollingUpdate"]
+    assert strategy["maxUnavailable"] == 0
+    assert dep["spec"]["template"]["metadata"]["annotations"][common.DIGEST_ANNOTATION] == plan.engine_digest
+    assert "--max-batch-size" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_runtime_only_change_keeps_digest_but_changes_deployment() -> None:
+    a = _engine()
+    b = _engine(serving={"replicas": 5, "runtime": {"maxBatchSize": 16}})
+    (ja, da), (jb, db) = _render(a), _render(b)
+    assert ja == jb
+    assert da != db and db["spec"]["replicas"] == 5
