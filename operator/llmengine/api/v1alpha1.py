@@ -1,0 +1,764 @@
+"""The LLMEngine resource, version v1alpha1.
+
+These models are the single source of the CRD schema (`llmengine generate` writes crds/ from them), so every
+field description is what `kubectl explain llmengine.spec...` shows. Descriptions say whether a change rebuilds
+the engine or only rolls out the serving pods.
+
+Cross-field rules that must hold even when the operator is down are attached as CEL `x-kubernetes-validations`
+next to the pydantic validators that enforce the same rule in Python.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
+
+from llmengine import GROUP, VERSION
+
+API_VERSION = f"{GROUP}/{VERSION}"
+DEFAULT_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
+
+Backend = Literal["tensorrt", "pytorch"]
+Dtype = Literal["float16", "bfloat16"]
+Quantization = Literal["none", "fp8", "int8_weight_only", "int4_awq", "w4a8_awq", "smoothquant", "nvfp4"]
+KvCacheDtype = Literal["auto", "fp8", "int8"]
+GpuClassName = Literal["A100-40GB", "A100-80GB", "L40S", "H100-80GB", "H100-NVL", "H200", "B200"]
+KvCacheType = Literal["paged", "continuous"]
+Phase = Literal["Pending", "Queued", "Building", "Deploying", "Ready", "Degraded", "Failed"]
+
+# Names of the build fields that are static shapes (as opposed to feature flags); traffic may not set them too.
+SHAPE_FIELDS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens")
+
+_DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+
+
+def _cel(rule: str, message: str) -> JsonDict:
+    return {"rule": rule, "message": message}
+
+
+class SpecModel(BaseModel):
+    """Base for spec objects: camelCase on the wire, unknown fields rejected (a typo is an error, not a no-op)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class StatusModel(BaseModel):
+    """Base for status objects: written by the operator; unknown fields are ignored when reading."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spec.model
+
+
+class SecretKeySelector(SpecModel):
+    """A key of a Secret in the LLMEngine's namespace."""
+
+    name: str = Field(min_length=1, description="Name of the Secret, in the same namespace as the LLMEngine.")
+    key: str = Field(default="token", min_length=1, description="Key in the Secret that holds the value.")
+
+
+class HuggingFaceSource(SpecModel):
+    """Weights from a Hugging Face Hub repository, pinned to one revision."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "size(self.revision) > 0",
+                    "spec.model.source.huggingFace.revision is required: pin a commit SHA or a tag",
+                )
+            ]
+        }
+    )
+
+    repo: str = Field(
+        min_length=1,
+        description="Repository id, e.g. meta-llama/Llama-3.1-8B-Instruct. Changing it rebuilds the engine.",
+    )
+    revision: str = Field(
+        min_length=1,
+        description=(
+            "Commit SHA or tag to build from (required: a branch name would let the weights change under a "
+            "built engine). Changing it rebuilds the engine."
+        ),
+    )
+    token_secret_ref: SecretKeySelector | None = Field(
+        default=None,
+        description=(
+            "Secret holding a Hugging Face access token, for gated or private repositories. Used only to "
+            "download; changing it neither rebuilds nor rolls out."
+        ),
+    )
+
+
+class S3Source(SpecModel):
+    """Weights (a Hugging Face style checkpoint directory) in an S3 bucket."""
+
+    uri: str = Field(
+        pattern=r"^s3://[^/]+/.*$",
+        description="s3://bucket/path/ of the checkpoint directory. Changing it rebuilds the engine.",
+    )
+
+
+class ModelSource(SpecModel):
+    """Where the weights come from: exactly one of huggingFace or s3."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "(has(self.huggingFace) ? 1 : 0) + (has(self.s3) ? 1 : 0) == 1",
+                    "spec.model.source: set exactly one of huggingFace or s3",
+                )
+            ]
+        }
+    )
+
+    hugging_face: HuggingFaceSource | None = Field(
+        default=None, description="Download the weights from the Hugging Face Hub."
+    )
+    s3: S3Source | None = Field(default=None, description="Copy the weights from S3.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        if (self.hugging_face is None) == (self.s3 is None):
+            raise ValueError("set exactly one of huggingFace or s3")
+        return self
+
+
+class ArchitectureFacts(SpecModel):
+    """Facts about a model that is not in the built-in catalog, as found in its config.json."""
+
+    architecture: str = Field(
+        min_length=1,
+        description="Model class as in config.json `architectures`, e.g. LlamaForCausalLM. Changing it rebuilds.",
+    )
+    num_layers: int = Field(ge=1, description="Number of transformer layers (num_hidden_layers). Rebuilds.")
+    hidden_size: int = Field(ge=1, description="Hidden size. Rebuilds.")
+    num_attention_heads: int = Field(ge=1, description="Number of attention (query) heads. Rebuilds.")
+    num_key_value_heads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Number of key/value heads (grouped-query attention). Default: numAttentionHeads. Rebuilds.",
+    )
+    head_dim: int | None = Field(
+        default=None, ge=1, description="Size of one attention head. Default: hiddenSize / numAttentionHeads."
+    )
+    vocab_size: int = Field(ge=1, description="Vocabulary size. Rebuilds.")
+    intermediate_size: int | None = Field(default=None, ge=1, description="MLP intermediate size. Rebuilds.")
+    parameter_count: int = Field(
+        ge=1, description="Total number of parameters (all experts for a mixture of experts). Rebuilds."
+    )
+    max_position_embeddings: int = Field(
+        ge=1, description="Longest context the model supports, in tokens; bounds maxSeqLen. Rebuilds."
+    )
+
+
+class ModelSpec(SpecModel):
+    """The model to build: where its weights are and what its architecture is."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "(has(self.catalog) ? 1 : 0) + (has(self.architecture) ? 1 : 0) == 1",
+                    "spec.model: set exactly one of catalog (a built-in model name) or architecture (explicit facts)",
+                )
+            ]
+        }
+    )
+
+    source: ModelSource = Field(description="Where the weights come from: exactly one of huggingFace or s3.")
+    tokenizer: str | None = Field(
+        default=None,
+        description=(
+            "Hugging Face repository or directory of the tokenizer, when it is not next to the weights. "
+            "Changing it rolls out without a rebuild."
+        ),
+    )
+    catalog: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "A built-in model whose architecture facts the operator knows (case-insensitive): llama-2-7b, "
+            "llama-3.1-8b, llama-3.1-70b, mistral-7b, mixtral-8x7b, qwen2.5-7b, qwen2.5-72b. Exactly one of "
+            "catalog or architecture. Switching to explicit facts with the same values does not rebuild."
+        ),
+    )
+    architecture: ArchitectureFacts | None = Field(
+        default=None, description="Explicit architecture facts for a model that is not in the catalog."
+    )
+
+    @model_validator(mode="after")
+    def _catalog_or_architecture(self) -> ModelSpec:
+        if (self.catalog is None) == (self.architecture is None):
+            raise ValueError("set exactly one of catalog (a built-in model name) or architecture (explicit facts)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spec.precision, spec.parallelism, spec.build, spec.traffic
+
+
+class Precision(SpecModel):
+    """Numeric formats of the weights, activations and KV cache. Every field here rebuilds the engine."""
+
+    dtype: Dtype = Field(
+        default="bfloat16", description="Compute dtype of unquantized layers. Default bfloat16. Rebuilds."
+    )
+    quantization: Quantization = Field(
+        default="none",
+        description=(
+            "Weight/activation quantization. fp8 and w4a8_awq need SM 8.9+ (L40S, Hopper, Blackwell); nvfp4 "
+            "needs Blackwell (SM 10.0); int8_weight_only, int4_awq and smoothquant are not available on "
+            "Blackwell. Default none. Rebuilds."
+        ),
+    )
+    kv_cache_dtype: KvCacheDtype = Field(
+        default="auto",
+        description=(
+            "KV cache element type: auto (same as dtype), fp8 (SM 8.9+, halves KV memory) or int8. Default "
+            "auto. Rebuilds."
+        ),
+    )
+
+
+class Parallelism(SpecModel):
+    """How the model is split across GPUs; the engine has one rank per GPU. Both fields rebuild the engine."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel("!has(self.tensor) || self.tensor >= 1", "spec.parallelism.tensor must be at least 1"),
+                _cel("!has(self.pipeline) || self.pipeline >= 1", "spec.parallelism.pipeline must be at least 1"),
+            ]
+        }
+    )
+
+    tensor: int = Field(
+        default=1,
+        ge=1,
+        description="Tensor-parallel size; must divide numAttentionHeads. Default 1. Rebuilds.",
+    )
+    pipeline: int = Field(default=1, ge=1, description="Pipeline-parallel size. Default 1. Rebuilds.")
+
+
+class BuildSpec(SpecModel):
+    """Static shapes and compile-time features of the engine. Every field here rebuilds a TensorRT engine.
+
+    Shapes left unset take trtllm-build's defaults, unless spec.traffic derives them.
+    """
+
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most requests in flight per engine. Default 2048 (trtllm-build), or derived from spec.traffic. "
+            "Rebuilds (tensorrt); a restart with the pytorch backend."
+        ),
+    )
+    max_input_len: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longest prompt, in tokens. Default 1024, or inputTokens.max from spec.traffic. Rebuilds.",
+    )
+    max_seq_len: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Longest prompt plus output, in tokens; at most the model's maxPositionEmbeddings. Default: "
+            "maxPositionEmbeddings, or inputTokens.max + outputTokens.max from spec.traffic. Rebuilds."
+        ),
+    )
+    max_num_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most tokens in one forward pass (batched prompts plus generated tokens); sizes activation memory. "
+            "Default 8192, or derived from spec.traffic. Rebuilds."
+        ),
+    )
+    max_beam_width: int = Field(default=1, ge=1, description="Beam search width. Default 1. Rebuilds.")
+    paged_context_fmha: bool = Field(
+        default=True,
+        description="Paged context attention; needed for chunked prefill and KV cache reuse. Default true. Rebuilds.",
+    )
+    fp8_context_fmha: bool = Field(
+        default=False,
+        description=(
+            "FP8 context attention; needs quantization fp8, w4a8_awq or nvfp4 on SM 8.9+. Default false. Rebuilds."
+        ),
+    )
+    multiple_profiles: bool = Field(
+        default=False,
+        description="Build several TensorRT optimization profiles (faster, longer build). Default false. Rebuilds.",
+    )
+    kv_cache_type: KvCacheType = Field(
+        default="paged",
+        description=(
+            "KV cache layout: paged (default) or continuous (reserves maxBatchSize x maxSeqLen up front). Rebuilds."
+        ),
+    )
+    context_fmha: bool = Field(
+        default=True, description="Fused attention for the context phase. Default true. Rebuilds."
+    )
+    remove_input_padding: bool = Field(
+        default=True, description="Pack requests without padding. Default true. Rebuilds."
+    )
+    strip_plan: bool = Field(
+        default=False,
+        description="Store the engine without weights and refit them when loading (smaller engine). Rebuilds.",
+    )
+    weight_streaming: bool = Field(
+        default=False,
+        description="Let weights stay in host memory and stream to the GPU (slow; for oversized models). Rebuilds.",
+    )
+
+    def explicit_shapes(self) -> list[str]:
+        """The shape fields (snake_case) the user set."""
+        return [name for name in SHAPE_FIELDS if getattr(self, name) is not None]
+
+
+class TokenDistribution(SpecModel):
+    """Length of prompts or outputs, in tokens."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [_cel("self.max >= self.mean", "max must be at least mean: raise max")]
+        }
+    )
+
+    mean: int = Field(ge=1, description="Typical length, in tokens.")
+    max: int = Field(ge=1, description="Longest length to serve, in tokens.")
+
+    @model_validator(mode="after")
+    def _max_at_least_mean(self) -> TokenDistribution:
+        if self.max < self.mean:
+            raise ValueError(f"max ({self.max}) must be at least mean ({self.mean}): raise max")
+        return self
+
+
+class TrafficProfile(SpecModel):
+    """The traffic the engine should serve. The build shapes are then derived with trtllm-bench's sizing rules."""
+
+    input_tokens: TokenDistribution = Field(
+        description="Prompt lengths. max becomes maxInputLen. Changing it rebuilds when derived shapes change."
+    )
+    output_tokens: TokenDistribution = Field(
+        description="Output lengths. inputTokens.max + outputTokens.max becomes maxSeqLen. Rebuilds when shapes change."
+    )
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests expected in flight per replica; the plan warns when the KV cache cannot hold them.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spec.target, spec.store
+
+
+class Target(SpecModel):
+    """The GPUs the engine is built for and served on."""
+
+    gpu: GpuClassName = Field(
+        description=(
+            "GPU class. The engine only loads on the compute capability (SM) it was built for, so changing the "
+            "class rebuilds (a class with the same SM still rebuilds: memory differs)."
+        )
+    )
+    mig_profile: str | None = Field(
+        default=None,
+        pattern=r"^[1-7]g\.[0-9]+gb(\+me)?$",
+        description=(
+            "Serve on a MIG slice of this profile, e.g. 3g.40gb (must exist for the GPU class; needs tensor and "
+            "pipeline parallelism 1). A slice has its parent's SM: changing it rolls out without a rebuild, "
+            "unless spec.traffic derives the shapes from the slice memory."
+        ),
+    )
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="Extra node labels the build and serving pods require. Rolls out."
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="Pod affinity (a core/v1 Affinity object) for the build and serving pods. Rolls out.",
+    )
+    tolerations: list[dict[str, Any]] | None = Field(
+        default=None, description="Tolerations (core/v1 Toleration objects) for the build and serving pods. Rolls out."
+    )
+
+
+class SecretRef(SpecModel):
+    name: str = Field(min_length=1, description="Name of the Secret, in the same namespace as the LLMEngine.")
+
+
+class WorkloadIdentity(SpecModel):
+    service_account_name: str = Field(
+        min_length=1, description="ServiceAccount whose cloud identity may read and write the bucket."
+    )
+
+
+class StoreSpec(SpecModel):
+    """The S3 bucket engines are stored in, at s3://bucket/prefix/<engine digest>/."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!(has(self.credentialsSecretRef) && has(self.workloadIdentity))",
+                    "spec.store: set at most one of credentialsSecretRef or workloadIdentity",
+                )
+            ]
+        }
+    )
+
+    bucket: str = Field(min_length=1, description="Bucket name. Does not change the engine identity.")
+    prefix: str = Field(default="engines", description="Key prefix under the bucket. Default engines.")
+    endpoint: str | None = Field(
+        default=None, description="S3 endpoint URL for S3-compatible stores; unset means AWS S3."
+    )
+    region: str = Field(default="us-east-1", description="Bucket region. Default us-east-1.")
+    credentials_secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.",
+    )
+    workload_identity: WorkloadIdentity | None = Field(
+        default=None, description="Use a ServiceAccount's cloud identity (IRSA, GKE or Azure workload identity)."
+    )
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> StoreSpec:
+        if self.credentials_secret_ref is not None and self.workload_identity is not None:
+            raise ValueError("set at most one of credentialsSecretRef or workloadIdentity")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spec.serving, spec.rebuildPolicy
+
+
+class ResourceRequirements(SpecModel):
+    """CPU and memory for the serving container; the operator adds the GPU resource itself."""
+
+    requests: dict[str, int | str] | None = Field(
+        default=None, description="Requests, e.g. {cpu: 8, memory: 64Gi}. Rolls out."
+    )
+    limits: dict[str, int | str] | None = Field(default=None, description="Limits, e.g. {memory: 96Gi}. Rolls out.")
+
+
+class RuntimeLimits(SpecModel):
+    """Serving-time limits; each must be at most the built value. Changing them rolls out without a rebuild."""
+
+    kv_cache_free_gpu_memory_fraction: float = Field(
+        default=0.9,
+        gt=0,
+        lt=1,
+        description="Share of the GPU memory left after weights and activations that the KV cache takes. Default 0.9.",
+    )
+    max_batch_size: int | None = Field(
+        default=None, ge=1, description="Serve at most this many requests at once (<= the built maxBatchSize)."
+    )
+    max_num_tokens: int | None = Field(
+        default=None, ge=1, description="At most this many tokens per forward pass (<= the built maxNumTokens)."
+    )
+    max_seq_len: int | None = Field(
+        default=None, ge=1, description="At most this many tokens per sequence (<= the built maxSeqLen)."
+    )
+
+
+class EnvVar(SpecModel):
+    name: str = Field(min_length=1, description="Variable name.")
+    value: str = Field(default="", description="Variable value.")
+
+
+class Serving(SpecModel):
+    """The Deployment that serves the engine with trtllm-serve. Every field here rolls out without a rebuild."""
+
+    replicas: int = Field(default=1, ge=0, description="Number of serving pods. Default 1; 0 keeps the engine only.")
+    resources: ResourceRequirements | None = Field(
+        default=None, description="CPU and memory of the serving container; GPUs are added by the operator."
+    )
+    runtime: RuntimeLimits = Field(
+        default_factory=RuntimeLimits, description="trtllm-serve limits, at or below the built shapes."
+    )
+    max_surge: int = Field(
+        default=1, ge=0, description="Extra pods (and GPUs) a rollout may start above replicas. Default 1."
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API. Default 8000.")
+    env: list[EnvVar] | None = Field(default=None, description="Extra environment variables of the server.")
+    pod_annotations: dict[str, str] | None = Field(default=None, description="Annotations on the serving pods.")
+
+
+class RebuildPolicy(SpecModel):
+    """When the operator may rebuild on its own, for traffic-aware rebuilds. Changes here do nothing to the engine."""
+
+    mode: Literal["Auto", "Manual"] = Field(
+        default="Manual",
+        description=(
+            "Auto lets the operator rebuild with new shapes when observed traffic outgrows them. Default Manual."
+        ),
+    )
+    cooldown: str = Field(
+        default="1h", pattern=_DURATION, description="Least time between automatic rebuilds, e.g. 30m, 1h. Default 1h."
+    )
+    headroom: float = Field(
+        default=1.2, ge=1.0, description="Factor applied to observed traffic when sizing a rebuild. Default 1.2."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spec
+
+
+def _runtime_le_built(field: str) -> JsonDict:
+    runtime, built = f"self.serving.runtime.{field}", f"self.build.{field}"
+    return _cel(
+        f"!(has(self.serving) && has(self.serving.runtime) && has({runtime}) && has(self.build) && has({built}))"
+        f" || {runtime} <= {built}",
+        f"spec.serving.runtime.{field} must be at most spec.build.{field}: lower it or raise the built value",
+    )
+
+
+class LLMEngineSpec(SpecModel):
+    """Desired state of an LLMEngine: a model compiled for a GPU class and served with trtllm-serve."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!(has(self.traffic) && has(self.build) && (has(self.build.maxBatchSize) || "
+                    "has(self.build.maxInputLen) || has(self.build.maxSeqLen) || has(self.build.maxNumTokens)))",
+                    "spec.traffic and the shapes in spec.build (maxBatchSize, maxInputLen, maxSeqLen, maxNumTokens) "
+                    "are exclusive: remove one",
+                ),
+                _cel(
+                    "!has(self.target.migProfile) || !has(self.parallelism) || "
+                    "((!has(self.parallelism.tensor) || self.parallelism.tensor == 1) && "
+                    "(!has(self.parallelism.pipeline) || self.parallelism.pipeline == 1))",
+                    "spec.target.migProfile needs spec.parallelism.tensor and pipeline of 1: remove migProfile or "
+                    "the parallelism",
+                ),
+                _runtime_le_built("maxBatchSize"),
+                _runtime_le_built("maxNumTokens"),
+                _runtime_le_built("maxSeqLen"),
+            ]
+        }
+    )
+
+    model: ModelSpec = Field(description="The model: weights source and architecture.")
+    backend: Backend = Field(
+        default="tensorrt",
+        description=(
+            "tensorrt compiles a static-shape engine (TensorRT-LLM 1.0-1.2.x); pytorch prepares a checkpoint and "
+            "passes shapes as runtime flags. Default tensorrt. Rebuilds."
+        ),
+    )
+    image: str = Field(
+        default=DEFAULT_IMAGE,
+        min_length=1,
+        description=(
+            f"TensorRT-LLM container image that builds and serves the engine. Default {DEFAULT_IMAGE}. The "
+            "TensorRT-LLM version is read from the tag unless trtllmVersion is set. Rebuilds."
+        ),
+    )
+    trtllm_version: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]+\.[0-9]+(\.[0-9]+)?([.+-]?[A-Za-z0-9.]+)?$",
+        description="TensorRT-LLM version of the image, when its tag does not say (e.g. a digest). Rebuilds.",
+    )
+    precision: Precision = Field(default_factory=Precision, description="dtype, quantization and KV cache type.")
+    parallelism: Parallelism = Field(default_factory=Parallelism, description="Tensor and pipeline parallelism.")
+    build: BuildSpec = Field(default_factory=BuildSpec, description="Static shapes and compile-time features.")
+    traffic: TrafficProfile | None = Field(
+        default=None,
+        description="Derive the shapes from a traffic profile instead of setting them in spec.build.",
+    )
+    target: Target = Field(description="GPU class (and optional MIG profile) and scheduling constraints.")
+    store: StoreSpec | None = Field(
+        default=None, description="Where engines are stored. Unset: the operator's default store."
+    )
+    serving: Serving = Field(default_factory=Serving, description="How the engine is served.")
+    rebuild_policy: RebuildPolicy = Field(
+        default_factory=RebuildPolicy, description="Whether the operator may rebuild on its own."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# status
+
+
+class Condition(StatusModel):
+    type: str = Field(description="CamelCase condition type, e.g. Ready, EngineBuilt.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str | None = Field(default=None, description="CamelCase reason for the last transition.")
+    message: str | None = Field(default=None, description="Human-readable detail.")
+    last_transition_time: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="When status last changed."
+    )
+    observed_generation: int | None = Field(default=None, description="Generation this condition was computed for.")
+
+
+class EngineRef(StatusModel):
+    digest: str | None = Field(
+        default=None,
+        description="Engine identity: sha256 of its build inputs (names of Jobs and pods use e-<first 12 hex>).",
+    )
+    uri: str | None = Field(default=None, description="s3:// location of the committed engine.")
+
+
+class BuildStatus(StatusModel):
+    job: str | None = Field(default=None, description="Name of the current or last build Job.")
+    queue_position: int | None = Field(default=None, description="Position in the build queue while Queued (1 = next).")
+    attempts: int | None = Field(default=None, description="Build attempts for the desired engine.")
+    last_failure: str | None = Field(default=None, description="Why the last attempt failed.")
+    started_at: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="When the current build started."
+    )
+    last_duration_seconds: float | None = Field(default=None, description="How long the last build took.")
+    next_retry_at: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="When a failed build is retried."
+    )
+
+
+class LLMEngineStatus(StatusModel):
+    """Observed state, written by the operator."""
+
+    # Keep fields added by newer operators when an older client reads and writes the status.
+    model_config = ConfigDict(extra="allow")
+
+    phase: Phase | None = Field(
+        default=None, description="Pending, Queued, Building, Deploying, Ready, Degraded or Failed."
+    )
+    conditions: list[Condition] | None = Field(
+        default=None,
+        description="Current conditions (Kubernetes conventions).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(default=None, description="Last spec generation acted on.")
+    desired_engine: EngineRef | None = Field(default=None, description="The engine the current spec calls for.")
+    serving_engine: EngineRef | None = Field(default=None, description="The engine the serving pods run.")
+    build: BuildStatus | None = Field(default=None, description="Progress of the build of the desired engine.")
+    gpu: str | None = Field(default=None, description="GPUs per replica, e.g. H100-80GB x2 or A100-40GB/3g.20gb.")
+    ready_replicas: int | None = Field(default=None, description="Serving pods ready.")
+    replicas: int | None = Field(default=None, description="Serving pods.")
+    message: str | None = Field(default=None, description="What is happening or what is wrong, in one line.")
+
+
+class LLMEngine(BaseModel):
+    """An LLM compiled into a TensorRT-LLM engine for one GPU class, stored in S3 and served."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    api_version: Literal["llmengine.io/v1alpha1"] = Field(default="llmengine.io/v1alpha1")
+    kind: Literal["LLMEngine"] = Field(default="LLMEngine")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: LLMEngineSpec
+    status: LLMEngineStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", ""))
+
+    @property
+    def namespace(self) -> str:
+        return str(self.metadata.get("namespace") or "default")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parsing
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with a manifest: the field path (spec.precision.quantization) and what to do about it."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class InvalidEngine(ValueError):
+    """An LLMEngine object that does not match the schema."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("invalid LLMEngine:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """('spec', 'serving', 'env', 0, 'name') -> 'spec.serving.env[0].name'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at loc (for suggestions on unknown fields)."""
+    current: Any = LLMEngine
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = next(
+            (f for n, f in current.model_fields.items() if part in (n, f.alias)),
+            None,
+        )
+        if field is None:
+            return None
+        current = _unwrap(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The model class inside X | None or list[X], if any."""
+    for arg in getattr(annotation, "__args__", ()) or ():
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation
+
+
+def _message(err: Any) -> str:
+    kind, msg, loc = err["type"], str(err["msg"]), tuple(err["loc"])
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = sorted(f.alias or n for n, f in parent.model_fields.items()) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"known fields: {', '.join(known)}"
+        return f"unknown field; {hint}"
+    return msg.removeprefix("Value error, ")
+
+
+def errors_from_validation(exc: ValidationError) -> list[FieldError]:
+    """Turn pydantic errors into FieldErrors with camelCase paths like spec.build.maxSeqLen."""
+    out: list[FieldError] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        out.append(FieldError(field=field_path(loc) or "(object)", message=_message(err)))
+    return out
+
+
+def parse_engine(obj: dict[str, Any]) -> LLMEngine:
+    """Validate a Kubernetes object (as a dict) as an LLMEngine; raise InvalidEngine listing every bad field."""
+    if not isinstance(obj, dict):
+        raise InvalidEngine([FieldError("(object)", f"expected a mapping, got {type(obj).__name__}")])
+    try:
+        return LLMEngine.model_validate(obj)
+    except ValidationError as exc:
+        raise InvalidEngine(errors_from_validation(exc)) from None

@@ -1,0 +1,273 @@
+"""`llmengine plan`: validate LLMEngine manifests offline and say what applying them would do.
+
+Exit status: 0 when every LLMEngine is valid, 1 when any is invalid, 2 when input cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import yaml
+
+from llmengine import GROUP, KIND, PLURAL, VERSION
+from llmengine.api.artifacts import StoreLocation
+from llmengine.api.v1alpha1 import InvalidEngine, LLMEngine, parse_engine
+from llmengine.plan.gpus import GIB
+from llmengine.plan.identity import shapes_dict
+from llmengine.plan.planner import COMPILERS, Plan, compare, invalid_plan, make_plan
+
+# Stands in for the operator's default store when a manifest has no spec.store: the store never changes the
+# engine identity, so an offline plan only needs to know that one will exist.
+OPERATOR_DEFAULT_STORE = StoreLocation(bucket="operator-default-store")
+
+
+class InputError(Exception):
+    """A file or cluster that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One LLMEngine document: its identity in the cluster, the parsed engine (if it parsed) and its plan."""
+
+    namespace: str
+    name: str
+    source: str
+    engine: LLMEngine | None
+    plan: Plan
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _documents(text: str, source: str) -> Iterator[Any]:
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{source}: not valid YAML: {exc}") from None
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+            yield from doc["items"]
+        elif doc is not None:
+            yield doc
+
+
+def _is_engine(doc: Any) -> bool:
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        return False
+    api_version = str(doc.get("apiVersion") or "")
+    return api_version == "" or api_version.split("/", 1)[0] == GROUP
+
+
+def _entry(doc: dict[str, Any], source: str, plan_kwargs: dict[str, Any]) -> Entry:
+    md = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    assert isinstance(md, dict)
+    namespace, name = str(md.get("namespace") or "default"), str(md.get("name") or "")
+    try:
+        engine: LLMEngine | None = parse_engine(doc)
+    except InvalidEngine as exc:
+        return Entry(namespace, name, source, None, invalid_plan(exc.errors))
+    assert engine is not None
+    return Entry(namespace, name, source, engine, make_plan(engine, **plan_kwargs))
+
+
+def read_file(path: str, plan_kwargs: dict[str, Any], stdin: TextIO | None = None) -> list[Entry]:
+    try:
+        if path == "-":
+            text = (stdin or sys.stdin).read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror or exc}") from None
+    return [_entry(doc, path, plan_kwargs) for doc in _documents(text, path) if _is_engine(doc)]
+
+
+def read_cluster(context: str | None, plan_kwargs: dict[str, Any]) -> list[Entry]:
+    """Live LLMEngines of every namespace, through the kubeconfig (KUBECONFIG, optional context)."""
+    try:
+        from kubernetes import client, config
+
+        config.load_kube_config(context=context)
+        listing = client.CustomObjectsApi().list_cluster_custom_object(GROUP, VERSION, PLURAL)
+    except Exception as exc:  # no kubeconfig, unreachable server, missing CRD: all mean "cannot read"
+        raise InputError(f"cluster{':' + context if context else ''}: {exc}") from None
+    items = listing.get("items", []) if isinstance(listing, dict) else []
+    return [_entry(doc, "cluster", plan_kwargs) for doc in items if isinstance(doc, dict)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output
+
+
+def _gib(value: int) -> str:
+    return f"{value / GIB:.1f}"
+
+
+def to_json(entry: Entry, action: str | None, with_action: bool) -> dict[str, Any]:
+    p = entry.plan
+    m = p.memory
+    out: dict[str, Any] = {
+        "name": entry.name,
+        "namespace": entry.namespace,
+        "source": entry.source,
+        "valid": p.valid,
+        "errors": [{"field": e.field, "message": e.message} for e in p.errors],
+        "warnings": list(p.warnings),
+        "engineDigest": p.engine_digest,
+        "shortDigest": p.short_digest,
+        "build": shapes_dict(p.shapes),
+        "shapesFromTraffic": p.shapes_from_traffic,
+        "memory": {
+            "requiredBytesPerGpu": m.required_bytes_per_gpu,
+            "availableBytesPerGpu": m.available_bytes_per_gpu,
+            "fits": m.fits,
+            "weightsBytes": m.weights_bytes,
+            "activationBytes": m.activation_bytes,
+            "runtimeBytes": m.runtime_bytes,
+            "minKvBytes": m.min_kv_bytes,
+            "kvBytesPerToken": m.kv_bytes_per_token,
+            "kvBytesPerTokenPerGpu": m.kv_bytes_per_token_per_gpu,
+        },
+        "gpu": {
+            "class": p.gpu.name,
+            "sm": p.gpu.sm,
+            "migProfile": p.mig_profile,
+            "resource": p.gpu_resource,
+            "count": p.gpu_count,
+        },
+        "runtimeArgs": list(p.runtime_args),
+        "engineInputs": p.engine_inputs,
+    }
+    if with_action:
+        out["action"] = action
+    return out
+
+
+def to_text(entry: Entry, action: str | None, with_action: bool) -> str:
+    p = entry.plan
+    verdict = "valid" if p.valid else f"INVALID ({len(p.errors)} error{'s' if len(p.errors) != 1 else ''})"
+    lines = [f"{entry.namespace}/{entry.name or '<no name>'} ({entry.source}): {verdict}"]
+    if with_action:
+        lines.append(f"  action:   {action or '-'}")
+    for e in p.errors:
+        lines.append(f"  error:    {e.field}: {e.message}")
+    for w in p.warnings:
+        lines.append(f"  warning:  {w}")
+    if p.engine_digest:
+        lines.append(f"  engine:   {p.short_digest}  sha256:{p.engine_digest}")
+    if p.gpu.name != "unknown":
+        where = f"{p.gpu.name}/{p.mig_profile}" if p.mig_profile else f"{p.gpu.name} x{p.gpu_count}"
+        lines.append(f"  gpu:      {where} (SM {p.gpu.sm}, {p.gpu_resource})")
+    if p.shapes.max_seq_len:
+        s = p.shapes
+        origin = "derived from spec.traffic" if p.shapes_from_traffic else "from spec.build"
+        lines.append(
+            f"  shapes:   maxBatchSize={s.max_batch_size} maxInputLen={s.max_input_len} maxSeqLen={s.max_seq_len} "
+            f"maxNumTokens={s.max_num_tokens} maxBeamWidth={s.max_beam_width} ({origin})"
+        )
+    m = p.memory
+    if m.available_bytes_per_gpu:
+        lines.append(
+            f"  memory:   {_gib(m.required_bytes_per_gpu)} of {_gib(m.available_bytes_per_gpu)} GiB per GPU "
+            f"({'fits' if m.fits else 'does NOT fit'}): weights {_gib(m.weights_bytes)}, activations "
+            f"{_gib(m.activation_bytes)}, runtime {_gib(m.runtime_bytes)}, minimum KV {_gib(m.min_kv_bytes)} "
+            f"at {m.kv_bytes_per_token_per_gpu} B/token/GPU ({m.kv_bytes_per_token} B/token whole model)"
+        )
+    if p.engine_inputs:
+        inputs = p.engine_inputs
+        lines.append(
+            f"  identity: {inputs['backend']} {inputs['trtllmVersion']} {inputs['precision']['dtype']}/"
+            f"{inputs['precision']['quantization']}/kv:{inputs['precision']['kvCacheDtype']} "
+            f"tp{inputs['parallelism']['tensor']}pp{inputs['parallelism']['pipeline']} "
+            f"{inputs['gpu']['class']} SM {inputs['gpu']['sm']} compiler {inputs['compiler']}"
+        )
+    return "\n".join(lines)
+
+
+def action_for(entry: Entry, old: Entry | None) -> str | None:
+    if old is None:
+        return "create"
+    if entry.engine is None:
+        return None
+    if old.engine is None:
+        return "rebuild"
+    return compare(old.plan, entry.plan, old.engine, entry.engine)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llmengine plan",
+        description="Validate LLMEngine manifests offline and say what applying them would do.",
+        epilog="Exit status: 0 all valid, 1 some invalid, 2 input unreadable.",
+    )
+    p.add_argument("-f", "--filename", action="append", required=True, help="manifest file (repeatable; - = stdin)")
+    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.add_argument(
+        "--against",
+        metavar="FILE|cluster[:CONTEXT]",
+        help="compare with the LLMEngines of another file or of the live cluster: rebuild, rollout, nothing, create",
+    )
+    p.add_argument("--compiler", choices=COMPILERS, default="tensorrt-llm")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node of the target pool")
+    p.add_argument(
+        "--default-store",
+        metavar="s3://BUCKET[/PREFIX]",
+        help="the operator's default store, for manifests without spec.store",
+    )
+    return p
+
+
+def _store_from_uri(uri: str) -> StoreLocation:
+    if not uri.startswith("s3://") or len(uri) <= 5:
+        raise InputError(f"--default-store {uri!r}: expected s3://BUCKET[/PREFIX]")
+    bucket, _, prefix = uri[5:].partition("/")
+    return StoreLocation(bucket=bucket, prefix=prefix.strip("/") or "engines")
+
+
+def main(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    args = _parser().parse_args(argv)
+    try:
+        store = _store_from_uri(args.default_store) if args.default_store else OPERATOR_DEFAULT_STORE
+        kwargs: dict[str, Any] = {
+            "compiler": args.compiler,
+            "default_store": store,
+            "gpus_per_node": args.gpus_per_node,
+        }
+        entries = [e for path in args.filename for e in read_file(path, kwargs)]
+        against: dict[tuple[str, str], Entry] | None = None
+        if args.against:
+            target: str = args.against
+            if target == "cluster" or target.startswith("cluster:"):
+                olds = read_cluster(target.partition(":")[2] or None, kwargs)
+            else:
+                olds = read_file(target, kwargs)
+            against = {e.key: e for e in olds}
+    except InputError as exc:
+        print(f"llmengine plan: {exc}", file=err)
+        return 2
+    if not entries:
+        print(f"llmengine plan: no {KIND} resources in {', '.join(args.filename)}", file=err)
+        return 2
+
+    with_action = against is not None
+    actions = [action_for(e, against.get(e.key)) if against is not None else None for e in entries]
+    if args.output == "json":
+        docs = [to_json(e, a, with_action) for e, a in zip(entries, actions, strict=True)]
+        print(json.dumps(docs, indent=2, sort_keys=True), file=out)
+    else:
+        print("\n\n".join(to_text(e, a, with_action) for e, a in zip(entries, actions, strict=True)), file=out)
+    return 0 if all(e.plan.valid for e in entries) else 1

@@ -1,0 +1,110 @@
+"""Engine identity: a sha256 over exactly the inputs that change the compiled engine.
+
+Two LLMEngines with the same identity can share one engine in the store. The inputs are canonicalized (defaults
+filled in, catalog names resolved to facts), so writing a default explicitly or switching from a catalog name to
+the same explicit facts keeps the identity. Serving-only settings (replicas, resources, runtime limits, port,
+env, scheduling, store, rebuild policy, the token secret) never enter it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from llmengine.api.artifacts import BuildShapes
+from llmengine.api.v1alpha1 import LLMEngineSpec
+from llmengine.plan.catalog import ModelFacts
+from llmengine.plan.gpus import GpuClass
+
+# Bump when the meaning of an input changes, so old engines are not reused under new semantics.
+IDENTITY_SCHEMA = 1
+SHORT_PREFIX = "e-"
+SHORT_HEX = 12
+
+
+def canonical_json(inputs: Mapping[str, Any]) -> str:
+    return json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def engine_digest(inputs: Mapping[str, Any]) -> str:
+    """Full sha256 hex of the canonical JSON of the identity inputs."""
+    return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()
+
+
+def short_digest(digest: str) -> str:
+    """e-<first 12 hex>: short enough for Kubernetes names (Jobs, Deployments) with room for a prefix."""
+    return f"{SHORT_PREFIX}{digest[:SHORT_HEX]}" if digest else ""
+
+
+def model_source_identity(spec: LLMEngineSpec) -> dict[str, Any]:
+    source = spec.model.source
+    if source.hugging_face is not None:
+        hf = source.hugging_face
+        return {"huggingFace": {"repo": hf.repo.strip(), "revision": hf.revision.strip()}}
+    assert source.s3 is not None
+    return {"s3": {"uri": source.s3.uri.strip().rstrip("/")}}
+
+
+def build_features(spec: LLMEngineSpec) -> dict[str, bool | str]:
+    """Compile-time feature flags with defaults filled in (camelCase)."""
+    b = spec.build
+    return {
+        "contextFmha": b.context_fmha,
+        "fp8ContextFmha": b.fp8_context_fmha,
+        "kvCacheType": b.kv_cache_type,
+        "multipleProfiles": b.multiple_profiles,
+        "pagedContextFmha": b.paged_context_fmha,
+        "removeInputPadding": b.remove_input_padding,
+        "stripPlan": b.strip_plan,
+        "weightStreaming": b.weight_streaming,
+    }
+
+
+def shapes_dict(shapes: BuildShapes) -> dict[str, int]:
+    out = {
+        "maxBatchSize": shapes.max_batch_size,
+        "maxBeamWidth": shapes.max_beam_width,
+        "maxInputLen": shapes.max_input_len,
+        "maxNumTokens": shapes.max_num_tokens,
+        "maxSeqLen": shapes.max_seq_len,
+    }
+    if shapes.opt_num_tokens is not None:
+        out["optNumTokens"] = shapes.opt_num_tokens
+    return out
+
+
+def identity_inputs(
+    spec: LLMEngineSpec,
+    *,
+    facts: ModelFacts,
+    shapes: BuildShapes,
+    gpu: GpuClass,
+    trtllm_version: str,
+    compiler: str,
+) -> dict[str, Any]:
+    """The canonical identity inputs of an engine.
+
+    With the pytorch backend, shapes and TensorRT feature flags are runtime settings (a restart, not a rebuild),
+    so they are left out; the prepared checkpoint still depends on everything else.
+    """
+    inputs: dict[str, Any] = {
+        "schema": IDENTITY_SCHEMA,
+        "compiler": compiler,
+        "backend": spec.backend,
+        "image": spec.image.strip(),
+        "trtllmVersion": trtllm_version,
+        "model": {"source": model_source_identity(spec), "facts": facts.as_dict()},
+        "precision": {
+            "dtype": spec.precision.dtype,
+            "quantization": spec.precision.quantization,
+            "kvCacheDtype": spec.precision.kv_cache_dtype,
+        },
+        "parallelism": {"tensor": spec.parallelism.tensor, "pipeline": spec.parallelism.pipeline},
+        "gpu": {"class": gpu.name, "sm": gpu.sm},
+    }
+    if spec.backend == "tensorrt":
+        inputs["shapes"] = shapes_dict(shapes)
+        inputs["features"] = build_features(spec)
+    return inputs

@@ -1,0 +1,458 @@
+"""make_plan: everything the operator decides about an LLMEngine before touching the cluster. Pure, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from llmengine.api.artifacts import BuildRequest, BuildShapes, ModelSource, StoreLocation
+from llmengine.api.v1alpha1 import FieldError, InvalidEngine, LLMEngine, LLMEngineSpec, parse_engine
+from llmengine.plan import sizing, validate
+from llmengine.plan.catalog import CATALOG, ModelFacts, lookup, resolve_facts
+from llmengine.plan.gpus import GIB, UNKNOWN_GPU, GpuClass, MigProfile, gpu_class, gpu_resource
+from llmengine.plan.identity import engine_digest, identity_inputs, short_digest
+from llmengine.plan.sizing import EMPTY_MEMORY, MemoryEstimate
+
+COMPILERS = ("tensorrt-llm", "test")
+# trtllm-build's defaults for shapes the spec leaves unset (max_seq_len defaults to the model's context).
+DEFAULT_MAX_BATCH_SIZE = 2048
+DEFAULT_MAX_INPUT_LEN = 1024
+DEFAULT_MAX_NUM_TOKENS = 8192
+# API quantization name -> the name the builder knows.
+REQUEST_QUANTIZATION = {"smoothquant": "int8_smoothquant"}
+
+EMPTY_SHAPES = BuildShapes(max_batch_size=0, max_input_len=0, max_seq_len=0, max_num_tokens=0)
+
+Action = Literal["rebuild", "rollout", "nothing"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The planner's verdict on one LLMEngine.
+
+    When `valid` is false, `errors` says why and `build_request` is None; the other fields hold what could be
+    worked out (placeholders where nothing could: empty digest, zero shapes, the `unknown` GPU class).
+    """
+
+    valid: bool
+    errors: list[FieldError]
+    warnings: list[str]
+    engine_digest: str
+    short_digest: str
+    shapes: BuildShapes
+    memory: MemoryEstimate
+    gpu: GpuClass
+    mig_profile: str | None
+    gpu_resource: str
+    gpu_count: int
+    build_request: BuildRequest | None
+    runtime_args: list[str]
+    engine_inputs: dict[str, Any] = field(default_factory=dict)
+    shapes_from_traffic: bool = False
+    store: StoreLocation | None = None
+    trtllm_version: str | None = None
+
+
+def invalid_plan(errors: list[FieldError]) -> Plan:
+    return Plan(
+        valid=False,
+        errors=errors,
+        warnings=[],
+        engine_digest="",
+        short_digest="",
+        shapes=EMPTY_SHAPES,
+        memory=EMPTY_MEMORY,
+        gpu=UNKNOWN_GPU,
+        mig_profile=None,
+        gpu_resource="nvidia.com/gpu",
+        gpu_count=0,
+        build_request=None,
+        runtime_args=[],
+    )
+
+
+def make_plan(
+    engine: LLMEngine,
+    *,
+    compiler: str = "tensorrt-llm",
+    default_store: StoreLocation | None = None,
+    gpus_per_node: int | None = None,
+    test_engine_bytes: int | None = None,
+) -> Plan:
+    """Validate an LLMEngine and work out its engine identity, shapes, memory fit and build request.
+
+    Never raises on bad input: every problem becomes a FieldError.
+    """
+    try:
+        return _plan(engine, compiler, default_store, gpus_per_node, test_engine_bytes)
+    except Exception as exc:  # a planner bug must not crash the operator's reconcile loop
+        return invalid_plan([FieldError("spec", f"could not plan this engine ({type(exc).__name__}: {exc})")])
+
+
+def plan_object(
+    obj: Any,
+    *,
+    compiler: str = "tensorrt-llm",
+    default_store: StoreLocation | None = None,
+    gpus_per_node: int | None = None,
+    test_engine_bytes: int | None = None,
+) -> Plan:
+    """make_plan for a raw Kubernetes object; schema errors become FieldErrors (spec.build.maxSeqLen, ...)."""
+    try:
+        engine = parse_engine(obj)
+    except InvalidEngine as exc:
+        return invalid_plan(exc.errors)
+    return make_plan(
+        engine,
+        compiler=compiler,
+        default_store=default_store,
+        gpus_per_node=gpus_per_node,
+        test_engine_bytes=test_engine_bytes,
+    )
+
+
+def _resolve_facts(spec: LLMEngineSpec) -> tuple[ModelFacts | None, list[FieldError]]:
+    m = spec.model
+    if m.catalog is not None:
+        entry = lookup(m.catalog)
+        if entry is None:
+            return None, [
+                FieldError(
+                    "spec.model.catalog",
+                    f"{m.catalog!r} is not a built-in model: use one of {', '.join(CATALOG)} or give "
+                    "spec.model.architecture",
+                )
+            ]
+        return entry.facts, []
+    assert m.architecture is not None
+    a = m.architecture
+    if a.head_dim is None and a.hidden_size % a.num_attention_heads:
+        return None, [
+            FieldError(
+                "spec.model.architecture.headDim",
+                f"hiddenSize {a.hidden_size} is not a multiple of numAttentionHeads {a.num_attention_heads}: set "
+                "headDim from the model's config.json",
+            )
+        ]
+    return resolve_facts(a), []
+
+
+def _resolve_mig(spec: LLMEngineSpec, gpu: GpuClass) -> tuple[MigProfile | None, list[FieldError]]:
+    name = spec.target.mig_profile
+    if name is None:
+        return None, []
+    if not gpu.mig_capable:
+        return None, [FieldError("spec.target.migProfile", f"{gpu.name} does not support MIG: remove migProfile")]
+    profile = gpu.mig_profiles.get(name)
+    if profile is None:
+        return None, [
+            FieldError(
+                "spec.target.migProfile",
+                f"{name!r} is not a MIG profile of {gpu.name}: use one of {', '.join(gpu.mig_profiles)}",
+            )
+        ]
+    return profile, []
+
+
+def _shapes(
+    spec: LLMEngineSpec, facts: ModelFacts | None, available: int
+) -> tuple[BuildShapes | None, list[FieldError], list[str]]:
+    b, t = spec.build, spec.traffic
+    if t is not None and b.explicit_shapes():
+        names = ", ".join(validate._camel(n) for n in b.explicit_shapes())
+        return (
+            None,
+            [FieldError("spec.traffic", f"spec.traffic and spec.build shapes ({names}) are exclusive: remove one")],
+            [],
+        )
+    if facts is None:
+        return None, [], []
+    if t is None:
+        seq = b.max_seq_len or facts.max_position_embeddings
+        return (
+            BuildShapes(
+                max_batch_size=b.max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+                max_input_len=b.max_input_len or min(DEFAULT_MAX_INPUT_LEN, seq),
+                max_seq_len=seq,
+                max_num_tokens=b.max_num_tokens or DEFAULT_MAX_NUM_TOKENS,
+                max_beam_width=b.max_beam_width,
+            ),
+            [],
+            [],
+        )
+    tp, pp = spec.parallelism.tensor, spec.parallelism.pipeline
+    d = sizing.derive_shapes(
+        facts,
+        quantization=spec.precision.quantization,
+        kv_cache_dtype=spec.precision.kv_cache_dtype,
+        tp=tp,
+        pp=pp,
+        gpu_memory_bytes=available,
+        input_mean=t.input_tokens.mean,
+        input_max=t.input_tokens.max,
+        output_mean=t.output_tokens.mean,
+        output_max=t.output_tokens.max,
+        max_beam_width=b.max_beam_width,
+        concurrency=t.concurrency,
+    )
+    if d.shapes is None:
+        weights = sizing.weight_bytes_total(facts, spec.precision.quantization) / GIB
+        return (
+            None,
+            [
+                FieldError(
+                    "spec.traffic",
+                    f"the weights ({weights:.1f} GiB) leave no KV cache for one request of mean length on "
+                    f"{tp * pp} GPU(s) of {available / GIB:.1f} GiB: quantize, raise spec.parallelism.tensor or "
+                    "target a larger GPU",
+                )
+            ],
+            [],
+        )
+    return d.shapes, [], d.warnings
+
+
+def _store(spec: LLMEngineSpec, default_store: StoreLocation | None) -> tuple[StoreLocation | None, list[FieldError]]:
+    if spec.store is not None:
+        s = spec.store
+        return StoreLocation(bucket=s.bucket, prefix=s.prefix, endpoint=s.endpoint, region=s.region), []
+    if default_store is not None:
+        return default_store, []
+    return None, [
+        FieldError("spec.store", "no engine store: set spec.store, or configure the operator's default store")
+    ]
+
+
+def _memory(spec: LLMEngineSpec, facts: ModelFacts, shapes: BuildShapes, available: int) -> MemoryEstimate:
+    rt = spec.serving.runtime
+    return sizing.estimate_memory(
+        facts,
+        quantization=spec.precision.quantization,
+        kv_cache_dtype=spec.precision.kv_cache_dtype,
+        tp=spec.parallelism.tensor,
+        pp=spec.parallelism.pipeline,
+        built=shapes,
+        runtime_batch=min(rt.max_batch_size or shapes.max_batch_size, shapes.max_batch_size),
+        runtime_seq=min(rt.max_seq_len or shapes.max_seq_len, shapes.max_seq_len),
+        kv_cache_type=spec.build.kv_cache_type,
+        kv_fraction=rt.kv_cache_free_gpu_memory_fraction,
+        available_bytes=available,
+    )
+
+
+def _memory_error(spec: LLMEngineSpec, m: MemoryEstimate, gpu: GpuClass) -> FieldError:
+    where = f"a {spec.target.mig_profile} slice of {gpu.name}" if spec.target.mig_profile else gpu.name
+    field_ = "spec.target.migProfile" if spec.target.mig_profile else "spec.target.gpu"
+    return FieldError(
+        field_,
+        f"needs {m.required_bytes_per_gpu / GIB:.1f} GiB per GPU (weights {m.weights_bytes / GIB:.1f}, "
+        f"activations {m.activation_bytes / GIB:.1f}, runtime {m.runtime_bytes / GIB:.1f}, minimum KV cache "
+        f"{m.min_kv_bytes / GIB:.1f} at fraction {m.kv_cache_fraction}) but {where} has "
+        f"{m.available_bytes_per_gpu / GIB:.1f} GiB: quantize (fp8, int4_awq), raise spec.parallelism.tensor, "
+        "lower maxNumTokens/maxSeqLen/maxBatchSize, or target a larger GPU",
+    )
+
+
+def runtime_args(spec: LLMEngineSpec, shapes: BuildShapes) -> list[str]:
+    """trtllm-serve flags for the runtime limits; unset limits serve at the built shapes."""
+    rt = spec.serving.runtime
+    return [
+        "--max_batch_size",
+        str(rt.max_batch_size or shapes.max_batch_size),
+        "--max_num_tokens",
+        str(rt.max_num_tokens or shapes.max_num_tokens),
+        "--max_seq_len",
+        str(rt.max_seq_len or shapes.max_seq_len),
+        "--kv_cache_free_gpu_memory_fraction",
+        str(rt.kv_cache_free_gpu_memory_fraction),
+        "--tp_size",
+        str(spec.parallelism.tensor),
+        "--pp_size",
+        str(spec.parallelism.pipeline),
+    ]
+
+
+def request_features(spec: LLMEngineSpec) -> dict[str, bool]:
+    """Build flags in the builder's vocabulary (all of them, so the builder's defaults never matter)."""
+    b = spec.build
+    return {
+        "context_fmha": b.context_fmha,
+        "fp8_context_fmha": b.fp8_context_fmha,
+        "multiple_profiles": b.multiple_profiles,
+        "paged_context_fmha": b.paged_context_fmha,
+        "paged_kv_cache": b.kv_cache_type == "paged",
+        "remove_input_padding": b.remove_input_padding,
+        "strip_plan": b.strip_plan,
+        "weight_streaming": b.weight_streaming,
+    }
+
+
+def _build_request(
+    spec: LLMEngineSpec,
+    *,
+    digest: str,
+    compiler: Literal["tensorrt-llm", "test"],
+    test_engine_bytes: int | None,
+    facts: ModelFacts,
+    shapes: BuildShapes,
+    gpu: GpuClass,
+    version: str,
+    store: StoreLocation,
+) -> BuildRequest:
+    src = spec.model.source
+    hf = src.hugging_face
+    return BuildRequest(
+        engine_digest=digest,
+        backend=spec.backend,
+        compiler=compiler,
+        test_engine_bytes=test_engine_bytes if compiler == "test" else None,
+        model=ModelSource(
+            hugging_face_repo=hf.repo if hf else None,
+            revision=hf.revision if hf else None,
+            s3_uri=src.s3.uri if src.s3 else None,
+            tokenizer=spec.model.tokenizer,
+        ),
+        architecture=facts.architecture,
+        model_facts=facts.as_dict(),
+        dtype=spec.precision.dtype,
+        quantization=REQUEST_QUANTIZATION.get(spec.precision.quantization, spec.precision.quantization),
+        kv_cache_dtype=spec.precision.kv_cache_dtype,
+        tp_size=spec.parallelism.tensor,
+        pp_size=spec.parallelism.pipeline,
+        shapes=shapes,
+        features=request_features(spec),
+        gpu_class=gpu.name,
+        sm=gpu.sm,
+        image=spec.image,
+        trtllm_version=version,
+        store=store,
+    )
+
+
+def _plan(
+    engine: LLMEngine,
+    compiler: str,
+    default_store: StoreLocation | None,
+    gpus_per_node: int | None,
+    test_engine_bytes: int | None,
+) -> Plan:
+    spec = engine.spec
+    errors: list[FieldError] = []
+    warnings: list[str] = []
+    if compiler not in COMPILERS:
+        errors.append(FieldError("compiler", f"unknown compiler {compiler!r}: use one of {', '.join(COMPILERS)}"))
+
+    facts, errs = _resolve_facts(spec)
+    errors += errs
+    gpu = gpu_class(spec.target.gpu) or UNKNOWN_GPU
+    mig, errs = _resolve_mig(spec, gpu)
+    errors += errs
+    available = mig.memory_bytes if mig else gpu.memory_bytes
+    version, errs = validate.resolve_version(spec)
+    errors += errs
+    shapes, errs, warns = _shapes(spec, facts, available)
+    errors += errs
+    warnings += warns
+
+    resolved = validate.Resolved(
+        spec=spec,
+        facts=facts,
+        gpu=gpu,
+        mig=mig,
+        shapes=shapes,
+        shapes_from_traffic=spec.traffic is not None,
+        version=version,
+        gpus_per_node=gpus_per_node or gpu.gpus_per_node,
+    )
+    for rule in (
+        validate.check_version,
+        validate.check_precision,
+        validate.check_backend,
+        validate.check_parallelism,
+        validate.check_shapes,
+        validate.check_runtime,
+    ):
+        errors += rule(resolved)
+    warnings += validate.shape_warnings(resolved)
+
+    memory = EMPTY_MEMORY
+    if facts is not None and shapes is not None:
+        memory = _memory(spec, facts, shapes, available)
+        if not memory.fits:
+            errors.append(_memory_error(spec, memory, gpu))
+
+    store, errs = _store(spec, default_store)
+    errors += errs
+
+    inputs: dict[str, Any] = {}
+    digest = ""
+    if facts is not None and shapes is not None and version is not None and compiler in COMPILERS:
+        inputs = identity_inputs(spec, facts=facts, shapes=shapes, gpu=gpu, trtllm_version=version, compiler=compiler)
+        digest = engine_digest(inputs)
+
+    valid = not errors
+    request = None
+    if valid:
+        assert facts is not None and shapes is not None and version is not None and store is not None
+        request = _build_request(
+            spec,
+            digest=digest,
+            compiler="test" if compiler == "test" else "tensorrt-llm",
+            test_engine_bytes=test_engine_bytes,
+            facts=facts,
+            shapes=shapes,
+            gpu=gpu,
+            version=version,
+            store=store,
+        )
+    tp, pp = spec.parallelism.tensor, spec.parallelism.pipeline
+    return Plan(
+        valid=valid,
+        errors=errors,
+        warnings=warnings,
+        engine_digest=digest,
+        short_digest=short_digest(digest),
+        shapes=shapes or EMPTY_SHAPES,
+        memory=memory,
+        gpu=gpu,
+        mig_profile=spec.target.mig_profile,
+        gpu_resource=gpu_resource(spec.target.mig_profile),
+        gpu_count=1 if spec.target.mig_profile else tp * pp,
+        build_request=request,
+        runtime_args=runtime_args(spec, shapes) if shapes is not None else [],
+        engine_inputs=inputs,
+        shapes_from_traffic=spec.traffic is not None,
+        store=store,
+        trtllm_version=version,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compare
+
+
+def serving_inputs(plan: Plan, engine: LLMEngine) -> dict[str, Any]:
+    """What the serving pods are made from, besides the engine itself: a change here is a rollout."""
+    spec = engine.spec
+    return {
+        "serving": spec.serving.model_dump(mode="json", by_alias=True),
+        "tokenizer": spec.model.tokenizer,
+        "image": spec.image,
+        "backend": spec.backend,
+        "target": spec.target.model_dump(
+            mode="json", by_alias=True, include={"mig_profile", "node_selector", "affinity", "tolerations"}
+        ),
+        "store": spec.store.model_dump(mode="json", by_alias=True) if spec.store else None,
+        "runtimeArgs": plan.runtime_args,
+        "gpuResource": plan.gpu_resource,
+        "gpuCount": plan.gpu_count,
+    }
+
+
+def compare(old: Plan, new: Plan, old_engine: LLMEngine, new_engine: LLMEngine) -> Action:
+    """What applying new_engine over old_engine does: rebuild the engine, roll out the pods, or nothing."""
+    if old.engine_digest != new.engine_digest:
+        return "rebuild"
+    if serving_inputs(old, old_engine) != serving_inputs(new, new_engine):
+        return "rollout"
+    return "nothing"

@@ -1,0 +1,292 @@
+"""Rules a spec must meet to build and serve. Each returns FieldErrors that name the field and say how to fix it.
+
+The rules are documented in docs/planning.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from llmengine.api.artifacts import BuildShapes
+from llmengine.api.v1alpha1 import FieldError, LLMEngineSpec
+from llmengine.plan.catalog import ModelFacts
+from llmengine.plan.gpus import GpuClass, MigProfile, parse_sm
+
+SM_FP8 = (8, 9)
+SM_BLACKWELL = (10, 0)
+# The TensorRT engine backend exists from 1.0 up to (not including) 1.3, where upstream removed it.
+TENSORRT_MIN = (1, 0)
+TENSORRT_BELOW = (1, 3)
+
+FP8_CONTEXT_FMHA_QUANTS = ("fp8", "w4a8_awq", "nvfp4")
+# Integer weight-only and SmoothQuant kernels do not exist for SM 10.0+.
+BLACKWELL_UNSUPPORTED_QUANTS = ("int8_weight_only", "int4_awq", "w4a8_awq", "smoothquant")
+# Quantizations the PyTorch backend cannot serve (TensorRT-only conversion paths).
+TENSORRT_ONLY_QUANTS = ("int8_weight_only", "smoothquant")
+# Build flags that only mean something to trtllm-build, with their defaults.
+TENSORRT_ONLY_FEATURES = {
+    "fp8_context_fmha": False,
+    "multiple_profiles": False,
+    "strip_plan": False,
+    "weight_streaming": False,
+    "kv_cache_type": "paged",
+    "context_fmha": True,
+    "remove_input_padding": True,
+}
+
+_VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A spec with its references resolved, as the rules see it."""
+
+    spec: LLMEngineSpec
+    facts: ModelFacts | None
+    gpu: GpuClass
+    mig: MigProfile | None
+    shapes: BuildShapes | None
+    shapes_from_traffic: bool
+    version: str | None
+    gpus_per_node: int
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def image_tag(image: str) -> str | None:
+    """The tag of an image reference (registry ports and digests aside), or None."""
+    ref = image.split("@", 1)[0]
+    last = ref.rsplit("/", 1)[-1]
+    return last.split(":", 1)[1] if ":" in last else None
+
+
+def parse_version(version: str) -> tuple[int, int, int] | None:
+    m = _VERSION.match(version.strip())
+    return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else None
+
+
+def resolve_version(spec: LLMEngineSpec) -> tuple[str | None, list[FieldError]]:
+    """The TensorRT-LLM version: spec.trtllmVersion, else read from the image tag."""
+    if spec.trtllm_version:
+        return spec.trtllm_version, []
+    tag = image_tag(spec.image)
+    if tag is not None and parse_version(tag) is not None:
+        return tag, []
+    return None, [
+        FieldError(
+            "spec.trtllmVersion",
+            f"cannot tell the TensorRT-LLM version from image {spec.image!r} (no version tag): set "
+            "spec.trtllmVersion, e.g. 1.2.1",
+        )
+    ]
+
+
+def check_version(r: Resolved) -> list[FieldError]:
+    if r.version is None:
+        return []
+    parsed = parse_version(r.version)
+    field = "spec.trtllmVersion" if r.spec.trtllm_version else "spec.image"
+    if parsed is None:
+        return [FieldError(field, f"{r.version!r} is not a version like 1.2.1: set spec.trtllmVersion")]
+    if r.spec.backend == "tensorrt" and not (TENSORRT_MIN <= parsed[:2] < TENSORRT_BELOW):
+        return [
+            FieldError(
+                field,
+                f"the tensorrt backend needs TensorRT-LLM 1.0-1.2.x (got {r.version}; 1.3 removed engine builds): "
+                "use image nvcr.io/nvidia/tensorrt-llm/release:1.2.1 or set spec.backend: pytorch",
+            )
+        ]
+    if r.spec.backend == "pytorch" and parsed[:2] < TENSORRT_MIN:
+        return [
+            FieldError(field, f"the pytorch backend needs TensorRT-LLM 1.0 or later (got {r.version}): use a 1.x image")
+        ]
+    return []
+
+
+def check_precision(r: Resolved) -> list[FieldError]:
+    """What the GPU's compute capability supports."""
+    p, b, sm = r.spec.precision, r.spec.build, parse_sm(r.gpu.sm)
+    where = f"{r.gpu.name} (SM {r.gpu.sm})"
+    out: list[FieldError] = []
+    q = "spec.precision.quantization"
+    if p.quantization in ("fp8", "w4a8_awq") and sm < SM_FP8:
+        out.append(
+            FieldError(
+                q,
+                f"{p.quantization} needs FP8 hardware (SM 8.9+), {where} has none: use int4_awq or "
+                "int8_weight_only, or target L40S, H100-80GB, H100-NVL, H200 or B200",
+            )
+        )
+    if p.quantization == "nvfp4" and sm < SM_BLACKWELL:
+        out.append(FieldError(q, f"nvfp4 needs Blackwell (SM 10.0), {where} is not: use fp8 or int4_awq, or B200"))
+    if p.quantization in BLACKWELL_UNSUPPORTED_QUANTS and sm >= SM_BLACKWELL:
+        out.append(FieldError(q, f"{p.quantization} is not supported on Blackwell ({where}): use fp8 or nvfp4 instead"))
+    if p.kv_cache_dtype == "fp8" and sm < SM_FP8:
+        out.append(
+            FieldError(
+                "spec.precision.kvCacheDtype",
+                f"an fp8 KV cache needs SM 8.9+, {where} has no FP8: use kvCacheDtype int8 or auto",
+            )
+        )
+    if b.fp8_context_fmha:
+        f = "spec.build.fp8ContextFmha"
+        if sm < SM_FP8:
+            out.append(FieldError(f, f"FP8 context FMHA needs SM 8.9+, {where} has no FP8: set it to false"))
+        elif p.quantization not in FP8_CONTEXT_FMHA_QUANTS:
+            out.append(
+                FieldError(
+                    f,
+                    f"FP8 context FMHA only takes effect with quantization fp8, w4a8_awq or nvfp4 (got "
+                    f"{p.quantization}); TensorRT-LLM would silently drop it: set a quantization or set it to false",
+                )
+            )
+    if b.paged_context_fmha and b.kv_cache_type != "paged":
+        out.append(
+            FieldError(
+                "spec.build.pagedContextFmha",
+                "paged context FMHA needs kvCacheType paged: set kvCacheType paged or pagedContextFmha false",
+            )
+        )
+    return out
+
+
+def check_backend(r: Resolved) -> list[FieldError]:
+    """The pytorch backend has no engine build: TensorRT build flags and conversion-only quantizations fail."""
+    if r.spec.backend != "pytorch":
+        return []
+    out: list[FieldError] = []
+    fix = "remove it or set spec.backend: tensorrt"
+    for name, default in TENSORRT_ONLY_FEATURES.items():
+        if getattr(r.spec.build, name) != default:
+            out.append(FieldError(f"spec.build.{_camel(name)}", f"is a TensorRT engine build flag: {fix}"))
+    if r.spec.precision.quantization in TENSORRT_ONLY_QUANTS:
+        out.append(
+            FieldError(
+                "spec.precision.quantization",
+                f"{r.spec.precision.quantization} is only available with the tensorrt backend: use fp8, int4_awq "
+                "or nvfp4, or set spec.backend: tensorrt",
+            )
+        )
+    return out
+
+
+def check_parallelism(r: Resolved) -> list[FieldError]:
+    tp, pp = r.spec.parallelism.tensor, r.spec.parallelism.pipeline
+    out: list[FieldError] = []
+    if r.mig is not None:
+        for name, value in (("tensor", tp), ("pipeline", pp)):
+            if value > 1:
+                out.append(
+                    FieldError(
+                        f"spec.parallelism.{name}",
+                        f"a MIG slice serves a single rank ({name} is {value}): set it to 1 or remove "
+                        "spec.target.migProfile",
+                    )
+                )
+    elif tp * pp > r.gpus_per_node:
+        out.append(
+            FieldError(
+                "spec.parallelism.tensor",
+                f"tensor x pipeline = {tp * pp} GPUs, but {r.gpu.name} nodes have {r.gpus_per_node}: an engine's "
+                "ranks must share a node; lower tensor/pipeline or use quantization to fit fewer GPUs",
+            )
+        )
+    f = r.facts
+    if f is None:
+        return out
+    if f.num_attention_heads % tp:
+        divisors = [d for d in range(1, f.num_attention_heads + 1) if f.num_attention_heads % d == 0 and d <= 16]
+        out.append(
+            FieldError(
+                "spec.parallelism.tensor",
+                f"tensor ({tp}) must divide the model's {f.num_attention_heads} attention heads: use one of "
+                f"{', '.join(map(str, divisors))}",
+            )
+        )
+    elif f.num_key_value_heads % tp and tp % f.num_key_value_heads:
+        out.append(
+            FieldError(
+                "spec.parallelism.tensor",
+                f"tensor ({tp}) and the model's {f.num_key_value_heads} KV heads must divide one another: pick a "
+                "tensor size that divides the KV heads or is a multiple of them",
+            )
+        )
+    if pp > f.num_layers:
+        out.append(
+            FieldError(
+                "spec.parallelism.pipeline",
+                f"pipeline ({pp}) exceeds the model's {f.num_layers} layers: use at most {f.num_layers}",
+            )
+        )
+    return out
+
+
+def check_shapes(r: Resolved) -> list[FieldError]:
+    """Shapes against the model's context length, and against each other."""
+    s, f = r.shapes, r.facts
+    if s is None or f is None:
+        return []
+    out: list[FieldError] = []
+    if s.max_seq_len > f.max_position_embeddings:
+        if r.shapes_from_traffic:
+            field, what = "spec.traffic.outputTokens.max", "inputTokens.max + outputTokens.max"
+        else:
+            field, what = "spec.build.maxSeqLen", "maxSeqLen"
+        out.append(
+            FieldError(
+                field,
+                f"{what} = {s.max_seq_len} exceeds the model's context of {f.max_position_embeddings} tokens: "
+                f"lower it to at most {f.max_position_embeddings}",
+            )
+        )
+    if s.max_input_len > s.max_seq_len:
+        out.append(
+            FieldError(
+                "spec.build.maxInputLen",
+                f"maxInputLen ({s.max_input_len}) exceeds maxSeqLen ({s.max_seq_len}): lower maxInputLen or raise "
+                "maxSeqLen",
+            )
+        )
+    return out
+
+
+def check_runtime(r: Resolved) -> list[FieldError]:
+    """Runtime limits may lower the built shapes, never raise them."""
+    s = r.shapes
+    if s is None:
+        return []
+    rt = r.spec.serving.runtime
+    out: list[FieldError] = []
+    for name, value, built in (
+        ("maxBatchSize", rt.max_batch_size, s.max_batch_size),
+        ("maxNumTokens", rt.max_num_tokens, s.max_num_tokens),
+        ("maxSeqLen", rt.max_seq_len, s.max_seq_len),
+    ):
+        if value is not None and value > built:
+            out.append(
+                FieldError(
+                    f"spec.serving.runtime.{name}",
+                    f"{value} exceeds the built {name} of {built}: lower it to at most {built}, or raise the "
+                    "built shape (a rebuild)",
+                )
+            )
+    return out
+
+
+def shape_warnings(r: Resolved) -> list[str]:
+    s, b = r.shapes, r.spec.build
+    if s is None or s.max_num_tokens >= s.max_input_len:
+        return []
+    if not b.paged_context_fmha:
+        return [
+            f"maxNumTokens ({s.max_num_tokens}) is below maxInputLen ({s.max_input_len}) without paged context "
+            "FMHA: prompts longer than maxNumTokens will be rejected; set pagedContextFmha true or raise maxNumTokens"
+        ]
+    return [
+        f"maxNumTokens ({s.max_num_tokens}) is below maxInputLen ({s.max_input_len}): prompts longer than "
+        "maxNumTokens are only served with chunked prefill (enable_chunked_prefill in the server options)"
+    ]
