@@ -15,7 +15,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -209,6 +209,17 @@ class TransferTuning:
     # Files at least this large are fetched with parallel ranged GETs; smaller ones with one GET.
     ranged_threshold: int = 64 * MiB
     progress_interval_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TransferTuning:
+        """Defaults, overridden by LLMENGINE_S3_PART_SIZE_MIB and LLMENGINE_S3_CONCURRENCY when set."""
+        env = os.environ if env is None else env
+        base = cls()
+        part = int(env.get("LLMENGINE_S3_PART_SIZE_MIB") or 0) * MiB or base.part_size
+        conc = int(env.get("LLMENGINE_S3_CONCURRENCY") or 0) or base.concurrency
+        # S3 refuses multipart parts under 5 MiB (except the last).
+        part = max(part, 5 * MiB)
+        return cls(part_size=part, concurrency=max(1, conc), ranged_threshold=part)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -741,4 +752,5 @@ def _already_present(job: _FileJob) -> bool:
 
 def store_for(location: StoreLocation, tuning: TransferTuning | None = None, **client_overrides: Any) -> EngineStore:
     """An EngineStore for a location; credentials from the environment (or workload identity)."""
-    return EngineStore(make_s3_client(S3Config.for_location(location, **client_overrides)), location, tuning)
+    client = make_s3_client(S3Config.for_location(location, **client_overrides))
+    return EngineStore(client, location, tuning or TransferTuning.from_env())

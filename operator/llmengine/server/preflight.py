@@ -44,7 +44,8 @@ def check(report: GpuReport, exp: Expectation) -> list[str]:
     if exp.world_size > 1 and any(d.mig_device for d in used):
         problems.append("tensor/pipeline parallelism across MIG slices is not supported: serve on full GPUs")
     for i, d in enumerate(used):
-        label = f"GPU {i} ({d.name}{', MIG ' + d.mig_profile if d.mig_profile else ''})"
+        mig = f", MIG {d.mig_profile}" if d.mig_profile and d.mig_profile not in d.name else ""
+        label = f"GPU {i} ({d.name}{mig})"
         if exp.sm is not None and d.compute_capability != exp.sm:
             problems.append(
                 f"{label} is SM {d.compute_capability} but the engine was built for SM {exp.sm}: "

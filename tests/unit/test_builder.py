@@ -1,0 +1,359 @@
+"""build-engine without S3 or GPUs: request checks, the test compiler, verification, results, seams."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from llmengine.api.artifacts import BuildRequest, BuildResult
+from llmengine.builder import main as builder_main
+from llmengine.builder.compiler import BuildFailure, check_request
+from llmengine.builder.fetch import HF_IGNORE_PATTERNS, fetch_hf, split_s3_uri
+from llmengine.builder.main import RESULT_LIMIT, Seams, failure_result, fit_result, run
+from llmengine.builder.testcompiler import MARKER_NAME, TestCompiler, rank_sizes
+from llmengine.builder.trtllm import TensorRTLLMCompiler
+from llmengine.builder.verify import verify_engine
+from llmengine.logging import REDACTED, configure_logging, get_logger, register_secret
+
+
+def request(**kw: Any) -> BuildRequest:
+    base: dict[str, Any] = {
+        "engine_digest": "e" * 16,
+        "backend": "tensorrt",
+        "compiler": "test",
+        "test_engine_bytes": 3 * 1024 + 1,
+        "model": {"s3_uri": "s3://models/tiny/"},
+        "architecture": "LlamaForCausalLM",
+        "model_facts": {"hidden_size": 64, "num_layers": 2},
+        "dtype": "float16",
+        "tp_size": 2,
+        "shapes": {"max_batch_size": 8, "max_input_len": 128, "max_seq_len": 256, "max_num_tokens": 512},
+        "gpu_class": "H100-80GB",
+        "sm": "9.0",
+        "image": "reg/llmengine-builder:1",
+        "trtllm_version": "1.2.1",
+        "store": {"bucket": "engines"},
+    }
+    base.update(kw)
+    return BuildRequest.model_validate(base)
+
+
+def checkpoint(tmp: Path) -> Path:
+    d = tmp / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (d / "tokenizer.json").write_text("{}")
+    (d / "tokenizer_config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    return d
+
+
+LOG = structlog.get_logger()
+
+
+# -- request checks ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "reason", "needle"),
+    [
+        ({"quantization": "fp8", "sm": "8.0"}, "UnsupportedCombination", "needs SM >= 8.9"),
+        ({"quantization": "nvfp4", "sm": "9.0"}, "UnsupportedCombination", "needs SM >= 10.0"),
+        ({"quantization": "int8_weight_only", "sm": "10.0"}, "UnsupportedCombination", "not supported on SM 10.0"),
+        ({"kv_cache_dtype": "fp8", "sm": "8.0"}, "UnsupportedCombination", "kvCacheDtype fp8"),
+        ({"quantization": "int8_smoothquant", "backend": "pytorch", "sm": "8.0"}, "UnsupportedCombination", "backend"),
+        ({"features": {"fp8_context_fmha": True}}, "UnsupportedCombination", "fp8_context_fmha"),
+        ({"quantization": "int3"}, "InvalidRequest", "quantization 'int3'"),
+        ({"features": {"turbo": True}}, "InvalidRequest", "features turbo unknown"),
+        ({"model": {"s3_uri": "s3://a/", "hugging_face_repo": "x/y"}}, "InvalidRequest", "exactly one"),
+        (
+            {"shapes": {"max_batch_size": 1, "max_input_len": 512, "max_seq_len": 256, "max_num_tokens": 8}},
+            "InvalidRequest",
+            "maxInputLen",
+        ),
+    ],
+)
+def test_requests_that_can_never_build_fail_permanently(kw: dict[str, Any], reason: str, needle: str) -> None:
+    with pytest.raises(BuildFailure) as exc:
+        check_request(request(**kw))
+    assert exc.value.permanent and exc.value.reason == reason and exc.value.stage == "validate"
+    assert needle in exc.value.message
+
+
+def test_invalid_request_file_gives_a_permanent_result(tmp_path: Path) -> None:
+    path = tmp_path / "req.json"
+    path.write_text(json.dumps({"engineDigest": "x", "backend": "tensorrt"}))
+    result = run(path, tmp_path / "work", Seams(store_factory=_no_store))
+    assert not result.succeeded and result.permanent and result.stage == "validate"
+    assert result.reason == "InvalidRequest" and "field" in (result.message or "")
+
+
+def _no_store(_loc: Any) -> Any:
+    raise AssertionError("the store must not be touched")
+
+
+# -- test compiler -------------------------------------------------------------------------------------------------
+
+
+def test_test_compiler_writes_a_realistic_engine_dir(tmp_path: Path) -> None:
+    req = request(tp_size=2, pp_size=2, quantization="fp8", kv_cache_dtype="fp8", test_engine_bytes=10_003)
+    out = TestCompiler().compile(req, checkpoint(tmp_path), tmp_path / "engine", LOG)
+    assert out.test_build and out.trtllm_version == "1.2.1"
+    cfg = json.loads((tmp_path / "engine" / "config.json").read_text())
+    assert cfg["test_build"] is True and cfg["version"] == "1.2.1"
+    pc = cfg["pretrained_config"]
+    assert pc["mapping"] == {"world_size": 4, "tp_size": 2, "pp_size": 2}
+    assert pc["quantization"] == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
+    assert pc["architecture"] == "LlamaForCausalLM" and pc["hidden_size"] == 64 and pc["num_hidden_layers"] == 2
+    assert cfg["build_config"]["max_seq_len"] == 256 and cfg["build_config"]["kv_cache_type"] == "PAGED"
+    sizes = [(tmp_path / "engine" / f"rank{r}.engine").stat().st_size for r in range(4)]
+    assert sizes == rank_sizes(10_003, 4) and sum(sizes) == 10_003
+    assert (tmp_path / "engine" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "engine" / MARKER_NAME).read_text())["test_build"] is True
+    assert verify_engine(req, tmp_path / "engine")
+
+
+def test_test_compiler_data_does_not_repeat(tmp_path: Path) -> None:
+    req = request(tp_size=1, test_engine_bytes=24 * 1024 * 1024)
+    TestCompiler().compile(req, checkpoint(tmp_path), tmp_path / "engine", LOG)
+    data = (tmp_path / "engine" / "rank0.engine").read_bytes()
+    blocks = {data[i : i + 4096] for i in range(0, len(data), 8 * 1024 * 1024)}
+    assert len(blocks) == 3
+
+
+def test_test_compiler_pytorch_backend_is_the_checkpoint(tmp_path: Path) -> None:
+    req = request(backend="pytorch", quantization="fp8", tp_size=1)
+    TestCompiler().compile(req, checkpoint(tmp_path), tmp_path / "engine", LOG)
+    assert (tmp_path / "engine" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "engine" / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
+    verify_engine(req, tmp_path / "engine")
+
+
+# -- verification --------------------------------------------------------------------------------------------------
+
+
+def _engine(tmp_path: Path, req: BuildRequest) -> Path:
+    TestCompiler().compile(req, checkpoint(tmp_path), tmp_path / "engine", LOG)
+    return tmp_path / "engine"
+
+
+def _edit_config(engine: Path, fn: Any) -> None:
+    cfg = json.loads((engine / "config.json").read_text())
+    fn(cfg)
+    (engine / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda e: _edit_config(e, lambda c: c["pretrained_config"]["mapping"].update(tp_size=4)), "mapping.tp_size"),
+        (lambda e: (e / "rank1.engine").unlink(), "rank1.engine is missing"),
+        (lambda e: (e / "rank2.engine").write_bytes(b"x"), "unexpected rank files rank2.engine"),
+        (
+            lambda e: _edit_config(e, lambda c: c["build_config"].update(max_num_tokens=1)),
+            "build_config.max_num_tokens",
+        ),
+        (lambda e: _edit_config(e, lambda c: c["pretrained_config"].update(dtype="bfloat16")), "dtype"),
+        (
+            lambda e: _edit_config(e, lambda c: c["pretrained_config"]["quantization"].update(quant_algo="FP8")),
+            "quant_algo",
+        ),
+        (lambda e: (e / "config.json").unlink(), "config.json is missing"),
+        (lambda e: (e / "config.json").write_text("{"), "does not parse"),
+    ],
+)
+def test_verify_refuses_a_mismatching_engine(tmp_path: Path, mutate: Any, needle: str) -> None:
+    req = request()
+    engine = _engine(tmp_path, req)
+    mutate(engine)
+    with pytest.raises(BuildFailure) as exc:
+        verify_engine(req, engine)
+    assert exc.value.stage == "verify" and needle in exc.value.message and not exc.value.permanent
+
+
+def test_verify_failure_becomes_a_verify_result(tmp_path: Path) -> None:
+    class BadCompiler(TestCompiler):
+        def compile(self, request: BuildRequest, checkpoint_dir: Path, out_dir: Path, log: Any) -> Any:
+            out = super().compile(request, checkpoint_dir, out_dir, log)
+            (out_dir / "rank0.engine").unlink()
+            return out
+
+    class Store:
+        def get_manifest(self, digest: str) -> None:
+            return None
+
+        def uri(self, digest: str) -> str:
+            return f"s3://engines/engines/{digest}/"
+
+        def put_result(self, digest: str, result: BuildResult) -> None:
+            stored.append(result)
+
+    stored: list[BuildResult] = []
+    req_path = tmp_path / "req.json"
+    req_path.write_text(request().to_json())
+    seams = Seams(
+        store_factory=lambda loc: Store(),  # type: ignore[arg-type,return-value]
+        compilers=lambda: {"test": BadCompiler()},
+    )
+
+    def fake_fetch(request: BuildRequest, dest: Path, *a: Any, **k: Any) -> Any:
+        from llmengine.builder.fetch import FetchResult
+
+        checkpoint(dest.parent)
+        return FetchResult(dest, 1, 0.1)
+
+    original = builder_main.fetch_model
+    builder_main.fetch_model = fake_fetch  # type: ignore[assignment]
+    try:
+        result = run(req_path, tmp_path / "work", seams)
+    finally:
+        builder_main.fetch_model = original
+    assert not result.succeeded and result.stage == "verify" and not result.permanent
+    assert "rank0.engine is missing" in (result.message or "")
+    assert stored == [result]
+
+
+# -- results -------------------------------------------------------------------------------------------------------
+
+
+def test_result_json_stays_under_4_kib() -> None:
+    failure = BuildFailure("compile", "CompileFailed", "trtllm-build exited with 1: " + "x" * 10_000)
+    text = fit_result(failure_result("d" * 64, failure, 12.5))
+    assert len(text.encode()) <= RESULT_LIMIT
+    parsed = BuildResult.model_validate_json(text)
+    assert parsed.stage == "compile" and parsed.message and parsed.message.endswith("...[cut]")
+    ok = BuildResult(engine_digest="d" * 64, succeeded=True, engine_uri="s3://b/p/" + "d" * 64 + "/", total_bytes=1)
+    assert fit_result(ok) == ok.to_json()
+
+
+def test_result_is_written_to_the_given_path_and_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    builder_main.write_result('{"a":1}', tmp_path / "termination-log")
+    assert (tmp_path / "termination-log").read_text() == '{"a":1}'
+    assert capsys.readouterr().out.strip() == '{"a":1}'
+
+
+# -- fetch seam ----------------------------------------------------------------------------------------------------
+
+
+def test_hugging_face_fetch_passes_revision_token_and_local_dir(tmp_path: Path, monkeypatch: Any) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def fake_snapshot_download(**kw: Any) -> str:
+        calls.append(kw)
+        (Path(kw["local_dir"]) / "config.json").write_text("{}")
+        return str(kw["local_dir"])
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123456")
+    n = fetch_hf("meta-llama/Llama-3.1-8B", "abc123", tmp_path, fake_snapshot_download)
+    assert n == 2
+    assert calls == [
+        {
+            "repo_id": "meta-llama/Llama-3.1-8B",
+            "revision": "abc123",
+            "token": "hf_secret_value_123456",
+            "local_dir": str(tmp_path),
+            "ignore_patterns": HF_IGNORE_PATTERNS,
+        }
+    ]
+
+
+def test_hugging_face_errors_map_to_failures(tmp_path: Path) -> None:
+    class RepositoryNotFoundError(Exception):
+        pass
+
+    class GatedRepoError(Exception):
+        pass
+
+    def raiser(exc: Exception) -> Any:
+        def f(**kw: Any) -> None:
+            raise exc
+
+        return f
+
+    with pytest.raises(BuildFailure) as missing:
+        fetch_hf("x/y", None, tmp_path, raiser(RepositoryNotFoundError("404")))
+    assert missing.value.permanent and "model.huggingFaceRepo" in missing.value.message
+    with pytest.raises(BuildFailure) as gated:
+        fetch_hf("x/y", None, tmp_path, raiser(GatedRepoError("403")))
+    assert not gated.value.permanent and "HF_TOKEN" in gated.value.message
+
+
+def test_split_s3_uri() -> None:
+    assert split_s3_uri("s3://models/llama/8b/") == ("models", "llama/8b/")
+    with pytest.raises(ValueError):
+        split_s3_uri("https://x")
+
+
+# -- real compiler, driven through a fake runner -------------------------------------------------------------------
+
+
+def test_real_compiler_refuses_a_different_trtllm_version(tmp_path: Path) -> None:
+    c = TensorRTLLMCompiler(version=lambda: "1.1.0", gpu_count=lambda: 1, runner=lambda argv, log: None)
+    with pytest.raises(BuildFailure) as exc:
+        c.compile(request(compiler="tensorrt-llm"), tmp_path, tmp_path / "engine", LOG)
+    assert exc.value.permanent and exc.value.reason == "VersionMismatch"
+    missing = TensorRTLLMCompiler(version=lambda: None)
+    with pytest.raises(BuildFailure) as exc:
+        missing.compile(request(compiler="tensorrt-llm"), tmp_path, tmp_path / "engine", LOG)
+    assert exc.value.reason == "ToolMissing"
+
+
+def test_real_compiler_runs_convert_then_build_with_workers_capped_by_gpus(tmp_path: Path) -> None:
+    ran: list[list[str]] = []
+    c = TensorRTLLMCompiler(version=lambda: "1.2.1", gpu_count=lambda: 1, runner=lambda argv, log: ran.append(argv))
+    ckpt = checkpoint(tmp_path)
+    c.compile(request(compiler="tensorrt-llm", tp_size=2), ckpt, tmp_path / "out" / "engine", LOG)
+    assert [Path(a[1]).name if a[0] == "python3" else a[0] for a in ran] == ["convert_checkpoint.py", "trtllm-build"]
+    assert ran[1][ran[1].index("--workers") + 1] == "1"
+    assert (tmp_path / "out" / "engine" / "tokenizer.json").exists()
+
+
+def test_a_failing_tool_reports_its_last_lines(tmp_path: Path) -> None:
+    from llmengine.builder.compiler import run_command
+
+    with pytest.raises(BuildFailure) as exc:
+        run_command(["sh", "-c", "echo converting; echo 'CUDA out of memory' >&2; exit 3"], LOG)
+    assert exc.value.reason == "CompileFailed" and "exited with 3" in exc.value.message
+    assert "CUDA out of memory" in exc.value.message
+    with pytest.raises(BuildFailure) as missing:
+        run_command(["/nonexistent/trtllm-build"], LOG)
+    assert missing.value.reason == "ToolMissing" and missing.value.permanent
+
+
+# -- logging never prints secrets ----------------------------------------------------------------------------------
+
+
+def test_logs_never_print_secret_values(monkeypatch: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    configure_logging(json=True)
+    register_secret("hf_abcdefghijklmnop")
+    log = get_logger(engine_digest="d")
+    log.info(
+        "x",
+        secret_key="plain-secret-value",
+        hf_token="hf_abcdefghijklmnop",
+        tokenizer="/engine",
+        max_num_tokens=8192,
+        argv=["--token", "hf_abcdefghijklmnop"],
+        line="boto said wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    )
+    err = capsys.readouterr().err
+    assert "plain-secret-value" not in err and "hf_abcdefghijklmnop" not in err and "EXAMPLEKEY" not in err
+    doc = json.loads(err.strip().splitlines()[-1])
+    assert doc["secret_key"] == REDACTED and doc["hf_token"] == REDACTED
+    assert doc["tokenizer"] == "/engine" and doc["max_num_tokens"] == 8192 and doc["engine_digest"] == "d"
+    assert doc["argv"] == ["--token", REDACTED] and doc["line"] == f"boto said {REDACTED}"
+
+
+def test_console_logging_is_key_value() -> None:
+    configure_logging(json=False)
+    buf = io.StringIO()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=buf))
+    get_logger(stage="upload").info("done", bytes=3)
+    assert "stage=upload" in buf.getvalue() and "bytes=3" in buf.getvalue()
+    configure_logging(json=True)

@@ -1,0 +1,162 @@
+"""Store logic that needs no server: error mapping, manifest path rules, config hygiene, tuning."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any
+
+import pytest
+from botocore import exceptions as bx
+
+from llmengine.api.artifacts import ManifestFile
+from llmengine.clients.store import (
+    AccessDenied,
+    BucketNotFound,
+    CredentialsError,
+    EndpointUnreachable,
+    IntegrityError,
+    S3Config,
+    StoreError,
+    TransferTuning,
+    _HashingReader,
+    _ranges,
+    check_manifest_paths,
+    translate_error,
+)
+
+EP = "http://s3.example:9000"
+MiB = 1024 * 1024
+
+
+def client_error(code: str, message: str = "boom") -> bx.ClientError:
+    return bx.ClientError({"Error": {"Code": code, "Message": message}}, "GetObject")
+
+
+@pytest.mark.parametrize(
+    ("exc", "cls", "message", "setting"),
+    [
+        (
+            client_error("InvalidAccessKeyId"),
+            CredentialsError,
+            "S3 rejected the credentials (InvalidAccessKeyId): check the secret named in "
+            "spec.store.credentialsSecretRef",
+            "spec.store.credentialsSecretRef",
+        ),
+        (
+            client_error("SignatureDoesNotMatch"),
+            CredentialsError,
+            "S3 rejected the credentials (SignatureDoesNotMatch): check the secret named in "
+            "spec.store.credentialsSecretRef",
+            "spec.store.credentialsSecretRef",
+        ),
+        (
+            client_error("NoSuchBucket"),
+            BucketNotFound,
+            f"bucket 'engines' does not exist at {EP}: create it or fix spec.store.bucket",
+            "spec.store.bucket",
+        ),
+        (
+            bx.EndpointConnectionError(endpoint_url=EP),
+            EndpointUnreachable,
+            f"cannot reach S3 endpoint {EP}: check spec.store.endpoint",
+            "spec.store.endpoint",
+        ),
+        (
+            bx.ConnectTimeoutError(endpoint_url=EP),
+            EndpointUnreachable,
+            f"cannot reach S3 endpoint {EP}: check spec.store.endpoint",
+            "spec.store.endpoint",
+        ),
+        (
+            client_error("AccessDenied"),
+            AccessDenied,
+            "S3 denied access to bucket 'engines' (AccessDenied): grant the credentials in "
+            "spec.store.credentialsSecretRef read/write on it",
+            "spec.store.credentialsSecretRef",
+        ),
+        (
+            bx.NoCredentialsError(),
+            CredentialsError,
+            "no S3 credentials found: set spec.store.credentialsSecretRef or configure workload identity",
+            "spec.store.credentialsSecretRef",
+        ),
+        (
+            client_error("SlowDown", "Please\nreduce\nyour rate"),
+            StoreError,
+            f"S3 error SlowDown at {EP}: Please reduce your rate",
+            None,
+        ),
+    ],
+)
+def test_errors_map_to_one_line_messages_naming_the_setting(
+    exc: Exception, cls: type[StoreError], message: str, setting: str | None
+) -> None:
+    err = translate_error(exc, EP, "engines")
+    assert type(err) is cls and str(err) == message and err.setting == setting
+    assert "\n" not in str(err)
+
+
+def test_s3_config_never_shows_secrets() -> None:
+    cfg = S3Config(endpoint=EP, access_key_id="AKIAEXAMPLE", secret_access_key="s3cr3t-value", session_token="tok")
+    text = repr(cfg) + str(cfg)
+    assert "s3cr3t-value" not in text and "AKIAEXAMPLE" not in text and "tok'" not in text
+    assert EP in text
+
+
+def test_s3_config_for_location_falls_back_to_env(monkeypatch: Any) -> None:
+    from llmengine.api.artifacts import StoreLocation
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://env:1")
+    assert S3Config.for_location(StoreLocation(bucket="b")).endpoint == "http://env:1"
+    assert S3Config.for_location(StoreLocation(bucket="b", endpoint="http://x:2", region="eu-west-1")) == S3Config(
+        endpoint="http://x:2", region="eu-west-1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "needle"),
+    [
+        ("../etc/passwd", "unexpected entry"),
+        ("/abs/rank0.engine", "unexpected entry"),
+        ("a//b", "unexpected entry"),
+        ("manifest.json", "unexpected entry"),
+        ("build-result.json", "unexpected entry"),
+        ("", "unexpected entry"),
+    ],
+)
+def test_manifest_entries_must_be_plain_relative_files(path: str, needle: str) -> None:
+    with pytest.raises(IntegrityError, match=needle) as exc:
+        check_manifest_paths([ManifestFile(path=path, sha256="0" * 64, size=1)])
+    assert exc.value.path == path
+
+
+def test_manifest_entries_must_be_unique_and_well_formed() -> None:
+    ok = ManifestFile(path="lora/a.bin", sha256="0" * 64, size=1)
+    check_manifest_paths([ok, ManifestFile(path="rank0.engine", sha256="1" * 64, size=0)])
+    with pytest.raises(IntegrityError, match="twice"):
+        check_manifest_paths([ok, ok])
+    with pytest.raises(IntegrityError, match="invalid size or sha256"):
+        check_manifest_paths([ManifestFile(path="x", sha256="abc", size=1)])
+
+
+def test_hashing_reader_hashes_what_is_read_and_is_not_seekable() -> None:
+    data = bytes(range(256)) * 1000
+    r = _HashingReader(io.BytesIO(data))
+    assert r.readable() and not r.seekable()
+    while r.read(4096):
+        pass
+    assert r.sha256.hexdigest() == hashlib.sha256(data).hexdigest() and r.size == len(data)
+
+
+def test_ranges_cover_the_file_exactly() -> None:
+    assert _ranges(0, 64) == [(0, 0)]
+    assert _ranges(10, 4) == [(0, 4), (4, 4), (8, 2)]
+    assert sum(n for _, n in _ranges(1000 * MiB + 3, 64 * MiB)) == 1000 * MiB + 3
+
+
+def test_tuning_from_env() -> None:
+    assert TransferTuning.from_env({}) == TransferTuning()
+    t = TransferTuning.from_env({"LLMENGINE_S3_PART_SIZE_MIB": "16", "LLMENGINE_S3_CONCURRENCY": "4"})
+    assert (t.part_size, t.concurrency, t.ranged_threshold) == (16 * MiB, 4, 16 * MiB)
+    assert TransferTuning.from_env({"LLMENGINE_S3_PART_SIZE_MIB": "1"}).part_size == 5 * MiB
