@@ -104,9 +104,7 @@ def make_ca(dir_: Path, common_name: str = "llmengine-dev-ca") -> Pki:
     _write(pki.sa_key, _pem_key(sa), private=True)
     _write(
         pki.sa_pub,
-        sa.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
+        sa.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
     )
     return pki
 

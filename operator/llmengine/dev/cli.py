@@ -15,9 +15,7 @@ from llmengine.dev.cluster import DevCluster
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="llmengine dev", description=__doc__)
     ap.add_argument("--name", default="dev", help="cluster name; several can run side by side (default: dev)")
-    ap.add_argument(
-        "--state-dir", type=Path, help="state directory (default: ~/.local/state/llmengine-dev/NAME)"
-    )
+    ap.add_argument("--state-dir", type=Path, help="state directory (default: ~/.local/state/llmengine-dev/NAME)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="build missing tools, start the cluster, wait until healthy")
     up.add_argument("--fleet", type=Path, help="node pool file (default: devcluster/fleet.yaml)")
@@ -40,9 +38,7 @@ def main(argv: list[str]) -> int:
         except (proc.StartupError, tools.ToolMissing) as e:
             print(f"llmengine dev up: {e}", file=sys.stderr)
             return 1
-        print(
-            f"cluster {info.name!r} ready in {time.monotonic() - t0:.1f}s: {info.apiserver}", file=sys.stderr
-        )
+        print(f"cluster {info.name!r} ready in {time.monotonic() - t0:.1f}s: {info.apiserver}", file=sys.stderr)
         print(f'run: eval "$(llmengine dev --name {info.name} env)"', file=sys.stderr)
         return 0
     if args.cmd == "down":
@@ -55,7 +51,7 @@ def main(argv: list[str]) -> int:
             print(f"{comp:<24} {'running pid ' + str(pid) if pid else 'stopped'}")
         if info:
             print(f"{'apiserver':<24} {info.apiserver}\n{'s3':<24} {info.s3_endpoint}")
-        return 0 if info and all(st.values()) else 1
+        return 0 if info and cluster.healthy() else 1
     if args.cmd == "env":
         info = cluster.info()
         if not info:

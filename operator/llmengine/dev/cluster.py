@@ -27,6 +27,7 @@ from llmengine.dev.s3 import S3Endpoint, start_s3
 
 # Reverse of the start order; `down` stops in this order.
 COMPONENTS = [
+    "operator",  # only the demo starts one here
     "runner",
     "kwok",
     "kube-scheduler",
@@ -99,6 +100,9 @@ class DevCluster:
         """PID of each component, or None when it is not running."""
         return {c: proc.running(self.dir, c) for c in reversed(COMPONENTS)}
 
+    def healthy(self) -> bool:
+        return all(pid for comp, pid in self.status().items() if comp != "operator")
+
     def logs(self) -> dict[str, Path]:
         logs = self.dir / "logs"
         return {p.stem: p for p in sorted(logs.glob("*.log"))} if logs.exists() else {}
@@ -106,7 +110,7 @@ class DevCluster:
     # ---- up ---------------------------------------------------------------------------------------------
     def up(self, timeout: float = 180.0) -> ClusterInfo:
         current = self.info()
-        if current and all(self.status().values()):
+        if current and self.healthy():
             return current
         self.down(quiet=True)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -351,8 +355,7 @@ class DevCluster:
         def all_ready() -> bool:
             items = core.list_node().items
             return bool(items) and all(
-                any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or []))
-                for n in items
+                any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or [])) for n in items
             )
 
         proc.wait_until("simulated nodes Ready", all_ready, timeout)

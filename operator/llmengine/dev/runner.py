@@ -119,9 +119,7 @@ class Runner:
             if "secretRef" in ef:
                 env.update({k: v.decode() for k, v in self._secret(ns, ef["secretRef"]["name"]).items()})
             if "configMapRef" in ef:
-                env.update(
-                    {k: v.decode() for k, v in self._configmap(ns, ef["configMapRef"]["name"]).items()}
-                )
+                env.update({k: v.decode() for k, v in self._configmap(ns, ef["configMapRef"]["name"]).items()})
         for e in c.get("env") or []:
             if "value" in e:
                 env[e["name"]] = e["value"]
@@ -238,9 +236,7 @@ class Runner:
             self.handled.add(key)
         if ann.get(STATE) == "running":
             # Its process died with a previous runner: report it as a killed container.
-            self.annotate(
-                pod, {OUTCOME: "fail", EXIT_CODE: "137", MESSAGE: "container killed (runner restart)"}
-            )
+            self.annotate(pod, {OUTCOME: "fail", EXIT_CODE: "137", MESSAGE: "container killed (runner restart)"})
             return
         containers = spec["containers"]
         inits = spec.get("initContainers") or []

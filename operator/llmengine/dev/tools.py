@@ -48,14 +48,10 @@ def binary(name: str) -> Path:
     component, key = _COMPONENT_OF[name]
     path = cache_root() / f"{component}-{versions()[key]}" / "bin" / name
     if not path.exists():
-        raise ToolMissing(
-            f"{name} is not built yet: run `devcluster/build-tools.sh {component}` (or `make tools`)"
-        )
+        raise ToolMissing(f"{name} is not built yet: run `devcluster/build-tools.sh {component}` (or `make tools`)")
     return path
 
 
 def ensure_built(*components: str) -> None:
     """Build missing components (no-op when the cache has them)."""
-    subprocess.run(
-        [str(DEVCLUSTER_DIR / "build-tools.sh"), *components], check=True, stdout=subprocess.DEVNULL
-    )
+    subprocess.run([str(DEVCLUSTER_DIR / "build-tools.sh"), *components], check=True, stdout=subprocess.DEVNULL)
