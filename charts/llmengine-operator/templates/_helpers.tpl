@@ -1,0 +1,62 @@
+{{/* Chart name, truncated to the 63 characters of a label value. */}}
+{{- define "llmengine-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: the prefix of every object this chart creates. */}}
+{{- define "llmengine-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "llmengine-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "llmengine-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "llmengine-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "llmengine-operator.labels" -}}
+helm.sh/chart: {{ include "llmengine-operator.chart" . }}
+{{ include "llmengine-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: llmengine
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "llmengine-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "llmengine-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "llmengine-operator.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Kopf peering name shared by all replicas (only used when replicaCount > 1). */}}
+{{- define "llmengine-operator.peeringName" -}}
+llmengine-operator
+{{- end }}
+
+{{- define "llmengine-operator.peering" -}}
+{{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- end }}
+
+{{/* Secret name build and serving pods of default-store engines read. */}}
+{{- define "llmengine-operator.engineSecret" -}}
+{{- default .Values.store.credentialsSecret .Values.store.engineSecret }}
+{{- end }}
