@@ -1,0 +1,213 @@
+"""The generated CRD: no drift from the models, a structural schema, and the rules that hold without the operator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llmengine.api import crdgen
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def crd() -> dict[str, Any]:
+    return crdgen.crd()
+
+
+@pytest.fixture(scope="module")
+def schema(crd: dict[str, Any]) -> dict[str, Any]:
+    return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+
+
+def test_committed_files_match_the_models(tmp_path: Path) -> None:
+    assert crdgen.main(["--root", str(tmp_path)]) == 0
+    for rel in (crdgen.CRD_PATH, crdgen.CHART_CRD_PATH):
+        generated = (tmp_path / rel).read_bytes()
+        committed = (ROOT / rel).read_bytes()
+        assert generated == committed, f"{rel} drifted from the API models: run `llmengine generate` and commit"
+
+
+def test_check_mode(tmp_path: Path) -> None:
+    assert crdgen.main(["--root", str(tmp_path), "--check"]) == 1
+    assert crdgen.main(["--root", str(tmp_path)]) == 0
+    assert crdgen.main(["--root", str(tmp_path), "--check"]) == 0
+    (tmp_path / crdgen.CRD_PATH).write_text("changed")
+    assert crdgen.main(["--root", str(tmp_path), "--check"]) == 1
+
+
+def test_generation_is_deterministic() -> None:
+    assert crdgen.outputs(Path(".")) == crdgen.outputs(Path("."))
+
+
+def _nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, node
+    for name, child in (node.get("properties") or {}).items():
+        yield from _nodes(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        yield from _nodes(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _nodes(node["additionalProperties"], f"{path}.*")
+
+
+def test_schema_is_structural(schema: dict[str, Any]) -> None:
+    for path, node in _nodes(schema):
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+        for banned in ("$ref", "$defs", "anyOf", "oneOf", "allOf", "not", "title", "const", "nullable"):
+            assert banned not in node, f"{path} has {banned}"
+        assert node.get("additionalProperties") is not False, f"{path}: additionalProperties: false"
+        assert not ("properties" in node and "additionalProperties" in node), (
+            f"{path}: both properties and additionalProperties"
+        )
+        if node.get("type") == "object" and path != ".metadata":  # metadata's schema is the API server's
+            assert (
+                "properties" in node
+                or "additionalProperties" in node
+                or node.get("x-kubernetes-preserve-unknown-fields")
+            ), path
+        if node.get("type") == "array":
+            assert isinstance(node.get("items"), dict), f"{path}: array without items"
+        if "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True and "minimum" in node
+        for req in node.get("required", []):
+            assert req in node.get("properties", {}), f"{path}: required {req} is not a property"
+
+
+def test_defaults_are_valid_against_their_schema(schema: dict[str, Any]) -> None:
+    py_types = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
+    for path, node in _nodes(schema):
+        if "default" in node:
+            assert isinstance(node["default"], py_types[node["type"]]), path
+            if "enum" in node:
+                assert node["default"] in node["enum"], path
+
+
+def test_every_spec_field_is_described(schema: dict[str, Any]) -> None:
+    for path, node in _nodes(schema["properties"]["spec"], ".spec"):
+        if path.endswith(".*") or path.endswith("[]"):
+            continue
+        assert node.get("description"), f"{path} has no description for kubectl explain"
+
+
+def test_free_form_objects_preserve_unknown_fields(schema: dict[str, Any]) -> None:
+    target = schema["properties"]["spec"]["properties"]["target"]["properties"]
+    assert target["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
+    assert target["tolerations"]["items"]["x-kubernetes-preserve-unknown-fields"] is True
+    resources = schema["properties"]["spec"]["properties"]["serving"]["properties"]["resources"]["properties"]
+    assert resources["requests"]["additionalProperties"] == {"x-kubernetes-int-or-string": True}
+
+
+def test_enums_defaults_and_bounds(schema: dict[str, Any]) -> None:
+    spec = schema["properties"]["spec"]["properties"]
+    assert spec["backend"] == {
+        "default": "tensorrt",
+        "description": spec["backend"]["description"],
+        "enum": ["tensorrt", "pytorch"],
+        "type": "string",
+    }
+    assert spec["target"]["properties"]["gpu"]["enum"] == [
+        "A100-40GB",
+        "A100-80GB",
+        "L40S",
+        "H100-80GB",
+        "H100-NVL",
+        "H200",
+        "B200",
+    ]
+    frac = spec["serving"]["properties"]["runtime"]["properties"]["kvCacheFreeGpuMemoryFraction"]
+    assert (frac["minimum"], frac["maximum"], frac["default"]) == (0, 1, 0.9)
+    assert frac["exclusiveMinimum"] is True and frac["exclusiveMaximum"] is True
+    assert spec["parallelism"]["properties"]["tensor"]["minimum"] == 1
+    assert spec["serving"]["properties"]["replicas"]["minimum"] == 0
+    assert spec["store"]["properties"]["prefix"]["default"] == "engines"
+    assert spec["rebuildPolicy"]["properties"]["mode"]["default"] == "Manual"
+    assert schema["required"] == ["spec"]
+    assert sorted(schema["properties"]["spec"]["required"]) == ["model", "target"]
+
+
+def test_names_columns_and_subresources(crd: dict[str, Any]) -> None:
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "llmengines.llmengine.io"
+    assert spec["group"] == "llmengine.io" and spec["scope"] == "Namespaced"
+    names = spec["names"]
+    assert (names["kind"], names["plural"], names["shortNames"], names["categories"]) == (
+        "LLMEngine",
+        "llmengines",
+        ["llme"],
+        ["llm"],
+    )
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns == {
+        "Phase": ".status.phase",
+        "GPU": ".status.gpu",
+        "Engine": ".status.servingEngine.digest",
+        "Ready": ".status.readyReplicas",
+        "Age": ".metadata.creationTimestamp",
+    }
+
+
+def _rules(node: dict[str, Any]) -> list[str]:
+    return [r["rule"] for r in node.get("x-kubernetes-validations", [])]
+
+
+def _messages(schema: dict[str, Any]) -> list[str]:
+    return [r["message"] for _, node in _nodes(schema) for r in node.get("x-kubernetes-validations", [])]
+
+
+def test_cel_rules(schema: dict[str, Any]) -> None:
+    spec = schema["properties"]["spec"]
+    model = spec["properties"]["model"]
+    source = model["properties"]["source"]
+    assert any("huggingFace" in r and "s3" in r for r in _rules(source))
+    assert any("catalog" in r and "architecture" in r for r in _rules(model))
+    assert "revision" in source["properties"]["huggingFace"]["required"]
+    assert any("size(self.revision)" in r for r in _rules(source["properties"]["huggingFace"]))
+    assert any("traffic" in r and "maxBatchSize" in r for r in _rules(spec))
+    assert any("migProfile" in r and "pipeline" in r for r in _rules(spec))
+    for name in ("maxBatchSize", "maxNumTokens", "maxSeqLen"):
+        assert any(f"self.serving.runtime.{name} <= self.build.{name}" in r for r in _rules(spec))
+    assert any("self.tensor >= 1" in r for r in _rules(spec["properties"]["parallelism"]))
+    traffic = spec["properties"]["traffic"]["properties"]
+    assert "self.max >= self.mean" in _rules(traffic["inputTokens"])
+    assert "self.max >= self.mean" in _rules(traffic["outputTokens"])
+    # Messages tell the user which field and what to do.
+    for message in _messages(schema):
+        assert "spec." in message or "max" in message
+        assert any(w in message for w in ("set", "remove", "lower", "raise", "must", "required", "pin"))
+
+
+def test_cel_rules_guard_optional_fields(schema: dict[str, Any]) -> None:
+    # A rule reading an optional field without has() fails at admission when the field is absent.
+    spec_rules = _rules(schema["properties"]["spec"])
+    for rule in spec_rules:
+        for field in ("self.serving.runtime.", "self.build.", "self.parallelism."):
+            if field in rule:
+                assert "has(" in rule
+
+
+def test_helm_template_wraps_the_same_crd() -> None:
+    text = (ROOT / crdgen.CHART_CRD_PATH).read_text()
+    lines = text.splitlines()
+    assert lines[1] == "{{- if .Values.crds.install }}"
+    assert lines[-1] == "{{- end }}"
+    assert "  {{- if .Values.crds.keep }}" in lines
+    assert "    helm.sh/resource-policy: keep" in lines
+    # Without the template lines it is the plain CRD plus the keep annotation.
+    plain = "\n".join(
+        line for line in lines if "{{" not in line and "annotations:" not in line and "resource-policy" not in line
+    )
+    assert yaml.safe_load(plain) == yaml.safe_load((ROOT / crdgen.CRD_PATH).read_text())
+    body = text.split("{{- end }}\n", 1)[1]
+    assert "{{" not in body.rsplit("{{- end }}", 1)[0]
+
+
+def test_chart_directory_holds_only_the_crd_from_us() -> None:
+    generated = crdgen.outputs(ROOT)
+    assert set(generated) == {ROOT / crdgen.CRD_PATH, ROOT / crdgen.CHART_CRD_PATH}

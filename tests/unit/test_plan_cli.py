@@ -1,0 +1,198 @@
+"""`llmengine plan`: exit codes, output, and --against actions."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llmengine.plan.cli import main
+
+
+def engine(name: str, namespace: str = "ml", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "llmengine.io/v1alpha1",
+        "kind": "LLMEngine",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {
+                "source": {"huggingFace": {"repo": "meta-llama/Llama-3.1-8B-Instruct", "revision": "0e9e39f"}},
+                "catalog": "llama-3.1-8b",
+            },
+            "build": {"maxBatchSize": 64, "maxInputLen": 2048, "maxSeqLen": 4096, "maxNumTokens": 8192},
+            "target": {"gpu": "H100-80GB"},
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def write(path: Path, *docs: Any) -> str:
+    path.write_text(yaml.safe_dump_all(list(docs), sort_keys=False))
+    return str(path)
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(list(argv), stdout=out, stderr=err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_valid_file_exits_0_and_skips_other_kinds(tmp_path: Path) -> None:
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}
+    f = write(tmp_path / "a.yaml", cm, engine("a"), None)
+    rc, out, _ = run("-f", f)
+    assert rc == 0
+    assert "ml/a" in out and "valid" in out and "ConfigMap" not in out
+    for part in ("engine:", "shapes:", "memory:", "identity:"):
+        assert part in out
+
+
+def test_invalid_engine_exits_1_and_lists_errors(tmp_path: Path) -> None:
+    f = write(
+        tmp_path / "a.yaml",
+        engine("ok"),
+        engine("bad", precision={"quantization": "fp8"}, target={"gpu": "A100-80GB"}),
+    )
+    rc, out, _ = run("-f", f)
+    assert rc == 1
+    assert "ml/bad" in out and "INVALID" in out
+    assert "error:    spec.precision.quantization:" in out
+
+
+def test_schema_error_exits_1(tmp_path: Path) -> None:
+    bad = engine("typo")
+    bad["spec"]["build"]["maxBatchSzie"] = 1
+    rc, out, _ = run("-f", write(tmp_path / "a.yaml", bad))
+    assert rc == 1 and "spec.build.maxBatchSzie" in out
+
+
+@pytest.mark.parametrize(
+    "setup",
+    ["missing", "bad-yaml", "no-engines"],
+)
+def test_unreadable_input_exits_2(tmp_path: Path, setup: str) -> None:
+    path = tmp_path / "x.yaml"
+    if setup == "bad-yaml":
+        path.write_text("a: [1, 2\n")
+    elif setup == "no-engines":
+        write(path, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})
+    rc, _, err = run("-f", str(path))
+    assert rc == 2 and err
+
+
+def test_json_output(tmp_path: Path) -> None:
+    f1 = write(tmp_path / "a.yaml", engine("a"))
+    f2 = write(
+        tmp_path / "b.yaml",
+        engine(
+            "b",
+            traffic={"inputTokens": {"mean": 1000, "max": 2000}, "outputTokens": {"mean": 200, "max": 500}},
+            build={},
+        ),
+    )
+    rc, out, _ = run("-f", f1, "-f", f2, "-o", "json", "--compiler", "test")
+    assert rc == 0
+    docs = json.loads(out)
+    assert [d["name"] for d in docs] == ["a", "b"]
+    for d in docs:
+        assert {"name", "namespace", "valid", "errors", "engineDigest", "build", "memory"} <= set(d)
+        assert {"maxBatchSize", "maxInputLen", "maxSeqLen", "maxNumTokens"} <= set(d["build"])
+        assert {"requiredBytesPerGpu", "availableBytesPerGpu", "fits"} <= set(d["memory"])
+        assert "action" not in d
+        assert d["engineInputs"]["compiler"] == "test"
+    assert docs[1]["shapesFromTraffic"] and docs[1]["build"]["maxSeqLen"] == 2500
+
+
+def test_json_errors_are_field_message_pairs(tmp_path: Path) -> None:
+    f = write(tmp_path / "a.yaml", engine("a", parallelism={"tensor": 3}))
+    rc, out, _ = run("-f", f, "-o", "json")
+    assert rc == 1
+    (doc,) = json.loads(out)
+    assert doc["valid"] is False
+    assert {"field": "spec.parallelism.tensor"}.items() <= doc["errors"][0].items()
+    assert set(doc["errors"][0]) == {"field", "message"}
+
+
+def test_against_file_actions(tmp_path: Path) -> None:
+    old = write(
+        tmp_path / "old.yaml",
+        engine("same"),
+        engine("scaled"),
+        engine("bumped"),
+        engine("gone"),
+    )
+    new = write(
+        tmp_path / "new.yaml",
+        engine("same", rebuildPolicy={"mode": "Auto"}),
+        engine("scaled", serving={"replicas": 4}),
+        engine(
+            "bumped",
+            model={
+                "source": {"huggingFace": {"repo": "meta-llama/Llama-3.1-8B-Instruct", "revision": "fff"}},
+                "catalog": "llama-3.1-8b",
+            },
+        ),
+        engine("fresh"),
+        engine("same", namespace="other"),
+    )
+    rc, out, _ = run("-f", new, "--against", old, "-o", "json")
+    assert rc == 0
+    actions = {(d["namespace"], d["name"]): d["action"] for d in json.loads(out)}
+    assert actions == {
+        ("ml", "same"): "nothing",
+        ("ml", "scaled"): "rollout",
+        ("ml", "bumped"): "rebuild",
+        ("ml", "fresh"): "create",
+        ("other", "same"): "create",
+    }
+    rc, text, _ = run("-f", new, "--against", old)
+    assert "action:   rollout" in text
+
+
+def test_against_unreadable_file_exits_2(tmp_path: Path) -> None:
+    f = write(tmp_path / "a.yaml", engine("a"))
+    rc, _, err = run("-f", f, "--against", str(tmp_path / "nope.yaml"))
+    assert rc == 2 and "nope.yaml" in err
+
+
+def test_against_cluster_without_kubeconfig_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    f = write(tmp_path / "a.yaml", engine("a"))
+    rc, _, err = run("-f", f, "--against", "cluster:nowhere")
+    assert rc == 2 and "cluster:nowhere" in err
+
+
+def test_against_cluster_reads_live_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmengine.plan import cli
+
+    live = engine("a")
+    calls: list[str | None] = []
+
+    def fake_cluster(context: str | None, kwargs: dict[str, Any]) -> list[cli.Entry]:
+        calls.append(context)
+        return [cli._entry(live, "cluster", kwargs)]
+
+    monkeypatch.setattr(cli, "read_cluster", fake_cluster)
+    f = write(tmp_path / "a.yaml", engine("a", serving={"replicas": 2}))
+    rc, out, _ = run("-f", f, "--against", "cluster", "-o", "json")
+    assert rc == 0 and calls == [None]
+    assert json.loads(out)[0]["action"] == "rollout"
+
+
+def test_kind_list_and_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = {"apiVersion": "v1", "kind": "List", "items": [engine("a"), engine("b")]}
+    monkeypatch.setattr("sys.stdin", io.StringIO(yaml.safe_dump(doc)))
+    rc, out, _ = run("-f", "-", "-o", "json")
+    assert rc == 0 and [d["name"] for d in json.loads(out)] == ["a", "b"]
+
+
+def test_default_store_flag(tmp_path: Path) -> None:
+    f = write(tmp_path / "a.yaml", engine("a"))
+    assert run("-f", f, "--default-store", "s3://bucket/prefix")[0] == 0
+    assert run("-f", f, "--default-store", "bucket")[0] == 2
