@@ -97,7 +97,8 @@ def read_cluster(context: str | None, plan_kwargs: dict[str, Any]) -> list[Entry
     try:
         from kubernetes import client, config
 
-        config.load_kube_config(context=context)
+        load_kube_config: Any = config.load_kube_config  # untyped in the client library
+        load_kube_config(context=context)
         listing = client.CustomObjectsApi().list_cluster_custom_object(GROUP, VERSION, PLURAL)
     except Exception as exc:  # no kubeconfig, unreachable server, missing CRD: all mean "cannot read"
         raise InputError(f"cluster{':' + context if context else ''}: {exc}") from None
