@@ -4,8 +4,9 @@ These models are the single source of the CRD schema (`llmengine generate` write
 field description is what `kubectl explain llmengine.spec...` shows. Descriptions say whether a change rebuilds
 the engine or only rolls out the serving pods.
 
-Cross-field rules that must hold even when the operator is down are attached as CEL `x-kubernetes-validations`
-next to the pydantic validators that enforce the same rule in Python.
+Cross-field rules that must hold even when the operator is down are attached as CEL `x-kubernetes-validations`.
+Python enforces the same rules: one-of rules with pydantic validators here, rules that span several objects
+(shapes vs traffic, MIG vs parallelism, runtime vs built limits) in the planner, with a better field path.
 """
 
 from __future__ import annotations
