@@ -1,0 +1,225 @@
+"""Helpers for the chart tests: helm against the dev cluster, a kubeconfig holding only a ServiceAccount token, and
+the operator run locally exactly as the chart's Deployment would run it (kwok nodes run no containers)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client
+
+from llmengine.dev import proc, tools
+from llmengine.dev.cluster import ClusterInfo
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "llmengine-operator"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# Render against the cluster version the dev cluster runs (helm's offline default is older than kubeVersion).
+KUBE_VERSION = "1.35.0"
+
+
+def helm_binary() -> str:
+    return str(tools.binary("helm"))
+
+
+def helm(*args: str, kubeconfig: str | None = None) -> str:
+    cmd = [helm_binary(), *(["--kubeconfig", kubeconfig] if kubeconfig else []), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res.stdout
+
+
+def render(*args: str, namespace: str = "llmengine-system") -> list[dict[str, Any]]:
+    """`helm template` of the chart: every rendered object, hooks and tests included."""
+    out = helm("template", "llmengine-operator", str(CHART), "-n", namespace, "--kube-version", KUBE_VERSION, *args)
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def rules_table(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    """RBAC rules flattened to (apiGroup, resource) -> verbs."""
+    table: dict[tuple[str, str], set[str]] = {}
+    for r in rules:
+        assert not r.get("resourceNames") and not r.get("nonResourceURLs"), r
+        for g in r["apiGroups"]:
+            for res in r["resources"]:
+                table.setdefault((g, res), set()).update(r["verbs"])
+    return table
+
+
+@dataclass
+class Release:
+    """One installed release of the chart in the dev cluster."""
+
+    info: ClusterInfo
+    name: str
+    namespace: str
+
+    @property
+    def fullname(self) -> str:
+        return self.name if "llmengine-operator" in self.name else f"{self.name}-llmengine-operator"
+
+    def helm(self, *args: str) -> str:
+        return helm(*args, kubeconfig=self.info.kubeconfig)
+
+    def install(self, values: Path, *sets: str) -> str:
+        return self.helm("install", self.name, str(CHART), "-n", self.namespace, "-f", str(values), *sets, "--wait")
+
+    def upgrade(self, values: Path, *sets: str) -> str:
+        return self.helm("upgrade", self.name, str(CHART), "-n", self.namespace, "-f", str(values), *sets, "--wait")
+
+    def uninstall(self) -> str:
+        return self.helm("uninstall", self.name, "-n", self.namespace, "--wait")
+
+
+def adopt_crds(api: Any, release: Release, names: list[str]) -> None:
+    """Hand CRDs that exist already (applied by the integration fixture, or kept by an earlier release) to this
+    release, as `helm install` requires of objects it did not create."""
+    ext = client.ApiextensionsV1Api(api)
+    for name in names:
+        try:
+            ext.patch_custom_resource_definition(
+                name,
+                {
+                    "metadata": {
+                        "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                        "annotations": {
+                            "meta.helm.sh/release-name": release.name,
+                            "meta.helm.sh/release-namespace": release.namespace,
+                        },
+                    }
+                },
+            )
+        except client.exceptions.ApiException as e:
+            if e.status != 404:
+                raise
+
+
+def service_account_kubeconfig(api: Any, info: ClusterInfo, namespace: str, sa: str, path: Path) -> Path:
+    """A kubeconfig whose only credential is a bound token of the ServiceAccount (TokenRequest API)."""
+    token = (
+        client.CoreV1Api(api)
+        .create_namespaced_service_account_token(sa, namespace, {"spec": {"expirationSeconds": 3600}})
+        .status.token
+    )
+    admin = yaml.safe_load(Path(info.kubeconfig).read_text())
+    cluster = admin["clusters"][0]
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": cluster["name"], "user": sa, "namespace": namespace}}],
+        "current-context": sa,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o600)
+    return path
+
+
+def _resolve_env(api: Any, pod_ns: str, pod_name: str, container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet would build it (values, Secret keys, the pod name)."""
+    core = client.CoreV1Api(api)
+    env: dict[str, str] = {}
+    for e in container.get("env") or []:
+        if "value" in e:
+            env[e["name"]] = str(e["value"])
+            continue
+        vf = e["valueFrom"]
+        if "fieldRef" in vf:
+            assert vf["fieldRef"]["fieldPath"] == "metadata.name", vf
+            env[e["name"]] = pod_name
+        elif "secretKeyRef" in vf:
+            ref = vf["secretKeyRef"]
+            data = core.read_namespaced_secret(ref["name"], pod_ns).data or {}
+            env[e["name"]] = base64.b64decode(data[ref["key"]]).decode()
+        else:
+            raise AssertionError(f"unexpected env source {vf}")
+    return env
+
+
+@dataclass
+class OperatorProcess:
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    argv: list[str]
+    metrics_port: int
+    health_port: int
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[str]:
+        return self.logs().splitlines()
+
+
+@contextmanager
+def run_as_deployment(api: Any, release: Release, kubeconfig: Path, log_dir: Path) -> Iterator[OperatorProcess]:
+    """Run the installed Deployment's container locally: its command, args and environment as installed (Secret
+    references resolved), with only the ports moved to free ones and the API reached through `kubeconfig`."""
+    dep = client.AppsV1Api(api).read_namespaced_deployment(release.fullname, release.namespace)
+    spec = api.sanitize_for_serialization(dep.spec.template.spec)
+    (container,) = spec["containers"]
+    assert container["command"][0] == "llmengine", container["command"]
+    metrics_port, health_port = proc.free_port(), proc.free_port()
+    args: list[str] = []
+    for a in container["command"][1:] + container.get("args", []):
+        a = re.sub(r"^--metrics-port=\d+$", f"--metrics-port={metrics_port}", a)
+        a = re.sub(r"^--liveness=http://[^/]+/", f"--liveness=http://127.0.0.1:{health_port}/", a)
+        args.append(a)
+    argv = [sys.executable, "-m", "llmengine.cli", *args]
+    env = _resolve_env(api, release.namespace, f"{release.fullname}-{uuid.uuid4().hex[:5]}", container)
+    env.update(
+        {
+            "LLMENGINE_METRICS_PORT": str(metrics_port),
+            "LLMENGINE_HEALTH_PORT": str(health_port),
+            "KUBECONFIG": str(kubeconfig),
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        }
+    )
+    log = log_dir / f"operator-{uuid.uuid4().hex[:6]}.log"
+    with open(log, "ab") as f:
+        p = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    handle = OperatorProcess(p, log, argv, metrics_port, health_port)
+    try:
+        yield handle
+    finally:
+        p.terminate()
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        # Shown by pytest when the test fails.
+        print(f"----- operator log {log} -----\n" + "\n".join(handle.log_lines()[-80:]))
+
+
+def forbidden_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if re.search(r"\b403\b|forbidden", ln, re.IGNORECASE)]
+
+
+def save_fixture(name: str, obj: dict[str, Any]) -> None:
+    """Store a live object as a test fixture (only when LLMENGINE_UPDATE_FIXTURES=1)."""
+    md = {k: v for k, v in obj["metadata"].items() if k not in ("managedFields", "uid", "resourceVersion")}
+    clean = {**obj, "metadata": md}
+    FIXTURES.mkdir(exist_ok=True)
+    (FIXTURES / name).write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+
+
+def load_fixture(name: str) -> dict[str, Any]:
+    return dict(json.loads((FIXTURES / name).read_text()))

@@ -1,0 +1,264 @@
+"""The chart rendered offline: lint, hardening, RBAC exactly as the operator needs it, no secret values, peering and
+namespaced variants, and every setting the chart passes read back through OperatorConfig.from_env."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import pytest
+
+from llmengine.api.config import OperatorConfig
+from llmengine.dev import tools
+from tests.e2e.chart_harness import CHART, KUBE_VERSION, by_kind, helm, render, rules_table
+
+try:
+    tools.binary("helm")
+except tools.ToolMissing as e:
+    pytest.skip(str(e), allow_module_level=True)
+
+PEERING = ("--set", "replicaCount=2")
+NAMESPACED = ("--set", "watchNamespaces={team-a,team-b}")
+
+# What the operator and Kopf call in a watched namespace (see the comments in templates/rbac.yaml).
+NAMESPACED_RULES = {
+    ("llmengine.io", "llmengines"): {"list", "watch", "patch"},
+    ("llmengine.io", "llmengines/status"): {"patch"},
+    ("llmengine.io", "llmengines/finalizers"): {"update"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "configmaps"): {"create", "patch", "delete"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "update"},
+    ("", "services"): {"get", "create"},
+    ("", "pods"): {"list"},
+    ("", "secrets"): {"get"},
+    ("", "events"): {"create"},
+}
+CLUSTER_ONLY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+
+
+def _deployment(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (dep,) = by_kind(objs, "Deployment")
+    return dep
+
+
+def _container(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (c,) = _deployment(objs)["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def _operator_role(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (role,) = [r for r in by_kind(objs, "ClusterRole") if r["metadata"]["name"] == "llmengine-operator"]
+    return role
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [(), PEERING, NAMESPACED, (*PEERING, *NAMESPACED), ("--set", "metrics.serviceMonitor.enabled=true")],
+    ids=["default", "peering", "namespaced", "namespaced-peering", "servicemonitor"],
+)
+def test_helm_lint_strict(sets: tuple[str, ...]) -> None:
+    out = helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *sets)
+    assert "0 chart(s) failed" in out
+    assert "[WARNING]" not in out and "[ERROR]" not in out
+
+
+def test_default_render_is_hardened_and_cluster_wide() -> None:
+    objs = render()
+    dep = _deployment(objs)
+    pod = dep["spec"]["template"]["spec"]
+    c = _container(objs)
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert c["command"] == ["llmengine", "operator"]
+    assert "--all-namespaces" in c["args"] and not any(a.startswith("--peering") for a in c["args"])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}} in pod["volumes"]
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"metrics": 8080, "health": 8081}
+    assert "--liveness=http://0.0.0.0:8081/healthz" in c["args"]
+    for probe in (c["livenessProbe"], c["readinessProbe"]):
+        assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
+    (sa,) = by_kind(objs, "ServiceAccount")
+    assert pod["serviceAccountName"] == sa["metadata"]["name"] == "llmengine-operator"
+    (svc,) = by_kind(objs, "Service")
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert not by_kind(objs, "ServiceMonitor")
+    (crd,) = by_kind(objs, "CustomResourceDefinition")
+    assert crd["metadata"]["name"] == "llmengines.llmengine.io"
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_default_rbac_is_exactly_what_the_operator_calls() -> None:
+    objs = render()
+    role = _operator_role(objs)
+    assert rules_table(role["rules"]) == {**NAMESPACED_RULES, **CLUSTER_ONLY_RULES}
+    (binding,) = by_kind(objs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "llmengine-operator", "namespace": "llmengine-system"}
+    ]
+    assert not by_kind(objs, "Role") and not by_kind(objs, "RoleBinding")
+    # Nothing anywhere grants a wildcard, and Secrets are never listable.
+    for r in by_kind(objs, "ClusterRole"):
+        for rule in r["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+    assert "list" not in rules_table(role["rules"])[("", "secrets")]
+    # User-facing aggregation roles touch LLMEngines only.
+    aggregated = [r for r in by_kind(objs, "ClusterRole") if r is not role]
+    assert {r["metadata"]["name"] for r in aggregated} == {"llmengine-operator-edit", "llmengine-operator-view"}
+    for r in aggregated:
+        assert {g for g, _ in rules_table(r["rules"])} == {"llmengine.io"}
+
+
+def test_peering_adds_crds_peering_object_rbac_and_flag() -> None:
+    objs = render(*PEERING)
+    c = _container(objs)
+    assert "--peering=llmengine-operator" in c["args"]
+    assert "strategy" not in _deployment(objs)["spec"]
+    crds = {o["metadata"]["name"]: o for o in by_kind(objs, "CustomResourceDefinition")}
+    assert set(crds) == {"llmengines.llmengine.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+    for name, scope, kind in [
+        ("clusterkopfpeerings.kopf.dev", "Cluster", "ClusterKopfPeering"),
+        ("kopfpeerings.kopf.dev", "Namespaced", "KopfPeering"),
+    ]:
+        spec = crds[name]["spec"]
+        assert spec["group"] == "kopf.dev" and spec["scope"] == scope and spec["names"]["kind"] == kind
+        (v,) = spec["versions"]
+        assert v["name"] == "v1" and v["served"] and v["storage"]
+        status = v["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert status == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    (peering,) = by_kind(objs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "llmengine-operator"
+    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    table = rules_table(_operator_role(objs)["rules"])
+    assert table[("kopf.dev", "clusterkopfpeerings")] == {"list", "watch", "patch"}
+    assert ("kopf.dev", "kopfpeerings") not in table
+    assert "kopf.dev" not in {g for g, _ in rules_table(_operator_role(render())["rules"])}
+
+
+def test_namespaced_mode_uses_roles_per_namespace() -> None:
+    objs = render(*NAMESPACED, *PEERING)
+    c = _container(objs)
+    assert "--namespace=team-a" in c["args"] and "--namespace=team-b" in c["args"]
+    assert "--all-namespaces" not in c["args"]
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(objs, "Role")}
+    assert set(roles) == {"team-a", "team-b"}
+    for role in roles.values():
+        assert rules_table(role["rules"]) == {
+            **NAMESPACED_RULES,
+            ("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"},
+        }
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(objs, "RoleBinding")}
+    assert set(bindings) == {"team-a", "team-b"}
+    assert all(b["subjects"][0]["namespace"] == "llmengine-system" for b in bindings.values())
+    # Cluster-wide, only what cannot be namespaced: CRD and namespace observation, and the build queue's count
+    # of running build Jobs across namespaces.
+    assert rules_table(_operator_role(objs)["rules"]) == {
+        **CLUSTER_ONLY_RULES,
+        ("", "namespaces"): {"list", "watch"},
+        ("batch", "jobs"): {"list"},
+    }
+    peerings = by_kind(objs, "KopfPeering")
+    assert {p["metadata"]["namespace"] for p in peerings} == {"team-a", "team-b"}
+    assert not by_kind(objs, "ClusterKopfPeering")
+
+
+def test_secrets_only_by_reference() -> None:
+    objs = render("--set", "store.bucket=engines", "--set", "store.credentialsSecret=operator-s3")
+    assert not by_kind(objs, "Secret")
+    env = {e["name"]: e for e in _container(objs)["env"]}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "value" not in env[key]
+        assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "operator-s3", "key": key}}
+    # The engine pods' Secret defaults to the same name; only the name travels.
+    assert env["LLMENGINE_STORE_SECRET"]["value"] == "operator-s3"
+    assert all("value" not in e for name, e in env.items() if name.startswith("AWS_"))
+
+
+def test_settings_reach_operator_config() -> None:
+    objs = render(
+        "--set",
+        "operator.compiler=test",
+        "--set",
+        "operator.builderImage=reg/b:1",
+        "--set",
+        "operator.serverImage=reg/s:1",
+        "--set",
+        "operator.build.concurrencyPerPool=3",
+        "--set",
+        "operator.jsonLogs=false",
+        "--set",
+        "store.bucket=engines",
+        "--set",
+        "store.endpoint=http://minio.storage:9000",
+        "--set",
+        "store.prefix=p",
+        "--set",
+        "store.engineSecret=engine-s3",
+        "--set",
+        "metrics.port=9090",
+        "--set",
+        "health.port=9091",
+    )
+    env = {e["name"]: e["value"] for e in _container(objs)["env"] if "value" in e}
+    llm = {k: v for k, v in env.items() if k.startswith("LLMENGINE_")}
+    known = {"LLMENGINE_" + f.upper() for f in OperatorConfig.model_fields} | {
+        f"LLMENGINE_STORE_{k}" for k in ("BUCKET", "PREFIX", "ENDPOINT", "REGION", "SECRET")
+    }
+    assert set(llm) <= known, set(llm) - known
+    cfg = OperatorConfig.from_env(llm)
+    assert cfg.compiler == "test" and cfg.builder_image == "reg/b:1" and cfg.server_image == "reg/s:1"
+    assert cfg.build_concurrency_per_pool == 3 and cfg.json_logs is False
+    assert cfg.metrics_port == 9090 and cfg.health_port == 9091
+    assert cfg.default_store is not None
+    assert (cfg.default_store.bucket, cfg.default_store.prefix) == ("engines", "p")
+    assert cfg.default_store.endpoint == "http://minio.storage:9000"
+    assert cfg.default_store_secret == "engine-s3"
+    ports = {p["name"]: p["containerPort"] for p in _container(objs)["ports"]}
+    assert ports == {"metrics": 9090, "health": 9091}
+
+
+def test_crd_and_monitoring_switches() -> None:
+    assert not by_kind(render("--set", "crds.install=false"), "CustomResourceDefinition")
+    (crd,) = by_kind(render("--set", "crds.keep=false"), "CustomResourceDefinition")
+    assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+    (sm,) = by_kind(render("--set", "metrics.serviceMonitor.enabled=true"), "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_helm_test_pod_fetches_metrics_through_the_service() -> None:
+    objs = render()
+    (pod,) = by_kind(objs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (c,) = pod["spec"]["containers"]
+    (svc,) = by_kind(objs, "Service")
+    assert f"http://{svc['metadata']['name']}.llmengine-system.svc:8080/metrics" in c["args"]
+    assert c["securityContext"]["runAsNonRoot"] is True
+    # The test pod must not be picked up by the metrics Service's selector.
+    assert not svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "unknown=1",
+        "operator.compiler=gcc",
+        "image.pullPolicy=Sometimes",
+        "watchNamespaces={Bad_NS}",
+        "store.endpoint=s3",
+    ],
+)
+def test_schema_rejects_bad_values(bad: str) -> None:
+    res = subprocess.run(
+        [tools.binary("helm"), "template", "x", str(CHART), "--kube-version", KUBE_VERSION, "--set", bad],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and "values don't meet the specifications of the schema" in res.stderr, res.stderr
