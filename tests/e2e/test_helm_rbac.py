@@ -1,0 +1,262 @@
+"""The chart installed with helm into the dev cluster (real kube-apiserver with RBAC), and the operator run exactly as
+the installed Deployment says, authenticated only by a token of the chart's ServiceAccount: a whole engine
+lifecycle proves the chart's RBAC is enough, real 403s prove it is not more. Then upgrade and uninstall."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from llmengine.dev.cluster import ClusterInfo, wait_for
+from tests.e2e import argocd
+from tests.e2e.chart_harness import (
+    Release,
+    adopt_crds,
+    forbidden_lines,
+    load_fixture,
+    run_as_deployment,
+    save_fixture,
+    service_account_kubeconfig,
+)
+from tests.integration.operator_harness import Engines, engine, store_secret, upload_tiny_checkpoint
+
+pytestmark = pytest.mark.cluster
+
+CRDS = ["llmengines.llmengine.io", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"]
+PROGRESSING = ("Pending", "Queued", "Building", "Deploying")
+UPDATE_FIXTURES = os.environ.get("LLMENGINE_UPDATE_FIXTURES") == "1"
+HAVE_LUPA = importlib.util.find_spec("lupa") is not None
+
+
+class Installed:
+    def __init__(self, release: Release, values: Path, sets: list[str], store_prefix: str) -> None:
+        self.release = release
+        self.values = values
+        self.sets = sets
+        self.store_prefix = store_prefix
+        self.installed = False
+
+
+@pytest.fixture(scope="module")
+def installed(dev_cluster: ClusterInfo, api: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    """The chart installed into a fresh llmengine-system-<random> namespace, pointed at the dev cluster's S3."""
+    core = client.CoreV1Api(api)
+    suffix = uuid.uuid4().hex[:6]
+    rel = Release(dev_cluster, f"llme-{suffix}", f"llmengine-system-{suffix}")
+    core.create_namespace({"metadata": {"name": rel.namespace}})
+    # The operator's own store credentials, referenced by name from the chart.
+    core.create_namespaced_secret(
+        rel.namespace,
+        {
+            "metadata": {"name": "operator-s3"},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": dev_cluster.s3_access_key,
+                "AWS_SECRET_ACCESS_KEY": dev_cluster.s3_secret_key,
+            },
+        },
+    )
+    prefix = f"e2e-{suffix}"
+    values = tmp_path_factory.mktemp("chart") / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "images": {"builder": "llmengine-builder:dev", "server": "llmengine-server:dev"},
+                "operator": {"compiler": "test", "resyncSeconds": 5},
+                "build": {"backoffBaseSeconds": 1, "maxAttempts": 2},
+                "store": {
+                    "bucket": dev_cluster.s3_bucket,
+                    "endpoint": dev_cluster.s3_endpoint,
+                    "prefix": prefix,
+                    "credentialsSecret": "operator-s3",
+                    "engineSecret": "s3-creds",
+                },
+                "extraEnv": [{"name": "LLMENGINE_TEST_ENGINE_BYTES", "value": str(256 * 1024)}],
+            }
+        )
+    )
+    sets = [
+        "--set",
+        "image.repository=llmengine-operator",
+        "--set",
+        "image.tag=e2e",
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        "crds.install=true",
+    ]
+    adopt_crds(api, rel, CRDS)
+    state = Installed(rel, values, sets, prefix)
+    rel.install(values, *sets)
+    state.installed = True
+    try:
+        yield state
+    finally:
+        if state.installed:
+            rel.uninstall()
+        core.delete_namespace(rel.namespace, propagation_policy="Background")
+
+
+def _sa_client(api: Any, inst: Installed, path: Path) -> tuple[Path, Any]:
+    rel = inst.release
+    kcfg = service_account_kubeconfig(api, rel.info, rel.namespace, rel.fullname, path)
+    return kcfg, config.new_client_from_config(config_file=str(kcfg))
+
+
+def _status_code(fn: Any, *args: Any) -> int:
+    try:
+        fn(*args)
+    except ApiException as e:
+        return int(e.status)
+    return 200
+
+
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return int(r.status), r.read().decode(errors="replace")
+
+
+def _delete_engines(engines: Engines, names: list[str]) -> None:
+    for n in names:
+        engines.delete(n)
+
+    def gone() -> bool:
+        existing = engines.co.list_namespaced_custom_object("llmengine.io", "v1alpha1", engines.ns, "llmengines")
+        return not existing["items"]
+
+    wait_for("engines deleted (finalizers released)", gone, timeout=60)
+
+
+def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
+    installed: Installed, dev_cluster: ClusterInfo, api: Any, namespace: str, tmp_path: Path
+) -> None:
+    rel = installed.release
+    kcfg, sa_api = _sa_client(api, installed, tmp_path / "operator.kubeconfig")
+    store_secret(api, dev_cluster, namespace)
+    model = upload_tiny_checkpoint(dev_cluster, f"models/{uuid.uuid4().hex[:8]}")
+    engines = Engines(api, namespace)
+    own_store = engine("tiny", dev_cluster, model, f"engines-{uuid.uuid4().hex[:8]}", serving={"replicas": 1})
+    default_store = engine("tiny-default", dev_cluster, model, "unused", serving={"replicas": 1})
+    del default_store["spec"]["store"]
+    invalid = engine(
+        "fp8a100", dev_cluster, model, "unused", precision={"quantization": "fp8"}, target={"gpu": "A100-80GB"}
+    )
+    progressing: dict[str, Any] = {}
+
+    def ready_recording_progress() -> dict[str, Any] | None:
+        obj = engines.get("tiny")
+        st = obj.get("status") or {}
+        if st.get("observedGeneration") != obj["metadata"]["generation"]:
+            return None
+        if st.get("phase") in PROGRESSING and not progressing:
+            progressing.update(obj)
+        return obj if st.get("phase") == "Ready" else None
+
+    with run_as_deployment(api, rel, kcfg, tmp_path) as op:
+        assert "--all-namespaces" in op.argv
+        engines.create(own_store)
+        engines.create(default_store)
+        try:
+            ready = wait_for("tiny Ready", ready_recording_progress, timeout=180, interval=0.3)
+        except TimeoutError as e:
+            raise AssertionError(f"{e}; status: {engines.get('tiny').get('status')}") from None
+        engines.wait_phase("tiny-default", "Ready", timeout=180)
+        engines.create(invalid)
+        failed = engines.wait_phase("fp8a100", "Failed", timeout=60)
+
+        # The probe path of the chart answers; the metrics port serves the operator's metrics.
+        assert _get(f"http://127.0.0.1:{op.health_port}/healthz")[0] == 200
+        code, text = _get(f"http://127.0.0.1:{op.metrics_port}/metrics")
+        assert code == 200 and "llmengine_" in text
+
+        # What the chart does not grant is refused by the real API server.
+        apps, core = client.AppsV1Api(sa_api), client.CoreV1Api(sa_api)
+        co = client.CustomObjectsApi(sa_api)
+        assert _status_code(apps.read_namespaced_deployment, "llme-tiny", namespace) == 200
+        assert _status_code(core.read_namespaced_secret, "s3-creds", namespace) == 200
+        assert _status_code(apps.delete_namespaced_deployment, "llme-tiny", namespace) == 403
+        assert _status_code(core.list_namespaced_secret, namespace) == 403
+        assert _status_code(core.delete_namespaced_pod, "any", namespace) == 403
+        assert _status_code(core.list_node) == 403
+        assert _status_code(core.read_namespaced_config_map, "kube-root-ca.crt", namespace) == 403
+        new_engine = {**invalid, "metadata": {"name": "by-operator"}}
+        assert (
+            _status_code(
+                co.create_namespaced_custom_object, "llmengine.io", "v1alpha1", namespace, "llmengines", new_engine
+            )
+            == 403
+        )
+        _delete_engines(engines, ["tiny", "tiny-default", "fp8a100"])
+
+    assert not forbidden_lines(op.logs()), "\n".join(forbidden_lines(op.logs()))
+    st = ready["status"]
+    assert st["servingEngine"]["digest"] == st["desiredEngine"]["digest"]
+    assert "spec.precision.quantization" in failed["status"]["message"]
+    assert progressing, "no Pending/Queued/Building/Deploying status was seen before Ready"
+
+    if UPDATE_FIXTURES:
+        save_fixture("ready.json", ready)
+        save_fixture("failed.json", failed)
+        save_fixture("progressing.json", progressing)
+    for name, live in (("ready.json", ready), ("failed.json", failed)):
+        fixture = load_fixture(name)
+        assert live["status"]["phase"] == fixture["status"]["phase"]
+        assert {c["type"] for c in live["status"]["conditions"]} == {c["type"] for c in fixture["status"]["conditions"]}
+    if HAVE_LUPA:
+        assert argocd.health(ready)["status"] == "Healthy"
+        assert argocd.health(progressing)["status"] == "Progressing"
+        assert argocd.health(failed) == {"status": "Degraded", "message": failed["status"]["message"]}
+
+
+def test_upgrade_to_peering_and_uninstall_keeps_crds(
+    installed: Installed, dev_cluster: ClusterInfo, api: Any, namespace: str, tmp_path: Path
+) -> None:
+    rel = installed.release
+    rel.upgrade(installed.values, *installed.sets, "--set", "replicaCount=2")
+    dep = client.AppsV1Api(api).read_namespaced_deployment(rel.fullname, rel.namespace)
+    assert dep.spec.replicas == 2
+    assert "--peering=llmengine-operator" in dep.spec.template.spec.containers[0].args
+    co = client.CustomObjectsApi(api)
+    co.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llmengine-operator")
+
+    kcfg, _ = _sa_client(api, installed, tmp_path / "operator.kubeconfig")
+    store_secret(api, dev_cluster, namespace)
+    model = upload_tiny_checkpoint(dev_cluster, f"models/{uuid.uuid4().hex[:8]}")
+    engines = Engines(api, namespace)
+    with run_as_deployment(api, rel, kcfg, tmp_path) as op:
+        assert "--peering=llmengine-operator" in op.argv
+
+        def keepalive() -> bool:
+            peering = co.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llmengine-operator")
+            return bool(peering.get("status"))
+
+        # Kopf writes its keep-alive into the peering object (patch granted) and, alone there, acts.
+        wait_for("operator keep-alive in the ClusterKopfPeering", keepalive, timeout=60)
+        engines.create(engine("kept", dev_cluster, model, f"engines-{uuid.uuid4().hex[:8]}", serving={"replicas": 1}))
+        engines.wait_phase("kept", "Ready", timeout=180)
+    assert not forbidden_lines(op.logs()), "\n".join(forbidden_lines(op.logs()))
+
+    rel.uninstall()
+    installed.installed = False
+    ext = client.ApiextensionsV1Api(api)
+    for crd in CRDS:
+        kept = ext.read_custom_resource_definition(crd)
+        assert kept.metadata.annotations["helm.sh/resource-policy"] == "keep"
+    # The engines (and so their serving Deployments) outlive the chart.
+    assert engines.get("kept")["status"]["phase"] == "Ready"
+    rbac = client.RbacAuthorizationV1Api(api)
+    assert _status_code(rbac.read_cluster_role, rel.fullname) == 404
+    assert _status_code(client.AppsV1Api(api).read_namespaced_deployment, rel.fullname, rel.namespace) == 404
+    # No operator is left to release the finalizer: let the namespace go.
+    co.patch_namespaced_custom_object(
+        "llmengine.io", "v1alpha1", namespace, "llmengines", "kept", {"metadata": {"finalizers": None}}
+    )
