@@ -176,7 +176,7 @@ def test_verify_refuses_a_mismatching_engine(tmp_path: Path, mutate: Any, needle
     assert exc.value.stage == "verify" and needle in exc.value.message and not exc.value.permanent
 
 
-def test_verify_failure_becomes_a_verify_result(tmp_path: Path) -> None:
+def test_verify_failure_becomes_a_verify_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class BadCompiler(TestCompiler):
         def compile(self, request: BuildRequest, checkpoint_dir: Path, out_dir: Path, log: Any) -> Any:
             out = super().compile(request, checkpoint_dir, out_dir, log)
@@ -207,12 +207,8 @@ def test_verify_failure_becomes_a_verify_result(tmp_path: Path) -> None:
         checkpoint(dest.parent)
         return FetchResult(dest, 1, 0.1)
 
-    original = builder_main.fetch_model
-    builder_main.fetch_model = fake_fetch  # type: ignore[assignment]
-    try:
-        result = run(req_path, tmp_path / "work", seams)
-    finally:
-        builder_main.fetch_model = original
+    monkeypatch.setattr(builder_main, "fetch_model", fake_fetch)
+    result = run(req_path, tmp_path / "work", seams)
     assert not result.succeeded and result.stage == "verify" and not result.permanent
     assert "rank0.engine is missing" in (result.message or "")
     assert stored == [result]

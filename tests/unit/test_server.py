@@ -73,7 +73,7 @@ class FakeNVML:
     def nvmlDeviceGetHandleByIndex(self, i: int) -> Any:
         return self.gpus[i]
 
-    def nvmlDeviceGetName(self, h: Any) -> bytes:
+    def nvmlDeviceGetName(self, h: Any) -> Any:
         return h.name.encode()  # older pynvml returns bytes
 
     def nvmlDeviceGetUUID(self, h: Any) -> str:

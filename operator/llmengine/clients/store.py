@@ -84,8 +84,16 @@ class IntegrityError(StoreError):
         self.path = path
 
 
+# AWS codes, plus versitygw's answer for an unknown access key.
 _CREDENTIAL_CODES = frozenset(
-    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"}
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "InvalidClientTokenId",
+        "XAdminUserNotFound",
+    }
 )
 
 

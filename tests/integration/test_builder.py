@@ -1,0 +1,248 @@
+"""build-engine end to end against a real S3 server, as the Job runs it: a subprocess reading a BuildRequest.
+
+The model is a tiny Hugging Face-format checkpoint the test uploads to S3; the compiler is the test compiler
+(NOT TensorRT-LLM). The engine is then downloaded and verified by serve-engine, as an init container would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmengine.api.artifacts import BuildRequest, BuildResult, StoreLocation
+from llmengine.clients.store import EngineStore, S3Config, file_sha256, make_s3_client
+from llmengine.dev.s3 import S3Endpoint
+
+MiB = 1024 * 1024
+
+
+def tiny_checkpoint() -> dict[str, bytes]:
+    """config.json, tokenizer files and a real safetensors file (header + one float16 tensor)."""
+    tensor = struct.pack("<8e", *[0.5] * 8)
+    header = json.dumps(
+        {"model.embed_tokens.weight": {"dtype": "F16", "shape": [2, 4], "data_offsets": [0, len(tensor)]}}
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 4,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+        "vocab_size": 2,
+        "torch_dtype": "float16",
+    }
+    return {
+        "config.json": json.dumps(config).encode(),
+        "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}}).encode(),
+        "tokenizer_config.json": b'{"model_max_length": 256}',
+        "special_tokens_map.json": b"{}",
+        "model.safetensors": struct.pack("<Q", len(header)) + header + tensor,
+    }
+
+
+def upload_checkpoint(client: Any, bucket: str, prefix: str) -> None:
+    for name, body in tiny_checkpoint().items():
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=body)
+
+
+def make_request(ep: S3Endpoint, bucket: str, digest: str, **kw: Any) -> BuildRequest:
+    base: dict[str, Any] = {
+        "engine_digest": digest,
+        "backend": "tensorrt",
+        "compiler": "test",
+        "test_engine_bytes": 5 * MiB + 3,
+        "model": {"s3_uri": f"s3://{bucket}/models/tiny/"},
+        "architecture": "LlamaForCausalLM",
+        "model_facts": {"hidden_size": 4, "num_layers": 1},
+        "dtype": "float16",
+        "tp_size": 2,
+        "shapes": {"max_batch_size": 8, "max_input_len": 128, "max_seq_len": 256, "max_num_tokens": 512},
+        "gpu_class": "H100-80GB",
+        "sm": "9.0",
+        "image": "registry.example/llmengine-builder:test",
+        "trtllm_version": "1.2.1",
+        "store": {"bucket": bucket, "prefix": "engines", "endpoint": ep.endpoint},
+    }
+    base.update(kw)
+    return BuildRequest.model_validate(base)
+
+
+def env_for(ep: S3Endpoint, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(ep.env())
+    env.update(extra)
+    return env
+
+
+def llmengine(*args: str, env: dict[str, str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmengine.cli", *args], env=env, capture_output=True, text=True, timeout=300, **kw
+    )
+
+
+def store_of(ep: S3Endpoint, bucket: str) -> EngineStore:
+    client = make_s3_client(
+        S3Config(endpoint=ep.endpoint, access_key_id=ep.access_key, secret_access_key=ep.secret_key)
+    )
+    return EngineStore(client, StoreLocation(bucket=bucket, endpoint=ep.endpoint))
+
+
+def test_build_from_an_s3_checkpoint_commits_and_the_server_verifies_it(
+    s3_endpoint: S3Endpoint, s3_bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    upload_checkpoint(s3_client, s3_bucket, "models/tiny")
+    req = make_request(s3_endpoint, s3_bucket, "a1b2c3d4e5f60718")
+    (tmp_path / "request.json").write_text(req.to_json())
+    env = env_for(s3_endpoint, LLMENGINE_BUILDER_IMAGE="registry.example/llmengine-builder@sha256:abc")
+    work = tmp_path / "work"
+    p = llmengine(
+        "build-engine",
+        "--request",
+        str(tmp_path / "request.json"),
+        "--work-dir",
+        str(work),
+        "--result",
+        str(tmp_path / "termination-log"),
+        env=env,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = BuildResult.model_validate_json((tmp_path / "termination-log").read_text())
+    assert result.succeeded and result.test_build and result.engine_uri == req.store.engine_uri(req.engine_digest)
+    assert len((tmp_path / "termination-log").read_bytes()) < 4096
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == json.loads(result.to_json())
+    stages = [json.loads(line) for line in p.stderr.splitlines() if '"stage finished"' in line]
+    assert [s["stage"] for s in stages] == ["fetch", "compile", "verify", "upload"]
+    assert all("seconds" in s for s in stages) and stages[-1]["bytes"] == result.total_bytes
+    assert "NOT TensorRT-LLM" in p.stderr
+
+    store = store_of(s3_endpoint, s3_bucket)
+    manifest = store.get_manifest(req.engine_digest)
+    assert manifest is not None and manifest.provenance.test_build
+    assert manifest.provenance.builder_image == "registry.example/llmengine-builder@sha256:abc"
+    assert (manifest.tp_size, manifest.pp_size, manifest.shapes) == (2, 1, req.shapes)
+    engine = work / "engine"
+    names = {f.path for f in manifest.files}
+    assert {"config.json", "rank0.engine", "rank1.engine", "tokenizer.json", "tokenizer_config.json"} <= names
+    for f in manifest.files:
+        assert f.sha256 == file_sha256(engine / f.path) and f.size == (engine / f.path).stat().st_size
+    assert store.get_result(req.engine_digest) == result
+
+    dl = llmengine(
+        "serve-engine",
+        "download",
+        "--digest",
+        req.engine_digest,
+        "--bucket",
+        s3_bucket,
+        "--endpoint",
+        s3_endpoint.endpoint,
+        "--engine-dir",
+        str(tmp_path / "served"),
+        env=env,
+    )
+    assert dl.returncode == 0, dl.stderr[-3000:]
+    for f in manifest.files:
+        assert file_sha256(tmp_path / "served" / f.path) == f.sha256
+    assert json.loads((tmp_path / "served" / "manifest.json").read_text())["engineDigest"] == req.engine_digest
+
+    # A retried or duplicated Job finds the commit and leaves it alone.
+    t = time.monotonic()
+    again = llmengine(
+        "build-engine", "--request", str(tmp_path / "request.json"), "--result", str(tmp_path / "r2"), env=env
+    )
+    assert again.returncode == 0 and "already committed" in (tmp_path / "r2").read_text()
+    assert time.monotonic() - t < 30
+    assert store.get_manifest(req.engine_digest) == manifest
+
+
+def test_an_upload_killed_midway_leaves_nothing_committed(
+    s3_endpoint: S3Endpoint, s3_bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    upload_checkpoint(s3_client, s3_bucket, "models/tiny")
+    req = make_request(s3_endpoint, s3_bucket, "killed0123456789", tp_size=1, test_engine_bytes=400 * MiB)
+    (tmp_path / "request.json").write_text(req.to_json())
+    env = env_for(s3_endpoint, LLMENGINE_S3_PART_SIZE_MIB="8", LLMENGINE_S3_CONCURRENCY="2")
+    builder = subprocess.Popen(
+        [sys.executable, "-m", "llmengine.cli", "build-engine", "--request", str(tmp_path / "request.json")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        parts = 0
+        while time.monotonic() < deadline and parts < 3:
+            assert builder.poll() is None, "the builder finished before it could be interrupted"
+            for up in s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []):
+                listed = s3_client.list_parts(Bucket=s3_bucket, Key=up["Key"], UploadId=up["UploadId"])
+                parts = max(parts, len(listed.get("Parts", [])))
+            time.sleep(0.05)
+        assert parts >= 3, "never saw the multipart upload in progress"
+    finally:
+        os.killpg(builder.pid, signal.SIGKILL)
+        builder.wait()
+
+    store = store_of(s3_endpoint, s3_bucket)
+    assert not store.is_committed(req.engine_digest)
+    dl = llmengine(
+        "serve-engine",
+        "download",
+        "--digest",
+        req.engine_digest,
+        "--bucket",
+        s3_bucket,
+        "--endpoint",
+        s3_endpoint.endpoint,
+        "--engine-dir",
+        str(tmp_path / "served"),
+        env=env_for(s3_endpoint),
+    )
+    errors = [ln for ln in dl.stderr.splitlines() if ln.startswith("serve-engine:")]
+    assert dl.returncode == 1 and len(errors) == 1
+    assert f"engine {req.engine_digest} is not committed: no manifest.json" in errors[0]
+    assert not (tmp_path / "served" / "rank0.engine").exists()
+
+
+def test_an_unsupported_request_fails_permanently_without_touching_the_store(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path
+) -> None:
+    req = make_request(s3_endpoint, s3_bucket, "perm000000000001", quantization="fp8", sm="8.0", gpu_class="A100-80GB")
+    (tmp_path / "request.json").write_text(req.to_json())
+    p = llmengine(
+        "build-engine",
+        "--request",
+        str(tmp_path / "request.json"),
+        "--result",
+        str(tmp_path / "r"),
+        env=env_for(s3_endpoint),
+    )
+    result = BuildResult.model_validate_json((tmp_path / "r").read_text())
+    assert p.returncode == 1 and not result.succeeded and result.permanent
+    assert result.stage == "validate" and result.reason == "UnsupportedCombination"
+    assert store_of(s3_endpoint, s3_bucket).list_objects("engines/") == {}
+
+
+@pytest.mark.parametrize("secret", ["wrong-secret-value"])
+def test_wrong_store_credentials_fail_with_the_one_line_reason(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path, secret: str
+) -> None:
+    req = make_request(s3_endpoint, s3_bucket, "creds00000000001")
+    (tmp_path / "request.json").write_text(req.to_json())
+    env = env_for(s3_endpoint, AWS_SECRET_ACCESS_KEY=secret)
+    p = llmengine("build-engine", "--request", str(tmp_path / "request.json"), "--result", str(tmp_path / "r"), env=env)
+    result = BuildResult.model_validate_json((tmp_path / "r").read_text())
+    assert p.returncode == 1 and not result.permanent and result.reason == "StoreUnavailable"
+    assert result.message == (
+        "S3 rejected the credentials (SignatureDoesNotMatch): check the secret named in spec.store.credentialsSecretRef"
+    )
+    assert secret not in p.stderr and secret not in p.stdout

@@ -1,0 +1,230 @@
+"""The engine store against a real S3 server (versitygw on loopback): commit protocol, verification, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmengine.api.artifacts import BuildShapes, Provenance, StoreLocation
+from llmengine.clients.store import (
+    BucketNotFound,
+    CredentialsError,
+    EndpointUnreachable,
+    EngineStore,
+    IntegrityError,
+    S3Config,
+    StoreError,
+    TransferTuning,
+    file_sha256,
+    make_s3_client,
+)
+from llmengine.dev import proc
+from llmengine.dev.s3 import S3Endpoint
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+SHAPES = BuildShapes(max_batch_size=8, max_input_len=128, max_seq_len=256, max_num_tokens=512)
+PROV = Provenance(
+    builder_image="test",
+    trtllm_version="1.2.1",
+    compiler="test",
+    gpu_class="H100-80GB",
+    sm="9.0",
+    build_time="2026-01-01T00:00:00Z",
+    build_seconds=1.0,
+    test_build=True,
+)
+
+
+def make_store(ep: S3Endpoint, bucket: str, tuning: TransferTuning | None = None, **cfg: Any) -> EngineStore:
+    client = make_s3_client(
+        S3Config(endpoint=ep.endpoint, access_key_id=ep.access_key, secret_access_key=ep.secret_key, **cfg)
+    )
+    return EngineStore(client, StoreLocation(bucket=bucket, endpoint=ep.endpoint), tuning)
+
+
+def small_engine(root: Path, ranks: int = 2, size: int = 3 * MiB + 7) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text('{"pretrained_config": {}}')
+    (root / "tokenizer.json").write_text("{}")
+    for r in range(ranks):
+        (root / f"rank{r}.engine").write_bytes(os.urandom(size))
+    return root
+
+
+def upload(store: EngineStore, digest: str, src: Path, tp: int = 2) -> Any:
+    return store.upload_engine(digest, src, backend="tensorrt", tp_size=tp, pp_size=1, shapes=SHAPES, provenance=PROV)
+
+
+def sparse_ish(path: Path, size: int, seed: int) -> None:
+    """Mostly holes, with 1 MiB of random data every 32 MiB: every part differs, writing it takes no time."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, 32 * MiB):
+            f.seek(off)
+            f.write(hashlib.sha256(f"{seed}:{off}".encode()).digest() * (MiB // 32))
+
+
+# -- the multi-GiB round trip ----------------------------------------------------------------------------------------
+
+
+def test_round_trip_of_a_2_gib_engine_uses_multipart_and_ranged_reads(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "engine"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    for r in range(2):
+        sparse_ish(src / f"rank{r}.engine", GiB, r)
+    store = make_store(s3_endpoint, s3_bucket)
+    ranges: list[str] = []
+    store.client.meta.events.register(
+        "before-call.s3.GetObject",
+        lambda params, **kw: ranges.append(params.get("Range") or params.get("headers", {}).get("Range", "")),
+    )
+    t = time.monotonic()
+    manifest = upload(store, "big", src)
+    upload_s = time.monotonic() - t
+    assert manifest.total_bytes == 2 * GiB + 2
+    for f in manifest.files:
+        assert f.sha256 == file_sha256(src / f.path)
+    head = store.client.head_object(Bucket=s3_bucket, Key=store.key("big", "rank0.engine"))
+    assert head["ETag"].strip('"').endswith("-16"), head["ETag"]  # 1 GiB in 64 MiB parts
+
+    t = time.monotonic()
+    got = store.download_engine("big", tmp_path / "down", parallelism=8)
+    download_s = time.monotonic() - t
+    assert got == manifest
+    assert sum(1 for r in ranges if r.startswith("bytes=")) == 32
+    for f in manifest.files:
+        assert (tmp_path / "down" / f.path).stat().st_size == f.size
+    assert not list((tmp_path / "down").rglob("*.llmengine-partial"))
+    print(f"2 GiB upload {upload_s:.1f}s, download+verify {download_s:.1f}s")
+
+
+# -- what a download refuses -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def committed(s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path) -> EngineStore:
+    store = make_store(s3_endpoint, s3_bucket, TransferTuning(part_size=5 * MiB, ranged_threshold=5 * MiB))
+    upload(store, "eng", small_engine(tmp_path / "src"))
+    return store
+
+
+def test_a_corrupted_byte_is_refused_naming_the_file(committed: EngineStore, tmp_path: Path) -> None:
+    key = committed.key("eng", "rank1.engine")
+    data = bytearray(committed.client.get_object(Bucket=committed.location.bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    committed.client.put_object(Bucket=committed.location.bucket, Key=key, Body=bytes(data))
+    with pytest.raises(IntegrityError) as exc:
+        committed.download_engine("eng", tmp_path / "out")
+    assert exc.value.path == "rank1.engine" and "failed verification" in str(exc.value)
+    assert not (tmp_path / "out" / "rank1.engine").exists()
+    assert not list((tmp_path / "out").rglob("*.llmengine-partial"))
+
+
+def test_a_truncated_object_is_refused(committed: EngineStore, tmp_path: Path) -> None:
+    key = committed.key("eng", "rank0.engine")
+    data = committed.client.get_object(Bucket=committed.location.bucket, Key=key)["Body"].read()
+    committed.client.put_object(Bucket=committed.location.bucket, Key=key, Body=data[:-1000])
+    with pytest.raises(IntegrityError, match="truncated or replaced") as exc:
+        committed.download_engine("eng", tmp_path / "out")
+    assert exc.value.path == "rank0.engine"
+
+
+def test_a_missing_manifest_means_not_committed(committed: EngineStore, tmp_path: Path) -> None:
+    committed.client.delete_object(Bucket=committed.location.bucket, Key=committed.key("eng", "manifest.json"))
+    assert not committed.is_committed("eng") and committed.get_manifest("eng") is None
+    with pytest.raises(IntegrityError, match=r"is not committed: no manifest.json"):
+        committed.download_engine("eng", tmp_path / "out")
+
+
+def test_a_manifest_listing_an_absent_file_is_refused(committed: EngineStore, tmp_path: Path) -> None:
+    committed.client.delete_object(Bucket=committed.location.bucket, Key=committed.key("eng", "tokenizer.json"))
+    with pytest.raises(IntegrityError, match=r"'tokenizer.json' is listed in the manifest but missing") as exc:
+        committed.download_engine("eng", tmp_path / "out")
+    assert exc.value.path == "tokenizer.json"
+
+
+def test_a_malformed_manifest_raises_a_clear_error(committed: EngineStore) -> None:
+    key = committed.key("eng", "manifest.json")
+    committed.client.put_object(Bucket=committed.location.bucket, Key=key, Body=b'{"kind": "EngineManifest"}')
+    with pytest.raises(StoreError, match=r"manifest at s3://.*/eng/manifest.json is malformed"):
+        committed.get_manifest("eng")
+
+
+def test_a_foreign_file_in_the_engine_dir_is_refused_and_good_files_are_kept(
+    committed: EngineStore, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    committed.download_engine("eng", out)
+    before = (out / "rank0.engine").stat().st_mtime_ns
+    committed.download_engine("eng", out)  # a restarted init container: files verified, not fetched again
+    assert (out / "rank0.engine").stat().st_mtime_ns == before
+    (out / "rank7.engine").write_bytes(b"stale")
+    with pytest.raises(IntegrityError, match=r"'rank7.engine' in .* is not part of engine eng"):
+        committed.download_engine("eng", out)
+
+
+def test_delete_uncommits_first(committed: EngineStore) -> None:
+    committed.put_result(
+        "eng", __import__("llmengine.api.artifacts").api.artifacts.BuildResult(engine_digest="eng", succeeded=True)
+    )
+    assert committed.get_result("eng") is not None
+    assert committed.delete_engine("eng") >= 5
+    assert not committed.is_committed("eng")
+    assert committed.list_objects(committed.location.engine_prefix("eng")) == {}
+
+
+def test_download_prefix_fetches_a_checkpoint(s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path) -> None:
+    client = s3_endpoint.client()
+    for name, body in {"tiny/config.json": b"{}", "tiny/sub/model.safetensors": os.urandom(6 * MiB)}.items():
+        client.put_object(Bucket=s3_bucket, Key=name, Body=body)
+    store = make_store(s3_endpoint, s3_bucket, TransferTuning(part_size=5 * MiB, ranged_threshold=5 * MiB))
+    assert store.download_prefix("tiny", tmp_path / "m") == 6 * MiB + 2
+    assert (tmp_path / "m" / "sub" / "model.safetensors").stat().st_size == 6 * MiB
+    with pytest.raises(StoreError, match="no objects under"):
+        store.download_prefix("nothing/", tmp_path / "n")
+
+
+# -- one-line errors -----------------------------------------------------------------------------------------------
+
+
+def test_wrong_credentials(s3_endpoint: S3Endpoint, s3_bucket: str) -> None:
+    bad = S3Endpoint(s3_endpoint.endpoint, s3_endpoint.access_key, "not-the-secret")
+    with pytest.raises(CredentialsError) as exc:
+        make_store(bad, s3_bucket, max_attempts=1).is_committed("x")
+    assert str(exc.value) == (
+        "S3 rejected the credentials (SignatureDoesNotMatch): check the secret named in spec.store.credentialsSecretRef"
+    )
+    unknown = S3Endpoint(s3_endpoint.endpoint, "nobody", s3_endpoint.secret_key)
+    # AWS says InvalidAccessKeyId; versitygw names its own code. Either way: the credentials setting.
+    with pytest.raises(
+        CredentialsError, match=r"S3 rejected the credentials \((InvalidAccessKeyId|XAdminUserNotFound)\)"
+    ):
+        make_store(unknown, s3_bucket, max_attempts=1).is_committed("x")
+
+
+def test_missing_bucket(s3_endpoint: S3Endpoint) -> None:
+    with pytest.raises(BucketNotFound) as exc:
+        make_store(s3_endpoint, "no-such-bucket-here").is_committed("x")
+    assert str(exc.value) == (
+        f"bucket 'no-such-bucket-here' does not exist at {s3_endpoint.endpoint}: create it or fix spec.store.bucket"
+    )
+    assert exc.value.setting == "spec.store.bucket"
+
+
+def test_unreachable_endpoint() -> None:
+    url = f"http://127.0.0.1:{proc.free_port()}"
+    dead = S3Endpoint(url, "k", "s")
+    t = time.monotonic()
+    with pytest.raises(EndpointUnreachable) as exc:
+        make_store(dead, "b", max_attempts=1, connect_timeout=1).get_manifest("x")
+    assert str(exc.value) == f"cannot reach S3 endpoint {url}: check spec.store.endpoint"
+    assert time.monotonic() - t < 10
