@@ -150,7 +150,9 @@ class Runner:
         rewrites = [(term_path, str(term_local)), *[(mp, str(lp)) for mp, lp in mounts]]
 
         def rw(s: str) -> str:
-            for src, dst in rewrites:
+            # The termination message path is specific enough to rewrite anywhere, e.g. inside `sh -c` scripts.
+            s = s.replace(term_path, str(term_local))
+            for src, dst in rewrites[1:]:
                 if s == src or s.startswith(src.rstrip("/") + "/"):
                     return dst + s[len(src) :]
                 if "=" in s and s.split("=", 1)[1].startswith(src):  # --flag=/mount/path
