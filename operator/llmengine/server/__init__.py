@@ -1,1 +1,1 @@
-"""server layer."""
+"""`llmengine serve-engine`: download and verify a committed engine, check the GPUs, exec trtllm-serve."""
