@@ -149,16 +149,19 @@ class Runner:
         term_local.unlink(missing_ok=True)
         rewrites = [(term_path, str(term_local)), *[(mp, str(lp)) for mp, lp in mounts]]
 
-        def rw(s: str) -> str:
-            # The termination message path is specific enough to rewrite anywhere, e.g. inside `sh -c` scripts.
-            s = s.replace(term_path, str(term_local))
+        def rw_mounts(s: str) -> str:
             for src, dst in rewrites[1:]:
                 if s == src or s.startswith(src.rstrip("/") + "/"):
                     return dst + s[len(src) :]
                 if "=" in s and s.split("=", 1)[1].startswith(src):  # --flag=/mount/path
                     k, v = s.split("=", 1)
-                    return f"{k}={rw(v)}"
+                    return f"{k}={rw_mounts(v)}"
             return s
+
+        def rw(s: str) -> str:
+            # The termination message path is specific enough to rewrite anywhere, e.g. inside `sh -c` scripts;
+            # done after the mount rewrites so the local path is not rewritten again.
+            return rw_mounts(s).replace(term_path, str(term_local))
 
         argv = [rw(a) for a in list(c.get("command") or []) + list(c.get("args") or [])]
         if not argv:
