@@ -209,8 +209,13 @@ def run_as_deployment(api: Any, release: Release, kubeconfig: Path, log_dir: Pat
         print(f"----- operator log {log} -----\n" + "\n".join(handle.log_lines()[-80:]))
 
 
+# An HTTP 403 (not the milliseconds of a timestamp like "12:00:01,403"), Forbidden, or Kopf's "Not enough
+# permissions" fallbacks (which it logs instead of failing when it may not watch CRDs or namespaces).
+_DENIED = re.compile(r"(?<![\d,.:])\b403\b|forbidden|permission", re.IGNORECASE)
+
+
 def forbidden_lines(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if re.search(r"\b403\b|forbidden", ln, re.IGNORECASE)]
+    return [ln for ln in text.splitlines() if _DENIED.search(ln)]
 
 
 def save_fixture(name: str, obj: dict[str, Any]) -> None:

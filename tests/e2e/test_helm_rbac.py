@@ -9,6 +9,7 @@ import os
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,26 +48,23 @@ class Installed:
         self.installed = False
 
 
-@pytest.fixture(scope="module")
-def installed(dev_cluster: ClusterInfo, api: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+@contextmanager
+def _installed(info: ClusterInfo, api: Any, work: Path, *extra_sets: str) -> Iterator[Installed]:
     """The chart installed into a fresh llmengine-system-<random> namespace, pointed at the dev cluster's S3."""
     core = client.CoreV1Api(api)
     suffix = uuid.uuid4().hex[:6]
-    rel = Release(dev_cluster, f"llme-{suffix}", f"llmengine-system-{suffix}")
+    rel = Release(info, f"llme-{suffix}", f"llmengine-system-{suffix}")
     core.create_namespace({"metadata": {"name": rel.namespace}})
     # The operator's own store credentials, referenced by name from the chart.
     core.create_namespaced_secret(
         rel.namespace,
         {
             "metadata": {"name": "operator-s3"},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": dev_cluster.s3_access_key,
-                "AWS_SECRET_ACCESS_KEY": dev_cluster.s3_secret_key,
-            },
+            "stringData": {"AWS_ACCESS_KEY_ID": info.s3_access_key, "AWS_SECRET_ACCESS_KEY": info.s3_secret_key},
         },
     )
     prefix = f"e2e-{suffix}"
-    values = tmp_path_factory.mktemp("chart") / "values.yaml"
+    values = work / f"values-{suffix}.yaml"
     values.write_text(
         yaml.safe_dump(
             {
@@ -74,8 +72,8 @@ def installed(dev_cluster: ClusterInfo, api: Any, tmp_path_factory: pytest.TempP
                 "operator": {"compiler": "test", "resyncSeconds": 5},
                 "build": {"backoffBaseSeconds": 1, "maxAttempts": 2},
                 "store": {
-                    "bucket": dev_cluster.s3_bucket,
-                    "endpoint": dev_cluster.s3_endpoint,
+                    "bucket": info.s3_bucket,
+                    "endpoint": info.s3_endpoint,
                     "prefix": prefix,
                     "credentialsSecret": "operator-s3",
                     "engineSecret": "s3-creds",
@@ -91,10 +89,11 @@ def installed(dev_cluster: ClusterInfo, api: Any, tmp_path_factory: pytest.TempP
         "image.tag=e2e",
         "--set",
         "image.pullPolicy=Never",
-        "--set",
-        "crds.install=true",
+        *extra_sets,
     ]
-    adopt_crds(api, rel, CRDS)
+    if "crds.install=false" not in extra_sets:
+        sets += ["--set", "crds.install=true"]
+        adopt_crds(api, rel, CRDS)
     state = Installed(rel, values, sets, prefix)
     rel.install(values, *sets)
     state.installed = True
@@ -104,6 +103,12 @@ def installed(dev_cluster: ClusterInfo, api: Any, tmp_path_factory: pytest.TempP
         if state.installed:
             rel.uninstall()
         core.delete_namespace(rel.namespace, propagation_policy="Background")
+
+
+@pytest.fixture(scope="module")
+def installed(dev_cluster: ClusterInfo, api: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    with _installed(dev_cluster, api, tmp_path_factory.mktemp("chart")) as inst:
+        yield inst
 
 
 def _sa_client(api: Any, inst: Installed, path: Path) -> tuple[Path, Any]:
@@ -145,7 +150,11 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
     model = upload_tiny_checkpoint(dev_cluster, f"models/{uuid.uuid4().hex[:8]}")
     engines = Engines(api, namespace)
     own_store = engine("tiny", dev_cluster, model, f"engines-{uuid.uuid4().hex[:8]}", serving={"replicas": 1})
-    default_store = engine("tiny-default", dev_cluster, model, "unused", serving={"replicas": 1})
+    # Another identity (a Job per identity and namespace), kept in the chart's default store with the chart's
+    # credentials: no spec.store.
+    default_store = engine(
+        "tiny-default", dev_cluster, model, "unused", serving={"replicas": 1}, build={"maxSeqLen": 2048}
+    )
     del default_store["spec"]["store"]
     invalid = engine(
         "fp8a100", dev_cluster, model, "unused", precision={"quantization": "fp8"}, target={"gpu": "A100-80GB"}
@@ -169,7 +178,7 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
             ready = wait_for("tiny Ready", ready_recording_progress, timeout=180, interval=0.3)
         except TimeoutError as e:
             raise AssertionError(f"{e}; status: {engines.get('tiny').get('status')}") from None
-        engines.wait_phase("tiny-default", "Ready", timeout=180)
+        in_default = engines.wait_phase("tiny-default", "Ready", timeout=180)
         engines.create(invalid)
         failed = engines.wait_phase("fp8a100", "Failed", timeout=60)
 
@@ -201,6 +210,10 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
     st = ready["status"]
     assert st["servingEngine"]["digest"] == st["desiredEngine"]["digest"]
     assert "spec.precision.quantization" in failed["status"]["message"]
+    # The chart's store values and the operator's Secret-referenced credentials reached the default store.
+    digest = in_default["status"]["desiredEngine"]["digest"]
+    key = f"{installed.store_prefix}/{digest}/manifest.json"
+    assert "Contents" in dev_cluster.s3().client().list_objects_v2(Bucket=dev_cluster.s3_bucket, Prefix=key)
     assert progressing, "no Pending/Queued/Building/Deploying status was seen before Ready"
 
     if UPDATE_FIXTURES:
@@ -260,3 +273,31 @@ def test_upgrade_to_peering_and_uninstall_keeps_crds(
     co.patch_namespaced_custom_object(
         "llmengine.io", "v1alpha1", namespace, "llmengines", "kept", {"metadata": {"finalizers": None}}
     )
+
+
+def test_namespaced_install_runs_lifecycle_with_roles_only_there(
+    installed: Installed, dev_cluster: ClusterInfo, api: Any, namespace: str, tmp_path: Path
+) -> None:
+    """watchNamespaces: a Role in the watched namespace, cluster-wide only CRDs, namespaces and the Job count."""
+    del installed  # only for the CRD, which it installed (and which outlives it)
+    with _installed(
+        dev_cluster, api, tmp_path, "--set", "crds.install=false", "--set", f"watchNamespaces={{{namespace}}}"
+    ) as inst:
+        rel = inst.release
+        kcfg, sa_api = _sa_client(api, inst, tmp_path / "operator.kubeconfig")
+        store_secret(api, dev_cluster, namespace)
+        model = upload_tiny_checkpoint(dev_cluster, f"models/{uuid.uuid4().hex[:8]}")
+        engines = Engines(api, namespace)
+        with run_as_deployment(api, rel, kcfg, tmp_path) as op:
+            assert f"--namespace={namespace}" in op.argv and "--all-namespaces" not in op.argv
+            engines.create(
+                engine("scoped", dev_cluster, model, f"engines-{uuid.uuid4().hex[:8]}", serving={"replicas": 1})
+            )
+            engines.wait_phase("scoped", "Ready", timeout=180)
+            # Outside the watched namespace the token reads nothing, not even Deployments.
+            apps = client.AppsV1Api(sa_api)
+            assert _status_code(apps.read_namespaced_deployment, "llme-scoped", namespace) == 200
+            assert _status_code(apps.list_namespaced_deployment, rel.namespace) == 403
+            assert _status_code(apps.list_deployment_for_all_namespaces) == 403
+            _delete_engines(engines, ["scoped"])
+        assert not forbidden_lines(op.logs()), "\n".join(forbidden_lines(op.logs()))
