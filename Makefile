@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help venv tools generate verify lint typecheck test test-unit test-integration demo demo-down clean
+.PHONY: help venv tools generate verify lint typecheck check test test-unit test-integration demo demo-down clean
 
 help:
 	@echo "make demo    - local simulated GPU cluster + S3, chart installed, example engine to Ready"
@@ -27,8 +27,8 @@ tools:
 generate: venv
 	$(BIN)/llmengine generate
 
-verify: generate
-	@git diff --exit-code -- crds charts || { echo "generated files drifted from the API models: run 'make generate' and commit"; exit 1; }
+verify: venv
+	$(BIN)/llmengine generate --check || { echo "generated files drifted from the API models: run 'make generate' and commit"; exit 1; }
 
 lint: venv
 	$(BIN)/ruff format --check operator tests
@@ -41,7 +41,9 @@ typecheck: venv
 test-unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-test: venv tools
+check: lint typecheck verify
+
+test: venv tools check
 	$(BIN)/pytest tests $(PYTEST_ARGS)
 
 demo: venv tools

@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -49,8 +48,8 @@ class State:
 STATE = State()
 
 
-def _post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    kopf.event(dict(body), type=type_, reason=reason, message=message)
+def _post_event(body: Any, type_: str, reason: str, message: str) -> None:
+    kopf.event(body, type=type_, reason=reason, message=message)
 
 
 @kopf.on.startup()
@@ -80,7 +79,10 @@ def login(**kwargs: Any) -> Any:
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0, initial_delay=0)
-async def engine_daemon(body: kopf.Body, name: str, namespace: str, stopped: kopf.DaemonStopped, **_: Any) -> None:
+async def engine_daemon(
+    body: kopf.Body, name: str, namespace: str | None, stopped: kopf.DaemonStopped, **_: Any
+) -> None:
+    namespace = namespace or ""
     wake = STATE.wakeups.get(namespace, name)
     failures = 0
     while not stopped:
@@ -101,28 +103,29 @@ async def engine_daemon(body: kopf.Body, name: str, namespace: str, stopped: kop
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def engine_changed(name: str, namespace: str, **_: Any) -> None:
-    STATE.wakeups.wake(namespace, name)
+def engine_changed(name: str, namespace: str | None, **_: Any) -> None:
+    STATE.wakeups.wake(namespace or "", name)
 
 
-def _wake_owners(meta: Mapping[str, Any], namespace: str) -> None:
+def _wake_owners(meta: kopf.Meta, namespace: str | None) -> None:
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(GROUP + "/"):
-            STATE.wakeups.wake(namespace, ref["name"])
+            STATE.wakeups.wake(namespace or "", ref["name"])
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-def job_changed(meta: Mapping[str, Any], namespace: str, **_: Any) -> None:
+def job_changed(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
     _wake_owners(meta, namespace)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-def deployment_changed(meta: Mapping[str, Any], namespace: str, **_: Any) -> None:
+def deployment_changed(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
     _wake_owners(meta, namespace)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def engine_deleted(name: str, namespace: str, **_: Any) -> None:
+def engine_deleted(name: str, namespace: str | None, **_: Any) -> None:
+    namespace = namespace or ""
     # Never touches the store (engines stay there) and never fails: deletion can not wedge on this finalizer.
     STATE.wakeups.drop(namespace, name)
     if hasattr(STATE, "reconciler"):

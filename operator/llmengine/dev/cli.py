@@ -45,22 +45,22 @@ def main(argv: list[str]) -> int:
         cluster.down(purge=args.purge)
         return 0
     if args.cmd == "status":
-        info = cluster.info()
+        current = cluster.info()
         st = cluster.status()
         for comp, pid in st.items():
             print(f"{comp:<24} {'running pid ' + str(pid) if pid else 'stopped'}")
-        if info:
-            print(f"{'apiserver':<24} {info.apiserver}\n{'s3':<24} {info.s3_endpoint}")
-        return 0 if info and cluster.healthy() else 1
+        if current:
+            print(f"{'apiserver':<24} {current.apiserver}\n{'s3':<24} {current.s3_endpoint}")
+        return 0 if current and cluster.healthy() else 1
     if args.cmd == "env":
-        info = cluster.info()
-        if not info:
+        current = cluster.info()
+        if not current:
             print(
                 f"llmengine dev env: cluster {args.name!r} is not up (run `llmengine dev up`)",
                 file=sys.stderr,
             )
             return 1
-        for k, v in info.env().items():
+        for k, v in current.env().items():
             print(f"export {k}={shlex.quote(v)}")
         return 0
     if args.cmd == "logs":

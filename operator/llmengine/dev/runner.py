@@ -49,11 +49,13 @@ def is_runnable(pod: dict[str, Any], container: dict[str, Any]) -> bool:
     cmd = list(container.get("command") or [])
     if cmd and os.path.basename(cmd[0]) == "llmengine":
         return True
-    return (pod["metadata"].get("annotations") or {}).get(RUN) == "true"
+    annotations: dict[str, str] = pod["metadata"].get("annotations") or {}
+    return annotations.get(RUN) == "true"
 
 
 def is_job_pod(pod: dict[str, Any]) -> bool:
-    return pod["spec"].get("restartPolicy", "Always") != "Always"
+    policy: str = pod["spec"].get("restartPolicy", "Always")
+    return policy != "Always"
 
 
 class Runner:

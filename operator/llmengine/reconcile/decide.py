@@ -243,9 +243,9 @@ def _build_step(o: Observed, d: Decision, build: dict[str, Any], setc: Any) -> t
 
     if build.get("lastFailure") and build.get("failedAttempt") == attempts and not build.get("nextRetryAt"):
         return FAILED, f"build failed: {build['lastFailure']}"
-    retry_at = _parse_iso(build.get("nextRetryAt"))
-    if retry_at and retry_at > o.now:
-        d.requeue_after = (retry_at - o.now).total_seconds()
+    due = _parse_iso(build.get("nextRetryAt"))
+    if due and due > o.now:
+        d.requeue_after = (due - o.now).total_seconds()
         setc(cond.ENGINE_BUILT, False, "BackingOff", f"{build.get('lastFailure')}; retry at {build['nextRetryAt']}")
         return (
             BUILDING,

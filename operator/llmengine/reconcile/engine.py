@@ -190,7 +190,7 @@ class Reconciler:
         dep = await self.kube.get_deployment(ns, dep_name)
         dview = self._deployment_view(dep)
         now = datetime.datetime.now(datetime.UTC)
-        base = {
+        base: dict[str, Any] = {
             "generation": int(md.get("generation") or 0),
             "replicas": int((spec.get("serving") or {}).get("replicas", 1) or 0),
             "status": status,
