@@ -52,6 +52,7 @@ class Seams:
 
 
 def gpu_name_and_driver() -> tuple[str | None, str | None]:
+    """The first GPU's name and the driver version, when NVML can tell (None, None on a machine without one)."""
     from llmengine.server.gpus import probe
 
     report = probe()
@@ -125,8 +126,7 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
     _stage_done(log, "verify", t, files=len(files))
 
     t = time.monotonic()
-    gpu_info = seams.gpu_info or (_no_gpu_info if out.test_build else gpu_name_and_driver)
-    gpu_name, driver = gpu_info()
+    gpu_name, driver = (seams.gpu_info or gpu_name_and_driver)()
     build_seconds = round(time.monotonic() - t0, 3)
     provenance = Provenance(
         builder_image=seams.env.get("LLMENGINE_BUILDER_IMAGE") or request.image,
@@ -165,10 +165,6 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
         raise BuildFailure("upload", "UploadFailed", str(exc)) from exc
     _stage_done(log, "upload", t, total)
     return result
-
-
-def _no_gpu_info() -> tuple[str | None, str | None]:
-    return None, None
 
 
 def _store(seams: Seams, location: StoreLocation) -> EngineStore:
