@@ -246,3 +246,24 @@ def test_wrong_store_credentials_fail_with_the_one_line_reason(
         "S3 rejected the credentials (SignatureDoesNotMatch): check the secret named in spec.store.credentialsSecretRef"
     )
     assert secret not in p.stderr and secret not in p.stdout
+
+
+def test_a_broken_manifest_is_rebuilt_over(
+    s3_endpoint: S3Endpoint, s3_bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    upload_checkpoint(s3_client, s3_bucket, "models/tiny")
+    req = make_request(s3_endpoint, s3_bucket, "broken0000000001", tp_size=1)
+    s3_client.put_object(Bucket=s3_bucket, Key=f"engines/{req.engine_digest}/manifest.json", Body=b'{"kind": 1}')
+    (tmp_path / "request.json").write_text(req.to_json())
+    p = llmengine(
+        "build-engine",
+        "--request",
+        str(tmp_path / "request.json"),
+        "--result",
+        str(tmp_path / "r"),
+        env=env_for(s3_endpoint),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "existing manifest is broken; rebuilding over it" in p.stderr
+    manifest = store_of(s3_endpoint, s3_bucket).get_manifest(req.engine_digest)
+    assert manifest is not None and {f.path for f in manifest.files} >= {"config.json", "rank0.engine"}

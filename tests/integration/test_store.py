@@ -17,6 +17,7 @@ from llmengine.clients.store import (
     EndpointUnreachable,
     EngineStore,
     IntegrityError,
+    ManifestInvalid,
     S3Config,
     StoreError,
     TransferTuning,
@@ -162,7 +163,7 @@ def test_a_manifest_listing_an_absent_file_is_refused(committed: EngineStore, tm
 def test_a_malformed_manifest_raises_a_clear_error(committed: EngineStore) -> None:
     key = committed.key("eng", "manifest.json")
     committed.client.put_object(Bucket=committed.location.bucket, Key=key, Body=b'{"kind": "EngineManifest"}')
-    with pytest.raises(StoreError, match=r"manifest at s3://.*/eng/manifest.json is malformed"):
+    with pytest.raises(ManifestInvalid, match=r"manifest at s3://.*/eng/manifest.json is malformed"):
         committed.get_manifest("eng")
 
 

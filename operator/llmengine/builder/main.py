@@ -25,7 +25,7 @@ from llmengine.api.artifacts import BuildRequest, BuildResult, Provenance, Store
 from llmengine.builder.compiler import BuildFailure, Compiler, check_request
 from llmengine.builder.fetch import HfDownload, StoreFactory, default_store_factory, fetch_model
 from llmengine.builder.verify import verify_engine
-from llmengine.clients.store import EngineStore, StoreError
+from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError
 from llmengine.logging import configure_logging, get_logger
 
 TERMINATION_LOG = Path("/dev/termination-log")
@@ -107,10 +107,10 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
                 message="already committed",
                 engine_uri=store.uri(request.engine_digest),
             )
+    except (ManifestInvalid, IntegrityError) as exc:
+        log.warning("existing manifest is broken; rebuilding over it", error=str(exc))
     except StoreError as exc:
-        if exc.setting is not None:
-            raise BuildFailure("upload", "StoreUnavailable", str(exc)) from exc
-        log.warning("existing manifest is unreadable; rebuilding over it", error=str(exc))
+        raise BuildFailure("upload", "StoreUnavailable", str(exc)) from exc
 
     t = time.monotonic()
     fetched = fetch_model(request, work_dir / "model", seams.store_factory, seams.hf_download)

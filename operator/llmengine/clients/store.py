@@ -76,6 +76,10 @@ class EndpointUnreachable(StoreError):
     pass
 
 
+class ManifestInvalid(StoreError):
+    """A manifest.json exists but does not parse as a Manifest: a broken commit, rebuilt over by the builder."""
+
+
 class IntegrityError(StoreError):
     """The stored engine does not match its manifest (or has none). ``path`` names the file when one is at fault."""
 
@@ -404,7 +408,7 @@ class EngineStore:
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(x) for x in first.get("loc", ()))
-            raise StoreError(
+            raise ManifestInvalid(
                 f"manifest at {where} is malformed ({loc}: {first.get('msg')}); rebuild the engine"
             ) from exc
         if manifest.engine_digest != digest:
