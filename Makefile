@@ -34,6 +34,7 @@ lint: venv
 	$(BIN)/ruff format --check operator tests
 	$(BIN)/ruff check operator tests
 	$(BIN)/lint-imports
+	$(BIN)/hadolint builder-image/Dockerfile server-image/Dockerfile operator-image/Dockerfile
 
 typecheck: venv
 	$(BIN)/mypy
