@@ -51,7 +51,7 @@ demo: venv tools
 	$(BIN)/python -m llmengine.dev.demo
 
 demo-down: venv
-	$(BIN)/llmengine dev down --name demo
+	$(BIN)/llmengine dev --name demo down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
