@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import random
 from typing import Any
 
 import kopf
@@ -138,6 +139,12 @@ def main(argv: list[str]) -> int:
     scope.add_argument("--namespace", "-n", action="append", help="watch only these namespaces (repeatable)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
     ap.add_argument("--peering", help="Kopf peering name: with several replicas, one acts at a time")
+    ap.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority; by default a random one, so that exactly one replica (the highest) acts",
+    )
     ap.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
     ap.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default from config)")
     ap.add_argument("--verbose", action="store_true")
@@ -158,7 +165,7 @@ def main(argv: list[str]) -> int:
             namespaces=args.namespace or [],
             standalone=not args.peering,
             peering_name=args.peering,
-            priority=0,
+            priority=args.priority if args.priority is not None else random.randint(1, 1_000_000),
             liveness_endpoint=liveness,
         )
     )
