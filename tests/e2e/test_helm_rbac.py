@@ -19,6 +19,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from llmengine.dev.cluster import ClusterInfo, wait_for
+from llmengine.dev.seed import create_store_secret as store_secret
+from llmengine.dev.seed import upload_tiny_checkpoint
 from tests.e2e import argocd
 from tests.e2e.chart_harness import (
     Release,
@@ -29,7 +31,7 @@ from tests.e2e.chart_harness import (
     save_fixture,
     service_account_kubeconfig,
 )
-from tests.integration.operator_harness import Engines, engine, store_secret, upload_tiny_checkpoint
+from tests.integration.operator_harness import Engines, engine
 
 pytestmark = pytest.mark.cluster
 

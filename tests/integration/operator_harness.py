@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,31 +28,6 @@ TINY_ARCH = {
     "parameterCount": 20_000_000,
     "maxPositionEmbeddings": 4096,
 }
-
-
-def upload_tiny_checkpoint(info: ClusterInfo, prefix: str) -> str:
-    """A small HF-format checkpoint (config, tokenizer, weights file) the builder fetches through the S3 source."""
-    s3 = info.s3().client()
-    files = {
-        "config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}).encode(),
-        "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE"}}).encode(),
-        "tokenizer_config.json": b"{}",
-        "model.safetensors": os.urandom(64 * 1024),
-    }
-    for name, data in files.items():
-        s3.put_object(Bucket=info.s3_bucket, Key=f"{prefix}/{name}", Body=data)
-    return f"s3://{info.s3_bucket}/{prefix}/"
-
-
-def store_secret(api: Any, info: ClusterInfo, ns: str, name: str = "s3-creds") -> str:
-    client.CoreV1Api(api).create_namespaced_secret(
-        ns,
-        {
-            "metadata": {"name": name},
-            "stringData": {"AWS_ACCESS_KEY_ID": info.s3_access_key, "AWS_SECRET_ACCESS_KEY": info.s3_secret_key},
-        },
-    )
-    return name
 
 
 def engine(name: str, info: ClusterInfo, model_uri: str, store_prefix: str, **overrides: Any) -> dict[str, Any]:
@@ -179,7 +153,3 @@ def deployment(api: Any, ns: str, name: str) -> Any:
 
 def served_digest(api: Any, ns: str, name: str) -> str:
     return str(deployment(api, ns, name).spec.template.metadata.annotations["llmengine.io/engine-digest"])
-
-
-def now() -> float:
-    return time.monotonic()

@@ -13,6 +13,8 @@ from kubernetes import client
 
 from llmengine.dev.cluster import ClusterInfo, wait_for
 from llmengine.dev.nodes import POOL_LABEL
+from llmengine.dev.seed import create_store_secret as store_secret
+from llmengine.dev.seed import upload_tiny_checkpoint
 from tests.integration.operator_harness import (
     Engines,
     deployment,
@@ -20,8 +22,6 @@ from tests.integration.operator_harness import (
     jobs,
     run_operator,
     served_digest,
-    store_secret,
-    upload_tiny_checkpoint,
 )
 
 pytestmark = pytest.mark.usefixtures("crd")

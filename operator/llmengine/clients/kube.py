@@ -35,10 +35,8 @@ class Kube:
         self.batch = client.BatchV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
-        self.calls = 0  # API requests made, for the scale benchmark
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def _get(self, fn: Any, *args: Any) -> dict[str, Any] | None:
@@ -68,6 +66,10 @@ class Kube:
             return None
         return {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
 
+    async def list_pods(self, ns: str, label_selector: str) -> list[dict[str, Any]]:
+        res = await self._call(self.core.list_namespaced_pod, ns, label_selector=label_selector)
+        return list(self.api.sanitize_for_serialization(res).get("items") or [])
+
     async def list_jobs(self, label_selector: str) -> list[dict[str, Any]]:
         res = await self._call(self.batch.list_job_for_all_namespaces, label_selector=label_selector)
         return list(self.api.sanitize_for_serialization(res).get("items") or [])
@@ -96,11 +98,13 @@ class Kube:
         await self._call(self.apps.replace_namespaced_deployment, md["name"], md["namespace"], body)
 
     async def add_owner(
-        self, kind: str, ns: str, name: str, owners: list[dict[str, Any]], owner: dict[str, Any]
+        self, kind: str, ns: str, name: str, known_owners: list[dict[str, Any]], owner: dict[str, Any]
     ) -> None:
-        if any(o.get("uid") == owner["uid"] for o in owners):
+        """Add `owner` unless `known_owners` already has it. A strategic merge patch merges ownerReferences by uid,
+        so owners added concurrently by other engines are kept."""
+        if any(o.get("uid") == owner["uid"] for o in known_owners):
             return
-        patch = {"metadata": {"ownerReferences": [*owners, owner]}}
+        patch = {"metadata": {"ownerReferences": [owner]}}
         fn = {"Job": self.batch.patch_namespaced_job, "ConfigMap": self.core.patch_namespaced_config_map}[kind]
         try:
             await self._call(fn, name, ns, patch)

@@ -3,8 +3,6 @@ ServiceAccount, an example engine built (test compiler) and served to Ready. The
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ import yaml
 
 from llmengine.dev import proc, tools
 from llmengine.dev.cluster import ClusterInfo, DevCluster, wait_for
+from llmengine.dev.seed import create_store_secret, upload_tiny_checkpoint
 
 NAME = "demo"
 SYSTEM_NS = "llmengine-system"
@@ -25,19 +24,6 @@ MODEL_PREFIX = "models/tiny-llama"
 
 def say(msg: str) -> None:
     print(f"==> {msg}", flush=True)
-
-
-def upload_demo_checkpoint(info: ClusterInfo) -> None:
-    """A tiny HF-format checkpoint in the local S3 server (no Hugging Face download can run here)."""
-    s3 = info.s3().client()
-    files = {
-        "config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 12}).encode(),
-        "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE"}}).encode(),
-        "tokenizer_config.json": b"{}",
-        "model.safetensors": os.urandom(256 * 1024),
-    }
-    for name, data in files.items():
-        s3.put_object(Bucket=info.s3_bucket, Key=f"{MODEL_PREFIX}/{name}", Body=data)
 
 
 def helm(info: ClusterInfo, *args: str) -> None:
@@ -143,23 +129,13 @@ def main() -> int:
     )
 
     say(f"applying {EXAMPLE.relative_to(tools.REPO_ROOT)} in namespace {DEMO_NS}")
-    upload_demo_checkpoint(info)
+    upload_tiny_checkpoint(info, MODEL_PREFIX, num_layers=12, weight_bytes=256 * 1024)
     try:
         core.create_namespace({"metadata": {"name": DEMO_NS}})
     except client.exceptions.ApiException as e:
         if e.status != 409:
             raise
-    try:
-        core.create_namespaced_secret(
-            DEMO_NS,
-            {
-                "metadata": {"name": "s3-creds"},
-                "stringData": {"AWS_ACCESS_KEY_ID": info.s3_access_key, "AWS_SECRET_ACCESS_KEY": info.s3_secret_key},
-            },
-        )
-    except client.exceptions.ApiException as e:
-        if e.status != 409:
-            raise
+    create_store_secret(api, info, DEMO_NS)
     kubectl(info, "apply", "-n", DEMO_NS, "-f", str(EXAMPLE))
     name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
     co = client.CustomObjectsApi(api)

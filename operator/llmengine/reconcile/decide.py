@@ -134,7 +134,6 @@ def decide(o: Observed) -> Decision:
     st["gpu"] = o.gpu
     st["replicas"] = o.replicas
     st["readyReplicas"] = dep.ready if dep else 0
-    serving_digest = st.get("servingEngine", {}).get("digest") if st.get("servingEngine") else None
 
     def setc(t: str, s: bool | str, reason: str, msg: str) -> None:
         nonlocal conditions
@@ -184,8 +183,6 @@ def decide(o: Observed) -> Decision:
     deployed = bool(dep and dep.digest == digest and dep.rolled_out and dep.available >= o.replicas)
     if dep and dep.rolled_out and dep.available >= dep.replicas and dep.digest:
         st["servingEngine"] = {"digest": dep.digest, "uri": _uri_like(o.desired_uri, digest, dep.digest)}
-    elif dep is None and serving_digest and not o.committed:
-        pass
     if o.committed:
         if dep is None or dep.digest != digest or not dep.rolled_out:
             phase, message = DEPLOYING, f"rolling out engine {digest[:12]}"

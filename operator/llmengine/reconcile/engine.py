@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llmengine import PREFIX
 from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import OperatorConfig
 from llmengine.clients.kube import Kube, merge_patch
@@ -22,7 +23,7 @@ from llmengine.reconcile.queue import BuildQueue
 from llmengine.render import build as render_build
 from llmengine.render import common, serving
 
-RENDER_HASH = f"{common.PREFIX}/render-hash" if hasattr(common, "PREFIX") else "llmengine.io/render-hash"
+RENDER_HASH = f"{PREFIX}/render-hash"
 
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 
@@ -46,7 +47,7 @@ class Reconciler:
         self._seen_finished: set[str] = set()
 
     # ---- store ----------------------------------------------------------------------------------------------
-    async def _store_access(self, body: Mapping[str, Any], location: StoreLocation) -> StoreAccess:
+    def _store_access(self, body: Mapping[str, Any], location: StoreLocation) -> StoreAccess:
         spec = common.spec_of(body)
         store_spec = spec.get("store") or {}
         secret = (store_spec.get("credentialsSecretRef") or {}).get("name")
@@ -126,9 +127,7 @@ class Reconciler:
         return view, job
 
     async def _termination_message(self, ns: str, job_name: str) -> str | None:
-        res = await self.kube._call(self.kube.core.list_namespaced_pod, ns, label_selector=f"job-name={job_name}")
-        pods = self.kube.api.sanitize_for_serialization(res).get("items") or []
-        for pod in pods:
+        for pod in await self.kube.list_pods(ns, f"job-name={job_name}"):
             for cs in (pod.get("status") or {}).get("containerStatuses") or []:
                 term = (cs.get("state") or {}).get("terminated") or {}
                 if term.get("message"):
@@ -219,7 +218,7 @@ class Reconciler:
             await self._act(body, d, plan, None, None, dep)
             return d.requeue_after
 
-        access = await self._store_access(body, req.store)
+        access = self._store_access(body, req.store)
         digest = plan.engine_digest
         committed, store_error = await self._committed_check(body, access, digest)
         pool = common.pool_name(plan.gpu.name, plan.mig_profile)
@@ -334,8 +333,7 @@ class Reconciler:
         token_ref = hf.get("tokenSecretRef")
         cm = render_build.request_configmap(plan.build_request, plan.short_digest, pool, ns, [owner])
         if not await self.kube.create(cm):
-            existing_owners: list[dict[str, Any]] = []
-            await self.kube.add_owner("ConfigMap", ns, cm["metadata"]["name"], existing_owners, owner)
+            await self.kube.add_owner("ConfigMap", ns, cm["metadata"]["name"], [], owner)
         job = render_build.build_job(
             request=plan.build_request,
             short_digest=plan.short_digest,

@@ -1,0 +1,41 @@
+"""Objects the demo and the tests put into a dev cluster: a tiny checkpoint in S3 and the store Secret."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from llmengine.dev.cluster import ClusterInfo
+
+
+def upload_tiny_checkpoint(info: ClusterInfo, prefix: str, num_layers: int = 2, weight_bytes: int = 64 * 1024) -> str:
+    """A small HF-format checkpoint (config, tokenizer, weights) that the builder fetches through its S3 source
+    (no Hugging Face download can run locally). Returns its s3:// URI."""
+    s3 = info.s3().client()
+    files = {
+        "config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": num_layers}).encode(),
+        "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE"}}).encode(),
+        "tokenizer_config.json": b"{}",
+        "model.safetensors": os.urandom(weight_bytes),
+    }
+    for name, data in files.items():
+        s3.put_object(Bucket=info.s3_bucket, Key=f"{prefix}/{name}", Body=data)
+    return f"s3://{info.s3_bucket}/{prefix}/"
+
+
+def create_store_secret(api: Any, info: ClusterInfo, ns: str, name: str = "s3-creds") -> str:
+    """The Secret engines and pods reference for the dev S3 credentials; an existing one is kept."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    body = {
+        "metadata": {"name": name},
+        "stringData": {"AWS_ACCESS_KEY_ID": info.s3_access_key, "AWS_SECRET_ACCESS_KEY": info.s3_secret_key},
+    }
+    try:
+        client.CoreV1Api(api).create_namespaced_secret(ns, body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    return name
