@@ -7,13 +7,16 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
 from llmengine import GROUP, KIND, PLURAL, PREFIX, VERSION
 from llmengine.api.config import OperatorConfig
+from llmengine.plan.admission import review
 from llmengine.reconcile.engine import Reconciler
 from llmengine.render.common import MANAGED_BY
 
@@ -40,10 +43,28 @@ class Wakeups:
             ev.set()
 
 
+@dataclass(frozen=True)
+class WebhookOptions:
+    """Where the validating webhook listens and which certificate it serves (tls.crt, tls.key, optional ca.crt)."""
+
+    port: int
+    addr: str = "0.0.0.0"
+    cert_dir: str | None = None
+    # Only for --webhook-manage: the host in the webhook URL Kopf writes into the configuration.
+    host: str | None = None
+    # Name of a ValidatingWebhookConfiguration the operator writes itself (clusters without the chart's);
+    # None when the chart owns the configuration.
+    manage: str | None = None
+
+
+WEBHOOK_ID = "validate-llmengine"
+
+
 class State:
     cfg: OperatorConfig
     reconciler: Reconciler
     wakeups = Wakeups()
+    webhook: WebhookOptions | None = None
 
 
 STATE = State()
@@ -72,6 +93,47 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    if STATE.webhook is not None:
+        settings.admission.server = _webhook_server(STATE.webhook)
+        settings.admission.managed = STATE.webhook.manage
+
+
+def _webhook_server(w: WebhookOptions) -> kopf.WebhookServer:
+    def cert(name: str) -> str | None:
+        path = os.path.join(w.cert_dir, name) if w.cert_dir else None
+        return path if path and os.path.exists(path) else None
+
+    return kopf.WebhookServer(
+        addr=w.addr,
+        port=w.port,
+        host=w.host,
+        certfile=cert("tls.crt"),
+        pkeyfile=cert("tls.key"),
+        cafile=cert("ca.crt"),
+    )
+
+
+def validate_engine(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+    """Admission: refuse what the planner would fail, with its message; warn when a change rebuilds."""
+    old, new, operation = kwargs.get("old"), kwargs.get("new"), kwargs.get("operation")
+    verdict = review(
+        dict(new if new is not None else body),
+        dict(old) if old is not None else None,
+        operation or "CREATE",
+        compiler=STATE.cfg.compiler,
+        default_store=STATE.cfg.default_store,
+        test_engine_bytes=STATE.cfg.test_engine_bytes,
+    )
+    warnings.extend(verdict.warnings)
+    if not verdict.allowed:
+        raise kopf.AdmissionError(verdict.message, code=422)
+
+
+def enable_webhook(options: WebhookOptions) -> None:
+    STATE.webhook = options
+    kopf.on.validate(GROUP, VERSION, PLURAL, id=WEBHOOK_ID, operations=["CREATE", "UPDATE"], persistent=False)(
+        validate_engine
+    )
 
 
 @kopf.on.login()
@@ -147,8 +209,34 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
     ap.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port (default from config)")
+    hook = ap.add_argument_group("validating admission webhook (off unless --webhook-port is given)")
+    hook.add_argument("--webhook-port", type=int, default=None, help="serve the webhook (HTTPS) on this port")
+    hook.add_argument("--webhook-addr", default="0.0.0.0", help="listen address of the webhook (default 0.0.0.0)")
+    hook.add_argument(
+        "--webhook-cert-dir", default=None, help="directory with tls.crt and tls.key (and ca.crt for --webhook-manage)"
+    )
+    hook.add_argument(
+        "--webhook-manage",
+        metavar="NAME",
+        default=None,
+        help="write and own the ValidatingWebhookConfiguration NAME (when the chart does not install one)",
+    )
+    hook.add_argument("--webhook-host", default=None, help="with --webhook-manage: host the API server calls")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    if args.webhook_port is not None:
+        certs = [os.path.join(args.webhook_cert_dir or "", f) for f in ("tls.crt", "tls.key")]
+        if not args.webhook_cert_dir or not all(os.path.isfile(c) for c in certs):
+            ap.error("--webhook-port needs --webhook-cert-dir with tls.crt and tls.key (the API server calls HTTPS)")
+        enable_webhook(
+            WebhookOptions(
+                port=args.webhook_port,
+                addr=args.webhook_addr,
+                cert_dir=args.webhook_cert_dir,
+                host=args.webhook_host,
+                manage=args.webhook_manage,
+            )
+        )
 
     from prometheus_client import start_http_server
 

@@ -80,7 +80,13 @@ class Engines:
 
 
 @contextmanager
-def run_operator(info: ClusterInfo, ns: str, log_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[Any]:
+def run_operator(
+    info: ClusterInfo,
+    ns: str,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+) -> Iterator[Any]:
     """`llmengine operator` as a subprocess watching one namespace, with the test compiler."""
     log = log_dir / f"operator-{ns}-{uuid.uuid4().hex[:6]}.log"
     env = {
@@ -108,6 +114,7 @@ def run_operator(info: ClusterInfo, ns: str, log_dir: Path, extra_env: dict[str,
         "0",
         "--liveness",
         "http://127.0.0.1:0/healthz",
+        *(extra_args or []),
     ]
     holder: dict[str, Any] = {}
 
