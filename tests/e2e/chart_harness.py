@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client
 
 from llmengine.dev import proc, tools
-from llmengine.dev.cluster import ClusterInfo
+from llmengine.dev.cluster import ClusterInfo, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "llmengine-operator"
@@ -168,19 +168,49 @@ class OperatorProcess:
         return self.logs().splitlines()
 
 
+def _secret_mounts(api: Any, ns: str, spec: dict[str, Any], container: dict[str, Any], root: Path) -> dict[str, str]:
+    """Secret volumes written to local directories as the kubelet would mount them: {mountPath: local dir}."""
+    core = client.CoreV1Api(api)
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes") or [] if "secret" in v}
+    out: dict[str, str] = {}
+    for m in container.get("volumeMounts") or []:
+        if m["name"] not in secrets:
+            continue
+        local = root / f"{m['name']}-{uuid.uuid4().hex[:5]}"
+        local.mkdir(parents=True)
+        for key, val in (core.read_namespaced_secret(secrets[m["name"]], ns).data or {}).items():
+            (local / key).write_bytes(base64.b64decode(val))
+        out[m["mountPath"]] = str(local)
+    return out
+
+
+def _listening(port: int, p: subprocess.Popen[bytes]) -> bool:
+    if p.poll() is not None:
+        raise AssertionError(f"operator exited with {p.returncode} before its webhook listened")
+    return proc.port_open(port)
+
+
 @contextmanager
-def run_as_deployment(api: Any, release: Release, kubeconfig: Path, log_dir: Path) -> Iterator[OperatorProcess]:
+def run_as_deployment(
+    api: Any, release: Release, kubeconfig: Path, log_dir: Path, webhook_port: int | None = None
+) -> Iterator[OperatorProcess]:
     """Run the installed Deployment's container locally: its command, args and environment as installed (Secret
-    references resolved), with only the ports moved to free ones and the API reached through `kubeconfig`."""
+    references and Secret volumes resolved), with only the ports moved (metrics and health to free ones, the
+    webhook to `webhook_port`, where the chart's webhook.url points) and the API reached through `kubeconfig`."""
     dep = client.AppsV1Api(api).read_namespaced_deployment(release.fullname, release.namespace)
     spec = api.sanitize_for_serialization(dep.spec.template.spec)
     (container,) = spec["containers"]
     assert container["command"][0] == "llmengine", container["command"]
     metrics_port, health_port = proc.free_port(), proc.free_port()
+    mounts = _secret_mounts(api, release.namespace, spec, container, log_dir)
     args: list[str] = []
     for a in container["command"][1:] + container.get("args", []):
         a = re.sub(r"^--metrics-port=\d+$", f"--metrics-port={metrics_port}", a)
         a = re.sub(r"^--liveness=http://[^/]+/", f"--liveness=http://127.0.0.1:{health_port}/", a)
+        if webhook_port is not None:
+            a = re.sub(r"^--webhook-port=\d+$", f"--webhook-port={webhook_port}", a)
+        for mount, local in mounts.items():
+            a = a.replace(f"={mount}", f"={local}")
         args.append(a)
     argv = [sys.executable, "-m", "llmengine.cli", *args]
     env = _resolve_env(api, release.namespace, f"{release.fullname}-{uuid.uuid4().hex[:5]}", container)
@@ -197,6 +227,9 @@ def run_as_deployment(api: Any, release: Release, kubeconfig: Path, log_dir: Pat
         p = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     handle = OperatorProcess(p, log, argv, metrics_port, health_port)
     try:
+        if webhook_port is not None and any(a.startswith("--webhook-port=") for a in args):
+            # The webhook configuration is installed already: engines are admitted only once the webhook listens.
+            wait_for("operator webhook listening", lambda: _listening(webhook_port, p), timeout=60, interval=0.2)
         yield handle
     finally:
         p.terminate()

@@ -37,7 +37,7 @@ def test_failed_object_from_the_operator_is_degraded_with_its_message() -> None:
     failed = load_fixture("failed.json")
     hs = health(failed)
     assert hs == {"status": "Degraded", "message": failed["status"]["message"]}
-    assert "spec.precision.quantization" in hs["message"]
+    assert "FetchFailed" in hs["message"] and "gave up after" in hs["message"]
 
 
 def test_in_progress_object_from_the_operator_is_progressing() -> None:

@@ -3,10 +3,13 @@ namespaced variants, and every setting the chart passes read back through Operat
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import padding
 
 from llmengine.api.config import OperatorConfig
 from llmengine.dev import tools
@@ -46,6 +49,11 @@ def _container(objs: list[dict[str, Any]]) -> dict[str, Any]:
     return c
 
 
+def _service(objs: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
+    (svc,) = [s for s in by_kind(objs, "Service") if s["metadata"]["name"].endswith(f"-{suffix}")]
+    return svc
+
+
 def _operator_role(objs: list[dict[str, Any]]) -> dict[str, Any]:
     (role,) = [r for r in by_kind(objs, "ClusterRole") if r["metadata"]["name"] == "llmengine-operator"]
     return role
@@ -53,8 +61,16 @@ def _operator_role(objs: list[dict[str, Any]]) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "sets",
-    [(), PEERING, NAMESPACED, (*PEERING, *NAMESPACED), ("--set", "metrics.serviceMonitor.enabled=true")],
-    ids=["default", "peering", "namespaced", "namespaced-peering", "servicemonitor"],
+    [
+        (),
+        PEERING,
+        NAMESPACED,
+        (*PEERING, *NAMESPACED),
+        ("--set", "metrics.serviceMonitor.enabled=true"),
+        ("--set", "webhook.enabled=false"),
+        ("--set", "webhook.certificate.source=certManager"),
+    ],
+    ids=["default", "peering", "namespaced", "namespaced-peering", "servicemonitor", "no-webhook", "cert-manager"],
 )
 def test_helm_lint_strict(sets: tuple[str, ...]) -> None:
     out = helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *sets)
@@ -80,13 +96,13 @@ def test_default_render_is_hardened_and_cluster_wide() -> None:
     assert {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}} in pod["volumes"]
     assert c["resources"]["requests"] and c["resources"]["limits"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"metrics": 8080, "health": 8081}
+    assert ports == {"metrics": 8080, "health": 8081, "webhook": 9443}
     assert "--liveness=http://0.0.0.0:8081/healthz" in c["args"]
     for probe in (c["livenessProbe"], c["readinessProbe"]):
         assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
     (sa,) = by_kind(objs, "ServiceAccount")
     assert pod["serviceAccountName"] == sa["metadata"]["name"] == "llmengine-operator"
-    (svc,) = by_kind(objs, "Service")
+    svc = _service(objs, "metrics")
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
     assert not by_kind(objs, "ServiceMonitor")
@@ -172,7 +188,10 @@ def test_namespaced_mode_uses_roles_per_namespace() -> None:
 
 def test_secrets_only_by_reference() -> None:
     objs = render("--set", "store.bucket=engines", "--set", "store.credentialsSecret=operator-s3")
-    assert not by_kind(objs, "Secret")
+    # The only Secret the chart writes is the webhook's generated serving certificate, never a credential.
+    assert [(s["type"], sorted(s["data"])) for s in by_kind(objs, "Secret")] == [
+        ("kubernetes.io/tls", ["ca.crt", "tls.crt", "tls.key"])
+    ]
     env = {e["name"]: e for e in _container(objs)["env"]}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert "value" not in env[key]
@@ -222,7 +241,7 @@ def test_settings_reach_operator_config() -> None:
     assert cfg.default_store.endpoint == "http://minio.storage:9000"
     assert cfg.default_store_secret == "engine-s3"
     ports = {p["name"]: p["containerPort"] for p in _container(objs)["ports"]}
-    assert ports == {"metrics": 9090, "health": 9091}
+    assert ports == {"metrics": 9090, "health": 9091, "webhook": 9443}
 
 
 def test_crd_and_monitoring_switches() -> None:
@@ -238,7 +257,7 @@ def test_helm_test_pod_fetches_metrics_through_the_service() -> None:
     (pod,) = by_kind(objs, "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (c,) = pod["spec"]["containers"]
-    (svc,) = by_kind(objs, "Service")
+    svc = _service(objs, "metrics")
     assert f"http://{svc['metadata']['name']}.llmengine-system.svc:8080/metrics" in c["args"]
     assert c["securityContext"]["runAsNonRoot"] is True
     # The test pod must not be picked up by the metrics Service's selector.
@@ -253,6 +272,10 @@ def test_helm_test_pod_fetches_metrics_through_the_service() -> None:
         "image.pullPolicy=Sometimes",
         "watchNamespaces={Bad_NS}",
         "store.endpoint=s3",
+        "webhook.failurePolicy=Sometimes",
+        "webhook.timeoutSeconds=60",
+        "webhook.url=http://127.0.0.1:9443",
+        "webhook.certificate.source=selfmade",
     ],
 )
 def test_schema_rejects_bad_values(bad: str) -> None:
@@ -262,3 +285,141 @@ def test_schema_rejects_bad_values(bad: str) -> None:
         text=True,
     )
     assert res.returncode != 0 and "values don't meet the specifications of the schema" in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The validating webhook
+
+
+def _webhook_parts(objs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    (conf,) = by_kind(objs, "ValidatingWebhookConfiguration")
+    (hook,) = conf["webhooks"]
+    return conf, hook, _service(objs, "webhook")
+
+
+def _cert(pem_b64: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(base64.b64decode(pem_b64))
+
+
+def test_webhook_by_default_serves_a_helm_generated_certificate_through_its_service() -> None:
+    objs = render()
+    _, hook, svc = _webhook_parts(objs)
+    c = _container(objs)
+    pod = _deployment(objs)["spec"]["template"]["spec"]
+    assert "--webhook-port=9443" in c["args"] and "--webhook-cert-dir=/etc/llmengine/webhook" in c["args"]
+    assert {"name": "webhook-tls", "mountPath": "/etc/llmengine/webhook", "readOnly": True} in c["volumeMounts"]
+    (secret,) = by_kind(objs, "Secret")
+    assert secret["type"] == "kubernetes.io/tls"
+    vol = next(v for v in pod["volumes"] if v["name"] == "webhook-tls")
+    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+    assert svc["spec"]["ports"] == [{"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}]
+    assert svc["spec"]["selector"].items() <= _deployment(objs)["spec"]["template"]["metadata"]["labels"].items()
+    assert hook["name"] == "validate-llmengine.llmengine.io"
+    assert hook["clientConfig"]["service"] == {
+        "name": svc["metadata"]["name"],
+        "namespace": "llmengine-system",
+        "path": "/validate-llmengine",
+        "port": 443,
+    }
+    assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+    assert hook["rules"] == [
+        {
+            "apiGroups": ["llmengine.io"],
+            "apiVersions": ["v1alpha1"],
+            "resources": ["llmengines"],
+            "operations": ["CREATE", "UPDATE"],
+            "scope": "Namespaced",
+        }
+    ]
+    assert "namespaceSelector" not in hook
+    # The serving certificate is signed by the CA the API server is told to trust, for the Service's DNS name.
+    ca, leaf = _cert(hook["clientConfig"]["caBundle"]), _cert(secret["data"]["tls.crt"])
+    assert secret["data"]["ca.crt"] == hook["clientConfig"]["caBundle"]
+    assert leaf.issuer == ca.subject
+    ca.public_key().verify(  # type: ignore[union-attr,call-arg]
+        leaf.signature, leaf.tbs_certificate_bytes, padding.PKCS1v15(), leaf.signature_hash_algorithm
+    )
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert f"{svc['metadata']['name']}.llmengine-system.svc" in names.get_values_for_type(x509.DNSName)
+
+
+def test_webhook_url_for_an_operator_outside_the_cluster_gets_its_host_in_the_certificate() -> None:
+    objs = render("--set", "webhook.url=https://127.0.0.1:19443/")
+    _, hook, _ = _webhook_parts(objs)
+    assert hook["clientConfig"]["url"] == "https://127.0.0.1:19443/validate-llmengine"
+    assert "service" not in hook["clientConfig"]
+    (secret,) = by_kind(objs, "Secret")
+    names = _cert(secret["data"]["tls.crt"]).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def test_webhook_in_namespaced_mode_only_sees_watched_namespaces() -> None:
+    _, hook, _ = _webhook_parts(render(*NAMESPACED))
+    assert hook["namespaceSelector"] == {
+        "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]
+    }
+
+
+def test_webhook_with_cert_manager_uses_a_certificate_and_ca_injection() -> None:
+    objs = render("--set", "webhook.certificate.source=certManager", "--set", "webhook.failurePolicy=Ignore")
+    conf, hook, svc = _webhook_parts(objs)
+    (cert,) = by_kind(objs, "Certificate")
+    (issuer,) = by_kind(objs, "Issuer")
+    assert not by_kind(objs, "Secret")
+    assert conf["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == (
+        f"llmengine-system/{cert['metadata']['name']}"
+    )
+    assert cert["spec"]["issuerRef"] == {"name": issuer["metadata"]["name"], "kind": "Issuer"}
+    assert f"{svc['metadata']['name']}.llmengine-system.svc" in cert["spec"]["dnsNames"]
+    assert "caBundle" not in hook["clientConfig"] and hook["failurePolicy"] == "Ignore"
+    objs = render(
+        "--set",
+        "webhook.certificate.source=certManager",
+        "--set",
+        "webhook.certificate.issuerRef.name=corp-ca",
+        "--set",
+        "webhook.certificate.issuerRef.kind=ClusterIssuer",
+    )
+    assert not by_kind(objs, "Issuer")
+    assert by_kind(objs, "Certificate")[0]["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
+
+
+def test_webhook_with_an_existing_secret_needs_its_ca() -> None:
+    res = subprocess.run(
+        [
+            tools.binary("helm"),
+            "template",
+            "x",
+            str(CHART),
+            "--kube-version",
+            KUBE_VERSION,
+            "--set",
+            "webhook.certificate.source=secret",
+            "--set",
+            "webhook.certificate.secretName=my-tls",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and "webhook.certificate.caBundle" in res.stderr, res.stderr
+    objs = render(
+        "--set",
+        "webhook.certificate.source=secret",
+        "--set",
+        "webhook.certificate.secretName=my-tls",
+        "--set",
+        "webhook.certificate.caBundle=Q0E=",
+    )
+    _, hook, _ = _webhook_parts(objs)
+    assert hook["clientConfig"]["caBundle"] == "Q0E=" and not by_kind(objs, "Secret")
+    vol = next(v for v in _deployment(objs)["spec"]["template"]["spec"]["volumes"] if v["name"] == "webhook-tls")
+    assert vol["secret"]["secretName"] == "my-tls"
+
+
+def test_webhook_disabled_leaves_no_trace() -> None:
+    objs = render("--set", "webhook.enabled=false")
+    assert not by_kind(objs, "ValidatingWebhookConfiguration") and not by_kind(objs, "Secret")
+    assert [s["metadata"]["name"] for s in by_kind(objs, "Service")] == ["llmengine-operator-metrics"]
+    c = _container(objs)
+    assert not any(a.startswith("--webhook") for a in c["args"])
+    assert {p["name"] for p in c["ports"]} == {"metrics", "health"}

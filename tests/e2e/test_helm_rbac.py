@@ -18,6 +18,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from llmengine.dev import proc
 from llmengine.dev.cluster import ClusterInfo, wait_for
 from llmengine.dev.seed import create_store_secret as store_secret
 from llmengine.dev.seed import upload_tiny_checkpoint
@@ -42,11 +43,12 @@ HAVE_LUPA = importlib.util.find_spec("lupa") is not None
 
 
 class Installed:
-    def __init__(self, release: Release, values: Path, sets: list[str], store_prefix: str) -> None:
+    def __init__(self, release: Release, values: Path, sets: list[str], store_prefix: str, webhook_port: int) -> None:
         self.release = release
         self.values = values
         self.sets = sets
         self.store_prefix = store_prefix
+        self.webhook_port = webhook_port
         self.installed = False
 
 
@@ -66,6 +68,8 @@ def _installed(info: ClusterInfo, api: Any, work: Path, *extra_sets: str) -> Ite
         },
     )
     prefix = f"e2e-{suffix}"
+    # The operator runs on this machine (kwok nodes run no containers): the API server calls its webhook there.
+    webhook_port = proc.free_port()
     values = work / f"values-{suffix}.yaml"
     values.write_text(
         yaml.safe_dump(
@@ -81,6 +85,7 @@ def _installed(info: ClusterInfo, api: Any, work: Path, *extra_sets: str) -> Ite
                     "engineSecret": "s3-creds",
                 },
                 "extraEnv": [{"name": "LLMENGINE_TEST_ENGINE_BYTES", "value": str(256 * 1024)}],
+                "webhook": {"url": f"https://127.0.0.1:{webhook_port}"},
             }
         )
     )
@@ -96,7 +101,7 @@ def _installed(info: ClusterInfo, api: Any, work: Path, *extra_sets: str) -> Ite
     if "crds.install=false" not in extra_sets:
         sets += ["--set", "crds.install=true"]
         adopt_crds(api, rel, CRDS)
-    state = Installed(rel, values, sets, prefix)
+    state = Installed(rel, values, sets, prefix, webhook_port)
     rel.install(values, *sets)
     state.installed = True
     try:
@@ -125,6 +130,15 @@ def _status_code(fn: Any, *args: Any) -> int:
     except ApiException as e:
         return int(e.status)
     return 200
+
+
+def _refusal(engines: Engines, body: dict[str, Any]) -> ApiException | None:
+    """The API server's refusal of a create, once the webhook answers (not while it is still starting)."""
+    try:
+        engines.create(body)
+    except ApiException as e:
+        return e if "denied the request" in (e.body or "") else None
+    raise AssertionError(f"{body['metadata']['name']} was admitted")
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -161,6 +175,14 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
     invalid = engine(
         "fp8a100", dev_cluster, model, "unused", precision={"quantization": "fp8"}, target={"gpu": "A100-80GB"}
     )
+    # Passes admission, fails in the builder: the checkpoint is not there.
+    unbuildable = engine(
+        "no-ckpt",
+        dev_cluster,
+        model.rstrip("/") + "-missing/",
+        f"engines-{uuid.uuid4().hex[:8]}",
+        build={"maxSeqLen": 768},
+    )
     progressing: dict[str, Any] = {}
 
     def ready_recording_progress() -> dict[str, Any] | None:
@@ -172,8 +194,12 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
             progressing.update(obj)
         return obj if st.get("phase") == "Ready" else None
 
-    with run_as_deployment(api, rel, kcfg, tmp_path) as op:
+    with run_as_deployment(api, rel, kcfg, tmp_path, webhook_port=installed.webhook_port) as op:
         assert "--all-namespaces" in op.argv
+        # The chart's webhook, served with the chart's certificate, refuses what the planner rejects.
+        refusal = wait_for("webhook answering", lambda: _refusal(engines, invalid), timeout=60, interval=0.5)
+        assert refusal.status == 422, refusal
+        assert "denied the request" in refusal.body and "spec.precision.quantization" in refusal.body
         engines.create(own_store)
         engines.create(default_store)
         try:
@@ -181,8 +207,8 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
         except TimeoutError as e:
             raise AssertionError(f"{e}; status: {engines.get('tiny').get('status')}") from None
         in_default = engines.wait_phase("tiny-default", "Ready", timeout=180)
-        engines.create(invalid)
-        failed = engines.wait_phase("fp8a100", "Failed", timeout=60)
+        engines.create(unbuildable)
+        failed = engines.wait_phase("no-ckpt", "Failed", timeout=120)
 
         # The probe path of the chart answers; the metrics port serves the operator's metrics.
         assert _get(f"http://127.0.0.1:{op.health_port}/healthz")[0] == 200
@@ -206,12 +232,12 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
             )
             == 403
         )
-        _delete_engines(engines, ["tiny", "tiny-default", "fp8a100"])
+        _delete_engines(engines, ["tiny", "tiny-default", "no-ckpt"])
 
     assert not forbidden_lines(op.logs()), "\n".join(forbidden_lines(op.logs()))
     st = ready["status"]
     assert st["servingEngine"]["digest"] == st["desiredEngine"]["digest"]
-    assert "spec.precision.quantization" in failed["status"]["message"]
+    assert "FetchFailed" in failed["status"]["message"] and "check the model source URI" in failed["status"]["message"]
     # The chart's store values and the operator's Secret-referenced credentials reached the default store.
     digest = in_default["status"]["desiredEngine"]["digest"]
     key = f"{installed.store_prefix}/{digest}/manifest.json"
@@ -247,7 +273,7 @@ def test_upgrade_to_peering_and_uninstall_keeps_crds(
     store_secret(api, dev_cluster, namespace)
     model = upload_tiny_checkpoint(dev_cluster, f"models/{uuid.uuid4().hex[:8]}")
     engines = Engines(api, namespace)
-    with run_as_deployment(api, rel, kcfg, tmp_path) as op:
+    with run_as_deployment(api, rel, kcfg, tmp_path, webhook_port=installed.webhook_port) as op:
         assert "--peering=llmengine-operator" in op.argv
 
         def keepalive() -> bool:
@@ -281,7 +307,11 @@ def test_namespaced_install_runs_lifecycle_with_roles_only_there(
     installed: Installed, dev_cluster: ClusterInfo, api: Any, namespace: str, tmp_path: Path
 ) -> None:
     """watchNamespaces: a Role in the watched namespace, cluster-wide only CRDs, namespaces and the Job count."""
-    del installed  # only for the CRD, which it installed (and which outlives it)
+    # The module's release installed the CRD (which outlives it). Its webhook (failurePolicy Fail) would refuse
+    # engines while no operator of that release runs: this test installs its own.
+    if installed.installed:
+        installed.release.uninstall()
+        installed.installed = False
     with _installed(
         dev_cluster, api, tmp_path, "--set", "crds.install=false", "--set", f"watchNamespaces={{{namespace}}}"
     ) as inst:
@@ -290,7 +320,7 @@ def test_namespaced_install_runs_lifecycle_with_roles_only_there(
         store_secret(api, dev_cluster, namespace)
         model = upload_tiny_checkpoint(dev_cluster, f"models/{uuid.uuid4().hex[:8]}")
         engines = Engines(api, namespace)
-        with run_as_deployment(api, rel, kcfg, tmp_path) as op:
+        with run_as_deployment(api, rel, kcfg, tmp_path, webhook_port=inst.webhook_port) as op:
             assert f"--namespace={namespace}" in op.argv and "--all-namespaces" not in op.argv
             engines.create(
                 engine("scoped", dev_cluster, model, f"engines-{uuid.uuid4().hex[:8]}", serving={"replicas": 1})

@@ -60,3 +60,21 @@ llmengine-operator
 {{- define "llmengine-operator.engineSecret" -}}
 {{- default .Values.store.credentialsSecret .Values.store.engineSecret }}
 {{- end }}
+
+{{/* The validating webhook: its Service, its serving-certificate Secret, and the one webhook's name. */}}
+{{- define "llmengine-operator.webhookService" -}}
+{{- printf "%s-webhook" (include "llmengine-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "llmengine-operator.webhookSecret" -}}
+{{- if eq .Values.webhook.certificate.source "secret" }}
+{{- required "webhook.certificate.secretName is required when webhook.certificate.source is secret" .Values.webhook.certificate.secretName }}
+{{- else }}
+{{- printf "%s-webhook-tls" (include "llmengine-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Host of webhook.url without its port, for the certificate's subject alternative names. */}}
+{{- define "llmengine-operator.webhookUrlHost" -}}
+{{- with .Values.webhook.url }}{{ (urlParse .).host | splitList ":" | first }}{{ end }}
+{{- end }}

@@ -42,6 +42,34 @@ def kubectl(info: ClusterInfo, *args: str) -> str:
     return out.stdout
 
 
+def webhook_certs(core: Any, dest: Path) -> Path:
+    """The chart's webhook serving certificate, written where the local operator reads it (as the pod mounts it)."""
+    import base64
+
+    data = core.read_namespaced_secret("llmengine-operator-webhook-tls", SYSTEM_NS).data or {}
+    dest.mkdir(parents=True, exist_ok=True)
+    dest.chmod(0o700)
+    for key in ("tls.crt", "tls.key", "ca.crt"):
+        (dest / key).write_bytes(base64.b64decode(data[key]))
+    return dest
+
+
+def refused_fp8_on_a100(info: ClusterInfo) -> str:
+    obj = yaml.safe_load(EXAMPLE.read_text())
+    obj["metadata"]["name"] = "tiny-demo-fp8-a100"
+    obj["spec"]["precision"] = {"quantization": "fp8"}
+    obj["spec"]["target"] = {"gpu": "A100-80GB"}
+    res = subprocess.run(
+        [str(tools.binary("kubectl")), "--kubeconfig", info.kubeconfig, "-n", DEMO_NS, "apply", "-f", "-"],
+        input=yaml.safe_dump(obj),
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode == 0:
+        raise RuntimeError("the webhook admitted an FP8 engine on an A100")
+    return res.stderr.strip()
+
+
 def operator_kubeconfig(info: ClusterInfo, api: Any, cluster: DevCluster) -> Path:
     """A kubeconfig whose only credential is a token of the chart's ServiceAccount: the operator gets exactly the
     chart's RBAC."""
@@ -75,8 +103,10 @@ def main() -> int:
     say(f"cluster up: {info.apiserver}; nodes:")
     print(kubectl(info, "get", "nodes", "-L", "nvidia.com/gpu.product", "-L", "nvidia.com/mig.strategy"))
 
-    say("installing the chart (CRDs, RBAC, operator Deployment)")
+    say("installing the chart (CRDs, RBAC, operator Deployment, validating webhook)")
     chart = tools.REPO_ROOT / "charts" / "llmengine-operator"
+    # The operator runs on this machine (simulated nodes run no containers): the API server calls its webhook here.
+    webhook_port = proc.free_port()
     helm(
         info,
         "upgrade",
@@ -94,10 +124,13 @@ def main() -> int:
         f"store.endpoint={info.s3_endpoint}",
         "--set",
         "store.credentialsSecret=s3-creds",
+        "--set",
+        f"webhook.url=https://127.0.0.1:{webhook_port}",
         "--wait=false",
     )
     say("running the operator locally with the chart's ServiceAccount token (simulated nodes run no containers)")
     kcfg = operator_kubeconfig(info, api, cluster)
+    certs = webhook_certs(core, cluster.dir / "webhook-certs")
     proc.stop_named(cluster.dir, "operator")
     proc.start(
         "operator",
@@ -111,6 +144,9 @@ def main() -> int:
             "0",
             "--liveness",
             "http://127.0.0.1:0/healthz",
+            f"--webhook-port={webhook_port}",
+            "--webhook-addr=127.0.0.1",
+            f"--webhook-cert-dir={certs}",
         ],
         cluster.dir,
         env={
@@ -128,6 +164,7 @@ def main() -> int:
         },
     )
 
+    wait_for("the operator's webhook", lambda: proc.port_open(webhook_port), timeout=120, interval=0.3)
     say(f"applying {EXAMPLE.relative_to(tools.REPO_ROOT)} in namespace {DEMO_NS}")
     upload_tiny_checkpoint(info, MODEL_PREFIX, num_layers=12, weight_bytes=256 * 1024)
     try:
@@ -152,6 +189,8 @@ def main() -> int:
         return st.get("phase") == "Ready"
 
     wait_for(f"{name} Ready", ready, timeout=600, interval=0.5)
+    say("the same engine quantized to FP8 on an A100 (SM 8.0, no FP8): the webhook refuses it")
+    print("    " + refused_fp8_on_a100(info).replace("\n", "\n    "))
     say("kubectl get llme -A")
     print(kubectl(info, "get", "llme", "-A"))
     print(kubectl(info, "get", "deploy,job,pods", "-n", DEMO_NS))

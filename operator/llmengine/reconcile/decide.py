@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,8 +102,9 @@ def parse_build_result(message: str | None) -> BuildResult | None:
     if not message:
         return None
     try:
-        return BuildResult.model_validate(json.loads(message))
-    except (ValueError, TypeError):
+        # Not json.loads: a deeply nested message would raise RecursionError out of the reconcile loop.
+        return BuildResult.model_validate_json(message)
+    except ValueError:
         return None
 
 
@@ -112,8 +112,8 @@ def failure_text(job: JobView) -> tuple[str, bool]:
     """One line saying why a build failed, and whether retrying the same request can never help."""
     result = parse_build_result(job.message)
     if result is not None and not result.succeeded:
-        stage = f"{result.stage}: " if result.stage else ""
-        return f"{stage}{result.reason or result.message or 'build failed'}"[:1024], result.permanent
+        parts = [p for p in (result.stage, result.reason, result.message) if p]
+        return (": ".join(parts) or "build failed")[:1024], result.permanent
     if job.reason == "DeadlineExceeded":
         return "build exceeded its deadline (activeDeadlineSeconds)", False
     if job.message:
