@@ -10,6 +10,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("llmengine.plan.cli", "main", "validate LLMEngine manifests offline and say what applying would do"),
     "operator": ("llmengine.handlers", "main", "run the operator (Kopf)"),
     "build-engine": ("llmengine.builder.main", "main", "build one engine from a build request and commit it"),
+    "bench-engine": (
+        "llmengine.builder.benchmark",
+        "main",
+        "benchmark a committed engine with trtllm-bench before rollout",
+    ),
     "serve-engine": ("llmengine.server.main", "main", "download, verify and serve a committed engine"),
     "dev": ("llmengine.dev.cli", "main", "run a local simulated GPU cluster with S3 (up|down|status|env)"),
     "generate": ("llmengine.api.crdgen", "main", "write the CRD generated from the API models"),

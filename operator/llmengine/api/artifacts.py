@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
+
+from llmengine.api.v1alpha1 import field_path
 
 
 class Doc(BaseModel):
@@ -20,6 +22,15 @@ class Doc(BaseModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+def first_problem(exc: ValidationError) -> str:
+    """A document's first problem on one line: `shapes.maxSeqLen: Field required`, or `Invalid JSON: ...`."""
+    first = exc.errors(include_url=False)[0]
+    where = field_path(tuple(first["loc"]))
+    msg = " ".join(str(first["msg"]).split())
+    # An unknown key is whatever the document holds: quote one that would break the line.
+    return f"{where if where.isprintable() else repr(where)}: {msg}" if where else msg
 
 
 class SecretKeyRef(Doc):

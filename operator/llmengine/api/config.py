@@ -35,6 +35,11 @@ class OperatorConfig(BaseModel):
     metrics_port: int = 8080
     health_port: int = 8081
     json_logs: bool = True
+    # Traffic-aware rebuilds: "pods" scrapes each ready serving pod's metering endpoint; "off" observes nothing.
+    traffic_source: Literal["pods", "off"] = "pods"
+    # Where a pod's metrics are: {pod_ip}, {port} (spec.serving.port), {namespace}, {pod} are filled in.
+    traffic_url_template: str = "http://{pod_ip}:{port}/llmengine/metrics"
+    traffic_scrape_timeout_seconds: float = Field(default=3.0, gt=0)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:

@@ -510,7 +510,62 @@ class RebuildPolicy(SpecModel):
         default="1h", pattern=_DURATION, description="Least time between automatic rebuilds, e.g. 30m, 1h. Default 1h."
     )
     headroom: float = Field(
-        default=1.2, ge=1.0, description="Factor applied to observed traffic when sizing a rebuild. Default 1.2."
+        default=1.2,
+        ge=1.0,
+        le=4.0,
+        description="Factor applied to observed traffic when sizing a rebuild. Default 1.2.",
+    )
+    window: str = Field(
+        default="15m",
+        pattern=_DURATION,
+        description="Span of serving traffic the observed profile covers, e.g. 15m. Default 15m.",
+    )
+    min_requests: int = Field(
+        default=100,
+        ge=1,
+        description="Requests the window must hold before the envelope is judged (fewer: no verdict). Default 100.",
+    )
+    max_queue_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Queue time (p90 over the window, from trtllm-serve) above which traffic counts as sustained queueing. "
+            "Default 2."
+        ),
+    )
+
+
+class BenchmarkThresholds(SpecModel):
+    """Absolute bounds a new engine's benchmark must meet before traffic moves to it."""
+
+    min_requests_per_second: float | None = Field(default=None, gt=0, description="Least request throughput.")
+    min_output_tokens_per_second: float | None = Field(default=None, gt=0, description="Least output tokens/s.")
+    max_ttft_p99_ms: float | None = Field(default=None, gt=0, description="Highest p99 time to first token, in ms.")
+    max_itl_p99_ms: float | None = Field(
+        default=None, gt=0, description="Highest p99 inter-token latency (time per output token), in ms."
+    )
+
+
+class BenchmarkSpec(SpecModel):
+    """A trtllm-bench run on every new engine before traffic moves to it. Changes here never rebuild."""
+
+    num_requests: int = Field(
+        default=256, ge=8, le=100_000, description="Requests in the generated dataset. Default 256."
+    )
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests in flight during the run. Default: spec.traffic.concurrency, else the max batch size.",
+    )
+    thresholds: BenchmarkThresholds | None = Field(default=None, description="Absolute bounds to meet.")
+    max_regression_percent: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description=(
+            "How much worse than the serving engine's benchmark (throughput lower, latency higher) the new engine "
+            "may be, in percent. Unset: no comparison."
+        ),
     )
 
 
@@ -589,6 +644,10 @@ class LLMEngineSpec(SpecModel):
     rebuild_policy: RebuildPolicy = Field(
         default_factory=RebuildPolicy, description="Whether the operator may rebuild on its own."
     )
+    benchmark: BenchmarkSpec | None = Field(
+        default=None,
+        description="Benchmark every new engine with trtllm-bench and roll out only if it passes. Unset: no gate.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -628,6 +687,72 @@ class BuildStatus(StatusModel):
     )
 
 
+class TokenStats(StatusModel):
+    p50: int | None = Field(default=None, description="Median, in tokens.")
+    p99: int | None = Field(default=None, description="99th percentile, in tokens.")
+    max: int | None = Field(default=None, description="Largest seen (upper bound of its histogram bucket).")
+
+
+class TrafficStatus(StatusModel):
+    """Traffic the serving pods saw over the window, from their /llmengine/metrics."""
+
+    observed_at: str | None = Field(default=None, json_schema_extra={"format": "date-time"}, description="When.")
+    window_seconds: float | None = Field(default=None, description="Span the numbers cover.")
+    requests: int | None = Field(default=None, description="Requests finished or refused in the window.")
+    input_tokens: TokenStats | None = Field(default=None, description="Prompt lengths.")
+    output_tokens: TokenStats | None = Field(default=None, description="Output lengths.")
+    concurrency: TokenStats | None = Field(default=None, description="Requests in flight per serving pod.")
+    rejected_too_long: int | None = Field(default=None, description="Requests refused as longer than the engine.")
+    cut_for_length: int | None = Field(default=None, description="Requests that stopped at a length limit.")
+    queue_p90_seconds: float | None = Field(default=None, description="90th percentile of trtllm-serve queue time.")
+
+
+class Recommendation(StatusModel):
+    reason: str | None = Field(default=None, description="What outgrew the engine, with numbers.")
+    patch: str | None = Field(default=None, description="The spec change (JSON merge patch) that fits the traffic.")
+    shapes: dict[str, int] | None = Field(default=None, description="The shapes that patch builds.")
+
+
+class EnvelopeStatus(StatusModel):
+    """The served engine's static limits, how traffic compares, and what traffic-aware rebuilds did."""
+
+    max_batch_size: int | None = Field(default=None, description="Built max batch size of the serving engine.")
+    max_input_len: int | None = Field(default=None, description="Built max input length.")
+    max_seq_len: int | None = Field(default=None, description="Built max sequence length.")
+    max_num_tokens: int | None = Field(default=None, description="Built max tokens per iteration.")
+    exceeded: list[str] | None = Field(default=None, description="Limits the observed traffic went past.")
+    recommendation: Recommendation | None = Field(default=None, description="What to change (Manual and Auto).")
+    auto_shapes: dict[str, int] | None = Field(
+        default=None, description="Shapes raised by rebuildPolicy Auto (never below the spec's); in the identity."
+    )
+    last_auto_rebuild: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="When Auto last raised the shapes."
+    )
+
+
+class BenchmarkResult(StatusModel):
+    requests_per_second: float | None = Field(default=None, description="Request throughput.")
+    output_tokens_per_second: float | None = Field(default=None, description="Output token throughput.")
+    ttft_p50_ms: float | None = Field(default=None, description="Median time to first token, ms.")
+    ttft_p99_ms: float | None = Field(default=None, description="p99 time to first token, ms.")
+    itl_p50_ms: float | None = Field(default=None, description="Median inter-token latency, ms.")
+    itl_p99_ms: float | None = Field(default=None, description="p99 inter-token latency, ms.")
+    test_benchmark: bool | None = Field(
+        default=None, description="True when numbers came from the test benchmarker, not trtllm-bench."
+    )
+
+
+class BenchmarkStatus(StatusModel):
+    engine_digest: str | None = Field(default=None, description="Engine the run measured.")
+    job: str | None = Field(default=None, description="Benchmark Job.")
+    verdict: Literal["Running", "Passed", "Failed"] | None = Field(default=None, description="Outcome.")
+    reasons: list[str] | None = Field(default=None, description="Why it failed (thresholds or regression).")
+    result: BenchmarkResult | None = Field(default=None, description="Measured numbers.")
+    serving: BenchmarkResult | None = Field(
+        default=None, description="The serving engine's numbers, the baseline for maxRegressionPercent."
+    )
+
+
 class LLMEngineStatus(StatusModel):
     """Observed state, written by the operator."""
 
@@ -650,6 +775,9 @@ class LLMEngineStatus(StatusModel):
     ready_replicas: int | None = Field(default=None, description="Serving pods ready.")
     replicas: int | None = Field(default=None, description="Serving pods.")
     message: str | None = Field(default=None, description="What is happening or what is wrong, in one line.")
+    traffic: TrafficStatus | None = Field(default=None, description="Observed serving traffic.")
+    envelope: EnvelopeStatus | None = Field(default=None, description="Static limits against observed traffic.")
+    benchmark: BenchmarkStatus | None = Field(default=None, description="The benchmark gate of the desired engine.")
 
 
 class LLMEngine(BaseModel):

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmengine.api.artifacts import BuildRequest, BuildResult, Provenance, StoreLocation
+from llmengine.api.artifacts import BuildRequest, BuildResult, Provenance, StoreLocation, first_problem
 from llmengine.builder.compiler import BuildFailure, Compiler, check_request
 from llmengine.builder.fetch import HfDownload, StoreFactory, default_store_factory, fetch_model
 from llmengine.builder.verify import verify_engine
@@ -67,11 +67,8 @@ def load_request(path: Path) -> BuildRequest:
     except FileNotFoundError as exc:
         raise BuildFailure("validate", "InvalidRequest", f"build request {path} does not exist", True) from exc
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first.get("loc", ()))
-        raise BuildFailure(
-            "validate", "InvalidRequest", f"build request field {loc}: {first.get('msg')}", permanent=True
-        ) from exc
+        where = "field " if exc.errors()[0]["loc"] else f"{path}: "
+        raise BuildFailure("validate", "InvalidRequest", f"build request {where}{first_problem(exc)}", True) from exc
 
 
 def _stage_done(log: Any, stage: str, start: float, nbytes: int | None = None, **extra: Any) -> None:

@@ -28,7 +28,15 @@ from botocore.config import Config
 from pydantic import ValidationError
 from s3transfer.subscribers import BaseSubscriber
 
-from llmengine.api.artifacts import BuildResult, BuildShapes, Manifest, ManifestFile, Provenance, StoreLocation
+from llmengine.api.artifacts import (
+    BuildResult,
+    BuildShapes,
+    Manifest,
+    ManifestFile,
+    Provenance,
+    StoreLocation,
+    first_problem,
+)
 from llmengine.logging import get_logger
 
 if TYPE_CHECKING:
@@ -406,10 +414,8 @@ class EngineStore:
         try:
             manifest = Manifest.model_validate_json(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(x) for x in first.get("loc", ()))
             raise ManifestInvalid(
-                f"manifest at {where} is malformed ({loc}: {first.get('msg')}); rebuild the engine"
+                f"manifest at {where} is malformed ({first_problem(exc)}); rebuild the engine"
             ) from exc
         if manifest.engine_digest != digest:
             raise IntegrityError(f"manifest at {where} is for engine {manifest.engine_digest}, not {digest}")
@@ -425,7 +431,9 @@ class EngineStore:
         try:
             return BuildResult.model_validate_json(raw)
         except ValidationError as exc:
-            raise StoreError(f"build result at {self.uri(digest)}{RESULT_NAME} is malformed") from exc
+            raise StoreError(
+                f"build result at {self.uri(digest)}{RESULT_NAME} is malformed ({first_problem(exc)})"
+            ) from exc
 
     def _put_bytes(self, digest: str, name: str, body: bytes) -> None:
         with self._s3():

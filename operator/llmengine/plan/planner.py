@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from llmengine.api.artifacts import BuildRequest, BuildShapes, ModelSource, StoreLocation
-from llmengine.api.v1alpha1 import FieldError, InvalidEngine, LLMEngine, LLMEngineSpec, parse_engine
+from llmengine.api.v1alpha1 import SHAPE_FIELDS, FieldError, InvalidEngine, LLMEngine, LLMEngineSpec, parse_engine
 from llmengine.plan import sizing, validate
 from llmengine.plan.catalog import CATALOG, ModelFacts, lookup, resolve_facts
 from llmengine.plan.gpus import GIB, UNKNOWN_GPU, GpuClass, MigProfile, gpu_class, gpu_resource
@@ -78,13 +79,16 @@ def make_plan(
     default_store: StoreLocation | None = None,
     gpus_per_node: int | None = None,
     test_engine_bytes: int | None = None,
+    shape_floor: Mapping[str, int] | None = None,
 ) -> Plan:
     """Validate an LLMEngine and work out its engine identity, shapes, memory fit and build request.
 
-    Never raises on bad input: every problem becomes a FieldError.
+    shape_floor raises shapes (snake_case BuildShapes fields) to at least these values: the shapes a traffic-aware
+    rebuild chose (rebuildPolicy Auto). They enter the identity like any other shape. Never raises on bad input:
+    every problem becomes a FieldError.
     """
     try:
-        return _plan(engine, compiler, default_store, gpus_per_node, test_engine_bytes)
+        return _plan(engine, compiler, default_store, gpus_per_node, test_engine_bytes, shape_floor)
     except Exception as exc:  # a planner bug must not crash the operator's reconcile loop
         return invalid_plan([FieldError("spec", f"could not plan this engine ({type(exc).__name__}: {exc})")])
 
@@ -96,6 +100,7 @@ def plan_object(
     default_store: StoreLocation | None = None,
     gpus_per_node: int | None = None,
     test_engine_bytes: int | None = None,
+    shape_floor: Mapping[str, int] | None = None,
 ) -> Plan:
     """make_plan for a raw Kubernetes object; schema errors become FieldErrors (spec.build.maxSeqLen, ...)."""
     try:
@@ -108,7 +113,18 @@ def plan_object(
         default_store=default_store,
         gpus_per_node=gpus_per_node,
         test_engine_bytes=test_engine_bytes,
+        shape_floor=shape_floor,
     )
+
+
+def raise_shapes(shapes: BuildShapes, floor: Mapping[str, int] | None) -> BuildShapes:
+    """Each shape at least its floor; maxNumTokens follows a raised maxInputLen (a prompt fits one iteration)."""
+    if not floor:
+        return shapes
+    up = {f: max(getattr(shapes, f), int(floor[f])) for f in SHAPE_FIELDS if f in floor}
+    if up.get("max_input_len", 0) > shapes.max_num_tokens:
+        up["max_num_tokens"] = max(up.get("max_num_tokens", 0), up["max_input_len"])
+    return shapes.model_copy(update=up) if up else shapes
 
 
 def _resolve_facts(spec: LLMEngineSpec) -> tuple[ModelFacts | None, list[FieldError]]:
@@ -335,9 +351,12 @@ def _plan(
     default_store: StoreLocation | None,
     gpus_per_node: int | None,
     test_engine_bytes: int | None,
+    shape_floor: Mapping[str, int] | None = None,
 ) -> Plan:
     spec = engine.spec
-    errors: list[FieldError] = []
+    errors = validate.check_integer_range(spec)
+    if errors:
+        return invalid_plan(errors)
     warnings: list[str] = []
     if compiler not in COMPILERS:
         errors.append(FieldError("compiler", f"unknown compiler {compiler!r}: use one of {', '.join(COMPILERS)}"))
@@ -353,6 +372,8 @@ def _plan(
     shapes, errs, warns = _shapes(spec, facts, available)
     errors += errs
     warnings += warns
+    if shapes is not None:
+        shapes = raise_shapes(shapes, shape_floor)
 
     resolved = validate.Resolved(
         spec=spec,

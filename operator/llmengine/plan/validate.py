@@ -35,6 +35,9 @@ TENSORRT_ONLY_FEATURES = {
     "remove_input_padding": True,
 }
 
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
 
 
@@ -83,6 +86,24 @@ def resolve_version(spec: LLMEngineSpec) -> tuple[str | None, list[FieldError]]:
             "spec.trtllmVersion, e.g. 1.2.1",
         )
     ]
+
+
+def check_integer_range(spec: LLMEngineSpec) -> list[FieldError]:
+    """Integers beyond int64, which Kubernetes cannot store and the memory arithmetic would overflow on."""
+    out: list[FieldError] = []
+
+    def walk(value: object, path: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+            out.append(FieldError(path, f"is out of range: Kubernetes integers are at most {INT64_MAX}"))
+
+    walk(spec.model_dump(by_alias=True, exclude_none=True), "spec")
+    return out
 
 
 def check_version(r: Resolved) -> list[FieldError]:
@@ -199,7 +220,8 @@ def check_parallelism(r: Resolved) -> list[FieldError]:
     if f is None:
         return out
     if f.num_attention_heads % tp:
-        divisors = [d for d in range(1, f.num_attention_heads + 1) if f.num_attention_heads % d == 0 and d <= 16]
+        # Bounded: the head count is user input and may be huge.
+        divisors = [d for d in range(1, min(f.num_attention_heads, 16) + 1) if f.num_attention_heads % d == 0]
         out.append(
             FieldError(
                 "spec.parallelism.tensor",

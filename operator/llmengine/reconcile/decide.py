@@ -112,7 +112,7 @@ def failure_text(job: JobView) -> tuple[str, bool]:
     """One line saying why a build failed, and whether retrying the same request can never help."""
     result = parse_build_result(job.message)
     if result is not None and not result.succeeded:
-        parts = [p for p in (result.stage, result.reason, result.message) if p]
+        parts = [p.strip() for p in (result.stage, result.reason, result.message) if p and p.strip()]
         return (": ".join(parts) or "build failed")[:1024], result.permanent
     if job.reason == "DeadlineExceeded":
         return "build exceeded its deadline (activeDeadlineSeconds)", False

@@ -14,12 +14,14 @@ from typing import Any
 from llmengine import PREFIX
 from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import OperatorConfig
+from llmengine.api.v1alpha1 import InvalidEngine, parse_engine
 from llmengine.clients.kube import Kube, merge_patch
 from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client
 from llmengine.plan import plan_object
 from llmengine.reconcile import metrics
 from llmengine.reconcile.decide import Decision, DeploymentView, JobView, Observed, decide
 from llmengine.reconcile.queue import BuildQueue
+from llmengine.reconcile.traffic import TrafficWatcher, shape_floor
 from llmengine.render import build as render_build
 from llmengine.render import common, serving
 
@@ -45,6 +47,7 @@ class Reconciler:
         self._stores: dict[tuple[Any, ...], EngineStore] = {}
         self._build_key: dict[tuple[str, str], tuple[str, str]] = {}
         self._seen_finished: set[str] = set()
+        self.traffic = TrafficWatcher(kube, cfg)
 
     # ---- store ----------------------------------------------------------------------------------------------
     def _store_access(self, body: Mapping[str, Any], location: StoreLocation) -> StoreAccess:
@@ -179,12 +182,23 @@ class Reconciler:
         ns, name = md["namespace"], md["name"]
         spec = common.spec_of(body)
         status = dict(body.get("status") or {})
-        plan = plan_object(
-            {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(md), "spec": dict(spec)},
-            compiler=self.cfg.compiler,
-            default_store=self.cfg.default_store,
-            test_engine_bytes=self.cfg.test_engine_bytes,
-        )
+        obj = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(md), "spec": dict(spec)}
+        try:
+            engine = parse_engine(obj)
+        except InvalidEngine:
+            engine = None
+        floor = shape_floor(engine.spec, status) if engine is not None else None
+
+        def plan_with(floor: dict[str, int] | None) -> Any:
+            return plan_object(
+                obj,
+                compiler=self.cfg.compiler,
+                default_store=self.cfg.default_store,
+                test_engine_bytes=self.cfg.test_engine_bytes,
+                shape_floor=floor,
+            )
+
+        plan = plan_with(floor)
         dep_name = common.serving_name(name)
         dep = await self.kube.get_deployment(ns, dep_name)
         dview = self._deployment_view(dep)
@@ -249,6 +263,14 @@ class Reconciler:
             **base,
         )
         d = decide(obs)
+        if engine is not None:
+
+            def fits(candidate: dict[str, int]) -> str | None:
+                p = plan_with(candidate)
+                return None if p.valid else "; ".join(str(e) for e in p.errors)
+
+            if await self.traffic.step(body, engine.spec, plan, d.status, now, fits, d.events):
+                d.requeue_after = 0.05  # plan again with the raised shapes now
         if job is not None:
             owners = list(job["metadata"].get("ownerReferences") or [])
             owner = common.owner_reference(body, controller=False)
@@ -355,6 +377,7 @@ class Reconciler:
             self.events(body, "Normal", "BuildStarted", f"build Job {job['metadata']['name']} (attempt {attempt})")
 
     def forget(self, ns: str, name: str) -> None:
+        self.traffic.forget(ns, name)
         prev = self._build_key.pop((ns, name), None)
         if prev:
             self.queue.forget(prev[1])
