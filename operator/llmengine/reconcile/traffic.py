@@ -71,11 +71,25 @@ class TrafficWatcher:
             return False
         key = (ns, name)
         series = self.series.get(key)
+        env: dict[str, Any] = dict(status.get("envelope") or {})
         if series is None or series.digest != plan.engine_digest:
             series = self.series[key] = _Series(plan.engine_digest)
+            if env.get("maxInputLen") != plan.shapes.max_input_len or env.get("maxSeqLen") != plan.shapes.max_seq_len:
+                # Another engine serves now: what was exceeded was exceeded by the previous one.
+                env.pop("exceeded", None)
+                env.pop("recommendation", None)
+        env.update(
+            {
+                "maxBatchSize": plan.shapes.max_batch_size,
+                "maxInputLen": plan.shapes.max_input_len,
+                "maxSeqLen": plan.shapes.max_seq_len,
+                "maxNumTokens": plan.shapes.max_num_tokens,
+            }
+        )
+        status["envelope"] = env
 
         window = envelope.parse_duration(spec.rebuild_policy.window)
-        pods = await self.kube.list_pods(ns, _selector(name, plan.short_digest))
+        pods = await self.kube.list_pods(ns, _selector(name, plan.engine_digest[:12]))
         urls = {
             p["metadata"]["name"]: u
             for p in pods
@@ -94,9 +108,9 @@ class TrafficWatcher:
         if newest is None or start is None:
             reason = "NoMetrics" if not scraped else "Observing"
             msg = (
-                f"no serving pod answered at {self.cfg.traffic_url_template.split('{pod_ip}')[-1] or 'its metrics'}"
+                f"no serving pod answered at {self.cfg.traffic_url_template}"
                 if not scraped
-                else "first snapshot taken; the profile needs a second one"
+                else "first snapshot of this engine's traffic taken; the profile needs a second one"
             )
             status["conditions"] = cond.set_condition(conds, cond.ENVELOPE_EXCEEDED, "Unknown", reason, msg, gen, stamp)
             return False
@@ -104,16 +118,7 @@ class TrafficWatcher:
         profile = traffic.profile(traffic.window_delta(newest, start), newest.at - start.at, stamp)
         status["traffic"] = profile
         verdict = envelope.judge(profile, plan.shapes, spec.rebuild_policy)
-        env: dict[str, Any] = dict(status.get("envelope") or {})
-        env.update(
-            {
-                "maxBatchSize": plan.shapes.max_batch_size,
-                "maxInputLen": plan.shapes.max_input_len,
-                "maxSeqLen": plan.shapes.max_seq_len,
-                "maxNumTokens": plan.shapes.max_num_tokens,
-                "exceeded": [envelope.CAMEL[e.limit] for e in verdict.exceeded] or None,
-            }
-        )
+        env["exceeded"] = [envelope.CAMEL[e.limit] for e in verdict.exceeded] or None
         message, raised = verdict.message, False
         if verdict.status == "True":
             patch = envelope.recommended_patch(spec, plan.shapes, verdict.target)
@@ -146,6 +151,7 @@ class TrafficWatcher:
         return raised
 
 
-def _selector(name: str, short_digest: str) -> str:
-    labels = {**serving.instance_labels(name), common.DIGEST_LABEL: short_digest}
+def _selector(name: str, digest12: str) -> str:
+    # The serving pods carry the first 12 hex of the engine digest they run (render.serving).
+    labels = {**serving.instance_labels(name), common.DIGEST_LABEL: digest12}
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
