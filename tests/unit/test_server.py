@@ -245,11 +245,18 @@ def _write_local(engine: Path, m: Manifest) -> None:
     (engine / "manifest.json").write_text(m.to_json())
 
 
-def test_run_preflights_then_execs_trtllm_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_preflights_then_starts_trtllm_serve_behind_the_meter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _write_local(tmp_path / "engine", manifest())
     execs: list[tuple[str, list[str]]] = []
+    child = SimpleNamespace(pid=1)
+    meters: list[tuple[str, int, int, Any]] = []
     seams = server_main.Seams(
-        nvml=FakeNVML([FakeGPU(), FakeGPU(uuid="GPU-2")]), execvp=lambda f, a: execs.append((f, a))
+        nvml=FakeNVML([FakeGPU(), FakeGPU(uuid="GPU-2")]),
+        execvp=lambda f, a: execs.append((f, a)),
+        spawn=lambda a: execs.append((a[0], a)) or child,
+        run_meter=lambda h, p, u, c: meters.append((h, p, u, c)) or 7,
     )
     extra = tmp_path / "extra.yaml"
     rc = server_main.main(
@@ -270,11 +277,13 @@ def test_run_preflights_then_execs_trtllm_serve(tmp_path: Path, capsys: pytest.C
         ],
         seams,
     )
-    assert rc == 0
+    # The meter owns the public port; trtllm-serve binds loopback on the next one; its exit code is ours.
+    assert rc == 7 and meters == [("0.0.0.0", 9000, 9001, child)]
     ((prog, argv),) = execs
     assert prog == "trtllm-serve" and argv[1] == str(tmp_path / "engine")
     assert argv[argv.index("--backend") + 1] == "tensorrt" and argv[argv.index("--tp_size") + 1] == "2"
-    assert argv[argv.index("--max_batch_size") + 1] == "16" and argv[argv.index("--port") + 1] == "9000"
+    assert argv[argv.index("--max_batch_size") + 1] == "16" and argv[argv.index("--port") + 1] == "9001"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--tokenizer") + 1] == str(tmp_path / "engine")
     assert argv[argv.index("--extra_llm_api_options") + 1] == str(extra)
     assert extra.read_text() == "return_perf_metrics: true\n"

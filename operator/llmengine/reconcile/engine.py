@@ -12,16 +12,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmengine import PREFIX
+from llmengine.api import conditions as cond
 from llmengine.api.artifacts import StoreLocation
+from llmengine.api.bench import parse_bench_outcome
 from llmengine.api.config import OperatorConfig
 from llmengine.api.v1alpha1 import InvalidEngine, parse_engine
 from llmengine.clients.kube import Kube, merge_patch
 from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client
 from llmengine.plan import plan_object
-from llmengine.reconcile import metrics
+from llmengine.plan.benchgate import bench_request
+from llmengine.reconcile import gate, metrics
 from llmengine.reconcile.decide import Decision, DeploymentView, JobView, Observed, decide
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.traffic import TrafficWatcher, shape_floor
+from llmengine.render import bench as render_bench
 from llmengine.render import build as render_build
 from llmengine.render import common, serving
 
@@ -271,6 +275,8 @@ class Reconciler:
 
             if await self.traffic.step(body, engine.spec, plan, d.status, now, fits, d.events):
                 d.requeue_after = 0.05  # plan again with the raised shapes now
+            if committed:
+                await self._gate(body, engine.spec, plan, access, pool, d, dview)
         if job is not None:
             owners = list(job["metadata"].get("ownerReferences") or [])
             owner = common.owner_reference(body, controller=False)
@@ -279,6 +285,106 @@ class Reconciler:
             self._record_finished(job_view)
         await self._act(body, d, plan, access, (pool, key), dep)
         return d.requeue_after
+
+    async def _gate(
+        self,
+        body: Mapping[str, Any],
+        spec: Any,
+        plan: Any,
+        access: StoreAccess,
+        pool: str,
+        d: Decision,
+        dview: DeploymentView | None,
+    ) -> None:
+        """spec.benchmark: benchmark the committed engine before the rollout; hold the serving engine until it
+        passes."""
+        if spec.benchmark is None:
+            return
+        md = body["metadata"]
+        ns = md["namespace"]
+        serving_digest = dview.digest if dview else None
+        bench_name = render_bench.bench_job_name(plan.short_digest)
+        view = None
+        if serving_digest != plan.engine_digest:
+            job = await self.kube.get_job(ns, bench_name)
+            if job is not None:
+                view = await self._bench_view(ns, bench_name, job)
+        st = d.status
+        step = gate.gate(spec.benchmark, plan.engine_digest, serving_digest, st.get("benchmark") or {}, view)
+        if step is None:
+            return
+        st["benchmark"] = step.status
+        if step.event:
+            d.events.append(step.event)
+        gen = int(md.get("generation") or 0)
+        stamp = cond.now_iso()
+        conds = list(st.get("conditions") or [])
+        if step.condition:
+            status_, reason, message = step.condition
+            conds = cond.set_condition(conds, gate.BENCHMARK_PASSED, status_, reason, message[:2048], gen, stamp)
+        if step.hold:
+            d.deploy_digest = serving_digest  # the serving engine stays; nothing new rolls out
+            st["message"] = step.message[:2048]
+            if step.failed:
+                st["phase"] = "Failed"
+                conds = cond.set_condition(
+                    conds, cond.STALLED, True, "BenchmarkFailed", step.message[:2048], gen, stamp
+                )
+                conds = cond.set_condition(conds, cond.RECONCILING, False, "BenchmarkFailed", "", gen, stamp)
+            else:
+                st["phase"] = "Deploying"
+                d.requeue_after = min(d.requeue_after or 10.0, 10.0)
+            conds = cond.set_condition(
+                conds,
+                cond.READY,
+                False,
+                "BenchmarkFailed" if step.failed else "Benchmarking",
+                step.message[:2048],
+                gen,
+                stamp,
+            )
+        st["conditions"] = conds
+        if step.create_job:
+            await self._start_bench(body, spec, plan, access, pool)
+
+    async def _bench_view(self, ns: str, name: str, job: Mapping[str, Any]) -> gate.BenchView:
+        st = job.get("status") or {}
+        done = {c["type"] for c in st.get("conditions") or [] if c.get("status") == "True"}
+        message = await self._termination_message(ns, name) if done & {"Complete", "Failed"} else None
+        return gate.BenchView(
+            name=name,
+            active=bool(st.get("active")),
+            succeeded="Complete" in done,
+            failed="Failed" in done,
+            outcome=parse_bench_outcome(message) if message else None,
+        )
+
+    async def _start_bench(self, body: Mapping[str, Any], spec: Any, plan: Any, access: StoreAccess, pool: str) -> None:
+        md = body["metadata"]
+        ns = md["namespace"]
+        raw = common.spec_of(body)
+        owner = common.owner_reference(body, controller=False)
+        request = bench_request(spec, plan)
+        cm = render_bench.bench_request_configmap(request, plan.short_digest, pool, ns, [owner])
+        if not await self.kube.create(cm):
+            await self.kube.add_owner("ConfigMap", ns, cm["metadata"]["name"], [], owner)
+        hf = ((raw.get("model") or {}).get("source") or {}).get("huggingFace") or {}
+        token_ref = hf.get("tokenSecretRef")
+        job = render_bench.bench_job(
+            request=request,
+            short_digest=plan.short_digest,
+            pool=pool,
+            namespace=ns,
+            owners=[owner],
+            product_labels=list(plan.gpu.product_labels),
+            gpu_resource=plan.gpu_resource,
+            gpu_count=plan.gpu_count,
+            target=dict(raw.get("target") or {}),
+            store_secret=access.pod_secret,
+            hf_token={"name": token_ref["name"], "key": token_ref.get("key", "token")} if token_ref else None,
+            cfg=self.cfg,
+        )
+        await self.kube.create(job)
 
     def _record_finished(self, job: JobView | None) -> None:
         if job is None or not (job.succeeded or job.failed):

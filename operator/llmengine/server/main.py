@@ -2,7 +2,8 @@
 
 - download: (init container) fetch the engine into --engine-dir and verify every file against the manifest.
 - preflight: check the GPUs (count, SM, free memory, MIG) against the downloaded manifest; print a JSON report.
-- run: preflight, then exec trtllm-serve.
+- run: preflight, then serve: trtllm-serve on loopback behind the metering proxy (server/meter.py), which owns the
+  public port and exits with trtllm-serve's exit code; with --no-meter (env LLMENGINE_METER=false), exec trtllm-serve.
 - all (default): download, then run.
 
 Every failure is one line on stderr and a non-zero exit.
@@ -22,6 +23,7 @@ from typing import Any
 from llmengine.api.artifacts import Manifest, StoreLocation
 from llmengine.clients.store import MANIFEST_NAME, EngineStore, StoreError, store_for
 from llmengine.logging import configure_logging, get_logger
+from llmengine.server.meter import LOOPBACK, Child, MeterError, run_meter, spawn_child, upstream_port_for
 from llmengine.server.preflight import DEFAULT_MARGIN_BYTES, Expectation, run_preflight
 from llmengine.server.serve import (
     EXTRA_OPTIONS,
@@ -44,10 +46,18 @@ class Seams:
     store_factory: Callable[[StoreLocation], EngineStore] = store_for
     nvml: Any = None
     execvp: Callable[[str, list[str]], Any] = os.execvp
+    spawn: Callable[[list[str]], Child] = spawn_child
+    # (listen host, listen port, upstream port, child) -> exit code; returns when the child exits.
+    run_meter: Callable[[str, int, int, Child], int] = run_meter
 
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in ("0", "false", "no", "off")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -68,7 +78,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--parallelism", type=int, default=8, help="parallel ranged GETs while downloading")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir or HF name (default: the engine dir)")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="public port (the metering proxy's, else trtllm-serve's)")
+    p.add_argument(
+        "--no-meter",
+        dest="meter",
+        action="store_false",
+        default=_env_flag("LLMENGINE_METER", True),
+        help="exec trtllm-serve on --port without the metering proxy (env LLMENGINE_METER=false)",
+    )
+    p.add_argument(
+        "--meter-upstream-port",
+        type=int,
+        default=_env("LLMENGINE_METER_UPSTREAM_PORT"),
+        help="loopback port of trtllm-serve behind the proxy (default --port + 1; env LLMENGINE_METER_UPSTREAM_PORT)",
+    )
     p.add_argument("--backend", choices=("tensorrt", "pytorch"), default=None, help="must match the engine's")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-num-tokens", type=int, default=None)
@@ -125,7 +148,8 @@ def preflight(args: argparse.Namespace, manifest: Manifest, seams: Seams) -> dic
     return doc
 
 
-def exec_server(args: argparse.Namespace, manifest: Manifest, seams: Seams) -> None:
+def exec_server(args: argparse.Namespace, manifest: Manifest, seams: Seams) -> int:
+    """Serve until trtllm-serve exits; return its exit code (never returns without the meter: exec)."""
     if manifest.provenance.test_build:
         raise ServeError(
             f"engine {manifest.engine_digest} is a TEST BUILD (not TensorRT-LLM output): trtllm-serve cannot load it"
@@ -147,30 +171,46 @@ def exec_server(args: argparse.Namespace, manifest: Manifest, seams: Seams) -> N
         raise ServeError(str(exc)) from exc
     args.extra_options_file.parent.mkdir(parents=True, exist_ok=True)
     args.extra_options_file.write_text(EXTRA_OPTIONS)
+    log = get_logger(engine_digest=manifest.engine_digest)
+    tokenizer = args.tokenizer or args.engine_dir
+    if not args.meter:
+        argv = serve_argv(
+            manifest, args.engine_dir, tokenizer, resolved, args.extra_options_file, host=args.host, port=args.port
+        )
+        log.info("exec trtllm-serve", argv=argv)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        seams.execvp(argv[0], argv)
+        return 0
+    upstream = args.meter_upstream_port or upstream_port_for(args.port)
+    if upstream == args.port:
+        raise ServeError(f"--meter-upstream-port {upstream} is the public --port: pick another")
     argv = serve_argv(
-        manifest,
-        args.engine_dir,
-        args.tokenizer or args.engine_dir,
-        resolved,
-        args.extra_options_file,
-        host=args.host,
-        port=args.port,
+        manifest, args.engine_dir, tokenizer, resolved, args.extra_options_file, host=LOOPBACK, port=upstream
     )
-    get_logger(engine_digest=manifest.engine_digest).info("exec trtllm-serve", argv=argv)
+    log.info("start trtllm-serve behind the metering proxy", argv=argv, port=args.port, upstream_port=upstream)
     sys.stdout.flush()
     sys.stderr.flush()
-    seams.execvp(argv[0], argv)
+    try:
+        child = seams.spawn(argv)
+    except OSError as exc:
+        raise ServeError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
+    try:
+        return seams.run_meter(args.host, args.port, upstream, child)
+    except MeterError as exc:
+        raise ServeError(str(exc)) from exc
 
 
-def run_step(args: argparse.Namespace, seams: Seams) -> None:
+def run_step(args: argparse.Namespace, seams: Seams) -> int:
     if args.step in ("download", "all"):
         download(args, seams)
         if args.step == "download":
-            return
+            return 0
     manifest = local_manifest(args)
     preflight(args, manifest, seams)
     if args.step in ("run", "all"):
-        exec_server(args, manifest, seams)
+        return exec_server(args, manifest, seams)
+    return 0
 
 
 def main(argv: list[str] | None = None, seams: Seams | None = None) -> int:
@@ -178,9 +218,8 @@ def main(argv: list[str] | None = None, seams: Seams | None = None) -> int:
     configure_logging(json=args.log_format == "json", level=args.log_level)
     log = get_logger(component="server", engine_digest=args.digest, step=args.step)
     try:
-        run_step(args, seams or Seams())
+        return run_step(args, seams or Seams())
     except ServeError as exc:
         log.error("refusing to serve", error=str(exc))
         print(f"serve-engine: {exc}", file=sys.stderr)
         return 1
-    return 0

@@ -66,7 +66,8 @@ def serve_argv(
     host: str = "0.0.0.0",
     port: int = 8000,
 ) -> list[str]:
-    """argv for os.execvp: the engine dir with --backend tensorrt, or the HF checkpoint dir with pytorch."""
+    """argv to exec or spawn behind the meter (host 127.0.0.1 then): the engine dir with --backend tensorrt, or
+    the HF checkpoint dir with pytorch."""
     return [
         "trtllm-serve",
         str(model_dir),
