@@ -196,3 +196,57 @@ def test_default_store_flag(tmp_path: Path) -> None:
     f = write(tmp_path / "a.yaml", engine("a"))
     assert run("-f", f, "--default-store", "s3://bucket/prefix")[0] == 0
     assert run("-f", f, "--default-store", "bucket")[0] == 2
+
+
+def _live(**spec: Any) -> dict[str, Any]:
+    obj = engine("llama", **spec)
+    obj["status"] = {
+        "traffic": {
+            "requests": 1200,
+            "windowSeconds": 900,
+            "inputTokens": {"p50": 1500, "p99": 3000, "max": 3072},
+            "outputTokens": {"p50": 200, "p99": 600, "max": 1024},
+            "concurrency": {"p50": 20, "p99": 40, "max": 64},
+            "rejectedTooLong": 2,
+        },
+        "envelope": {
+            "maxInputLen": 2048,
+            "maxSeqLen": 4096,
+            "maxBatchSize": 64,
+            "autoShapes": {"max_input_len": 3840},
+            "recommendation": {"patch": '{"spec":{"build":{"maxInputLen":3840}}}'},
+        },
+        "conditions": [
+            {"type": "EnvelopeExceeded", "status": "True", "reason": "TrafficExceedsEngine", "message": "maxInputLen"}
+        ],
+    }
+    return obj
+
+
+def test_against_a_running_resource_shows_observed_traffic_next_to_the_envelope(tmp_path: Path) -> None:
+    new = write(tmp_path / "new.yaml", engine("llama"))
+    live = write(tmp_path / "live.yaml", _live())
+    code, out, _ = run("-f", new, "--against", live)
+    assert code == 0
+    assert "observed: 1200 requests over 900s; prompt p50/p99/max 1500/3000/3072 vs maxInputLen 2048" in out
+    assert "in flight per pod 20/40/64 vs maxBatchSize 64" in out and "refused too long 2" in out
+    assert "envelope: EnvelopeExceeded=True (TrafficExceedsEngine)" in out
+    assert 'patch:    {"spec":{"build":{"maxInputLen":3840}}}' in out
+    code, out, _ = run("-f", new, "--against", live, "-o", "json")
+    (doc,) = json.loads(out)
+    assert doc["observed"]["traffic"]["requests"] == 1200 and doc["observed"]["condition"]["status"] == "True"
+
+
+def test_auto_raised_shapes_are_part_of_the_live_identity(tmp_path: Path) -> None:
+    auto = {"rebuildPolicy": {"mode": "Auto"}}
+    live = write(tmp_path / "live.yaml", _live(**auto))
+    # The same spec with Auto: the live engine was built with maxInputLen 3840, and so is this plan.
+    code, out, _ = run("-f", write(tmp_path / "same.yaml", engine("llama", **auto)), "--against", live, "-o", "json")
+    assert code == 0
+    (doc,) = json.loads(out)
+    assert doc["action"] == "nothing" and doc["build"]["maxInputLen"] == 3840
+    # Back to Manual: the spec's own shapes, another engine.
+    code, out, _ = run("-f", write(tmp_path / "manual.yaml", engine("llama")), "--against", live, "-o", "json")
+    assert code == 0
+    (doc,) = json.loads(out)
+    assert doc["action"] == "rebuild" and doc["build"]["maxInputLen"] == 2048

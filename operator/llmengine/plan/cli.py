@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -39,6 +39,7 @@ class Entry:
     source: str
     engine: LLMEngine | None
     plan: Plan
+    status: dict[str, Any] | None = None  # a live object's status (read from the cluster)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -68,16 +69,44 @@ def _is_engine(doc: Any) -> bool:
     return api_version == "" or api_version.split("/", 1)[0] == GROUP
 
 
-def _entry(doc: dict[str, Any], source: str, plan_kwargs: dict[str, Any]) -> Entry:
+def auto_floor(engine: LLMEngine | None, status: Mapping[str, Any] | None) -> dict[str, int] | None:
+    """Shapes a live object's rebuildPolicy Auto raised (status.envelope.autoShapes): part of its identity."""
+    if engine is None or engine.spec.rebuild_policy.mode != "Auto" or not status:
+        return None
+    env = status.get("envelope")
+    auto = env.get("autoShapes") if isinstance(env, Mapping) else None
+    if not isinstance(auto, Mapping):
+        return None
+    return {str(k): int(v) for k, v in auto.items() if isinstance(v, int)} or None
+
+
+def _entry(
+    doc: dict[str, Any], source: str, plan_kwargs: dict[str, Any], live_status: Mapping[str, Any] | None = None
+) -> Entry:
     md = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     assert isinstance(md, dict)
     namespace, name = str(md.get("namespace") or "default"), str(md.get("name") or "")
+    status = doc.get("status") if isinstance(doc.get("status"), dict) else None
     try:
         engine: LLMEngine | None = parse_engine(doc)
     except InvalidEngine as exc:
-        return Entry(namespace, name, source, None, invalid_plan(exc.errors))
+        return Entry(namespace, name, source, None, invalid_plan(exc.errors), status)
     assert engine is not None
-    return Entry(namespace, name, source, engine, make_plan(engine, **plan_kwargs))
+    floor = auto_floor(engine, status if live_status is None else live_status)
+    return Entry(namespace, name, source, engine, make_plan(engine, **plan_kwargs, shape_floor=floor), status)
+
+
+def _replan(entry: Entry, live: Entry, plan_kwargs: dict[str, Any]) -> Entry:
+    floor = auto_floor(entry.engine, live.status)
+    if entry.engine is None or floor is None:
+        return entry
+    return Entry(
+        entry.namespace,
+        entry.name,
+        entry.source,
+        entry.engine,
+        make_plan(entry.engine, **plan_kwargs, shape_floor=floor),
+    )
 
 
 def read_file(path: str, plan_kwargs: dict[str, Any], stdin: TextIO | None = None) -> list[Entry]:
@@ -114,7 +143,45 @@ def _gib(value: int) -> str:
     return f"{value / GIB:.1f}"
 
 
-def to_json(entry: Entry, action: str | None, with_action: bool) -> dict[str, Any]:
+def _observed(live: Entry | None) -> dict[str, Any]:
+    """A running resource's observed traffic next to its built envelope (status.traffic, status.envelope)."""
+    st = live.status if live is not None else None
+    if not st or not (st.get("traffic") or st.get("envelope")):
+        return {}
+    cond = next((c for c in st.get("conditions") or [] if c.get("type") == "EnvelopeExceeded"), None)
+    return {"traffic": st.get("traffic"), "envelope": st.get("envelope"), "condition": cond}
+
+
+def _observed_text(obs: Mapping[str, Any]) -> list[str]:
+    t, env = obs.get("traffic") or {}, obs.get("envelope") or {}
+
+    def st(key: str) -> str:
+        d = t.get(key) or {}
+        return "/".join(str(d.get(k, "-")) for k in ("p50", "p99", "max"))
+
+    lines = []
+    if t:
+        lines.append(
+            f"  observed: {t.get('requests', 0)} requests over {t.get('windowSeconds', 0):g}s; prompt p50/p99/max "
+            f"{st('inputTokens')} vs maxInputLen {env.get('maxInputLen', '-')}; output {st('outputTokens')}, "
+            f"maxSeqLen {env.get('maxSeqLen', '-')}; in flight per pod {st('concurrency')} vs maxBatchSize "
+            f"{env.get('maxBatchSize', '-')}; refused too long {t.get('rejectedTooLong', 0)}; queue p90 "
+            f"{t.get('queueP90Seconds', '-')}s"
+        )
+    c = obs.get("condition")
+    if c:
+        lines.append(f"  envelope: EnvelopeExceeded={c.get('status')} ({c.get('reason')}): {c.get('message', '')}")
+    rec = env.get("recommendation") or {}
+    if rec.get("patch"):
+        lines.append(f"  patch:    {rec['patch']}")
+    if env.get("autoShapes"):
+        lines.append(f"  auto:     {env['autoShapes']} (rebuildPolicy Auto, since {env.get('lastAutoRebuild', '-')})")
+    return lines
+
+
+def to_json(
+    entry: Entry, action: str | None, with_action: bool, observed: dict[str, Any] | None = None
+) -> dict[str, Any]:
     p = entry.plan
     m = p.memory
     out: dict[str, Any] = {
@@ -151,10 +218,12 @@ def to_json(entry: Entry, action: str | None, with_action: bool) -> dict[str, An
     }
     if with_action:
         out["action"] = action
+    if observed:
+        out["observed"] = observed
     return out
 
 
-def to_text(entry: Entry, action: str | None, with_action: bool) -> str:
+def to_text(entry: Entry, action: str | None, with_action: bool, observed: dict[str, Any] | None = None) -> str:
     p = entry.plan
     verdict = "valid" if p.valid else f"INVALID ({len(p.errors)} error{'s' if len(p.errors) != 1 else ''})"
     lines = [f"{entry.namespace}/{entry.name or '<no name>'} ({entry.source}): {verdict}"]
@@ -192,6 +261,7 @@ def to_text(entry: Entry, action: str | None, with_action: bool) -> str:
             f"tp{inputs['parallelism']['tensor']}pp{inputs['parallelism']['pipeline']} "
             f"{inputs['gpu']['class']} SM {inputs['gpu']['sm']} compiler {inputs['compiler']}"
         )
+    lines += _observed_text(observed or {})
     return "\n".join(lines)
 
 
@@ -257,6 +327,10 @@ def main(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = 
             else:
                 olds = read_file(target, kwargs)
             against = {e.key: e for e in olds}
+            # Shapes Auto raised on a live object are part of its identity: plan the files with them too.
+            entries = [
+                _replan(e, against[e.key], kwargs) if e.key in against and against[e.key].status else e for e in entries
+            ]
     except InputError as exc:
         print(f"llmengine plan: {exc}", file=err)
         return 2
@@ -266,9 +340,11 @@ def main(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = 
 
     with_action = against is not None
     actions = [action_for(e, against.get(e.key)) if against is not None else None for e in entries]
+    observed = [_observed(against.get(e.key)) if against is not None else {} for e in entries]
+    rows = list(zip(entries, actions, observed, strict=True))
     if args.output == "json":
-        docs = [to_json(e, a, with_action) for e, a in zip(entries, actions, strict=True)]
+        docs = [to_json(e, a, with_action, o) for e, a, o in rows]
         print(json.dumps(docs, indent=2, sort_keys=True), file=out)
     else:
-        print("\n\n".join(to_text(e, a, with_action) for e, a in zip(entries, actions, strict=True)), file=out)
+        print("\n\n".join(to_text(e, a, with_action, o) for e, a, o in rows), file=out)
     return 0 if all(e.plan.valid for e in entries) else 1
