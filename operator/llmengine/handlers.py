@@ -93,6 +93,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    # A replica that dies without a goodbye is forgotten after this; the standby then takes over.
+    settings.peering.lifetime = STATE.cfg.peering_lifetime_seconds
     if STATE.webhook is not None:
         settings.admission.server = _webhook_server(STATE.webhook)
         settings.admission.managed = STATE.webhook.manage
@@ -240,13 +242,18 @@ def main(argv: list[str]) -> int:
 
     from prometheus_client import start_http_server
 
-    from llmengine.logging import configure_logging
+    from llmengine.logging import configure_logging, mask_stdlib_handlers
 
     cfg = OperatorConfig.from_env()
     configure_logging(json=cfg.json_logs)
     start_http_server(args.metrics_port if args.metrics_port is not None else cfg.metrics_port)
     liveness = args.liveness or f"http://0.0.0.0:{cfg.health_port}/healthz"
     kopf.configure(verbose=args.verbose)
+    # Kopf installs its own root handler: keep that one only (no line twice) and mask secrets in it.
+    root = logging.getLogger()
+    if len(root.handlers) > 1:
+        root.handlers[:] = root.handlers[-1:]
+    mask_stdlib_handlers()
     asyncio.run(
         kopf.operator(
             clusterwide=not args.namespace,

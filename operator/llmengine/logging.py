@@ -26,6 +26,7 @@ _SECRET_KEY = re.compile(
 )
 # Environment variables whose values are secrets wherever they show up.
 SECRET_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "HF_TOKEN",
@@ -109,6 +110,31 @@ def configure_logging(json: bool, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [logging.StreamHandler(sys.stderr)]
     root.setLevel(max(lvl, logging.WARNING))
+    mask_stdlib_handlers()
+
+
+class MaskSecrets(logging.Filter):
+    """Masks registered secret values in stdlib log records (Kopf, botocore, huggingface_hub) before any handler
+    formats them: the structlog processor only sees structlog's own events."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's bad format string: leave the record as it is
+            return True
+        masked = _mask(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_text:
+            record.exc_text = _mask(record.exc_text)
+        return True
+
+
+def mask_stdlib_handlers() -> None:
+    """Install MaskSecrets on every handler of the root logger (call after other libraries added theirs)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, MaskSecrets) for f in handler.filters):
+            handler.addFilter(MaskSecrets())
 
 
 def get_logger(**bound: Any) -> Any:

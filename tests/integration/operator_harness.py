@@ -15,6 +15,7 @@ from typing import Any
 from kubernetes import client
 
 from llmengine.dev.cluster import ClusterInfo, wait_for
+from llmengine.dev.proc import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_ARCH = {
@@ -113,7 +114,8 @@ def run_operator(
         "--metrics-port",
         "0",
         "--liveness",
-        "http://127.0.0.1:0/healthz",
+        # Kopf reads port 0 as "no port" (80): a free one, so that two operators can run side by side.
+        f"http://127.0.0.1:{free_port()}/healthz",
         *(extra_args or []),
     ]
     holder: dict[str, Any] = {}

@@ -353,3 +353,24 @@ def test_console_logging_is_key_value() -> None:
     get_logger(stage="upload").info("done", bytes=3)
     assert "stage=upload" in buf.getvalue() and "bytes=3" in buf.getvalue()
     configure_logging(json=True)
+
+
+def test_stdlib_log_records_are_masked_too() -> None:
+    """Kopf, botocore and huggingface_hub log through the stdlib: their lines are masked like structlog's."""
+    import io
+    import logging as stdlog
+
+    from llmengine.logging import MaskSecrets
+
+    secret = "s3cr3t-" + "x" * 20
+    register_secret(secret)
+    out = io.StringIO()
+    handler = stdlog.StreamHandler(out)
+    handler.addFilter(MaskSecrets())
+    log = stdlog.getLogger("test.kopf.objects")
+    log.addHandler(handler)
+    try:
+        log.warning("reconcile failed: key %s rejected", secret)
+    finally:
+        log.removeHandler(handler)
+    assert out.getvalue() == "reconcile failed: key [redacted] rejected\n"

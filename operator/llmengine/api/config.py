@@ -35,6 +35,8 @@ class OperatorConfig(BaseModel):
     metrics_port: int = 8080
     health_port: int = 8081
     json_logs: bool = True
+    # Kopf peering (several replicas): a peer without a keep-alive for this long is gone; takeover is within it.
+    peering_lifetime_seconds: int = Field(default=60, ge=5)
     # Traffic-aware rebuilds: "pods" scrapes each ready serving pod's metering endpoint; "off" observes nothing.
     traffic_source: Literal["pods", "off"] = "pods"
     # Where a pod's metrics are: {pod_ip}, {port} (spec.serving.port), {namespace}, {pod} are filled in.

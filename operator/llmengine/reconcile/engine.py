@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime
 import hashlib
 import json
@@ -19,6 +20,7 @@ from llmengine.api.config import OperatorConfig
 from llmengine.api.v1alpha1 import InvalidEngine, parse_engine
 from llmengine.clients.kube import Kube, merge_patch
 from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client
+from llmengine.logging import register_secret
 from llmengine.plan import plan_object
 from llmengine.plan.benchgate import bench_request
 from llmengine.reconcile import gate, metrics
@@ -76,6 +78,8 @@ class Reconciler:
                 "access_key_id": data.get("AWS_ACCESS_KEY_ID", ""),
                 "secret_access_key": data.get("AWS_SECRET_ACCESS_KEY", ""),
             }
+            for value in creds.values():
+                register_secret(value)  # masked in every log line from now on
             key = (*key, hashlib.sha256(json.dumps(creds, sort_keys=True).encode()).hexdigest())
         if key not in self._stores:
             cfg = S3Config.for_location(access.location, **creds)
@@ -185,7 +189,10 @@ class Reconciler:
         md = body["metadata"]
         ns, name = md["namespace"], md["name"]
         spec = common.spec_of(body)
-        status = dict(body.get("status") or {})
+        # Kopf updates a daemon's body in place as watch events arrive: decide and diff against one snapshot, so
+        # that a pass that started before our last status write can not write older values back over it.
+        status = copy.deepcopy(dict(body.get("status") or {}))
+        seen = copy.deepcopy(status)
         obj = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(md), "spec": dict(spec)}
         try:
             engine = parse_engine(obj)
@@ -233,7 +240,7 @@ class Reconciler:
                 **base,
             )
             d = decide(obs)
-            await self._act(body, d, plan, None, None, dep)
+            await self._act(body, d, plan, None, None, dep, seen)
             return d.requeue_after
 
         access = self._store_access(body, req.store)
@@ -283,7 +290,7 @@ class Reconciler:
             await self.kube.add_owner("Job", ns, job_name, owners, owner)
             await self.kube.add_owner("ConfigMap", ns, job_name, owners, owner)
             self._record_finished(job_view)
-        await self._act(body, d, plan, access, (pool, key), dep)
+        await self._act(body, d, plan, access, (pool, key), dep, seen)
         return d.requeue_after
 
     async def _gate(
@@ -408,6 +415,7 @@ class Reconciler:
         access: StoreAccess | None,
         build_key: tuple[str, str] | None,
         dep: dict[str, Any] | None,
+        seen_status: Mapping[str, Any],
     ) -> None:
         md = body["metadata"]
         ns = md["namespace"]
@@ -432,8 +440,7 @@ class Reconciler:
             await self._apply_deployment(desired, dep)
             if await self.kube.get_service(ns, common.serving_name(md["name"])) is None:
                 await self.kube.create(serving.service(body))
-        old = dict(body.get("status") or {})
-        patch = merge_patch(old, d.status)
+        patch = merge_patch(seen_status, d.status)
         if patch:
             await self.kube.patch_status(ns, md["name"], patch)
         for type_, reason, message in d.events:
