@@ -354,6 +354,11 @@ class Reconciler:
         if step.create_job:
             await self._start_bench(body, spec, plan, access, pool)
 
+    async def _ensure_configmap(self, cm: dict[str, Any], owner: dict[str, Any]) -> None:
+        """Create the request ConfigMap, or join it as an owner when another engine of the same identity made it."""
+        if not await self.kube.create(cm):
+            await self.kube.add_owner("ConfigMap", cm["metadata"]["namespace"], cm["metadata"]["name"], [], owner)
+
     async def _bench_view(self, ns: str, name: str, job: Mapping[str, Any]) -> gate.BenchView:
         st = job.get("status") or {}
         done = {c["type"] for c in st.get("conditions") or [] if c.get("status") == "True"}
@@ -372,11 +377,9 @@ class Reconciler:
         raw = common.spec_of(body)
         owner = common.owner_reference(body, controller=False)
         request = bench_request(spec, plan)
-        cm = render_bench.bench_request_configmap(request, plan.short_digest, pool, ns, [owner])
-        if not await self.kube.create(cm):
-            await self.kube.add_owner("ConfigMap", ns, cm["metadata"]["name"], [], owner)
-        hf = ((raw.get("model") or {}).get("source") or {}).get("huggingFace") or {}
-        token_ref = hf.get("tokenSecretRef")
+        await self._ensure_configmap(
+            render_bench.bench_request_configmap(request, plan.short_digest, pool, ns, [owner]), owner
+        )
         job = render_bench.bench_job(
             request=request,
             short_digest=plan.short_digest,
@@ -388,7 +391,7 @@ class Reconciler:
             gpu_count=plan.gpu_count,
             target=dict(raw.get("target") or {}),
             store_secret=access.pod_secret,
-            hf_token={"name": token_ref["name"], "key": token_ref.get("key", "token")} if token_ref else None,
+            hf_token=_hf_token(raw),
             cfg=self.cfg,
         )
         await self.kube.create(job)
@@ -464,11 +467,9 @@ class Reconciler:
         spec = common.spec_of(body)
         pool, key = build_key
         owner = common.owner_reference(body, controller=False)
-        hf = ((spec.get("model") or {}).get("source") or {}).get("huggingFace") or {}
-        token_ref = hf.get("tokenSecretRef")
-        cm = render_build.request_configmap(plan.build_request, plan.short_digest, pool, ns, [owner])
-        if not await self.kube.create(cm):
-            await self.kube.add_owner("ConfigMap", ns, cm["metadata"]["name"], [], owner)
+        await self._ensure_configmap(
+            render_build.request_configmap(plan.build_request, plan.short_digest, pool, ns, [owner]), owner
+        )
         job = render_build.build_job(
             request=plan.build_request,
             short_digest=plan.short_digest,
@@ -480,7 +481,7 @@ class Reconciler:
             gpu_count=plan.gpu_count,
             target=dict(spec.get("target") or {}),
             store_secret=access.pod_secret,
-            hf_token={"name": token_ref["name"], "key": token_ref.get("key", "token")} if token_ref else None,
+            hf_token=_hf_token(spec),
             attempt=attempt,
             cfg=self.cfg,
         )
@@ -494,6 +495,13 @@ class Reconciler:
         prev = self._build_key.pop((ns, name), None)
         if prev:
             self.queue.forget(prev[1])
+
+
+def _hf_token(spec: Mapping[str, Any]) -> dict[str, str] | None:
+    """The Secret key of the Hugging Face token the spec references, if any (never its value)."""
+    hf = ((spec.get("model") or {}).get("source") or {}).get("huggingFace") or {}
+    ref = hf.get("tokenSecretRef")
+    return {"name": ref["name"], "key": ref.get("key", "token")} if ref else None
 
 
 def _gpu_text(plan: Any) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmengine import GROUP, KIND, PREFIX, VERSION
+from llmengine.api.config import OperatorConfig
 
 MANAGED_BY = "llmengine-operator"
 DIGEST_LABEL = f"{PREFIX}/engine-digest"
@@ -104,3 +105,123 @@ def store_env(store_secret: str | None, endpoint: str | None, region: str) -> li
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": store_secret, "key": key}}})
     return env
+
+
+# ---- GPU tool Jobs (build, benchmark) ---------------------------------------------------------------------------
+TOOL_WORK_DIR = "/work"
+TOOL_REQUEST_FILE = "request.json"
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def hf_token_env(hf_token: Mapping[str, str] | None) -> list[dict[str, Any]]:
+    """HF_TOKEN from the Secret the spec names (gated repositories); by reference only."""
+    if not hf_token:
+        return []
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf_token["name"], "key": hf_token["key"]}}}]
+
+
+def request_configmap(
+    name: str, namespace: str, labels: dict[str, str], owners: list[dict[str, Any]], request_json: str
+) -> dict[str, Any]:
+    """The JSON request a tool Job reads, named like the Job."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "ownerReferences": owners},
+        "data": {TOOL_REQUEST_FILE: request_json},
+    }
+
+
+def tool_job(
+    *,
+    name: str,
+    namespace: str,
+    container: str,
+    subcommand: str,
+    request_dir: str,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    owners: list[dict[str, Any]],
+    env: list[dict[str, Any]],
+    product_labels: list[str],
+    gpu_resource: str,
+    gpu_count: int,
+    target: Mapping[str, Any],
+    cfg: OperatorConfig,
+    active_deadline_seconds: int,
+    ttl_seconds_after_finished: int,
+    shared_memory: bool = False,
+) -> dict[str, Any]:
+    """A Job that runs `llmengine <subcommand>` once in the builder image on the target's GPUs, reading its request
+    from the ConfigMap of the same name and reporting through its termination message. Retries are the operator's
+    (backoff, count in status), so the Job itself tries once."""
+    mounts: list[dict[str, Any]] = [
+        {"name": "request", "mountPath": request_dir, "readOnly": True},
+        {"name": "work", "mountPath": TOOL_WORK_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "request", "configMap": {"name": name}},
+        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if shared_memory:
+        # NCCL and the MPI workers of a multi-GPU engine share memory through /dev/shm, as the server does.
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": POD_SECURITY,
+        "automountServiceAccountToken": False,
+        "affinity": node_affinity(product_labels, target.get("affinity")),
+        "tolerations": tolerations(target.get("tolerations")),
+        "containers": [
+            {
+                "name": container,
+                "image": cfg.builder_image,
+                "imagePullPolicy": cfg.image_pull_policy,
+                "command": ["llmengine", subcommand],
+                "args": [
+                    "--request",
+                    f"{request_dir}/{TOOL_REQUEST_FILE}",
+                    "--work-dir",
+                    TOOL_WORK_DIR,
+                    "--result",
+                    TERMINATION_LOG,
+                ],
+                "env": env,
+                "resources": gpu_resources(
+                    gpu_resource,
+                    gpu_count,
+                    {
+                        "requests": {"cpu": cfg.build_cpu, "memory": cfg.build_memory},
+                        "limits": {"memory": cfg.build_memory},
+                    },
+                ),
+                "volumeMounts": mounts,
+                "terminationMessagePath": TERMINATION_LOG,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": CONTAINER_SECURITY,
+            }
+        ],
+        "volumes": volumes,
+    }
+    if target.get("nodeSelector"):
+        spec["nodeSelector"] = dict(target["nodeSelector"])
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": owners,
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": active_deadline_seconds,
+            "ttlSecondsAfterFinished": ttl_seconds_after_finished,
+            "template": {"metadata": {"labels": labels}, "spec": spec},
+        },
+    }
