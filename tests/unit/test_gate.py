@@ -79,4 +79,7 @@ def test_promotion_makes_the_numbers_the_next_baseline() -> None:
     prev = {"engineDigest": NEW, "verdict": "Passed", "result": {"requestsPerSecond": 20.0}}
     step = gate(SPEC, NEW, NEW, prev, None)
     assert step is not None and not step.hold and step.status["serving"] == {"requestsPerSecond": 20.0}
-    assert gate(SPEC, NEW, NEW, step.status, None) is None
+    again = gate(SPEC, NEW, NEW, step.status, None)
+    assert again is not None and not again.hold and again.status == step.status
+    assert again.condition and again.condition[0] == "True"
+    assert gate(SPEC, NEW, NEW, {"engineDigest": OLD, "verdict": "Passed"}, None) is None

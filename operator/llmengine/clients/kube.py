@@ -120,8 +120,9 @@ class Kube:
                 if e.status != 404:
                     raise
 
-    async def patch_status(self, ns: str, name: str, patch: Mapping[str, Any]) -> None:
-        await self._call(
+    async def patch_status(self, ns: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge-patch the status subresource; returns the object as stored."""
+        res = await self._call(
             self.custom.patch_namespaced_custom_object_status,
             GROUP,
             VERSION,
@@ -131,3 +132,4 @@ class Kube:
             {"status": patch},
             _content_type="application/merge-patch+json",
         )
+        return dict(res) if isinstance(res, Mapping) else {}

@@ -54,6 +54,8 @@ class Reconciler:
         self._build_key: dict[tuple[str, str], tuple[str, str]] = {}
         self._seen_finished: set[str] = set()
         self.traffic = TrafficWatcher(kube, cfg)
+        # The status each engine's last write stored, by resourceVersion: Kopf's body may not have caught up yet.
+        self._written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
 
     # ---- store ----------------------------------------------------------------------------------------------
     def _store_access(self, body: Mapping[str, Any], location: StoreLocation) -> StoreAccess:
@@ -191,7 +193,7 @@ class Reconciler:
         spec = common.spec_of(body)
         # Kopf updates a daemon's body in place as watch events arrive: decide and diff against one snapshot, so
         # that a pass that started before our last status write can not write older values back over it.
-        status = copy.deepcopy(dict(body.get("status") or {}))
+        status = copy.deepcopy(self._freshest_status(body))
         seen = copy.deepcopy(status)
         obj = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(md), "spec": dict(spec)}
         try:
@@ -445,7 +447,10 @@ class Reconciler:
                 await self.kube.create(serving.service(body))
         patch = merge_patch(seen_status, d.status)
         if patch:
-            await self.kube.patch_status(ns, md["name"], patch)
+            stored = await self.kube.patch_status(ns, md["name"], patch)
+            rv = (stored.get("metadata") or {}).get("resourceVersion")
+            if rv and isinstance(stored.get("status"), dict):
+                self._written[(ns, md["name"])] = (str(rv), stored["status"])
         for type_, reason, message in d.events:
             self.events(body, type_, reason, message)
 
@@ -490,7 +495,21 @@ class Reconciler:
         if created:
             self.events(body, "Normal", "BuildStarted", f"build Job {job['metadata']['name']} (attempt {attempt})")
 
+    def _freshest_status(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The body's status, or the one our last write stored when the body (a watch event behind) is older."""
+        md = body["metadata"]
+        status = dict(body.get("status") or {})
+        written = self._written.get((md["namespace"], md["name"]))
+        if written is None:
+            return status
+        try:
+            newer = int(written[0]) > int(md.get("resourceVersion") or 0)
+        except ValueError:  # resourceVersions are opaque; etcd's are integers, anything else: trust the body
+            newer = False
+        return dict(written[1]) if newer else status
+
     def forget(self, ns: str, name: str) -> None:
+        self._written.pop((ns, name), None)
         self.traffic.forget(ns, name)
         prev = self._build_key.pop((ns, name), None)
         if prev:
