@@ -53,7 +53,8 @@ def test_kubectl_apply_of_fp8_on_a100_is_refused_by_the_webhook(
     bad["spec"]["target"] = {"gpu": "A100-80GB"}
     try:
         with run_operator(dev_cluster, namespace, tmp_path, extra_args=args) as op:
-            conf = wait_for("webhook configuration", lambda: _config(adm, name), timeout=60, interval=0.5)
+            # Kopf creates the configuration, then fills in its webhooks: wait for both.
+            conf = wait_for("webhook configuration", lambda: _with_webhooks(adm, name), timeout=60, interval=0.5)
             hook = conf.webhooks[0]
             assert hook.failure_policy == "Fail"
             assert hook.client_config.url.startswith(f"https://127.0.0.1:{port}/")
@@ -106,6 +107,11 @@ def test_kubectl_apply_of_fp8_on_a100_is_refused_by_the_webhook(
         except client.ApiException as e:
             if e.status != 404:
                 raise
+
+
+def _with_webhooks(adm: Any, name: str) -> Any:
+    conf = _config(adm, name)
+    return conf if conf is not None and conf.webhooks else None
 
 
 def _config(adm: Any, name: str) -> Any:
