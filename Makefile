@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: help venv tools generate verify lint typecheck check test test-unit test-integration demo demo-down clean
 
@@ -12,6 +13,7 @@ help:
 	@echo "make demo    - local simulated GPU cluster + S3, chart installed, example engine to Ready"
 	@echo "make test    - install what the tests need, then run them all"
 	@echo "make lint | typecheck | generate | verify | tools | demo-down"
+	@echo "make bench-scale | bench-latency | bench-continuity - operator benchmarks on a private dev cluster (BENCH_ARGS=...)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +51,18 @@ test: venv tools check
 
 demo: venv tools
 	$(BIN)/python -m llmengine.dev.demo
+
+# Operator benchmarks on private dev clusters (results in docs/benchmarks.md): scale (1,000 store-hit engines against
+# plain Deployments, 200 queued builds), apply/rollout latency, serving continuity through a rebuild.
+.PHONY: bench-scale bench-latency bench-continuity
+bench-scale: venv tools
+	$(BIN)/python scripts/bench_scale.py $(BENCH_ARGS)
+
+bench-latency: venv tools
+	$(BIN)/python scripts/bench_latency.py $(BENCH_ARGS)
+
+bench-continuity: venv tools
+	$(BIN)/python scripts/bench_continuity.py $(BENCH_ARGS)
 
 demo-down: venv
 	$(BIN)/llmengine dev --name demo down

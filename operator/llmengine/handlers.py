@@ -167,8 +167,9 @@ async def engine_daemon(
             await asyncio.wait_for(wake.wait(), timeout=timeout)
 
 
+# Async on purpose: Kopf runs sync handlers in a thread pool, and asyncio.Event.set() is only safe on the loop.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def engine_changed(name: str, namespace: str | None, **_: Any) -> None:
+async def engine_changed(name: str, namespace: str | None, **_: Any) -> None:
     STATE.wakeups.wake(namespace or "", name)
 
 
@@ -179,12 +180,12 @@ def _wake_owners(meta: kopf.Meta, namespace: str | None) -> None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-def job_changed(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+async def job_changed(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
     _wake_owners(meta, namespace)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-def deployment_changed(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+async def deployment_changed(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
     _wake_owners(meta, namespace)
 
 

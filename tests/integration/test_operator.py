@@ -61,6 +61,12 @@ def test_full_lifecycle_build_deploy_scale_rebuild_delete(env: Any, api: Any) ->
         conds = {c["type"]: c for c in st["conditions"]}
         assert conds["Ready"]["status"] == "True" and conds["EngineBuilt"]["status"] == "True"
         assert conds["Stalled"]["status"] == "False"
+        # The build's duration is recorded even though the engine was committed before its Job completed.
+        wait_for(
+            "build duration in status",
+            lambda: (env.engines.get("tiny")["status"].get("build") or {}).get("lastDurationSeconds") is not None,
+            60,
+        )
         # The build ran on the H100 pool, with whole GPUs and required affinity on the product.
         (job,) = jobs(api, env.ns)
         pod = core.list_namespaced_pod(env.ns, label_selector=f"job-name={job.metadata.name}").items[0]

@@ -140,3 +140,13 @@ def test_unreachable_store_never_starts_a_build() -> None:
     assert d.create_job is None
     assert cond(d, "EngineBuilt")["status"] == "Unknown"
     assert "spec.store.endpoint" in d.status["message"]
+
+
+def test_not_ready_while_an_old_pod_is_left() -> None:
+    # 3 replicas wanted, 3 updated, 3 available counting the old pod that is still there: still rolling out.
+    mid = DeploymentView(D, 2, 2, 3, 3, 3, 3, total=4)
+    assert not mid.rolled_out
+    d = decide(obs(committed=True, deployment=mid, replicas=3))
+    assert d.status["phase"] == "Deploying"
+    done = DeploymentView(D, 2, 2, 3, 3, 3, 3, total=3)
+    assert decide(obs(committed=True, deployment=done, replicas=3)).status["phase"] == "Ready"

@@ -43,10 +43,13 @@ class DeploymentView:
     updated: int
     ready: int
     available: int
+    total: int | None = None  # status.replicas: pods of every ReplicaSet, old ones included
 
     @property
     def rolled_out(self) -> bool:
-        return self.observed_generation >= self.generation and self.updated >= self.replicas
+        """Every pod runs the new template and no old pod is left (availability is judged on its own)."""
+        no_old = self.total is None or self.total <= self.updated
+        return self.observed_generation >= self.generation and self.updated >= self.replicas and no_old
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,7 @@ class Reconciler:
             updated=int(st.get("updatedReplicas") or 0),
             ready=int(st.get("readyReplicas") or 0),
             available=int(st.get("availableReplicas") or 0),
+            total=int(st.get("replicas") or 0),
         )
 
     async def _active_builds(self, pool: str) -> set[str]:
@@ -255,7 +256,11 @@ class Reconciler:
         if previous and previous[1] != key:
             self.queue.forget(previous[1])
         self._build_key[(ns, name)] = (pool, key)
-        job_view, job = (None, None) if committed else await self._job_view(ns, job_name)
+        # The builder commits before its Job is marked Complete: keep reading our build Job until its duration is
+        # recorded (build metrics, status.build.lastDurationSeconds), not only while the engine is uncommitted.
+        build_st = status.get("build") or {}
+        ours = build_st.get("job") == job_name and "lastDurationSeconds" not in build_st
+        job_view, job = await self._job_view(ns, job_name) if not committed or ours else (None, None)
         position = 0
         if not committed and committed is not None and job_view is None:
             position = self.queue.position(pool, key, await self._active_builds(pool))
