@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help venv tools generate verify lint typecheck check test test-unit test-integration demo demo-down clean
+.PHONY: help venv tools generate verify lint typecheck check test test-unit test-integration demo demo-down clean bench-faults
 
 help:
 	@echo "make demo    - local simulated GPU cluster + S3, chart installed, example engine to Ready"
 	@echo "make test    - install what the tests need, then run them all"
 	@echo "make lint | typecheck | generate | verify | tools | demo-down"
+	@echo "make bench-faults - 30 engine lifecycles under injected faults on a private dev cluster (BENCH_ARGS=...)"
 	@echo "make bench-scale | bench-latency | bench-continuity - operator benchmarks on a private dev cluster (BENCH_ARGS=...)"
 
 $(STAMP): pyproject.toml
@@ -51,6 +52,10 @@ test: venv tools check
 
 demo: venv tools
 	$(BIN)/python -m llmengine.dev.demo
+
+# Fault injection (operator kill -9, S3 / kube-apiserver / etcd restarts) over engine lifecycles; docs/reliability.md.
+bench-faults: venv tools
+	$(BIN)/python scripts/bench_faults.py $(BENCH_ARGS)
 
 # Operator benchmarks on private dev clusters (results in docs/benchmarks.md): scale (1,000 store-hit engines against
 # plain Deployments, 200 queued builds), apply/rollout latency, serving continuity through a rebuild.

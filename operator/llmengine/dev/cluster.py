@@ -9,13 +9,16 @@ etcd's data lives on tmpfs when available.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
+import signal
 import ssl
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -359,6 +362,43 @@ class DevCluster:
             )
 
         proc.wait_until("simulated nodes Ready", all_ready, timeout)
+
+    # ---- restart (fault injection) ----------------------------------------------------------------------
+    def restart(self, component: str, hard: bool = False, down_s: float = 0.0, timeout: float = 120.0) -> int:
+        """Stop one component and start the very same command again: same ports, same data (etcd's included,
+        which `up` would wipe). hard=True kills it with SIGKILL (a crash) instead of SIGTERM; down_s keeps it
+        stopped that long (an outage). Returns the new PID once the component answers its health check.
+        Linux only: the command is read back from /proc."""
+        info = self.info()
+        pid = proc.running(self.dir, component)
+        if info is None or pid is None:
+            raise ValueError(f"{component} is not running in cluster {self.name!r}")
+        argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+        env = {k: v for k, sep, v in (e.partition("=") for e in environ) if sep}
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        if hard:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)  # the whole process group, no time for a graceful stop
+        proc.stop_named(self.dir, component)
+        time.sleep(down_s)
+        p = proc.start(component, argv, self.dir, env=env, cwd=cwd)
+        check = self._health_checks(info).get(component, lambda: True)
+        proc.wait_until(component, check, timeout, p)
+        return p.pid
+
+    def _health_checks(self, info: ClusterInfo) -> dict[str, Callable[[], bool]]:
+        ports = info.ports
+        return {
+            "etcd": lambda: _http_ok(f"{info.etcd}/health"),
+            "s3": lambda: proc.tcp_open(ports["s3"]),
+            "kube-apiserver": lambda: _https_ok(f"{info.apiserver}/readyz", self.pki),
+            "kube-controller-manager": lambda: _https_ok(
+                f"https://127.0.0.1:{ports['controller-manager']}/healthz", None
+            ),
+            "kube-scheduler": lambda: _https_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz", None),
+            "kwok": lambda: proc.tcp_open(ports["kwok"]),
+        }
 
     # ---- down -------------------------------------------------------------------------------------------
     def down(self, quiet: bool = False, purge: bool = False) -> list[str]:

@@ -1,0 +1,121 @@
+"""Faults on the real control plane, CI-sized: one engine lifecycle per fault (S3 crash mid-upload, S3 crash
+mid-download, kube-apiserver restart, etcd restart, kill -9 of the operator), three at a time, judged by the
+invariants of `make bench-faults` (scripts/bench_faults.py, docs/reliability.md): no duplicate build, no engine
+served without a committed manifest, nothing stuck, no Ready status ahead of the pods, and every engine Ready again
+after its fault.
+
+The S3 crash mid-download hits the rollout of a rebuilt engine (the old pod serves while the new one downloads):
+the case where the status once said Ready before any pod served the new engine.
+
+Restarting etcd and the API server would pull the ground from under the other tests, so this module runs its own
+dev cluster instead of the session one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from llmengine.dev.cluster import DevCluster
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1024 * 1024
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_faults", REPO / "scripts" / "bench_faults.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+@pytest.fixture(scope="module")
+def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], str]]:
+    """One lifecycle per fault on a cluster of this module's own; the summary of the run and, for failure
+    messages, the report with the tail of every component's log."""
+    cluster = DevCluster(f"faults-{os.getpid()}", tmp_path_factory.mktemp("faults-cluster"))
+    try:
+        info = cluster.up()
+        summary: dict[str, Any] = bench.run(
+            cluster,
+            info,
+            list(bench.FAULTS),
+            seed=1,
+            engine_bytes=48 * MiB,  # a transfer long enough (most of a second here) to crash S3 in its middle
+            parallel=3,  # the lifecycles overlap; faults of one component never do
+            ready_timeout=90.0,
+            rebuild_every=3,  # the third lifecycle (s3-mid-download) rebuilds: its fault hits a rollout
+            replicas=1,
+            hard_restarts=True,  # crashes, and quicker than graceful stops
+            init_restart_s=1.0,  # a failed download is re-run after 1 s (a kubelet: 10 s, then longer)
+            delete=False,  # the garbage collector's first pass on a new CRD can take 30 s
+        )
+        yield summary, json.dumps(summary, indent=1, default=str) + "\n" + _component_logs(cluster)
+    finally:
+        cluster.down(quiet=True)
+        # Logs stay for a post-mortem; the engines (the store's and each pod's copy) are gigabytes.
+        shutil.rmtree(cluster.dir / "s3-data", ignore_errors=True)
+        for volumes in (cluster.dir / "pods").glob("*/volumes"):
+            shutil.rmtree(volumes, ignore_errors=True)
+
+
+def _component_logs(cluster: DevCluster, lines: int = 30) -> str:
+    out = []
+    for comp, path in cluster.logs().items():
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"----- {comp} -----\n" + "\n".join(tail))
+    for log in sorted((cluster.dir / "operator-logs").glob("*.log")):
+        out.append(f"----- {log.name} -----\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize(
+    "count", ["duplicate_builds", "served_without_committed_manifest", "stuck", "ready_before_rollout"]
+)
+def test_invariant_holds_under_faults(fault_run: tuple[dict[str, Any], str], count: str) -> None:
+    summary, report = fault_run
+    assert summary["counts"][count] == 0, report
+    assert summary["builds"]["builder_runs"] >= len(bench.FAULTS), report
+
+
+@pytest.mark.parametrize("fault", bench.FAULTS)
+def test_engine_ready_again_after_fault(fault_run: tuple[dict[str, Any], str], fault: str) -> None:
+    summary, report = fault_run
+    (record,) = [f for f in summary["details"]["faults"] if f["kind"] == fault]
+    assert record["ready_after_s"] is not None, report
+    if fault.startswith("s3-"):
+        assert record["hit"], f"S3 was not restarted while the transfer ran\n{report}"
+    if fault == "s3-mid-download":
+        assert record["phase"] == "rebuild", report
+
+
+def _run(pod: str, digest: str, start: float, end: float, outcome: str, commit: float | None = None) -> Any:
+    return bench.BuildRun(pod, digest, start, end, outcome, commit)
+
+
+def test_judge_builds_tells_retries_from_duplicates() -> None:
+    runs = [
+        _run("a1", "a" * 64, 0, 10, "failed"),
+        _run("a2", "a" * 64, 12, 20, "succeeded", commit=19),  # after a failure: a retry
+        _run("b1", "b" * 64, 0, 10, "succeeded", commit=9),
+        _run("b2", "b" * 64, 11, 12, "noop"),  # after the commit: a duplicate, even if it did nothing
+        _run("c1", "c" * 64, 0, 10, "unfinished"),
+        _run("c2", "c" * 64, 5, 15, "succeeded", commit=14),  # while c1 still ran: a duplicate
+    ]
+    dups, retries = bench.judge_builds(runs)
+    assert [(d["run"], d["why"]) for d in dups] == [("b2", "after-commit"), ("c2", "concurrent")]
+    assert [(r["run"], r["after"]) for r in retries] == [("a2", "failed")]
