@@ -156,7 +156,11 @@ def test_ranges_cover_the_file_exactly() -> None:
 
 
 def test_tuning_from_env() -> None:
-    assert TransferTuning.from_env({}) == TransferTuning()
+    assert TransferTuning.from_env({}) == TransferTuning(retry_seconds=120)
     t = TransferTuning.from_env({"LLMENGINE_S3_PART_SIZE_MIB": "16", "LLMENGINE_S3_CONCURRENCY": "4"})
     assert (t.part_size, t.concurrency, t.ranged_threshold) == (16 * MiB, 4, 16 * MiB)
     assert TransferTuning.from_env({"LLMENGINE_S3_PART_SIZE_MIB": "1"}).part_size == 5 * MiB
+    # The builder and the server wait out an unreachable store; the operator's own store (TransferTuning()) does not.
+    assert TransferTuning().retry_seconds == 0
+    assert TransferTuning.from_env({}).retry_seconds == 120
+    assert TransferTuning.from_env({"LLMENGINE_S3_RETRY_SECONDS": "5"}).retry_seconds == 5

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
@@ -27,6 +28,7 @@ from botocore import exceptions as bx
 from botocore.config import Config
 from pydantic import ValidationError
 from s3transfer.subscribers import BaseSubscriber
+from urllib3 import exceptions as u3
 
 from llmengine.api.artifacts import (
     BuildResult,
@@ -49,6 +51,8 @@ RESULT_NAME = "build-result.json"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, RESULT_NAME})
 PARTIAL_SUFFIX = ".llmengine-partial"
 MiB = 1024 * 1024
+DEFAULT_RETRY_SECONDS = 120.0
+T = TypeVar("T")
 
 # Settings the one-line errors point at (the LLMEngine fields a user edits).
 SETTING_CREDENTIALS = "spec.store.credentialsSecretRef"
@@ -158,6 +162,64 @@ def _error_code(exc: BaseException) -> str:
     return ""
 
 
+# Worth waiting out: the server is restarting or overloaded, a connection was refused or cut mid-body.
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException", "Throttling"}
+)
+_TRANSIENT_EXCEPTIONS = (
+    bx.ConnectionError,  # refused, reset, closed, connect timeout
+    bx.HTTPClientError,  # read timeout, protocol errors
+    bx.ResponseStreamingError,  # the body was cut
+    bx.IncompleteReadError,
+    u3.ProtocolError,
+    u3.ReadTimeoutError,
+    ConnectionError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that another attempt may get past: not credentials, not a missing bucket or object."""
+    if isinstance(exc, bx.SSLError):
+        return False  # a certificate problem stays one
+    if isinstance(exc, (EndpointUnreachable, *_TRANSIENT_EXCEPTIONS)):
+        return True
+    if isinstance(exc, bx.ClientError):
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return _error_code(exc) in _TRANSIENT_CODES or status >= 500
+    return False
+
+
+class _Patience:
+    """Retries of one operation against a store that is briefly away, bounded by a time budget.
+
+    botocore's own retries (standard mode) give up within about a second; a restarting S3 gateway or a rolling
+    MinIO upgrade takes longer, and giving up means redoing a whole build or failing a serving pod. Waits grow
+    from 0.5 s to 10 s with jitter; every wait is logged.
+    """
+
+    def __init__(self, budget_s: float, what: str, log: Any) -> None:
+        self.deadline = time.monotonic() + budget_s
+        self.what, self.log, self.attempt = what, log, 0
+
+    def wait_or_raise(self, exc: BaseException, endpoint: str) -> None:
+        """Sleep before the next attempt, or re-raise `exc` (the caller is in its except block)."""
+        delay = min(0.5 * 2**self.attempt, 10.0) * random.uniform(0.5, 1.0)
+        left = self.deadline - time.monotonic()
+        if not is_transient(exc) or left < delay:
+            raise exc
+        self.attempt += 1
+        self.log.warning(
+            "S3 request failed; retrying",
+            op=self.what,
+            endpoint=endpoint,
+            attempt=self.attempt,
+            retry_in_s=round(delay, 2),
+            budget_left_s=round(left, 1),
+            error=f"{type(exc).__name__}: {_one_line(str(exc), 200)}",
+        )
+        time.sleep(delay)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Client
 
@@ -229,17 +291,22 @@ class TransferTuning:
     # Files at least this large are fetched with parallel ranged GETs; smaller ones with one GET.
     ranged_threshold: int = 64 * MiB
     progress_interval_s: float = 5.0
+    # How long an operation keeps retrying while the store is unreachable, on top of botocore's own (~1 s) retries.
+    # 0 for the operator, whose reconcile loop retries anyway; the builder and the server wait (from_env).
+    retry_seconds: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TransferTuning:
-        """Defaults, overridden by LLMENGINE_S3_PART_SIZE_MIB and LLMENGINE_S3_CONCURRENCY when set."""
+        """Tuning for the builder and the server: LLMENGINE_S3_PART_SIZE_MIB, LLMENGINE_S3_CONCURRENCY and
+        LLMENGINE_S3_RETRY_SECONDS (default 120) when set."""
         env = os.environ if env is None else env
         base = cls()
         part = int(env.get("LLMENGINE_S3_PART_SIZE_MIB") or 0) * MiB or base.part_size
         conc = int(env.get("LLMENGINE_S3_CONCURRENCY") or 0) or base.concurrency
+        retry = float(env.get("LLMENGINE_S3_RETRY_SECONDS") or DEFAULT_RETRY_SECONDS)
         # S3 refuses multipart parts under 5 MiB (except the last).
         part = max(part, 5 * MiB)
-        return cls(part_size=part, concurrency=max(1, conc), ranged_threshold=part)
+        return cls(part_size=part, concurrency=max(1, conc), ranged_threshold=part, retry_seconds=max(0.0, retry))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,11 +385,13 @@ class _UploadSubscriber(BaseSubscriber):
 
     def __init__(self, size: int, progress: _Progress) -> None:
         self._size, self._progress = size, progress
+        self.sent = 0
 
     def on_queued(self, future: Any, **kwargs: Any) -> None:
         future.meta.provide_transfer_size(self._size)
 
     def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self.sent += bytes_transferred
         self._progress.add(bytes_transferred)
 
 
@@ -393,17 +462,33 @@ class EngineStore:
         except Exception as exc:
             raise translate_error(exc, self.endpoint, self.location.bucket) from exc
 
+    def _patience(self, what: str) -> _Patience:
+        return _Patience(self.tuning.retry_seconds, what, get_logger(stage="s3"))
+
+    def _patient(self, what: str, fn: Callable[[], T]) -> T:
+        """fn(), attempted again while the store is unreachable, within the retry budget."""
+        patience = self._patience(what)
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                patience.wait_or_raise(exc, self.endpoint)
+
     # -- reading the commit record --------------------------------------------------------------------------------
 
     def _get_json(self, digest: str, name: str) -> bytes | None:
-        with self._s3():
+        def get() -> bytes | None:
             try:
                 obj = self.client.get_object(Bucket=self.location.bucket, Key=self.key(digest, name))
             except Exception as exc:
                 if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
                     return None
                 raise
-            return obj["Body"].read()
+            body: bytes = obj["Body"].read()
+            return body
+
+        with self._s3():
+            return self._patient(f"get {name}", get)
 
     def get_manifest(self, digest: str) -> Manifest | None:
         """The engine's manifest, or None when it is not committed. A manifest that does not parse raises."""
@@ -437,11 +522,11 @@ class EngineStore:
 
     def _put_bytes(self, digest: str, name: str, body: bytes) -> None:
         with self._s3():
-            self.client.put_object(
-                Bucket=self.location.bucket,
-                Key=self.key(digest, name),
-                Body=body,
-                ContentType="application/json",
+            self._patient(
+                f"put {name}",
+                lambda: self.client.put_object(
+                    Bucket=self.location.bucket, Key=self.key(digest, name), Body=body, ContentType="application/json"
+                ),
             )
 
     def put_result(self, digest: str, result: BuildResult) -> None:
@@ -449,13 +534,17 @@ class EngineStore:
 
     def list_objects(self, prefix: str) -> dict[str, int]:
         """key -> size for every object under the prefix."""
-        out: dict[str, int] = {}
-        with self._s3():
+
+        def listing() -> dict[str, int]:
+            out: dict[str, int] = {}
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
                     out[obj["Key"]] = int(obj["Size"])
-        return out
+            return out
+
+        with self._s3():
+            return self._patient("list", listing)
 
     # -- upload ----------------------------------------------------------------------------------------------------
 
@@ -473,13 +562,27 @@ class EngineStore:
         return create_transfer_manager(self.client, cfg)
 
     def upload_file(self, local: Path, key: str, progress: _Progress | None = None) -> tuple[str, int]:
-        """Upload one file (multipart, parallel parts); returns (sha256, size), the hash computed while streaming."""
+        """Upload one file (multipart, parallel parts); returns (sha256, size), the hash computed while streaming.
+
+        While the store is unreachable the file is sent again, whole, within the retry budget (s3transfer aborts
+        the multipart upload of a failed transfer).
+        """
         size = local.stat().st_size
         prog = progress or _Progress(get_logger(), "upload", size, self.tuning.progress_interval_s)
-        with self._s3(), self._transfer_manager() as tm, open(local, "rb") as f:
-            reader = _HashingReader(f)
-            fut = tm.upload(reader, self.location.bucket, key, subscribers=[_UploadSubscriber(size, prog)])
-            fut.result()
+
+        def send() -> _HashingReader:
+            counted = _UploadSubscriber(size, prog)
+            try:
+                with self._transfer_manager() as tm, open(local, "rb") as f:
+                    reader = _HashingReader(f)
+                    tm.upload(reader, self.location.bucket, key, subscribers=[counted]).result()
+            except BaseException:
+                prog.add(-counted.sent)  # this attempt's bytes are sent again
+                raise
+            return reader
+
+        with self._s3():
+            reader = self._patient(f"upload {local.name}", send)
         if reader.size != size:
             raise StoreError(f"{local} changed size while uploading ({size} -> {reader.size} bytes)")
         return reader.sha256.hexdigest(), size
@@ -654,11 +757,32 @@ class EngineStore:
                 raise
 
     def _get_range(self, job: _FileJob, offset: int, length: int, ranged: bool, prog: _Progress) -> None:
+        """GET [offset, offset+length) into the partial file. A body cut short or a store that went away is asked
+        again for the bytes still missing, within the retry budget."""
         if length == 0:
             return
+        end = offset + length
+        pos = offset
+        patience = self._patience(f"download {job.name}")
+        while True:
+            try:
+                pos = self._get_bytes(job, pos, end, ranged or pos > offset, prog)
+                break
+            except _Short as short:
+                pos = short.pos
+                patience.wait_or_raise(short.cause, self.endpoint)
+            except Exception as exc:
+                patience.wait_or_raise(exc, self.endpoint)
+        if pos != end:
+            raise IntegrityError(
+                f"'{job.name}' ended after {pos} bytes, expected {end} (truncated in the store)", job.name
+            )
+
+    def _get_bytes(self, job: _FileJob, offset: int, end: int, ranged: bool, prog: _Progress) -> int:
+        """One GET from offset; returns the position reached, or raises _Short with it when the body is cut."""
         kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Key": job.key}
         if ranged:
-            kwargs["Range"] = f"bytes={offset}-{offset + length - 1}"
+            kwargs["Range"] = f"bytes={offset}-{end - 1}"
         try:
             body = self.client.get_object(**kwargs)["Body"]
         except Exception as exc:
@@ -671,13 +795,18 @@ class EngineStore:
                 ) from exc
             raise
         fd = os.open(job.partial, os.O_WRONLY)
+        pos = offset
         try:
-            pos = offset
             while True:
-                chunk = body.read(MiB)
+                try:
+                    chunk = body.read(MiB)
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise _Short(pos, exc) from exc
+                    raise
                 if not chunk:
                     break
-                if pos + len(chunk) > offset + length:
+                if pos + len(chunk) > end:
                     raise IntegrityError(f"'{job.name}' is longer in the store than the manifest says", job.name)
                 view = memoryview(chunk)
                 while view:
@@ -687,10 +816,7 @@ class EngineStore:
         finally:
             os.close(fd)
             body.close()
-        if pos != offset + length:
-            raise IntegrityError(
-                f"'{job.name}' ended after {pos} bytes, expected {offset + length} (truncated in the store)", job.name
-            )
+        return pos
 
     def _finish_file(self, job: _FileJob, futs: list[tuple[int, int, Future[None]]]) -> None:
         sha = hashlib.sha256()
@@ -719,6 +845,14 @@ class EngineStore:
                 batch: list[Any] = [{"Key": k} for k in keys[i : i + 1000]]
                 self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
         return len(keys) + 1
+
+
+class _Short(Exception):
+    """A response body cut after `pos` bytes (the file's position reached) by a transient failure."""
+
+    def __init__(self, pos: int, cause: BaseException) -> None:
+        super().__init__(f"cut at byte {pos}: {cause}")
+        self.pos, self.cause = pos, cause
 
 
 @dataclass
