@@ -13,10 +13,9 @@ Ready again, then deletes it and waits until its children are gone. Faults, roun
 - apiserver-restart:  restart kube-apiserver after a random 0-5 s (SIGTERM or SIGKILL, drawn or --restarts)
 - etcd-restart:       restart etcd, same data, after a random 0-5 s (likewise)
 
-The dev pod runner stands in for the kubelet but never retries: a failed init container stays failed, and a pod
-whose materialisation hit the API server while it restarted is dropped unreported. A kubelet retries both. By
-default the bench does that part (deletes such a pod: after 10 s for a failed init container, at once for a
-dropped one; --no-kubelet-stand-in turns it off) and reports every time it had to.
+The dev pod runner plays the kubelet: a failed init container runs again after a back-off (--restart-backoff,
+10 s doubling as a kubelet's crash loop), and its API calls are retried while the API server is away. The summary
+counts the restarts it needed.
 
 The run has its own dev cluster and operator (the test compiler). Prints a JSON summary; exits 1 when a count that
 must be zero is not, keeping the stopped cluster's state directory (logs, pod logs, S3 data) for a post-mortem.
@@ -73,9 +72,7 @@ from llmengine.render.common import ATTEMPT_ANNOTATION, DIGEST_ANNOTATION, ENGIN
 
 FAULTS = ("operator-kill9", "s3-mid-upload", "s3-mid-download", "apiserver-restart", "etcd-restart")
 GROUP, VERSION, PLURAL = "llmengine.io", "v1alpha1", "llmengines"
-RUNNER_STATE = "devcluster.llmengine.io/runner"  # the pod runner's own bookkeeping annotation
-RUNNER_OUTCOME = "devcluster.llmengine.io/outcome"
-INIT_RESTART_S = 10.0  # a kubelet's first CrashLoopBackOff delay
+RUNNER_RESTARTS = "devcluster.llmengine.io/restarts"  # the pod runner's init-container restart count
 MiB = 1024 * 1024
 
 
@@ -141,17 +138,8 @@ class Recorder:
     ready_pods: dict[str, tuple[str, str, float]] = field(default_factory=dict)
     # Deployments whose engine had no manifest when asked right after the Deployment was seen serving it
     uncommitted: list[dict[str, Any]] = field(default_factory=list)
-    # The dev pod runner stands in for the kubelet, but falls short where a kubelet would retry (see
-    # docs/reliability.md). With kubelet_stand_in, the bench does that part: a serving pod whose init container
-    # failed is deleted after init_restart_s (its ReplicaSet makes a new one), and a pod the runner gave up on
-    # without reporting it (an API call failed while the API server restarted) is deleted too (a Job pod then
-    # fails, a ReplicaSet pod is replaced). runner_log is the runner's log, where it names such pods.
-    kubelet_stand_in: bool = False
-    init_restart_s: float = INIT_RESTART_S
-    runner_log: Path | None = None
-    init_failed_seen: dict[str, float] = field(default_factory=dict)
-    init_failed_replaced: int = 0
-    lost_pods: list[str] = field(default_factory=list)
+    # serving pod uid -> init-container restarts the pod runner made (a kubelet's crash loop)
+    init_restarts: dict[str, int] = field(default_factory=dict)
     errors: int = 0  # lists and watches that failed (restarts) or expired, then started again
 
     def __post_init__(self) -> None:
@@ -169,7 +157,6 @@ class Recorder:
                 target=self._watch, args=(core.list_namespaced_pod, {"label_selector": sel}, self._pod), daemon=True
             ),
             threading.Thread(target=self._check_manifests, daemon=True),
-            threading.Thread(target=self._lost_by_runner, daemon=True),
         ]
 
     def start(self) -> None:
@@ -235,77 +222,9 @@ class Recorder:
         digest = (p.metadata.annotations or {}).get(DIGEST_ANNOTATION, "")
         if ready and p.metadata.uid not in self.ready_pods:
             self.ready_pods[p.metadata.uid] = (p.metadata.name, digest, t)
-        if (p.metadata.annotations or {}).get(RUNNER_STATE) == "init-failed":
-            if p.metadata.uid in self.init_failed_seen:
-                return
-            first = self.init_failed_seen.setdefault(p.metadata.uid, t)
-            if self.kubelet_stand_in:
-                # Deleted from a timer: the watch thread must keep reading events meanwhile.
-                delay = max(0.0, first + self.init_restart_s - t)
-                threading.Timer(delay, self._replace, args=(p.metadata.name, p.metadata.uid)).start()
-
-    def _replace(self, pod: str, uid: str) -> None:
-        body = {"preconditions": {"uid": uid}}
-        with contextlib.suppress(Exception):
-            client.CoreV1Api(self.api).delete_namespaced_pod(pod, self.ns, body=body, _request_timeout=10)
-            self.init_failed_replaced += 1
-
-    def _lost_by_runner(self) -> None:
-        if not (self.kubelet_stand_in and self.runner_log):
-            return
-        core = client.CoreV1Api(self.api)
-        pattern = re.compile(rf"ERROR pod {re.escape(self.ns)}/(\S+)")
-        done: set[str] = set()
-        while not self._stop.wait(1.0):
-            named: set[str] = set()
-            with contextlib.suppress(OSError):
-                named = set(pattern.findall(self.runner_log.read_text(errors="replace"))) - done
-            for pod in sorted(named):
-                try:
-                    p = core.read_namespaced_pod(pod, self.ns, _request_timeout=5)
-                except ApiException as e:
-                    if e.status == 404:
-                        done.add(pod)
-                    continue
-                except Exception:
-                    continue  # the API server is not back yet
-                ann = p.metadata.annotations or {}
-                if RUNNER_OUTCOME in ann or ann.get(RUNNER_STATE) in ("done", "init-failed"):
-                    done.add(pod)  # reported after all: the runner's own error path worked
-                    continue
-                with contextlib.suppress(Exception):
-                    self.lost_pods.append(f"{pod}: {self._report_lost(core, p)}")
-                    done.add(pod)
-
-    def _report_lost(self, core: Any, p: Any) -> str:
-        """Report what the runner could not: a container that ran to its end gets its outcome (from the
-        termination message and log the runner kept); a pod whose containers never ran is deleted, and its Job or
-        ReplicaSet makes a new one (a kubelet would have retried starting it)."""
-        md = p.metadata
-        assert self.runner_log is not None
-        pod_dir = self.runner_log.parent.parent / "pods" / f"{self.ns}_{md.name}_{md.uid[:8]}"
-        values: dict[str, str] | None = None
-        if p.spec.restart_policy != "Always":
-            name = p.spec.containers[0].name
-            term = pod_dir / f"termination-{name}"
-            message = term.read_text(errors="replace") if term.exists() else ""
-            if message:
-                ok = bool(json.loads(message).get("succeeded")) if message.startswith("{") else False
-                values = {
-                    RUNNER_OUTCOME: "succeed" if ok else "fail",
-                    "devcluster.llmengine.io/exit-code": "0" if ok else "1",
-                    "devcluster.llmengine.io/message": message[:4096],
-                    RUNNER_STATE: "done",
-                }
-        else:
-            log = pod_dir / "fetch-engine.log"
-            if log.exists() and '"download verified"' in log.read_text(errors="replace"):
-                values = {RUNNER_OUTCOME: "ready", RUNNER_STATE: "done"}
-        if values is not None:
-            core.patch_namespaced_pod(md.name, self.ns, {"metadata": {"annotations": values}}, _request_timeout=10)
-            return f"reported {values[RUNNER_OUTCOME]}"
-        core.delete_namespaced_pod(md.name, self.ns, body={"preconditions": {"uid": md.uid}}, _request_timeout=10)
-        return "deleted (never ran)"
+        restarts = int((p.metadata.annotations or {}).get(RUNNER_RESTARTS) or 0)
+        if restarts:
+            self.init_restarts[p.metadata.uid] = max(restarts, self.init_restarts.get(p.metadata.uid, 0))
 
     def _check_manifests(self) -> None:
         """A manifest is never deleted: absent now, after the Deployment was seen serving its engine, means the
@@ -936,8 +855,6 @@ def run(
     replicas: int,
     s3_down_max: float = 0.0,
     hard_restarts: bool | None = None,
-    kubelet_stand_in: bool = True,
-    init_restart_s: float = INIT_RESTART_S,
     delete: bool = True,
 ) -> dict[str, Any]:
     """Run one lifecycle per entry of `kinds`; returns the summary (counts that must be zero under "counts").
@@ -950,14 +867,7 @@ def run(
             cluster, info, ns, model, prefix, op, rng, ready_timeout, replicas, s3_down_max, delete, engine_bytes
         )
         quick = engine_store(info, prefix, max_attempts=1, connect_timeout=1.0, read_timeout=3.0)
-        recorder = Recorder(
-            bench.api,
-            ns,
-            quick,
-            kubelet_stand_in=kubelet_stand_in,
-            init_restart_s=init_restart_s,
-            runner_log=cluster.dir / "logs" / "runner.log",
-        )
+        recorder = Recorder(bench.api, ns, quick)
         recorder.start()
         plans = []
         for i, kind in enumerate(kinds):
@@ -1042,12 +952,18 @@ def run(
             "faults": [asdict(f) for f in bench.faults],
             "lifecycles": bench.lifecycles,
             "recorder_watch_restarts": recorder.errors,
-            "kubelet_stand_in": kubelet_stand_in,
-            "serving_pods_init_failed": len(recorder.init_failed_seen),
-            "serving_pods_replaced_after_init_failure": recorder.init_failed_replaced,
-            "pods_lost_by_runner_replaced": recorder.lost_pods,
+            "serving_pods_with_init_restarts": len(recorder.init_restarts),
+            "init_container_restarts": sum(recorder.init_restarts.values()),
+            "runner_api_retries": runner_api_retries(cluster),
         },
     }
+
+
+def runner_api_retries(cluster: DevCluster) -> int:
+    """API calls the pod runner had to repeat while the API server was away (its log says each one)."""
+    log = cluster.dir / "logs" / "runner.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return len(re.findall(r"failed \(\w+\); retrying in", text))
 
 
 def machine() -> str:
@@ -1084,11 +1000,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each engine gets to become Ready")
     ap.add_argument(
-        "--no-kubelet-stand-in",
-        dest="kubelet_stand_in",
-        action="store_false",
-        help="do not stand in for the kubelet where the dev pod runner never retries (failed init containers, "
-        "pods it lost while the API server was down); see docs/reliability.md",
+        "--restart-backoff",
+        type=float,
+        default=10.0,
+        help="the pod runner's first delay before a failed init container runs again (a kubelet's: 10 s)",
     )
     ap.add_argument("--json", type=Path, help="also write the summary here")
     ap.add_argument("--keep", action="store_true", help="leave the cluster and its state directory for inspection")
@@ -1100,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
 
     name = f"faults-{os.getpid()}-{uuid.uuid4().hex[:4]}"
     state = Path(tempfile.mkdtemp(prefix=f"llmengine-{name}-"))
-    cluster = DevCluster(name, state)
+    cluster = DevCluster(name, state, restart_backoff_s=args.restart_backoff)
     t0 = time.monotonic()
     load_start = round(os.getloadavg()[0], 2)
     summary: dict[str, Any] | None = None
@@ -1118,7 +1033,6 @@ def main(argv: list[str] | None = None) -> int:
             rebuild_every=args.rebuild_every,
             replicas=args.replicas,
             s3_down_max=args.s3_down_max,
-            kubelet_stand_in=args.kubelet_stand_in,
             hard_restarts={"random": None, "hard": True, "graceful": False}[args.restarts],
             delete=not args.keep_engines,
         )

@@ -20,7 +20,8 @@ _CLUSTER: DevCluster | None = None
 def dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterInfo]:
     global _CLUSTER
     state = Path(os.environ.get("LLMENGINE_TEST_CLUSTER_DIR") or tmp_path_factory.mktemp("cluster"))
-    cluster = DevCluster(f"test-{os.getpid()}", state)
+    # The pod runner re-runs a failed init container after 2 s (a kubelet: 10 s, doubling).
+    cluster = DevCluster(f"test-{os.getpid()}", state, restart_backoff_s=2.0)
     _CLUSTER = cluster
     try:
         info = cluster.up()

@@ -161,6 +161,48 @@ def test_runner_runs_job_pods_for_real(api: Any, namespace: str) -> None:
     assert pods[0].status.phase == "Failed"
 
 
+def test_runner_restarts_a_failed_init_container_like_a_kubelet(api: Any, namespace: str) -> None:
+    """restartPolicy Always: an init container that fails leaves the pod unready with its error and a restart
+    count, runs again after the back-off, and the pod becomes Ready once it succeeds."""
+    core = client.CoreV1Api(api)
+    script = 'if [ -f "$MARK" ]; then exit 0; fi; touch "$MARK"; echo "not yet" > /dev/termination-log; exit 4'
+    core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {"name": "crashy", "annotations": {"devcluster.llmengine.io/run": "true"}},
+            "spec": {
+                "nodeSelector": {POOL_LABEL: "cpu"},
+                "volumes": [{"name": "scratch", "emptyDir": {}}],
+                "initContainers": [
+                    {
+                        "name": "once-fails",
+                        "image": "busybox",
+                        "command": ["sh", "-c", script],
+                        "env": [{"name": "MARK", "value": "/scratch/tried"}],
+                        "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+                    }
+                ],
+                "containers": [{"name": "main", "image": "busybox"}],
+            },
+        },
+    )
+    ann = "devcluster.llmengine.io"
+
+    def failed_once() -> Any:
+        a = core.read_namespaced_pod("crashy", namespace).metadata.annotations or {}
+        return a if a.get(f"{ann}/restarts") else None
+
+    first = wait_for("init container failed once", failed_once, timeout=60)
+    assert (first[f"{ann}/exit-code"], first[f"{ann}/message"].strip()) == ("4", "not yet")
+
+    def ready() -> Any:
+        p = core.read_namespaced_pod("crashy", namespace)
+        return p if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []) else None
+
+    pod = wait_for("pod Ready after the restart", ready, timeout=90)
+    assert pod.metadata.annotations[f"{ann}/restarts"] == "1"
+
+
 def test_three_replica_deployment_becomes_available(api: Any, namespace: str) -> None:
     apps = client.AppsV1Api(api)
     labels = {"app": "web"}

@@ -47,7 +47,8 @@ bench = _load_bench()
 def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], str]]:
     """One lifecycle per fault on a cluster of this module's own; the summary of the run and, for failure
     messages, the report with the tail of every component's log."""
-    cluster = DevCluster(f"faults-{os.getpid()}", tmp_path_factory.mktemp("faults-cluster"))
+    # A failed download is run again after 1 s (a kubelet: 10 s, doubling): the pod runner's crash loop.
+    cluster = DevCluster(f"faults-{os.getpid()}", tmp_path_factory.mktemp("faults-cluster"), restart_backoff_s=1.0)
     try:
         info = cluster.up()
         summary: dict[str, Any] = bench.run(
@@ -61,7 +62,6 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
             rebuild_every=3,  # the third lifecycle (s3-mid-download) rebuilds: its fault hits a rollout
             replicas=1,
             hard_restarts=True,  # crashes, and quicker than graceful stops
-            init_restart_s=1.0,  # a failed download is re-run after 1 s (a kubelet: 10 s, then longer)
             delete=False,  # the garbage collector's first pass on a new CRD can take 30 s
         )
         yield summary, json.dumps(summary, indent=1, default=str) + "\n" + _component_logs(cluster)

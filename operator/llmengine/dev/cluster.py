@@ -83,11 +83,20 @@ class ClusterInfo:
 
 
 class DevCluster:
-    def __init__(self, name: str = "dev", state_dir: Path | None = None, fleet: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "dev",
+        state_dir: Path | None = None,
+        fleet: Path | None = None,
+        restart_backoff_s: float | None = None,
+    ) -> None:
+        """restart_backoff_s: the pod runner's first back-off before a failed init container runs again (a
+        kubelet's is 10 s); tests that crash things on purpose shorten it."""
         self.name = name
         self.dir = (state_dir or state_home() / name).resolve()
         self.fleet = fleet or tools.DEVCLUSTER_DIR / "fleet.yaml"
         self.pki = certs.Pki(self.dir / "pki")
+        self.restart_backoff_s = restart_backoff_s
 
     # ---- info -------------------------------------------------------------------------------------------
     @property
@@ -336,7 +345,11 @@ class DevCluster:
     def _start_runner(self, info: ClusterInfo) -> None:
         proc.start(
             "runner",
-            [sys.executable, "-m", "llmengine.dev.runner", "--cluster-dir", str(self.dir)],
+            [
+                sys.executable,
+                *("-m", "llmengine.dev.runner", "--cluster-dir", str(self.dir)),
+                *(("--restart-backoff", str(self.restart_backoff_s)) if self.restart_backoff_s is not None else ()),
+            ],
             self.dir,
         )
 

@@ -9,7 +9,12 @@ through annotations that the kwok stages turn into pod status:
 - Job pods (restartPolicy Never/OnFailure): the main container runs; exit 0 -> Succeeded, else Failed, with the
   exit code and the termination message the process wrote.
 - Long-running pods: runnable init containers run in order; then the pod is marked Ready. A failing init
-  container leaves the pod Pending and unready, with the error in an annotation (as an init crash loop would).
+  container leaves the pod Pending and unready, with the error and a restart count in annotations, and is run
+  again after a back-off (10 s doubling to 5 min by default, as a kubelet's crash loop), until it succeeds or the
+  pod is deleted.
+
+Like a kubelet, the runner outlives a restarting API server: reads of Secrets and ConfigMaps and status reports are
+retried until they go through (or the pod is gone).
 
 A pod is runnable when its command starts with `llmengine` (the product's own entrypoints) or when it carries
 the annotation `devcluster.llmengine.io/run: "true"` (test pods). Other Job pods wait for a test to finish them;
@@ -34,14 +39,18 @@ from pathlib import Path
 from typing import Any
 
 ANN = "devcluster.llmengine.io"
-OUTCOME, EXIT_CODE, MESSAGE, RUN, STATE = (
+OUTCOME, EXIT_CODE, MESSAGE, RUN, STATE, RESTARTS = (
     f"{ANN}/outcome",
     f"{ANN}/exit-code",
     f"{ANN}/message",
     f"{ANN}/run",
     f"{ANN}/runner",
+    f"{ANN}/restarts",
 )
 MAX_MESSAGE = 4096
+RESTART_BACKOFF_S = 10.0
+RESTART_BACKOFF_MAX_S = 300.0
+API_PATIENCE_S = 300.0
 log = logging.getLogger("llmengine.dev.runner")
 
 
@@ -58,51 +67,109 @@ def is_job_pod(pod: dict[str, Any]) -> bool:
     return policy != "Always"
 
 
+class PodGone(Exception):
+    """The pod was deleted (or the runner is stopping) while the runner worked on it."""
+
+
+def is_transient(e: BaseException) -> bool:
+    """An API call worth repeating: the API server is away, restarting or overloaded."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3 import exceptions as u3
+
+    if isinstance(e, ApiException):
+        return bool(e.status == 429 or e.status >= 500 or e.status == 0)
+    return isinstance(e, u3.HTTPError | ConnectionError | TimeoutError)
+
+
 class Runner:
-    def __init__(self, api: Any, work_dir: Path, llmengine_bin: str) -> None:
+    def __init__(
+        self,
+        api: Any,
+        work_dir: Path,
+        llmengine_bin: str,
+        restart_backoff_s: float = RESTART_BACKOFF_S,
+        restart_backoff_max_s: float = RESTART_BACKOFF_MAX_S,
+    ) -> None:
         from kubernetes import client
 
         self.core = client.CoreV1Api(api)
         self.api = api
         self.work = work_dir
         self.llmengine_bin = llmengine_bin
+        self.restart_backoff_s = restart_backoff_s
+        self.restart_backoff_max_s = max(restart_backoff_s, restart_backoff_max_s)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.handled: set[str] = set()
+        self.gone: set[str] = set()
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+
+    def _pause(self, key: str, seconds: float) -> None:
+        """Sleep, unless the pod goes away (PodGone) first."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with self.lock:
+                if key in self.gone:
+                    raise PodGone(key)
+            if self.stopping.is_set():
+                raise PodGone(key)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.5, left))
+
+    def _call(self, key: str, what: str, fn: Any, *args: Any) -> Any:
+        """fn(*args), repeated while the API server is away (as a kubelet does), for up to API_PATIENCE_S."""
+        deadline = time.monotonic() + API_PATIENCE_S
+        delay = 0.5
+        while True:
+            try:
+                return fn(*args)
+            except Exception as e:
+                if not is_transient(e) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s for %s failed (%s); retrying in %.1fs", what, key, type(e).__name__, delay)
+            self._pause(key, delay)
+            delay = min(delay * 2, 5.0)
 
     # ---- reporting --------------------------------------------------------------------------------------
     def annotate(self, pod: dict[str, Any], values: dict[str, str | None]) -> None:
         from kubernetes.client.exceptions import ApiException
 
         md = pod["metadata"]
+        body = {"metadata": {"annotations": values}}
         try:
-            self.core.patch_namespaced_pod(md["name"], md["namespace"], {"metadata": {"annotations": values}})
+            self._call(_key(pod), "status report", self.core.patch_namespaced_pod, md["name"], md["namespace"], body)
+        except PodGone:
+            pass
         except ApiException as e:
             if e.status != 404:
                 log.warning("annotate %s/%s failed: %s", md["namespace"], md["name"], e.reason)
+        except Exception as e:
+            log.warning("annotate %s/%s failed: %s", md["namespace"], md["name"], e)
 
     # ---- materialising a pod ----------------------------------------------------------------------------
-    def _secret(self, ns: str, name: str) -> dict[str, bytes]:
-        s = self.core.read_namespaced_secret(name, ns)
+    def _secret(self, pod: dict[str, Any], name: str) -> dict[str, bytes]:
+        ns = pod["metadata"]["namespace"]
+        s = self._call(_key(pod), f"reading Secret {name}", self.core.read_namespaced_secret, name, ns)
         return {k: base64.b64decode(v) for k, v in (s.data or {}).items()}
 
-    def _configmap(self, ns: str, name: str) -> dict[str, bytes]:
-        cm = self.core.read_namespaced_config_map(name, ns)
+    def _configmap(self, pod: dict[str, Any], name: str) -> dict[str, bytes]:
+        ns = pod["metadata"]["namespace"]
+        cm = self._call(_key(pod), f"reading ConfigMap {name}", self.core.read_namespaced_config_map, name, ns)
         return {k: v.encode() for k, v in (cm.data or {}).items()}
 
     def _volumes(self, pod: dict[str, Any], root: Path) -> dict[str, Path]:
-        ns = pod["metadata"]["namespace"]
         out: dict[str, Path] = {}
         for v in pod["spec"].get("volumes") or []:
             path = root / "volumes" / v["name"]
             path.mkdir(parents=True, exist_ok=True)
             files: dict[str, bytes] = {}
             if "configMap" in v:
-                files = self._configmap(ns, v["configMap"]["name"])
+                files = self._configmap(pod, v["configMap"]["name"])
                 items = v["configMap"].get("items")
             elif "secret" in v:
-                files = self._secret(ns, v["secret"]["secretName"])
+                files = self._secret(pod, v["secret"]["secretName"])
                 items = v["secret"].get("items")
             else:
                 items = None  # emptyDir and anything else: an empty directory
@@ -115,13 +182,12 @@ class Runner:
         return out
 
     def _env(self, pod: dict[str, Any], c: dict[str, Any], root: Path) -> dict[str, str]:
-        ns = pod["metadata"]["namespace"]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root), "PYTHONUNBUFFERED": "1"}
         for ef in c.get("envFrom") or []:
             if "secretRef" in ef:
-                env.update({k: v.decode() for k, v in self._secret(ns, ef["secretRef"]["name"]).items()})
+                env.update({k: v.decode() for k, v in self._secret(pod, ef["secretRef"]["name"]).items()})
             if "configMapRef" in ef:
-                env.update({k: v.decode() for k, v in self._configmap(ns, ef["configMapRef"]["name"]).items()})
+                env.update({k: v.decode() for k, v in self._configmap(pod, ef["configMapRef"]["name"]).items()})
         for e in c.get("env") or []:
             if "value" in e:
                 env[e["name"]] = e["value"]
@@ -129,12 +195,12 @@ class Runner:
                 vf = e["valueFrom"]
                 if "secretKeyRef" in vf:
                     ref = vf["secretKeyRef"]
-                    data = self._secret(ns, ref["name"])
+                    data = self._secret(pod, ref["name"])
                     if ref["key"] in data:
                         env[e["name"]] = data[ref["key"]].decode()
                 elif "configMapKeyRef" in vf:
                     ref = vf["configMapKeyRef"]
-                    env[e["name"]] = self._configmap(ns, ref["name"]).get(ref["key"], b"").decode()
+                    env[e["name"]] = self._configmap(pod, ref["name"]).get(ref["key"], b"").decode()
                 elif "fieldRef" in vf:
                     env[e["name"]] = _field(pod, vf["fieldRef"]["fieldPath"])
         return env
@@ -214,17 +280,41 @@ class Runner:
                 outcome = "succeed" if code == 0 else "fail"
                 self.annotate(pod, {OUTCOME: outcome, EXIT_CODE: str(code), MESSAGE: msg, STATE: "done"})
             else:
-                for ic in pod["spec"].get("initContainers") or []:
-                    if is_runnable(pod, ic):
-                        code, msg = self.run_container(pod, ic, root)
-                        if code != 0:
-                            self.annotate(pod, {STATE: "init-failed", EXIT_CODE: str(code), MESSAGE: msg})
-                            return
-                self.annotate(pod, {OUTCOME: "ready", STATE: "done"})
+                self.serve(pod, root)
+        except PodGone:
+            return
         except Exception as e:  # the runner must outlive any one pod
             log.exception("pod %s/%s", md["namespace"], md["name"])
             if is_job_pod(pod):
                 self.annotate(pod, {OUTCOME: "fail", EXIT_CODE: "128", MESSAGE: f"runner error: {e}"})
+
+    def serve(self, pod: dict[str, Any], root: Path) -> None:
+        """A long-running pod: its init containers in order, all again after a back-off when one fails (a
+        kubelet's crash loop: restartPolicy Always restarts init containers), then Ready."""
+        key, restarts, backoff = _key(pod), 0, self.restart_backoff_s
+        while True:
+            failed: tuple[int, str] | None = None
+            try:
+                for ic in pod["spec"].get("initContainers") or []:
+                    if is_runnable(pod, ic):
+                        code, msg = self.run_container(pod, ic, root)
+                        if code != 0:
+                            failed = (code, msg)
+                            break
+            except PodGone:
+                raise
+            except Exception as e:  # e.g. a Secret that does not exist (yet): a kubelet waits for it too
+                log.warning("pod %s cannot start: %s", key, e)
+                failed = (128, f"runner error: {e}")
+            if failed is None:
+                self.annotate(pod, {OUTCOME: "ready", STATE: "done"})
+                return
+            restarts += 1
+            code, msg = failed
+            self.annotate(pod, {STATE: "init-failed", EXIT_CODE: str(code), MESSAGE: msg, RESTARTS: str(restarts)})
+            log.info("pod %s: init container failed (exit %d); restart %d in %.0fs", key, code, restarts, backoff)
+            self._pause(key, backoff)
+            backoff = min(backoff * 2, self.restart_backoff_max_s)
 
     def consider(self, pod: dict[str, Any]) -> None:
         md, spec = pod["metadata"], pod["spec"]
@@ -235,7 +325,7 @@ class Runner:
             return
         if not spec.get("nodeName") or (pod.get("status") or {}).get("phase") != "Pending":
             return
-        if OUTCOME in ann or ann.get(STATE) in ("done", "init-failed"):
+        if OUTCOME in ann or ann.get(STATE) == "done":  # init-failed: its crash loop goes on
             return
         with self.lock:
             if key in self.handled:
@@ -257,6 +347,7 @@ class Runner:
 
     def kill(self, key: str) -> None:
         with self.lock:
+            self.gone.add(key)
             p = self.procs.pop(key, None)
         if p is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -321,6 +412,13 @@ def _field(pod: dict[str, Any], path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llmengine-dev-runner")
     ap.add_argument("--cluster-dir", required=True, type=Path)
+    ap.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=RESTART_BACKOFF_S,
+        help="seconds before a failed init container runs again; doubles up to --restart-backoff-max",
+    )
+    ap.add_argument("--restart-backoff-max", type=float, default=RESTART_BACKOFF_MAX_S)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     from kubernetes import config
@@ -331,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     exe = Path(sys.executable).parent / "llmengine"
-    runner = Runner(api, work, str(exe) if exe.exists() else "llmengine")
+    runner = Runner(
+        api, work, str(exe) if exe.exists() else "llmengine", args.restart_backoff, args.restart_backoff_max
+    )
 
     def stop(*_: Any) -> None:
         runner.stopping.set()
