@@ -195,6 +195,14 @@ def test_runner_restarts_a_failed_init_container_like_a_kubelet(api: Any, namesp
     first = wait_for("init container failed once", failed_once, timeout=60)
     assert (first[f"{ann}/exit-code"], first[f"{ann}/message"].strip()) == ("4", "not yet")
 
+    def crash_loop() -> Any:
+        st = core.read_namespaced_pod("crashy", namespace).status
+        return st.init_container_statuses[0] if st.init_container_statuses else None
+
+    ics = wait_for("kubelet-shaped init container status", crash_loop, timeout=30)
+    assert ics.state.waiting.reason == "CrashLoopBackOff"
+    assert (ics.last_state.terminated.exit_code, ics.last_state.terminated.message.strip()) == (4, "not yet")
+
     def ready() -> Any:
         p = core.read_namespaced_pod("crashy", namespace)
         return p if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []) else None

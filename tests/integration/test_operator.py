@@ -129,6 +129,33 @@ def test_same_identity_joins_one_build_and_store_hit_skips_build(env: Any, api: 
         assert len(jobs(api, env.ns)) == 1
 
 
+def test_a_download_that_keeps_failing_is_named_in_the_status_and_heals(env: Any) -> None:
+    """A committed engine whose bytes no longer match its manifest: the serving pod's download refuses it and its
+    init container crash-loops; the engine's message says so (from the pod's status), and once the object is good
+    again the next restart serves it."""
+    with run_operator(env.info, env.ns, env.logs):
+        env.engines.create(env.body("rot", serving={"replicas": 0}))
+        digest = env.engines.wait_phase("rot", "Ready", timeout=180)["status"]["desiredEngine"]["digest"]
+        s3, bucket = env.info.s3().client(), env.info.s3_bucket
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{env.prefix}/{digest}/")["Contents"]
+        big = max(listed, key=lambda o: o["Size"])
+        good = s3.get_object(Bucket=bucket, Key=big["Key"])["Body"].read()
+        s3.put_object(Bucket=bucket, Key=big["Key"], Body=bytes(b ^ 0xFF for b in good[:4096]) + good[4096:])
+        env.engines.patch_spec("rot", {"serving": {"replicas": 1}})
+        name = big["Key"].rsplit("/", 1)[1]
+
+        def explained() -> Any:
+            msg = env.engines.get("rot")["status"].get("message", "")
+            return msg if "failed verification" in msg else None
+
+        msg = wait_for("the status names the failed download", explained, timeout=120)
+        assert msg.startswith("0/1 serving replicas available; pod llme-rot-"), msg
+        assert "init container fetch-engine failed (exit 1" in msg and f"'{name}' failed verification" in msg, msg
+        s3.put_object(Bucket=bucket, Key=big["Key"], Body=good)
+        ready = env.engines.wait_phase("rot", "Ready", timeout=120)
+        assert ready["status"]["message"] == f"serving engine {digest[:12]} on 1 replica(s)"
+
+
 def test_builder_failure_reports_reason_and_fixed_spec_recovers(env: Any, api: Any) -> None:
     with run_operator(env.info, env.ns, env.logs, {"LLMENGINE_BUILD_MAX_ATTEMPTS": "2"}):
         bad = f"s3://{env.info.s3_bucket}/models/does-not-exist-{uuid.uuid4().hex[:6]}/"

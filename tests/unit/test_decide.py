@@ -150,3 +150,69 @@ def test_not_ready_while_an_old_pod_is_left() -> None:
     assert d.status["phase"] == "Deploying"
     done = DeploymentView(D, 2, 2, 3, 3, 3, 3, total=3)
     assert decide(obs(committed=True, deployment=done, replicas=3)).status["phase"] == "Ready"
+
+
+# -- why serving pods are not Ready -----------------------------------------------------------------------------------
+
+ANN = "llmengine.io/engine-digest"
+
+
+def pod(name: str, digest: str = D, ready: bool = False, **status: Any) -> dict[str, Any]:
+    conds = [{"type": "Ready", "status": "True" if ready else "False"}, *status.pop("conditions", [])]
+    return {"metadata": {"name": name, "annotations": {ANN: digest}}, "status": {"conditions": conds, **status}}
+
+
+CRASHING_DOWNLOAD = {
+    "initContainerStatuses": [
+        {
+            "name": "fetch-engine",
+            "restartCount": 3,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+            "lastState": {
+                "terminated": {
+                    "exitCode": 1,
+                    "message": '{"event": "download started"}\n'
+                    "serve-engine: 'rank0.engine' failed verification: sha256 1234...  does not match\n\n",
+                }
+            },
+        }
+    ]
+}
+
+
+def test_pod_problem_reads_a_crash_looping_download_from_its_last_termination() -> None:
+    from llmengine.reconcile.decide import pod_problem
+
+    got = pod_problem([pod("s-1", **CRASHING_DOWNLOAD)], D, ANN)
+    assert got == (
+        "pod s-1: init container fetch-engine failed (exit 1, 3 restart(s)): "
+        "serve-engine: 'rank0.engine' failed verification: sha256 1234... does not match"
+    )
+
+
+def test_pod_problem_reads_scheduling_image_and_ignores_ready_old_and_deleting_pods() -> None:
+    from llmengine.reconcile.decide import pod_problem
+
+    unsched = {"conditions": [{"type": "PodScheduled", "status": "False", "message": "0/7 nodes: Insufficient gpu"}]}
+    pull = {"containerStatuses": [{"name": "server", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}
+    assert pod_problem([pod("a", **unsched)], D, ANN) == "pod a cannot be scheduled: 0/7 nodes: Insufficient gpu"
+    assert pod_problem([pod("b", **pull)], D, ANN) == "pod b: container server ImagePullBackOff"
+    deleting = pod("d", **CRASHING_DOWNLOAD)
+    deleting["metadata"]["deletionTimestamp"] = "2026-11-26T12:00:00Z"
+    quiet = [pod("r", ready=True, **CRASHING_DOWNLOAD), pod("o", "b" * 64, **CRASHING_DOWNLOAD), deleting, pod("p")]
+    assert pod_problem(quiet, D, ANN) is None
+
+
+def test_status_message_carries_the_pod_problem_while_rolling_out_and_when_degraded() -> None:
+    why = "pod s-1: init container fetch-engine failed (exit 1): boom"
+    rolling = DeploymentView(D, 2, 2, 2, 1, 0, 0, total=2, problem=why)
+    d = decide(obs(committed=True, deployment=rolling))
+    assert d.status["phase"] == "Deploying"
+    assert d.status["message"] == f"rolling out engine {D[:12]}; {why}"
+    short = DeploymentView(D, 2, 2, 2, 2, 1, 1, total=2, problem=why)
+    d = decide(obs(committed=True, deployment=short, status={"phase": "Ready"}))
+    assert d.status["phase"] == "Degraded"
+    assert d.status["message"] == f"1/2 serving replicas available; {why}"
+    # The problem of another engine's pods is not this rollout's.
+    other = DeploymentView("b" * 64, 2, 2, 2, 2, 2, 2, problem=why)
+    assert why not in decide(obs(committed=True, deployment=other)).status["message"]

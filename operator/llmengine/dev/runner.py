@@ -148,6 +148,58 @@ class Runner:
         except Exception as e:
             log.warning("annotate %s/%s failed: %s", md["namespace"], md["name"], e)
 
+    def report_crash_loop(
+        self, pod: dict[str, Any], ic: dict[str, Any], code: int, msg: str, started: str, restarts: int, backoff: float
+    ) -> None:
+        """The pod status a kubelet shows for an init container in a crash loop: waiting in CrashLoopBackOff, the
+        last run terminated with its exit code and termination message, the pod not Initialized."""
+
+        md, now = pod["metadata"], _now()
+        waiting = f"back-off {backoff:.0f}s restarting failed container={ic['name']} pod={md['name']}"
+        status = {
+            "initContainerStatuses": [
+                {
+                    "name": ic["name"],
+                    "image": ic.get("image", ""),
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": restarts,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": waiting}},
+                    "lastState": {
+                        "terminated": {
+                            "exitCode": code,
+                            "reason": "Error",
+                            "message": msg,
+                            "startedAt": started,
+                            "finishedAt": now,
+                        }
+                    },
+                }
+            ],
+            "conditions": [
+                {
+                    "type": "Initialized",
+                    "status": "False",
+                    "reason": "ContainersNotInitialized",
+                    "message": f"containers with incomplete status: [{ic['name']}]",
+                    "lastTransitionTime": now,
+                }
+            ],
+        }
+        try:
+            self._call(
+                _key(pod),
+                "status report",
+                self.core.patch_namespaced_pod_status,
+                md["name"],
+                md["namespace"],
+                {"status": status},
+            )
+        except PodGone:
+            pass
+        except Exception as e:
+            log.warning("status of %s/%s not reported: %s", md["namespace"], md["name"], e)
+
     # ---- materialising a pod ----------------------------------------------------------------------------
     def _secret(self, pod: dict[str, Any], name: str) -> dict[str, bytes]:
         ns = pod["metadata"]["namespace"]
@@ -293,25 +345,28 @@ class Runner:
         kubelet's crash loop: restartPolicy Always restarts init containers), then Ready."""
         key, restarts, backoff = _key(pod), 0, self.restart_backoff_s
         while True:
-            failed: tuple[int, str] | None = None
-            try:
-                for ic in pod["spec"].get("initContainers") or []:
-                    if is_runnable(pod, ic):
-                        code, msg = self.run_container(pod, ic, root)
-                        if code != 0:
-                            failed = (code, msg)
-                            break
-            except PodGone:
-                raise
-            except Exception as e:  # e.g. a Secret that does not exist (yet): a kubelet waits for it too
-                log.warning("pod %s cannot start: %s", key, e)
-                failed = (128, f"runner error: {e}")
+            failed: tuple[dict[str, Any], int, str, str] | None = None
+            for ic in pod["spec"].get("initContainers") or []:
+                if not is_runnable(pod, ic):
+                    continue
+                started = _now()
+                try:
+                    code, msg = self.run_container(pod, ic, root)
+                except PodGone:
+                    raise
+                except Exception as e:  # e.g. a Secret that does not exist (yet): a kubelet waits for it too
+                    log.warning("pod %s cannot start: %s", key, e)
+                    code, msg = 128, f"runner error: {e}"
+                if code != 0:
+                    failed = (ic, code, msg, started)
+                    break
             if failed is None:
                 self.annotate(pod, {OUTCOME: "ready", STATE: "done"})
                 return
             restarts += 1
-            code, msg = failed
+            ic, code, msg, started = failed
             self.annotate(pod, {STATE: "init-failed", EXIT_CODE: str(code), MESSAGE: msg, RESTARTS: str(restarts)})
+            self.report_crash_loop(pod, ic, code, msg, started, restarts, backoff)
             log.info("pod %s: init container failed (exit %d); restart %d in %.0fs", key, code, restarts, backoff)
             self._pause(key, backoff)
             backoff = min(backoff * 2, self.restart_backoff_max_s)
@@ -384,6 +439,10 @@ class Runner:
             except Exception as e:
                 log.warning("watch failed: %s; retrying", e)
                 time.sleep(1)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _key(pod: dict[str, Any]) -> str:

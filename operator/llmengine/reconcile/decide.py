@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,12 +45,72 @@ class DeploymentView:
     ready: int
     available: int
     total: int | None = None  # status.replicas: pods of every ReplicaSet, old ones included
+    problem: str | None = None  # why a pod of the desired engine is not Ready (pod_problem), when one says
 
     @property
     def rolled_out(self) -> bool:
         """Every pod runs the new template and no old pod is left (availability is judged on its own)."""
         no_old = self.total is None or self.total <= self.updated
         return self.observed_generation >= self.generation and self.updated >= self.replicas and no_old
+
+
+_WAITING_TROUBLE = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _container_problem(cs: Mapping[str, Any], kind: str) -> str | None:
+    state, last = cs.get("state") or {}, cs.get("lastState") or {}
+    name, restarts = cs.get("name", "?"), int(cs.get("restartCount") or 0)
+    term = state.get("terminated") or last.get("terminated") or {}
+    waiting = state.get("waiting") or {}
+    if term and int(term.get("exitCode") or 0) != 0:
+        # With FallbackToLogsOnError the message is the log's tail, whose last line is the error (the server's and
+        # the builder's entrypoints end on a one-line summary).
+        lines = [ln for ln in str(term.get("message") or "").splitlines() if ln.strip()]
+        detail = lines[-1] if lines else term.get("reason") or ""
+        again = f", {restarts} restart(s)" if restarts else ""
+        return f"{kind} {name} failed (exit {term.get('exitCode')}{again}): {_one_line(detail)}".rstrip(": ")
+    if waiting.get("reason") in _WAITING_TROUBLE:
+        return f"{kind} {name} {waiting['reason']}: {_one_line(waiting.get('message') or '')}".rstrip(": ")
+    return None
+
+
+def pod_problem(pods: Sequence[Mapping[str, Any]], digest: str, digest_annotation: str) -> str | None:
+    """One line saying why a serving pod of engine `digest` is not Ready, from what the kubelet and the scheduler
+    wrote in its status: a failed init container (the engine download or the GPU preflight) with its termination
+    message, a container that cannot start or keeps crashing, or a pod no node can take. None when no pod says."""
+    for pod in sorted(pods, key=lambda p: str(p.get("metadata", {}).get("name", ""))):
+        md, st = pod.get("metadata") or {}, pod.get("status") or {}
+        if (md.get("annotations") or {}).get(digest_annotation) != digest or md.get("deletionTimestamp"):
+            continue
+        conds = {c.get("type"): c for c in st.get("conditions") or []}
+        if (conds.get("Ready") or {}).get("status") == "True":
+            continue
+        name = md.get("name", "?")
+        sched = conds.get("PodScheduled") or {}
+        if sched.get("status") == "False":
+            why = sched.get("message") or sched.get("reason") or "not scheduled"
+            return f"pod {name} cannot be scheduled: {_one_line(why)}"
+        for kind, key in (("init container", "initContainerStatuses"), ("container", "containerStatuses")):
+            for cs in st.get(key) or []:
+                problem = _container_problem(cs, kind)
+                if problem:
+                    return f"pod {name}: {problem}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -187,13 +248,14 @@ def decide(o: Observed) -> Decision:
     if dep and dep.rolled_out and dep.available >= dep.replicas and dep.digest:
         st["servingEngine"] = {"digest": dep.digest, "uri": _uri_like(o.desired_uri, digest, dep.digest)}
     if o.committed:
+        trouble = f"; {dep.problem}" if dep is not None and dep.digest == digest and dep.problem else ""
         if dep is None or dep.digest != digest or not dep.rolled_out:
-            phase, message = DEPLOYING, f"rolling out engine {digest[:12]}"
+            phase, message = DEPLOYING, f"rolling out engine {digest[:12]}{trouble}"
             setc(cond.DEPLOYED, False, "RollingOut", message)
         elif dep.available < o.replicas:
             was_ready = o.status.get("phase") in (READY, DEGRADED)
             phase = DEGRADED if was_ready else DEPLOYING
-            message = f"{dep.available}/{o.replicas} serving replicas available"
+            message = f"{dep.available}/{o.replicas} serving replicas available{trouble}"
             setc(cond.DEPLOYED, False, "Unavailable" if was_ready else "RollingOut", message)
         else:
             phase, message = READY, f"serving engine {digest[:12]} on {o.replicas} replica(s)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -24,7 +25,7 @@ from llmengine.logging import register_secret
 from llmengine.plan import plan_object
 from llmengine.plan.benchgate import bench_request
 from llmengine.reconcile import gate, metrics
-from llmengine.reconcile.decide import Decision, DeploymentView, JobView, Observed, decide
+from llmengine.reconcile.decide import Decision, DeploymentView, JobView, Observed, decide, pod_problem
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.traffic import TrafficWatcher, shape_floor
 from llmengine.render import bench as render_bench
@@ -147,6 +148,21 @@ class Reconciler:
                     return str(term["message"])
         return None
 
+    async def _with_pod_problem(
+        self, ns: str, dep: Mapping[str, Any] | None, view: DeploymentView | None, plan: Any
+    ) -> DeploymentView | None:
+        """While pods of the desired engine are not all available, what their status says is wrong (the status
+        message carries it: a failed download, an unschedulable pod), at the cost of one pod list."""
+        if dep is None or view is None or not plan.valid or view.digest != plan.engine_digest:
+            return view
+        if view.rolled_out and view.available >= view.replicas:
+            return view
+        match = (dep["spec"].get("selector") or {}).get("matchLabels") or {}
+        if not match:
+            return view
+        pods = await self.kube.list_pods(ns, ",".join(f"{k}={v}" for k, v in sorted(match.items())))
+        return dataclasses.replace(view, problem=pod_problem(pods, plan.engine_digest, common.DIGEST_ANNOTATION))
+
     @staticmethod
     def _deployment_view(dep: Mapping[str, Any] | None) -> DeploymentView | None:
         if dep is None:
@@ -215,7 +231,7 @@ class Reconciler:
         plan = plan_with(floor)
         dep_name = common.serving_name(name)
         dep = await self.kube.get_deployment(ns, dep_name)
-        dview = self._deployment_view(dep)
+        dview = await self._with_pod_problem(ns, dep, self._deployment_view(dep), plan)
         now = datetime.datetime.now(datetime.UTC)
         base: dict[str, Any] = {
             "generation": int(md.get("generation") or 0),
