@@ -36,6 +36,7 @@ import platform
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -1013,6 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown fault(s): {', '.join(sorted(unknown))}")
 
+    # A SIGTERM (Ctrl-C's sibling, `kill`) still stops the cluster: the finally below runs on SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     name = f"faults-{os.getpid()}-{uuid.uuid4().hex[:4]}"
     state = Path(tempfile.mkdtemp(prefix=f"llmengine-{name}-"))
     cluster = DevCluster(name, state, restart_backoff_s=args.restart_backoff)
