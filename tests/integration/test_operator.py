@@ -56,7 +56,7 @@ def test_full_lifecycle_build_deploy_scale_rebuild_delete(env: Any, api: Any) ->
         obj = env.engines.wait_phase("tiny", "Ready", timeout=180)
         st = obj["status"]
         digest = st["desiredEngine"]["digest"]
-        assert st["servingEngine"]["digest"] == digest
+        assert st["servingEngine"]["digest"] == digest and st["servingEngine"]["short"] == digest[:12]
         assert _committed(env.info, env.prefix, digest)
         conds = {c["type"]: c for c in st["conditions"]}
         assert conds["Ready"]["status"] == "True" and conds["EngineBuilt"]["status"] == "True"

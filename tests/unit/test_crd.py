@@ -147,7 +147,7 @@ def test_names_columns_and_subresources(crd: dict[str, Any]) -> None:
     assert columns == {
         "Phase": ".status.phase",
         "GPU": ".status.gpu",
-        "Engine": ".status.servingEngine.digest",
+        "Engine": ".status.servingEngine.short",
         "Ready": ".status.readyReplicas",
         "Age": ".metadata.creationTimestamp",
     }

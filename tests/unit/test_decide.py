@@ -122,6 +122,7 @@ def test_committed_engine_rolls_out_then_is_ready() -> None:
     ready = decide(obs(committed=True, deployment=dep, status=d.status))
     assert ready.status["phase"] == "Ready" and cond(ready, "Ready")["status"] == "True"
     assert ready.status["servingEngine"]["digest"] == D
+    assert ready.status["servingEngine"]["short"] == ready.status["desiredEngine"]["short"] == D[:12]
     # A later pass with nothing changed keeps lastTransitionTime.
     later = decide(obs(committed=True, deployment=dep, status=ready.status, now=NOW + datetime.timedelta(hours=1)))
     assert cond(later, "Ready")["lastTransitionTime"] == cond(ready, "Ready")["lastTransitionTime"]

@@ -138,7 +138,7 @@ def crd() -> dict[str, Any]:
     columns = [
         {"jsonPath": ".status.phase", "name": "Phase", "type": "string"},
         {"jsonPath": ".status.gpu", "name": "GPU", "type": "string"},
-        {"jsonPath": ".status.servingEngine.digest", "name": "Engine", "type": "string"},
+        {"jsonPath": ".status.servingEngine.short", "name": "Engine", "type": "string"},
         {"jsonPath": ".status.readyReplicas", "name": "Ready", "type": "integer"},
         {"jsonPath": ".metadata.creationTimestamp", "name": "Age", "type": "date"},
     ]

@@ -671,6 +671,7 @@ class EngineRef(StatusModel):
         description="Engine identity: sha256 of its build inputs (names of Jobs and pods use e-<first 12 hex>).",
     )
     uri: str | None = Field(default=None, description="s3:// location of the committed engine.")
+    short: str | None = Field(default=None, description="The digest's first 12 hex, as in Job and pod names.")
 
 
 class BuildStatus(StatusModel):

@@ -217,7 +217,7 @@ def decide(o: Observed) -> Decision:
     if st.get("desiredEngine", {}).get("digest") != digest:
         # A new identity: its build history starts afresh.
         build = {}
-    st["desiredEngine"] = {"digest": digest, "uri": o.desired_uri}
+    st["desiredEngine"] = {"digest": digest, "uri": o.desired_uri, "short": digest[:12]}
 
     phase = PENDING
     message = ""
@@ -246,7 +246,11 @@ def decide(o: Observed) -> Decision:
     # Rollout state of the Deployment.
     deployed = bool(dep and dep.digest == digest and dep.rolled_out and dep.available >= o.replicas)
     if dep and dep.rolled_out and dep.available >= dep.replicas and dep.digest:
-        st["servingEngine"] = {"digest": dep.digest, "uri": _uri_like(o.desired_uri, digest, dep.digest)}
+        st["servingEngine"] = {
+            "digest": dep.digest,
+            "uri": _uri_like(o.desired_uri, digest, dep.digest),
+            "short": dep.digest[:12],
+        }
     if o.committed:
         trouble = f"; {dep.problem}" if dep is not None and dep.digest == digest and dep.problem else ""
         if dep is None or dep.digest != digest or not dep.rolled_out:
