@@ -588,31 +588,39 @@ class Bench:
         elif f.kind == "s3-mid-upload":
             pattern = f"llme-build-{digest[:12]}-*" if digest else "llme-build-*"
             log = self.wait_transfer(pattern, "build.log", '"upload started"', '"upload committed"', 120)
-            self._s3_crash(f, log, '"upload committed"', self._upload_progress() if log else None)
+            self._s3_crash(f, log, '"upload committed"', self._upload_progress if log else None)
         elif f.kind == "s3-mid-download":
             log = self.wait_transfer(
                 f"llme-{name}-*", "fetch-engine.log", '"download started"', '"download verified"', 120
             )
-            self._s3_crash(f, log, '"download verified"', self._download_progress(log) if log else None)
+            self._s3_crash(f, log, '"download verified"', (lambda: self._download_progress(log)) if log else None)
 
-    def _upload_progress(self) -> Callable[[], int] | None:
+    def _upload_progress(self) -> Callable[[], int]:
         """Bytes the S3 server has written since now (its data directory is where the upload lands). Not the
         builder's own counters: Linux counts socket sends in none of them. Other uploads at the same time count
-        too, which only moves the crash a little earlier in this one."""
-        pid = proc.running(self.cluster.dir, "s3")
-        if pid is None:
-            return None
-        io = Path(f"/proc/{pid}/io")
+        too, which only moves the crash a little earlier in this one. The server's PID is looked up on every
+        read: another fault may have restarted it since."""
 
-        def wchar() -> int:
+        def wchar() -> tuple[int | None, int]:
+            pid = proc.running(self.cluster.dir, "s3")
             try:
-                fields = dict(line.split(": ") for line in io.read_text().splitlines())
-            except OSError:
-                return -1
-            return int(fields["wchar"])
+                text = Path(f"/proc/{pid}/io").read_text() if pid else ""
+                return pid, int(dict(line.split(": ") for line in text.splitlines())["wchar"])
+            except (OSError, KeyError, ValueError):
+                return None, 0
 
-        base = wchar()
-        return lambda: wchar() - base
+        first_pid, first_base = wchar()
+        seen = {"pid": first_pid, "base": first_base}
+
+        def moved() -> int:
+            pid, now_w = wchar()
+            if pid is None:
+                return 0
+            if pid != seen["pid"]:  # a new server process: count from its start
+                seen["pid"], seen["base"] = pid, 0
+            return now_w - (seen["base"] or 0)
+
+        return moved
 
     @staticmethod
     def _download_progress(log: Path) -> Callable[[], int]:
@@ -629,13 +637,17 @@ class Bench:
 
         return allocated
 
-    def _s3_crash(self, f: FaultRecord, log: Path | None, done: str, moved: Callable[[], int] | None) -> None:
+    def _s3_crash(
+        self, f: FaultRecord, log: Path | None, done: str, progress: Callable[[], Callable[[], int]] | None
+    ) -> None:
         """Crash S3 once a random share (15-60%) of the engine's bytes has moved: in the middle of the bodies,
-        not before the first request (which the client's own retries would absorb)."""
+        not before the first request (which the client's own retries would absorb). `progress` makes the byte
+        counter, once this fault holds S3 (no other S3 fault can restart it meanwhile)."""
         with self.rng_lock:
             down = self.rng.uniform(0.0, self.s3_down_max)
             share = self.rng.uniform(0.15, 0.6)
         with self.locks["s3"]:
+            moved = progress() if progress is not None else None
             if log is not None and moved is not None:
                 deadline = time.monotonic() + 60
                 while moved() < share * self.engine_bytes and time.monotonic() < deadline:

@@ -56,7 +56,7 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
             info,
             list(bench.FAULTS),
             seed=1,
-            engine_bytes=48 * MiB,  # a transfer long enough (most of a second here) to crash S3 in its middle
+            engine_bytes=96 * MiB,  # a transfer long enough (a second or two here) to crash S3 in its middle
             parallel=3,  # the lifecycles overlap; faults of one component never do
             ready_timeout=90.0,
             rebuild_every=3,  # the third lifecycle (s3-mid-download) rebuilds: its fault hits a rollout

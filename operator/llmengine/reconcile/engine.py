@@ -269,9 +269,9 @@ class Reconciler:
         job_name = common.build_job_name(plan.short_digest)
         key = f"{ns}/{job_name}"
         previous = self._build_key.get((ns, name))
-        if previous and previous[1] != key:
-            self.queue.forget(previous[1])
         self._build_key[(ns, name)] = (pool, key)
+        if previous and previous[1] != key:
+            self._release(previous[1])
         # The builder commits before its Job is marked Complete: keep reading our build Job until its duration is
         # recorded (build metrics, status.build.lastDurationSeconds), not only while the engine is uncommitted.
         build_st = status.get("build") or {}
@@ -529,12 +529,23 @@ class Reconciler:
             newer = False
         return dict(written[1]) if newer else status
 
+    def next_in_line(self, pool: str) -> list[tuple[str, str]]:
+        """(namespace, name) of the engines whose builds are next in the pool's queue: to wake when a slot frees,
+        instead of at their next queued poll."""
+        head = set(self.queue.head(pool))
+        return sorted(eng for eng, (p, key) in self._build_key.items() if p == pool and key in head)
+
     def forget(self, ns: str, name: str) -> None:
         self._written.pop((ns, name), None)
         self.traffic.forget(ns, name)
         prev = self._build_key.pop((ns, name), None)
         if prev:
-            self.queue.forget(prev[1])
+            self._release(prev[1])
+
+    def _release(self, key: str) -> None:
+        """Drop a build from the queue unless another engine still waits on it (same identity: same build)."""
+        if not any(k == key for _, k in self._build_key.values()):
+            self.queue.forget(key)
 
 
 def _hf_token(spec: Mapping[str, Any]) -> dict[str, str] | None:

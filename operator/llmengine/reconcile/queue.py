@@ -34,3 +34,8 @@ class BuildQueue:
 
     def depth(self, pool: str) -> int:
         return len(self.waiting.get(pool, {}))
+
+    def head(self, pool: str) -> list[str]:
+        """The keys first in line: those that take the pool's slots as they free up."""
+        line = self.waiting.get(pool, {})
+        return sorted(line, key=lambda k: line[k])[: self.limit]

@@ -1,0 +1,42 @@
+"""The per-pool build queue: first come first served, at most `limit` builds per pool, and who is next."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmengine.api.config import OperatorConfig
+from llmengine.reconcile.engine import Reconciler
+from llmengine.reconcile.queue import BuildQueue
+
+
+def test_positions_are_first_come_first_served_within_the_free_slots() -> None:
+    q = BuildQueue(limit=2)
+    active = {"ns/run-1"}
+    assert q.position("h100", "ns/a", active) == 0  # one slot free
+    assert q.position("h100", "ns/b", active) == 1
+    assert q.position("h100", "ns/c", active) == 2
+    assert q.position("a100", "ns/z", active) == 0  # another pool's line is its own
+    assert q.position("h100", "ns/run-1", active) == 0  # a running build keeps its slot
+    assert q.head("h100") == ["ns/a", "ns/b"]
+    q.started("h100", "ns/a")
+    assert q.head("h100") == ["ns/b", "ns/c"]
+    q.forget("ns/b")
+    assert q.head("h100") == ["ns/c"] and q.depth("h100") == 1
+
+
+def test_next_in_line_names_the_engines_whose_builds_lead_their_pool() -> None:
+    r = Reconciler(kube=Any, cfg=OperatorConfig(build_concurrency_per_pool=1))  # type: ignore[arg-type]
+    for eng, pool, key in [
+        (("ns", "first"), "h100", "ns/llme-build-1"),
+        (("ns", "twin"), "h100", "ns/llme-build-1"),  # same identity: one build, both wait on it
+        (("ns", "second"), "h100", "ns/llme-build-2"),
+        (("other", "x"), "a100", "other/llme-build-3"),
+    ]:
+        r._build_key[eng] = (pool, key)
+        r.queue.position(pool, key, active={"ns/running"} if pool == "h100" else set())
+    assert r.next_in_line("h100") == [("ns", "first"), ("ns", "twin")]
+    assert r.next_in_line("a100") == [("other", "x")]
+    r.forget("ns", "first")  # deleting one engine keeps the place of the build its twin still waits on
+    assert r.next_in_line("h100") == [("ns", "twin")]
+    r.forget("ns", "twin")  # the last one waiting on it: the build leaves the line
+    assert r.next_in_line("h100") == [("ns", "second")]
