@@ -24,6 +24,21 @@ def test_positions_are_first_come_first_served_within_the_free_slots() -> None:
     assert q.head("h100") == ["ns/c"] and q.depth("h100") == 1
 
 
+def test_a_build_being_created_holds_its_slot_until_its_job_is_listed() -> None:
+    q = BuildQueue(limit=2)
+    running = {"ns/run-1"}
+    assert q.position("h100", "ns/a", running) == 0
+    q.reserve("h100", "ns/a")  # its Job is being created...
+    q.started("h100", "ns/a")
+    # ...and a Job list read before the create went through does not show it: the slot is still taken.
+    assert q.position("h100", "ns/b", running) == 1
+    assert q.position("h100", "ns/a", running) == 0  # its own next pass still may (re)create it
+    # Once the list shows it, the reservation is the Job itself; when a build ends, the next one goes.
+    assert q.position("h100", "ns/b", running | {"ns/a"}) == 1
+    assert q.position("h100", "ns/b", {"ns/a"}) == 0
+    assert q.reserved["h100"] == {}
+
+
 def test_next_in_line_names_the_engines_whose_builds_lead_their_pool() -> None:
     r = Reconciler(kube=Any, cfg=OperatorConfig(build_concurrency_per_pool=1))  # type: ignore[arg-type]
     for eng, pool, key in [

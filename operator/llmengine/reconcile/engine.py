@@ -511,6 +511,7 @@ class Reconciler:
             attempt=attempt,
             cfg=self.cfg,
         )
+        self.queue.reserve(pool, key)
         created = await self.kube.create(job)
         self.queue.started(pool, key)
         if created:
