@@ -120,8 +120,12 @@ def relay(s3_endpoint: S3Endpoint) -> Iterator[FlakyRelay]:
     r.close()
 
 
-def relayed_store(relay: FlakyRelay, ep: S3Endpoint, bucket: str, retry_seconds: float) -> EngineStore:
-    tuning = TransferTuning(part_size=16 * MiB, ranged_threshold=16 * MiB, concurrency=2, retry_seconds=retry_seconds)
+def relayed_store(
+    relay: FlakyRelay, ep: S3Endpoint, bucket: str, retry_seconds: float, concurrency: int = 2
+) -> EngineStore:
+    tuning = TransferTuning(
+        part_size=16 * MiB, ranged_threshold=16 * MiB, concurrency=concurrency, retry_seconds=retry_seconds
+    )
     return make_store(S3Endpoint(relay.endpoint, ep.access_key, ep.secret_key), bucket, tuning, connect_timeout=1)
 
 
@@ -152,13 +156,15 @@ def test_a_download_cut_mid_body_resumes_where_it_stopped(
 def test_an_upload_survives_the_store_going_away_and_commits_last(
     relay: FlakyRelay, s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path
 ) -> None:
-    src = small_engine(tmp_path / "src", ranks=1, size=40 * MiB + 1)  # three parts
-    store = relayed_store(relay, s3_endpoint, s3_bucket, retry_seconds=60)
-    relay.outage_after("up", 20 * MiB, down_s=3.0)
+    src = small_engine(tmp_path / "src", ranks=1, size=40 * MiB + 1)  # three parts, sent one at a time
+    store = relayed_store(relay, s3_endpoint, s3_bucket, retry_seconds=60, concurrency=1)
+    relay.outage_after("up", 20 * MiB, down_s=3.0)  # into part 2 or 3 (the relay trails the client)
     with structlog.testing.capture_logs() as logs:
         manifest = upload(store, "outage-ul", src, tp=1)
     assert relay.outages, "the relay never cut the upload"
-    assert any(e["op"] == "upload rank0.engine" for e in retries_logged(logs)), retries_logged(logs)
+    assert any(e["op"].startswith("upload rank0.engine part ") for e in retries_logged(logs)), retries_logged(logs)
+    # Only the cut part went again: sending the file again would move the 20 MiB before the cut twice (60 MiB+).
+    assert relay.moved["up"] < manifest.total_bytes + 12 * MiB, relay.moved
     # Committed after the outage, and what the store holds verifies against the manifest.
     assert make_store(s3_endpoint, s3_bucket).get_manifest("outage-ul") == manifest
     make_store(s3_endpoint, s3_bucket).download_engine("outage-ul", tmp_path / "check")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 from typing import Any
 
 import pytest
@@ -19,7 +17,6 @@ from llmengine.clients.store import (
     S3Config,
     StoreError,
     TransferTuning,
-    _HashingReader,
     _ranges,
     check_manifest_paths,
     translate_error,
@@ -138,15 +135,6 @@ def test_manifest_entries_must_be_unique_and_well_formed() -> None:
         check_manifest_paths([ok, ok])
     with pytest.raises(IntegrityError, match="invalid size or sha256"):
         check_manifest_paths([ManifestFile(path="x", sha256="abc", size=1)])
-
-
-def test_hashing_reader_hashes_what_is_read_and_is_not_seekable() -> None:
-    data = bytes(range(256)) * 1000
-    r = _HashingReader(io.BytesIO(data))
-    assert r.readable() and not r.seekable()
-    while r.read(4096):
-        pass
-    assert r.sha256.hexdigest() == hashlib.sha256(data).hexdigest() and r.size == len(data)
 
 
 def test_ranges_cover_the_file_exactly() -> None:

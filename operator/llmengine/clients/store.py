@@ -23,11 +23,9 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 import boto3
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore import exceptions as bx
 from botocore.config import Config
 from pydantic import ValidationError
-from s3transfer.subscribers import BaseSubscriber
 from urllib3 import exceptions as u3
 
 from llmengine.api.artifacts import (
@@ -351,50 +349,6 @@ class _Progress:
 # Upload helpers
 
 
-class _HashingReader:
-    """Sequential, non-seekable view of a file that hashes what s3transfer reads.
-
-    Declaring it non-seekable makes s3transfer read parts strictly in order from one thread, so the SHA-256 is
-    computed while streaming, with no second pass over a multi-GB file.
-    """
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.sha256.update(data)
-        self.size += len(data)
-        return data
-
-
-class _UploadSubscriber(BaseSubscriber):
-    """Gives s3transfer the size up front and feeds the progress counter.
-
-    The size spares s3transfer from buffering a whole part to find it out, and lets it grow the part size for
-    files that would otherwise exceed S3's 10,000-part limit.
-    """
-
-    def __init__(self, size: int, progress: _Progress) -> None:
-        self._size, self._progress = size, progress
-        self.sent = 0
-
-    def on_queued(self, future: Any, **kwargs: Any) -> None:
-        future.meta.provide_transfer_size(self._size)
-
-    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
-        self.sent += bytes_transferred
-        self._progress.add(bytes_transferred)
-
-
 def _local_files(root: Path) -> list[tuple[str, Path]]:
     out: list[tuple[str, Path]] = []
     for p in sorted(root.rglob("*")):
@@ -548,44 +502,74 @@ class EngineStore:
 
     # -- upload ----------------------------------------------------------------------------------------------------
 
-    def _transfer_manager(self) -> Any:
-        t = self.tuning
-        cfg = TransferConfig(
-            multipart_threshold=t.part_size,
-            multipart_chunksize=t.part_size,
-            max_concurrency=t.concurrency,
-            use_threads=True,
-            preferred_transfer_client="classic",
-        )
-        # Bounds memory for the sequential (hashing) reader: parts read ahead of the uploads.
-        cfg.max_in_memory_upload_chunks = t.concurrency + 2
-        return create_transfer_manager(self.client, cfg)
-
     def upload_file(self, local: Path, key: str, progress: _Progress | None = None) -> tuple[str, int]:
-        """Upload one file (multipart, parallel parts); returns (sha256, size), the hash computed while streaming.
+        """Upload one file; returns (sha256, size), the hash computed while reading it once.
 
-        While the store is unreachable the file is sent again, whole, within the retry budget (s3transfer aborts
-        the multipart upload of a failed transfer).
+        Files above the part size go up as a multipart upload, `concurrency` parts at a time with at most
+        concurrency + 2 parts in memory. Each part (and the single PUT of a small file) is retried on its own while
+        the store is unreachable, within the retry budget: an outage costs the parts in flight, not the file.
         """
         size = local.stat().st_size
         prog = progress or _Progress(get_logger(), "upload", size, self.tuning.progress_interval_s)
+        bucket = self.location.bucket
+        # S3 allows 10,000 parts: grow the part for files that would need more.
+        part = max(self.tuning.part_size, -(-size // 10_000))
+        sha = hashlib.sha256()
+        with self._s3(), open(local, "rb") as f:
+            if size <= part:
+                data = f.read()
+                sha.update(data)
+                self._patient(f"upload {local.name}", lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data))
+                prog.add(len(data))
+                read = len(data)
+            else:
+                read = self._multipart(local.name, f, key, part, sha, prog)
+        if read != size:
+            raise StoreError(f"{local} changed size while uploading ({size} -> {read} bytes)")
+        return sha.hexdigest(), size
 
-        def send() -> _HashingReader:
-            counted = _UploadSubscriber(size, prog)
-            try:
-                with self._transfer_manager() as tm, open(local, "rb") as f:
-                    reader = _HashingReader(f)
-                    tm.upload(reader, self.location.bucket, key, subscribers=[counted]).result()
-            except BaseException:
-                prog.add(-counted.sent)  # this attempt's bytes are sent again
-                raise
-            return reader
+    def _multipart(self, name: str, f: IO[bytes], key: str, part: int, sha: Any, prog: _Progress) -> int:
+        bucket = self.location.bucket
+        started = self._patient(f"upload {name}", lambda: self.client.create_multipart_upload(Bucket=bucket, Key=key))
+        upload_id = started["UploadId"]
+        done: list[Any] = []  # CompletedPartTypeDef
+        read = 0
+        try:
+            conc = max(1, self.tuning.concurrency)
+            with ThreadPoolExecutor(max_workers=conc, thread_name_prefix="s3put") as pool:
+                inflight: list[Future[dict[str, Any]]] = []
+                number = 0
+                while data := f.read(part):
+                    sha.update(data)
+                    read += len(data)
+                    number += 1
+                    inflight.append(pool.submit(self._put_part, name, key, upload_id, number, data, prog))
+                    while len(inflight) >= conc + 2:
+                        done.append(inflight.pop(0).result())
+                done += [fut.result() for fut in inflight]
 
-        with self._s3():
-            reader = self._patient(f"upload {local.name}", send)
-        if reader.size != size:
-            raise StoreError(f"{local} changed size while uploading ({size} -> {reader.size} bytes)")
-        return reader.sha256.hexdigest(), size
+            def complete() -> None:
+                self.client.complete_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
+                )
+
+            self._patient(f"upload {name}", complete)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
+        return read
+
+    def _put_part(
+        self, name: str, key: str, upload_id: str, number: int, data: bytes, prog: _Progress
+    ) -> dict[str, Any]:
+        bucket = self.location.bucket
+        got = self._patient(
+            f"upload {name} part {number}",
+            lambda: self.client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data),
+        )
+        prog.add(len(data))
+        return {"PartNumber": number, "ETag": got["ETag"]}
 
     def upload_engine(
         self,
