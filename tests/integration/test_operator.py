@@ -180,6 +180,22 @@ def test_invalid_spec_fails_with_planner_message_and_no_job(env: Any, api: Any) 
         assert not jobs(api, env.ns)
 
 
+def test_a_build_pod_no_node_can_take_is_named_in_the_status(env: Any) -> None:
+    """A node selector no node matches: the scheduler's reason reaches the engine's message while it builds."""
+    with run_operator(env.info, env.ns, env.logs):
+        target = {"gpu": "H100-80GB", "nodeSelector": {"example.com/rack": "nowhere"}}
+        env.engines.create(env.body("nowhere", target=target))
+
+        def explained() -> Any:
+            st = env.engines.get("nowhere").get("status") or {}
+            return st if "cannot be scheduled" in st.get("message", "") else None
+
+        st = wait_for("the status names the unschedulable build pod", explained, timeout=90)
+        assert st["phase"] == "Building", st
+        assert st["message"].startswith(f"building engine {st['desiredEngine']['short']} (attempt 1); pod llme-build-")
+        assert "didn't match Pod's node affinity/selector" in st["message"], st["message"]
+
+
 def test_operator_killed_mid_build_makes_no_duplicate_job(env: Any, api: Any) -> None:
     with run_operator(env.info, env.ns, env.logs) as op:
         env.engines.create(env.body("k"))

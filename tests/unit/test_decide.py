@@ -217,3 +217,16 @@ def test_status_message_carries_the_pod_problem_while_rolling_out_and_when_degra
     # The problem of another engine's pods is not this rollout's.
     other = DeploymentView("b" * 64, 2, 2, 2, 2, 2, 2, problem=why)
     assert why not in decide(obs(committed=True, deployment=other)).status["message"]
+
+
+def test_building_message_carries_why_the_build_pod_does_not_run() -> None:
+    from llmengine.reconcile.decide import pod_problem
+
+    unsched = {"conditions": [{"type": "PodScheduled", "status": "False", "message": "0/7 nodes are available"}]}
+    why = pod_problem([pod("llme-build-x-abcde", digest="", **unsched)])  # no digest given: any pod counts
+    assert why == "pod llme-build-x-abcde cannot be scheduled: 0/7 nodes are available"
+    d = decide(obs(job=job(problem=why)))
+    assert d.status["phase"] == "Building"
+    assert d.status["message"] == f"building engine {D[:12]} (attempt 1); {why}"
+    assert cond(d, "EngineBuilt")["message"].endswith(f"(attempt 1); {why}")
+    assert decide(obs(job=job())).status["message"] == f"building engine {D[:12]} (attempt 1)"

@@ -33,6 +33,7 @@ class JobView:
     reason: str | None  # the Job controller's reason (DeadlineExceeded, BackoffLimitExceeded, ...)
     started_at: str | None
     completed_at: str | None
+    problem: str | None = None  # why its pod is not running yet (pod_problem), while the Job has not ended
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,18 @@ def _container_problem(cs: Mapping[str, Any], kind: str) -> str | None:
     return None
 
 
-def pod_problem(pods: Sequence[Mapping[str, Any]], digest: str, digest_annotation: str) -> str | None:
-    """One line saying why a serving pod of engine `digest` is not Ready, from what the kubelet and the scheduler
-    wrote in its status: a failed init container (the engine download or the GPU preflight) with its termination
-    message, a container that cannot start or keeps crashing, or a pod no node can take. None when no pod says."""
+def pod_problem(
+    pods: Sequence[Mapping[str, Any]], digest: str | None = None, digest_annotation: str = ""
+) -> str | None:
+    """One line saying why a pod (of engine `digest`, when given) is not Ready, from what the kubelet and the
+    scheduler wrote in its status: a failed init container (the engine download or the GPU preflight) with its
+    termination message, a container that cannot start or keeps crashing, or a pod no node can take. None when no
+    pod says."""
     for pod in sorted(pods, key=lambda p: str(p.get("metadata", {}).get("name", ""))):
         md, st = pod.get("metadata") or {}, pod.get("status") or {}
-        if (md.get("annotations") or {}).get(digest_annotation) != digest or md.get("deletionTimestamp"):
+        if md.get("deletionTimestamp"):
+            continue
+        if digest is not None and (md.get("annotations") or {}).get(digest_annotation) != digest:
             continue
         conds = {c.get("type"): c for c in st.get("conditions") or []}
         if (conds.get("Ready") or {}).get("status") == "True":
@@ -286,8 +292,9 @@ def _build_step(o: Observed, d: Decision, build: dict[str, Any], setc: Any) -> t
         build["attempts"] = attempts
         if job.active or not (job.failed or job.succeeded):
             build.pop("queuePosition", None)
-            setc(cond.ENGINE_BUILT, False, "Building", f"build Job {job.name} is running (attempt {attempts})")
-            return BUILDING, f"building engine {digest[:12]} (attempt {attempts})"
+            trouble = f"; {job.problem}" if job.problem else ""
+            setc(cond.ENGINE_BUILT, False, "Building", f"build Job {job.name} is running (attempt {attempts}){trouble}")
+            return BUILDING, f"building engine {digest[:12]} (attempt {attempts}){trouble}"
         text, permanent = (
             failure_text(job) if job.failed else ("the build finished but the store holds no committed manifest", False)
         )

@@ -118,9 +118,12 @@ class Reconciler:
         st = job.get("status") or {}
         conds = {c["type"]: c for c in st.get("conditions") or [] if c.get("status") == "True"}
         failed = "Failed" in conds
-        message = None
+        message = problem = None
         if failed:
             message = await self._termination_message(ns, name)
+        elif "Complete" not in conds and not st.get("ready"):
+            # Not running yet: say why (no node with free GPUs of the class, an image that does not pull, ...).
+            problem = pod_problem(await self.kube.list_pods(ns, f"job-name={name}"))
         ann = job["metadata"].get("annotations") or {}
         try:
             attempt = int(ann.get(common.ATTEMPT_ANNOTATION, "1"))
@@ -137,6 +140,7 @@ class Reconciler:
             reason=conds["Failed"].get("reason") if failed else None,
             started_at=st.get("startTime"),
             completed_at=st.get("completionTime"),
+            problem=problem,
         )
         return view, job
 
