@@ -33,7 +33,7 @@ from typing import Any
 import benchlib as bl
 from kubernetes import client
 
-from llmengine.render.common import DIGEST_ANNOTATION, POOL_LABEL
+from llmengine.render.common import DIGEST_ANNOTATION, POOL_LABEL, job_ended
 
 
 # ---- creating many objects ----------------------------------------------------------------------------------
@@ -301,10 +301,7 @@ class JobWatch:
                     return
                 job = ev["object"]
                 md = job["metadata"]
-                finished = any(
-                    c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
-                    for c in (job.get("status") or {}).get("conditions") or []
-                )
+                finished = job_ended(job)
                 now = time.monotonic()
                 prev = self.jobs.get(md["uid"]) or {}
                 self.jobs[md["uid"]] = {

@@ -18,7 +18,7 @@ from llmengine import GROUP, KIND, PLURAL, PREFIX, VERSION
 from llmengine.api.config import OperatorConfig
 from llmengine.plan.admission import review
 from llmengine.reconcile.engine import Reconciler
-from llmengine.render.common import MANAGED_BY, POOL_LABEL
+from llmengine.render.common import MANAGED_BY, POOL_LABEL, job_ended
 
 log = logging.getLogger("llmengine.operator")
 
@@ -184,12 +184,8 @@ async def job_changed(meta: kopf.Meta, namespace: str | None, body: kopf.Body, t
     _wake_owners(meta, namespace)
     # A build that ends frees a slot in its pool: the builds next in line start now, not at their next poll.
     pool = (meta.get("labels") or {}).get(POOL_LABEL)
-    conditions = (body.get("status") or {}).get("conditions") or []
-    ended = type == "DELETED" or any(
-        c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions
-    )
-    if pool and ended and hasattr(STATE, "reconciler"):
-        for ns, name in STATE.reconciler.next_in_line(pool):
+    if pool and (type == "DELETED" or job_ended(body)) and hasattr(STATE, "reconciler"):
+        for ns, name in STATE.reconciler.queue.next_in_line(pool):
             STATE.wakeups.wake(ns, name)
 
 

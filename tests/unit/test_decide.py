@@ -202,6 +202,18 @@ def test_pod_problem_reads_scheduling_image_and_ignores_ready_old_and_deleting_p
     deleting["metadata"]["deletionTimestamp"] = "2026-11-26T12:00:00Z"
     quiet = [pod("r", ready=True, **CRASHING_DOWNLOAD), pod("o", "b" * 64, **CRASHING_DOWNLOAD), deleting, pod("p")]
     assert pod_problem(quiet, D, ANN) is None
+    # Running again after an old crash (an OOM kill, say) while it loads: nothing to report.
+    recovered = {
+        "containerStatuses": [
+            {
+                "name": "server",
+                "restartCount": 1,
+                "state": {"running": {"startedAt": "2026-11-26T12:00:00Z"}},
+                "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+            }
+        ]
+    }
+    assert pod_problem([pod("loading", **recovered)], D, ANN) is None
 
 
 def test_status_message_carries_the_pod_problem_while_rolling_out_and_when_degraded() -> None:

@@ -81,5 +81,5 @@ def test_promotion_makes_the_numbers_the_next_baseline() -> None:
     assert step is not None and not step.hold and step.status["serving"] == {"requestsPerSecond": 20.0}
     again = gate(SPEC, NEW, NEW, step.status, None)
     assert again is not None and not again.hold and again.status == step.status
-    assert again.condition and again.condition[0] == "True"
+    assert again.condition == ("True", "Passed", f"engine {NEW[:12]} passed its benchmark")
     assert gate(SPEC, NEW, NEW, {"engineDigest": OLD, "verdict": "Passed"}, None) is None

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from llmengine.api.config import OperatorConfig
-from llmengine.reconcile.engine import Reconciler
 from llmengine.reconcile.queue import BuildQueue
 
 
@@ -34,24 +30,34 @@ def test_a_build_being_created_holds_its_slot_until_its_job_is_listed() -> None:
     assert q.position("h100", "ns/b", running) == 1
     assert q.position("h100", "ns/a", running) == 0  # its own next pass still may (re)create it
     # Once the list shows it, the reservation is the Job itself; when a build ends, the next one goes.
-    assert q.position("h100", "ns/b", running | {"ns/a"}) == 1
-    assert q.position("h100", "ns/b", {"ns/a"}) == 0
-    assert q.reserved["h100"] == {}
+    assert q.position("h100", "ns/b", running | {"ns/a"}, listed=running | {"ns/a"}) == 1
+    assert q.position("h100", "ns/b", {"ns/a"}, listed={"ns/a", "ns/run-1"}) == 0
+
+
+def test_a_build_that_ended_before_any_list_saw_it_running_frees_its_slot() -> None:
+    q = BuildQueue(limit=1)
+    assert q.position("h100", "ns/a", set()) == 0
+    q.reserve("h100", "ns/a")
+    q.started("h100", "ns/a")
+    assert q.position("h100", "ns/b", set()) == 1  # not listed yet: a's slot is held
+    # The first list that shows a's Job shows it ended (it failed within seconds): the slot is free at once,
+    # not when the reservation runs out.
+    assert q.position("h100", "ns/b", set(), listed={"ns/a"}) == 0
 
 
 def test_next_in_line_names_the_engines_whose_builds_lead_their_pool() -> None:
-    r = Reconciler(kube=Any, cfg=OperatorConfig(build_concurrency_per_pool=1))  # type: ignore[arg-type]
+    q = BuildQueue(limit=1)
     for eng, pool, key in [
         (("ns", "first"), "h100", "ns/llme-build-1"),
         (("ns", "twin"), "h100", "ns/llme-build-1"),  # same identity: one build, both wait on it
         (("ns", "second"), "h100", "ns/llme-build-2"),
         (("other", "x"), "a100", "other/llme-build-3"),
     ]:
-        r._build_key[eng] = (pool, key)
-        r.queue.position(pool, key, active={"ns/running"} if pool == "h100" else set())
-    assert r.next_in_line("h100") == [("ns", "first"), ("ns", "twin")]
-    assert r.next_in_line("a100") == [("other", "x")]
-    r.forget("ns", "first")  # deleting one engine keeps the place of the build its twin still waits on
-    assert r.next_in_line("h100") == [("ns", "twin")]
-    r.forget("ns", "twin")  # the last one waiting on it: the build leaves the line
-    assert r.next_in_line("h100") == [("ns", "second")]
+        q.join(eng, pool, key)
+        q.position(pool, key, active={"ns/running"} if pool == "h100" else set())
+    assert q.next_in_line("h100") == [("ns", "first"), ("ns", "twin")]
+    assert q.next_in_line("a100") == [("other", "x")]
+    q.leave(("ns", "first"))  # deleting one engine keeps the place of the build its twin still waits on
+    assert q.next_in_line("h100") == [("ns", "twin")]
+    q.join(("ns", "twin"), "h100", "ns/llme-build-4")  # its identity moved: the build nobody wants leaves
+    assert q.next_in_line("h100") == [("ns", "second")]

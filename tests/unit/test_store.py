@@ -19,6 +19,7 @@ from llmengine.clients.store import (
     TransferTuning,
     _ranges,
     check_manifest_paths,
+    is_transient,
     translate_error,
 )
 
@@ -150,5 +151,23 @@ def test_tuning_from_env() -> None:
     assert TransferTuning.from_env({"LLMENGINE_S3_PART_SIZE_MIB": "1"}).part_size == 5 * MiB
     # The builder and the server wait out an unreachable store; the operator's own store (TransferTuning()) does not.
     assert TransferTuning().retry_seconds == 0
-    assert TransferTuning.from_env({}).retry_seconds == 120
+    assert TransferTuning.from_env({"LLMENGINE_S3_RETRY_SECONDS": "0"}).retry_seconds == 0  # 0 means off, not unset
     assert TransferTuning.from_env({"LLMENGINE_S3_RETRY_SECONDS": "5"}).retry_seconds == 5
+
+
+def test_transient_and_permanent_errors_are_told_apart() -> None:
+    def status_error(code: str, status: int) -> bx.ClientError:
+        return bx.ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert is_transient(bx.EndpointConnectionError(endpoint_url="http://x"))
+    assert is_transient(bx.ConnectionClosedError(endpoint_url="http://x"))
+    assert is_transient(bx.ReadTimeoutError(endpoint_url="http://x"))
+    assert is_transient(EndpointUnreachable("cannot reach S3 endpoint http://x: check spec.store.endpoint"))
+    assert is_transient(bx.ResponseStreamingError(error="cut"))
+    assert is_transient(status_error("SlowDown", 503))
+    assert is_transient(status_error("Whatever", 502))
+    assert not is_transient(status_error("AccessDenied", 403))
+    assert not is_transient(status_error("NoSuchKey", 404))
+    assert not is_transient(bx.NoCredentialsError())
+    assert not is_transient(bx.SSLError(endpoint_url="https://x", error="bad certificate"))
+    assert not is_transient(ValueError("x"))

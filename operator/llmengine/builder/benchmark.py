@@ -40,6 +40,7 @@ from llmengine.builder.main import RESULT_LIMIT, write_result
 from llmengine.builder.trtllm import installed_trtllm_version
 from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError, translate_error
 from llmengine.logging import configure_logging, get_logger
+from llmengine.text import one_line
 
 TRTLLM_BENCH = "trtllm-bench"
 # trtllm-bench reads the model's config.json (model type) and initialises its tokenizer from --model_path even
@@ -622,21 +623,16 @@ _FAILURES: tuple[tuple[re.Pattern[str], str, bool], ...] = (
 )
 
 
-def _one_line(text: str, limit: int = 600) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def classify_failure(returncode: int, output: str) -> BenchFailure:
     """Why trtllm-bench failed, from its output: a known error becomes its reason, anything else BenchmarkFailed."""
     for pattern, reason, permanent in _FAILURES:
         m = pattern.search(output)
         if m:
             return BenchFailure(
-                "benchmark", reason, f"trtllm-bench exited with {returncode}: {_one_line(m[0])}", permanent
+                "benchmark", reason, f"trtllm-bench exited with {returncode}: {one_line(m[0], 600)}", permanent
             )
     last = " | ".join(line[-200:] for line in output.strip().splitlines()[-3:])
-    return BenchFailure("benchmark", "BenchmarkFailed", f"trtllm-bench exited with {returncode}: {_one_line(last)}")
+    return BenchFailure("benchmark", "BenchmarkFailed", f"trtllm-bench exited with {returncode}: {one_line(last, 600)}")
 
 
 def read_report(report: Path, output: str, log: Any) -> BenchNumbers:

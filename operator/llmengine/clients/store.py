@@ -38,6 +38,7 @@ from llmengine.api.artifacts import (
     first_problem,
 )
 from llmengine.logging import get_logger
+from llmengine.text import one_line
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -143,15 +144,10 @@ def translate_error(exc: BaseException, endpoint: str, bucket: str) -> StoreErro
                 SETTING_CREDENTIALS,
             )
         msg = str(err.get("Message", "")) or str(exc)
-        return StoreError(f"S3 error {code or 'unknown'} at {endpoint}: {_one_line(msg)}")
+        return StoreError(f"S3 error {code or 'unknown'} at {endpoint}: {one_line(msg)}")
     if isinstance(exc, bx.BotoCoreError):
-        return StoreError(f"S3 client error at {endpoint}: {_one_line(str(exc))}")
-    return StoreError(f"S3 operation failed at {endpoint}: {type(exc).__name__}: {_one_line(str(exc))}")
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+        return StoreError(f"S3 client error at {endpoint}: {one_line(str(exc))}")
+    return StoreError(f"S3 operation failed at {endpoint}: {type(exc).__name__}: {one_line(str(exc))}")
 
 
 def _error_code(exc: BaseException) -> str:
@@ -213,7 +209,7 @@ class _Patience:
             attempt=self.attempt,
             retry_in_s=round(delay, 2),
             budget_left_s=round(left, 1),
-            error=f"{type(exc).__name__}: {_one_line(str(exc), 200)}",
+            error=f"{type(exc).__name__}: {one_line(str(exc), 200)}",
         )
         time.sleep(delay)
 
@@ -289,8 +285,9 @@ class TransferTuning:
     # Files at least this large are fetched with parallel ranged GETs; smaller ones with one GET.
     ranged_threshold: int = 64 * MiB
     progress_interval_s: float = 5.0
-    # How long an operation keeps retrying while the store is unreachable, on top of botocore's own (~1 s) retries.
-    # 0 for the operator, whose reconcile loop retries anyway; the builder and the server wait (from_env).
+    # How long each request (a part, a range, a manifest read) keeps retrying while the store is unreachable, on
+    # top of botocore's own (~1 s) retries. 0 for the operator, whose reconcile loop retries anyway; the builder and
+    # the server wait (from_env).
     retry_seconds: float = 0.0
 
     @classmethod
@@ -533,32 +530,48 @@ class EngineStore:
         started = self._patient(f"upload {name}", lambda: self.client.create_multipart_upload(Bucket=bucket, Key=key))
         upload_id = started["UploadId"]
         done: list[Any] = []  # CompletedPartTypeDef
+        inflight: list[Future[dict[str, Any]]] = []
         read = 0
         try:
             conc = max(1, self.tuning.concurrency)
             with ThreadPoolExecutor(max_workers=conc, thread_name_prefix="s3put") as pool:
-                inflight: list[Future[dict[str, Any]]] = []
-                number = 0
-                while data := f.read(part):
-                    sha.update(data)
-                    read += len(data)
-                    number += 1
-                    inflight.append(pool.submit(self._put_part, name, key, upload_id, number, data, prog))
-                    while len(inflight) >= conc + 2:
-                        done.append(inflight.pop(0).result())
-                done += [fut.result() for fut in inflight]
-
-            def complete() -> None:
-                self.client.complete_multipart_upload(
-                    Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}
-                )
-
-            self._patient(f"upload {name}", complete)
+                try:
+                    number = 0
+                    while data := f.read(part):
+                        sha.update(data)
+                        read += len(data)
+                        number += 1
+                        inflight.append(pool.submit(self._put_part, name, key, upload_id, number, data, prog))
+                        while len(inflight) >= conc + 2:
+                            done.append(inflight.pop(0).result())
+                    done += [fut.result() for fut in inflight]
+                except BaseException:
+                    for fut in inflight:
+                        fut.cancel()  # parts not started yet would each wait out a budget of their own
+                    raise
+            self._patient(f"upload {name}", lambda: self._complete(key, upload_id, done, read))
         except BaseException:
             with contextlib.suppress(Exception):
-                self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+                self._patient(
+                    f"abort upload of {name}",
+                    lambda: self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id),
+                )
             raise
         return read
+
+    def _complete(self, key: str, upload_id: str, parts: list[Any], size: int) -> None:
+        bucket = self.location.bucket
+        try:
+            self.client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except bx.ClientError as exc:
+            # A completion whose response was lost, retried: the upload is gone because the object is complete.
+            if _error_code(exc) != "NoSuchUpload":
+                raise
+            head = self.client.head_object(Bucket=bucket, Key=key)
+            if int(head.get("ContentLength") or -1) != size:
+                raise
 
     def _put_part(
         self, name: str, key: str, upload_id: str, number: int, data: bytes, prog: _Progress
@@ -742,31 +755,26 @@ class EngineStore:
 
     def _get_range(self, job: _FileJob, offset: int, length: int, ranged: bool, prog: _Progress) -> None:
         """GET [offset, offset+length) into the partial file. A body cut short or a store that went away is asked
-        again for the bytes still missing, within the retry budget."""
+        again for the bytes still missing (from `reached`, which each attempt moves on), within the retry budget."""
         if length == 0:
             return
         end = offset + length
-        pos = offset
-        patience = self._patience(f"download {job.name}")
-        while True:
-            try:
-                pos = self._get_bytes(job, pos, end, ranged or pos > offset, prog)
-                break
-            except _Short as short:
-                pos = short.pos
-                patience.wait_or_raise(short.cause, self.endpoint)
-            except Exception as exc:
-                patience.wait_or_raise(exc, self.endpoint)
-        if pos != end:
+        reached = [offset]
+        self._patient(
+            f"download {job.name}", lambda: self._get_bytes(job, reached, end, ranged or reached[0] > offset, prog)
+        )
+        if reached[0] != end:
             raise IntegrityError(
-                f"'{job.name}' ended after {pos} bytes, expected {end} (truncated in the store)", job.name
+                f"'{job.name}' ended after {reached[0]} bytes, expected {end} (truncated in the store)", job.name
             )
 
-    def _get_bytes(self, job: _FileJob, offset: int, end: int, ranged: bool, prog: _Progress) -> int:
-        """One GET from offset; returns the position reached, or raises _Short with it when the body is cut."""
+    def _get_bytes(self, job: _FileJob, reached: list[int], end: int, ranged: bool, prog: _Progress) -> None:
+        """One GET of [reached[0], end), writing at reached[0] and moving it on with every chunk written."""
+        if reached[0] >= end:
+            return  # the body was cut after its last byte: nothing is missing
         kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Key": job.key}
         if ranged:
-            kwargs["Range"] = f"bytes={offset}-{end - 1}"
+            kwargs["Range"] = f"bytes={reached[0]}-{end - 1}"
         try:
             body = self.client.get_object(**kwargs)["Body"]
         except Exception as exc:
@@ -779,28 +787,20 @@ class EngineStore:
                 ) from exc
             raise
         fd = os.open(job.partial, os.O_WRONLY)
-        pos = offset
         try:
-            while True:
-                try:
-                    chunk = body.read(MiB)
-                except Exception as exc:
-                    if is_transient(exc):
-                        raise _Short(pos, exc) from exc
-                    raise
-                if not chunk:
-                    break
+            while chunk := body.read(MiB):
+                pos = reached[0]
                 if pos + len(chunk) > end:
                     raise IntegrityError(f"'{job.name}' is longer in the store than the manifest says", job.name)
                 view = memoryview(chunk)
                 while view:
                     n = os.pwrite(fd, view, pos)
                     view, pos = view[n:], pos + n
+                reached[0] = pos
                 prog.add(len(chunk))
         finally:
             os.close(fd)
             body.close()
-        return pos
 
     def _finish_file(self, job: _FileJob, futs: list[tuple[int, int, Future[None]]]) -> None:
         sha = hashlib.sha256()
@@ -829,14 +829,6 @@ class EngineStore:
                 batch: list[Any] = [{"Key": k} for k in keys[i : i + 1000]]
                 self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
         return len(keys) + 1
-
-
-class _Short(Exception):
-    """A response body cut after `pos` bytes (the file's position reached) by a transient failure."""
-
-    def __init__(self, pos: int, cause: BaseException) -> None:
-        super().__init__(f"cut at byte {pos}: {cause}")
-        self.pos, self.cause = pos, cause
 
 
 @dataclass

@@ -240,7 +240,7 @@ class DevCluster:
             self.dir,
         )
         (self.dir / "etcd-data-dir").write_text(str(data))
-        proc.wait_until("etcd", lambda: _http_ok(f"{client}/health"), timeout, p)
+        proc.wait_until("etcd", self._ready_check("etcd", ports), timeout, p)
 
     def _start_apiserver(self, ports: dict[str, int], etcd_url: str, timeout: float) -> None:
         pki = self.pki
@@ -268,8 +268,7 @@ class DevCluster:
             ],
             self.dir,
         )
-        url = f"https://127.0.0.1:{ports['apiserver']}/readyz"
-        proc.wait_until("kube-apiserver", lambda: _https_ok(url, self.pki), max(timeout, 120), p)
+        proc.wait_until("kube-apiserver", self._ready_check("kube-apiserver", ports), max(timeout, 120), p)
 
     def _start_controllers(self, ports: dict[str, int], timeout: float) -> None:
         cm_cfg = self.dir / "controller-manager.kubeconfig"
@@ -309,18 +308,8 @@ class DevCluster:
             ],
             self.dir,
         )
-        proc.wait_until(
-            "kube-controller-manager",
-            lambda: _https_ok(f"https://127.0.0.1:{ports['controller-manager']}/healthz", None),
-            timeout,
-            cm,
-        )
-        proc.wait_until(
-            "kube-scheduler",
-            lambda: _https_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz", None),
-            timeout,
-            sch,
-        )
+        proc.wait_until("kube-controller-manager", self._ready_check("kube-controller-manager", ports), timeout, cm)
+        proc.wait_until("kube-scheduler", self._ready_check("kube-scheduler", ports), timeout, sch)
 
     def _start_kwok(self, info: ClusterInfo, ports: dict[str, int], timeout: float) -> None:
         p = proc.start(
@@ -340,7 +329,7 @@ class DevCluster:
             # kwok reads ~/.kwok/kwok.yaml by default; keep each cluster's kwok to its own home.
             env={"HOME": str(self.dir)},
         )
-        proc.wait_until("kwok", lambda: proc.tcp_open(ports["kwok"]), timeout, p)
+        proc.wait_until("kwok", self._ready_check("kwok", ports), timeout, p)
 
     def _start_runner(self, info: ClusterInfo) -> None:
         proc.start(
@@ -396,22 +385,21 @@ class DevCluster:
         proc.stop_named(self.dir, component)
         time.sleep(down_s)
         p = proc.start(component, argv, self.dir, env=env, cwd=cwd)
-        check = self._health_checks(info).get(component, lambda: True)
-        proc.wait_until(component, check, timeout, p)
+        proc.wait_until(component, self._ready_check(component, info.ports), timeout, p)
         return p.pid
 
-    def _health_checks(self, info: ClusterInfo) -> dict[str, Callable[[], bool]]:
-        ports = info.ports
-        return {
-            "etcd": lambda: _http_ok(f"{info.etcd}/health"),
+    def _ready_check(self, component: str, ports: dict[str, int]) -> Callable[[], bool]:
+        """How `up` and `restart` tell that a component answers: its health endpoint, or its port (S3, kwok)."""
+        local = "https://127.0.0.1"
+        checks: dict[str, Callable[[], bool]] = {
+            "etcd": lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health"),
+            "kube-apiserver": lambda: _https_ok(f"{local}:{ports['apiserver']}/readyz", self.pki),
+            "kube-controller-manager": lambda: _https_ok(f"{local}:{ports['controller-manager']}/healthz", None),
+            "kube-scheduler": lambda: _https_ok(f"{local}:{ports['scheduler']}/healthz", None),
             "s3": lambda: proc.tcp_open(ports["s3"]),
-            "kube-apiserver": lambda: _https_ok(f"{info.apiserver}/readyz", self.pki),
-            "kube-controller-manager": lambda: _https_ok(
-                f"https://127.0.0.1:{ports['controller-manager']}/healthz", None
-            ),
-            "kube-scheduler": lambda: _https_ok(f"https://127.0.0.1:{ports['scheduler']}/healthz", None),
             "kwok": lambda: proc.tcp_open(ports["kwok"]),
         }
+        return checks.get(component, lambda: True)
 
     # ---- down -------------------------------------------------------------------------------------------
     def down(self, quiet: bool = False, purge: bool = False) -> list[str]:

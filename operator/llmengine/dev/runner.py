@@ -77,7 +77,8 @@ def is_transient(e: BaseException) -> bool:
     from urllib3 import exceptions as u3
 
     if isinstance(e, ApiException):
-        return bool(e.status == 429 or e.status >= 500 or e.status == 0)
+        status = e.status or 0  # 0 / None: no HTTP response at all
+        return bool(status == 429 or status >= 500 or status == 0)
     return isinstance(e, u3.HTTPError | ConnectionError | TimeoutError)
 
 
@@ -133,20 +134,27 @@ class Runner:
             delay = min(delay * 2, 5.0)
 
     # ---- reporting --------------------------------------------------------------------------------------
-    def annotate(self, pod: dict[str, Any], values: dict[str, str | None]) -> None:
+    def _patch(self, pod: dict[str, Any], fn: Any, body: dict[str, Any]) -> None:
+        """A status report (fn: patch the pod or its status subresource), retried while the API server is away;
+        a pod deleted meanwhile needs no report, any other failure is logged (the runner outlives it)."""
         from kubernetes.client.exceptions import ApiException
 
         md = pod["metadata"]
-        body = {"metadata": {"annotations": values}}
+        with self.lock:
+            if _key(pod) in self.gone:
+                return
         try:
-            self._call(_key(pod), "status report", self.core.patch_namespaced_pod, md["name"], md["namespace"], body)
+            self._call(_key(pod), "status report", fn, md["name"], md["namespace"], body)
         except PodGone:
             pass
         except ApiException as e:
             if e.status != 404:
-                log.warning("annotate %s/%s failed: %s", md["namespace"], md["name"], e.reason)
+                log.warning("report on %s/%s failed: %s", md["namespace"], md["name"], e.reason)
         except Exception as e:
-            log.warning("annotate %s/%s failed: %s", md["namespace"], md["name"], e)
+            log.warning("report on %s/%s failed: %s", md["namespace"], md["name"], e)
+
+    def annotate(self, pod: dict[str, Any], values: dict[str, str | None]) -> None:
+        self._patch(pod, self.core.patch_namespaced_pod, {"metadata": {"annotations": values}})
 
     def report_crash_loop(
         self, pod: dict[str, Any], ic: dict[str, Any], code: int, msg: str, started: str, restarts: int, backoff: float
@@ -186,19 +194,7 @@ class Runner:
                 }
             ],
         }
-        try:
-            self._call(
-                _key(pod),
-                "status report",
-                self.core.patch_namespaced_pod_status,
-                md["name"],
-                md["namespace"],
-                {"status": status},
-            )
-        except PodGone:
-            pass
-        except Exception as e:
-            log.warning("status of %s/%s not reported: %s", md["namespace"], md["name"], e)
+        self._patch(pod, self.core.patch_namespaced_pod_status, {"status": status})
 
     # ---- materialising a pod ----------------------------------------------------------------------------
     def _secret(self, pod: dict[str, Any], name: str) -> dict[str, bytes]:
@@ -343,7 +339,9 @@ class Runner:
     def serve(self, pod: dict[str, Any], root: Path) -> None:
         """A long-running pod: its init containers in order, all again after a back-off when one fails (a
         kubelet's crash loop: restartPolicy Always restarts init containers), then Ready."""
-        key, restarts, backoff = _key(pod), 0, self.restart_backoff_s
+        # A runner restarted mid crash loop goes on counting where the last one stopped.
+        key, backoff = _key(pod), self.restart_backoff_s
+        restarts = int((pod["metadata"].get("annotations") or {}).get(RESTARTS) or 0)
         while True:
             failed: tuple[dict[str, Any], int, str, str] | None = None
             for ic in pod["spec"].get("initContainers") or []:

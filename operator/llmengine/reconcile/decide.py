@@ -9,6 +9,7 @@ from typing import Any
 
 from llmengine.api import conditions as cond
 from llmengine.api.artifacts import BuildResult
+from llmengine.text import one_line
 
 PENDING, QUEUED, BUILDING, DEPLOYING, READY, DEGRADED, FAILED = (
     "Pending",
@@ -68,25 +69,26 @@ _WAITING_TROUBLE = frozenset(
 )
 
 
-def _one_line(text: str, limit: int = 240) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def _last_line(text: str | None) -> str:
+    """The last non-blank line of a termination message. With FallbackToLogsOnError the message is the log's
+    tail, whose last line is the error (the builder's and the server's entrypoints end on a one-line summary)."""
+    lines = [ln for ln in str(text or "").splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def _container_problem(cs: Mapping[str, Any], kind: str) -> str | None:
     state, last = cs.get("state") or {}, cs.get("lastState") or {}
     name, restarts = cs.get("name", "?"), int(cs.get("restartCount") or 0)
-    term = state.get("terminated") or last.get("terminated") or {}
     waiting = state.get("waiting") or {}
+    # The last run's end explains the state only while the container waits to run again (a crash loop); a container
+    # running again after an old crash has no problem to report.
+    term = state.get("terminated") or (last.get("terminated") if waiting else None) or {}
     if term and int(term.get("exitCode") or 0) != 0:
-        # With FallbackToLogsOnError the message is the log's tail, whose last line is the error (the server's and
-        # the builder's entrypoints end on a one-line summary).
-        lines = [ln for ln in str(term.get("message") or "").splitlines() if ln.strip()]
-        detail = lines[-1] if lines else term.get("reason") or ""
+        detail = _last_line(term.get("message")) or term.get("reason") or ""
         again = f", {restarts} restart(s)" if restarts else ""
-        return f"{kind} {name} failed (exit {term.get('exitCode')}{again}): {_one_line(detail)}".rstrip(": ")
+        return f"{kind} {name} failed (exit {term.get('exitCode')}{again}): {one_line(detail, 240)}".rstrip(": ")
     if waiting.get("reason") in _WAITING_TROUBLE:
-        return f"{kind} {name} {waiting['reason']}: {_one_line(waiting.get('message') or '')}".rstrip(": ")
+        return f"{kind} {name} {waiting['reason']}: {one_line(waiting.get('message') or '', 240)}".rstrip(": ")
     return None
 
 
@@ -110,7 +112,7 @@ def pod_problem(
         sched = conds.get("PodScheduled") or {}
         if sched.get("status") == "False":
             why = sched.get("message") or sched.get("reason") or "not scheduled"
-            return f"pod {name} cannot be scheduled: {_one_line(why)}"
+            return f"pod {name} cannot be scheduled: {one_line(why, 240)}"
         for kind, key in (("init container", "initContainerStatuses"), ("container", "containerStatuses")):
             for cs in st.get(key) or []:
                 problem = _container_problem(cs, kind)
@@ -187,8 +189,7 @@ def failure_text(job: JobView) -> tuple[str, bool]:
     if job.reason == "DeadlineExceeded":
         return "build exceeded its deadline (activeDeadlineSeconds)", False
     if job.message:
-        lines = [ln for ln in job.message.strip().splitlines() if ln.strip()]
-        return (lines[-1] if lines else "build failed")[:1024], False
+        return (_last_line(job.message) or "build failed")[:1024], False
     return f"build Job failed ({job.reason or 'no reason given'})", False
 
 

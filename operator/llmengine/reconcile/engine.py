@@ -52,7 +52,6 @@ class Reconciler:
         self.events = events or (lambda body, type_, reason, msg: None)
         self._committed: set[tuple[str, str, str, str]] = set()
         self._stores: dict[tuple[Any, ...], EngineStore] = {}
-        self._build_key: dict[tuple[str, str], tuple[str, str]] = {}
         self._seen_finished: set[str] = set()
         self.traffic = TrafficWatcher(kube, cfg)
         # The status each engine's last write stored, by resourceVersion: Kopf's body may not have caught up yet.
@@ -153,18 +152,18 @@ class Reconciler:
         return None
 
     async def _with_pod_problem(
-        self, ns: str, dep: Mapping[str, Any] | None, view: DeploymentView | None, plan: Any
+        self, ns: str, dep: Mapping[str, Any] | None, view: DeploymentView | None, plan: Any, replicas: int
     ) -> DeploymentView | None:
         """While pods of the desired engine are not all available, what their status says is wrong (the status
         message carries it: a failed download, an unschedulable pod), at the cost of one pod list."""
         if dep is None or view is None or not plan.valid or view.digest != plan.engine_digest:
             return view
-        if view.rolled_out and view.available >= view.replicas:
+        if view.rolled_out and view.available >= replicas:  # the spec's replicas, as decide() judges them
             return view
         match = (dep["spec"].get("selector") or {}).get("matchLabels") or {}
         if not match:
             return view
-        pods = await self.kube.list_pods(ns, ",".join(f"{k}={v}" for k, v in sorted(match.items())))
+        pods = await self.kube.list_pods(ns, common.label_selector(match))
         return dataclasses.replace(view, problem=pod_problem(pods, plan.engine_digest, common.DIGEST_ANNOTATION))
 
     @staticmethod
@@ -184,17 +183,12 @@ class Reconciler:
             total=int(st.get("replicas") or 0),
         )
 
-    async def _active_builds(self, pool: str) -> set[str]:
-        sel = f"app.kubernetes.io/managed-by={common.MANAGED_BY},{common.POOL_LABEL}={pool}"
+    async def _pool_builds(self, pool: str) -> tuple[set[str], set[str]]:
+        """The keys of the pool's build Jobs still running, and of all of them (ended ones included)."""
+        sel = common.label_selector({"app.kubernetes.io/managed-by": common.MANAGED_BY, common.POOL_LABEL: pool})
         jobs = await self.kube.list_jobs(sel)
-        return {
-            f"{j['metadata']['namespace']}/{j['metadata']['name']}"
-            for j in jobs
-            if not any(
-                c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
-                for c in (j.get("status") or {}).get("conditions") or []
-            )
-        }
+        keys = {f"{j['metadata']['namespace']}/{j['metadata']['name']}": j for j in jobs}
+        return {k for k, j in keys.items() if not common.job_ended(j)}, set(keys)
 
     # ---- the pass -------------------------------------------------------------------------------------------
     async def reconcile(self, body: Mapping[str, Any]) -> float | None:
@@ -235,11 +229,12 @@ class Reconciler:
         plan = plan_with(floor)
         dep_name = common.serving_name(name)
         dep = await self.kube.get_deployment(ns, dep_name)
-        dview = await self._with_pod_problem(ns, dep, self._deployment_view(dep), plan)
+        replicas = int((spec.get("serving") or {}).get("replicas", 1) or 0)
+        dview = await self._with_pod_problem(ns, dep, self._deployment_view(dep), plan, replicas)
         now = datetime.datetime.now(datetime.UTC)
         base: dict[str, Any] = {
             "generation": int(md.get("generation") or 0),
-            "replicas": int((spec.get("serving") or {}).get("replicas", 1) or 0),
+            "replicas": replicas,
             "status": status,
             "now": now,
             "max_attempts": self.cfg.build_max_attempts,
@@ -272,10 +267,7 @@ class Reconciler:
         pool = common.pool_name(plan.gpu.name, plan.mig_profile)
         job_name = common.build_job_name(plan.short_digest)
         key = f"{ns}/{job_name}"
-        previous = self._build_key.get((ns, name))
-        self._build_key[(ns, name)] = (pool, key)
-        if previous and previous[1] != key:
-            self._release(previous[1])
+        self.queue.join((ns, name), pool, key)
         # The builder commits before its Job is marked Complete: keep reading our build Job until its duration is
         # recorded (build metrics, status.build.lastDurationSeconds), not only while the engine is uncommitted.
         build_st = status.get("build") or {}
@@ -283,7 +275,7 @@ class Reconciler:
         job_view, job = await self._job_view(ns, job_name) if not committed or ours else (None, None)
         position = 0
         if not committed and committed is not None and job_view is None:
-            position = self.queue.position(pool, key, await self._active_builds(pool))
+            position = self.queue.position(pool, key, *await self._pool_builds(pool))
             metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
         elif committed:
             self.queue.forget(key)
@@ -534,23 +526,10 @@ class Reconciler:
             newer = False
         return dict(written[1]) if newer else status
 
-    def next_in_line(self, pool: str) -> list[tuple[str, str]]:
-        """(namespace, name) of the engines whose builds are next in the pool's queue: to wake when a slot frees,
-        instead of at their next queued poll."""
-        head = set(self.queue.head(pool))
-        return sorted(eng for eng, (p, key) in self._build_key.items() if p == pool and key in head)
-
     def forget(self, ns: str, name: str) -> None:
         self._written.pop((ns, name), None)
         self.traffic.forget(ns, name)
-        prev = self._build_key.pop((ns, name), None)
-        if prev:
-            self._release(prev[1])
-
-    def _release(self, key: str) -> None:
-        """Drop a build from the queue unless another engine still waits on it (same identity: same build)."""
-        if not any(k == key for _, k in self._build_key.values()):
-            self.queue.forget(key)
+        self.queue.leave((ns, name))
 
 
 def _hf_token(spec: Mapping[str, Any]) -> dict[str, str] | None:

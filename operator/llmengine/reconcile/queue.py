@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Set
 
-# How long a build that was given a slot counts against it before its Job shows in the Job list.
+# How long a build that was given a slot counts against it at most, while no Job list shows its Job.
 RESERVATION_SECONDS = 60.0
+
+Engine = tuple[str, str]  # (namespace, name)
 
 
 class BuildQueue:
@@ -16,18 +19,21 @@ class BuildQueue:
         # pool -> {build key: when its Job was being created}: a Job just created may be missing from a Job list
         # that was read before the create went through; it holds its slot all the same.
         self.reserved: dict[str, dict[str, float]] = {}
+        # engine -> (pool, build key) of the build it wants; engines of one identity share a build
+        self.engines: dict[Engine, tuple[str, str]] = {}
 
-    def position(self, pool: str, key: str, active: set[str]) -> int:
+    def position(self, pool: str, key: str, active: Set[str], listed: Set[str] = frozenset()) -> int:
         """0 when `key` may start now; otherwise its 1-based place in the line.
 
-        `active` holds the keys of the pool's running builds (from the Jobs themselves, so it survives restarts).
+        `active` holds the keys of the pool's running builds, `listed` those of all its Jobs, ended ones included
+        (both from the Jobs themselves, so they survive restarts). A reservation ends once a list shows its Job.
         """
         now = time.monotonic()
         reserved = self.reserved.setdefault(pool, {})
         for k, at in list(reserved.items()):
-            if k in active or now - at > RESERVATION_SECONDS:
+            if k in listed or k in active or now - at > RESERVATION_SECONDS:
                 del reserved[k]
-        occupied = active | set(reserved)
+        occupied = set(active) | set(reserved)
         if key in occupied:
             return 0
         line = self.waiting.setdefault(pool, {})
@@ -55,3 +61,27 @@ class BuildQueue:
         """The keys first in line: those that take the pool's slots as they free up."""
         line = self.waiting.get(pool, {})
         return sorted(line, key=lambda k: line[k])[: self.limit]
+
+    # ---- which engine waits on which build ------------------------------------------------------------------
+    def join(self, engine: Engine, pool: str, key: str) -> None:
+        """`engine` wants the build `key` (and no longer the one it wanted before, if its identity moved)."""
+        previous = self.engines.get(engine)
+        self.engines[engine] = (pool, key)
+        if previous and previous[1] != key:
+            self._release(previous[1])
+
+    def leave(self, engine: Engine) -> None:
+        previous = self.engines.pop(engine, None)
+        if previous:
+            self._release(previous[1])
+
+    def next_in_line(self, pool: str) -> list[Engine]:
+        """The engines whose builds are next in the pool's line: to wake when a slot frees, instead of at their
+        next queued poll."""
+        head = set(self.head(pool))
+        return sorted(eng for eng, (p, key) in self.engines.items() if p == pool and key in head)
+
+    def _release(self, key: str) -> None:
+        """Drop a build from the line unless another engine still waits on it (same identity: same build)."""
+        if not any(k == key for _, k in self.engines.values()):
+            self.forget(key)

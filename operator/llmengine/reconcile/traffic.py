@@ -154,4 +154,4 @@ class TrafficWatcher:
 def _selector(name: str, digest12: str) -> str:
     # The serving pods carry the first 12 hex of the engine digest they run (render.serving).
     labels = {**serving.instance_labels(name), common.DIGEST_LABEL: digest12}
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return common.label_selector(labels)

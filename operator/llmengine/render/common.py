@@ -59,6 +59,19 @@ def base_labels(component: str) -> dict[str, str]:
     }
 
 
+def label_selector(labels: Mapping[str, str]) -> str:
+    """The `k=v,k=v` selector string (sorted) that matches objects carrying all of `labels`."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def job_ended(job: Mapping[str, Any]) -> bool:
+    """A Job's Complete or Failed condition is True: it holds no slot and runs no pod any more."""
+    return any(
+        c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+        for c in (job.get("status") or {}).get("conditions") or []
+    )
+
+
 def spec_of(body: Mapping[str, Any]) -> Mapping[str, Any]:
     spec = body.get("spec")
     return spec if isinstance(spec, Mapping) else {}
