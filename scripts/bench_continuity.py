@@ -164,13 +164,8 @@ def main() -> int:
         "patch_to_rollout_complete_seconds": bl.summary_stats([r["patch_to_rollout_complete_seconds"] for r in runs]),
         "rollout_seconds": bl.summary_stats([r["rollout_seconds"] for r in runs if r["rollout_seconds"] is not None]),
         "runs": runs,
-        "machine": bl.machine(),
-        "source": src,
-        "total_seconds": round(time.monotonic() - t_start, 1),
-        "failures": failures,
     }
-    bl.dump_json(summary)
-    return 1 if failures else 0
+    return bl.finish(summary, src, t_start, failures)
 
 
 if __name__ == "__main__":

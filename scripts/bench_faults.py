@@ -32,9 +32,7 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import random
-import re
 import shutil
 import signal
 import sys
@@ -49,13 +47,16 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "scripts"):  # the operator test harness in tests/, benchlib next to this file
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
+import benchlib as bl
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from tests.integration.operator_harness import engine, run_operator
 
+from llmengine import GROUP, PLURAL, VERSION
 from llmengine.api.artifacts import StoreLocation
 from llmengine.clients.store import (
     MANIFEST_NAME,
@@ -68,12 +69,12 @@ from llmengine.clients.store import (
 )
 from llmengine.dev import proc
 from llmengine.dev.cluster import ClusterInfo, DevCluster
-from llmengine.dev.seed import create_store_secret, upload_tiny_checkpoint
+from llmengine.dev.runner import API_RETRY
+from llmengine.dev.runner import RESTARTS as RUNNER_RESTARTS
+from llmengine.dev.seed import apply_crd, create_store_secret, upload_tiny_checkpoint
 from llmengine.render.common import ATTEMPT_ANNOTATION, DIGEST_ANNOTATION, ENGINE_LABEL
 
 FAULTS = ("operator-kill9", "s3-mid-upload", "s3-mid-download", "apiserver-restart", "etcd-restart")
-GROUP, VERSION, PLURAL = "llmengine.io", "v1alpha1", "llmengines"
-RUNNER_RESTARTS = "devcluster.llmengine.io/restarts"  # the pod runner's init-container restart count
 MiB = 1024 * 1024
 
 
@@ -564,8 +565,8 @@ class Bench:
             with self.rng_lock:
                 delay, down = self.rng.uniform(0.0, 5.0), self.rng.uniform(0.2, 3.0)
             time.sleep(delay)
-            f.engine_phase = self.phase_now(name)
             with self.locks["operator"]:
+                f.engine_phase = self.phase_now(name)
                 f.injected_at = now()
                 self.operator.kill9()
                 time.sleep(down)
@@ -577,8 +578,8 @@ class Bench:
                 delay = self.rng.uniform(0.0, 5.0)
             time.sleep(delay)
             comp = "kube-apiserver" if f.kind == "apiserver-restart" else "etcd"
-            f.engine_phase = self.phase_now(name)
             with self.locks[comp]:
+                f.engine_phase = self.phase_now(name)
                 f.injected_at = now()
                 self.cluster.restart(comp, hard=f.hard)
                 # Back when the API server answers again (after etcd, it needs a moment to reconnect).
@@ -647,6 +648,7 @@ class Bench:
             down = self.rng.uniform(0.0, self.s3_down_max)
             share = self.rng.uniform(0.15, 0.6)
         with self.locks["s3"]:
+            f.engine_phase = self.phase_now(f.engine)  # read as the wait for the transfer's share begins
             moved = progress() if progress is not None else None
             if log is not None and moved is not None:
                 deadline = time.monotonic() + 60
@@ -655,7 +657,6 @@ class Bench:
                         break  # finished (or failed) before the share moved: too late
                     time.sleep(0.002)
                 f.bytes_moved = round(max(0, moved()) / self.engine_bytes, 2)
-            f.engine_phase = "Building" if done == '"upload committed"' else "Deploying"
             f.injected_at = now()
             self.cluster.restart("s3", hard=True, down_s=down)
             f.component_down_s = round(now() - f.injected_at, 2)
@@ -677,7 +678,7 @@ class Bench:
         self.create(self.body(i))
         if rebuild:
             if not self.wait_ready(name, self.ready_timeout):
-                self.stuck.append({"engine": name, "what": "not Ready before the rebuild"})
+                self.stuck.append({"engine": name, "what": "not Ready before the rebuild (no fault injected)"})
                 return
             self.patch_spec(name, {"build": {"maxSeqLen": 1024 + 32 * i + 16}})
         digest = self.desired_digest(name) if kind == "s3-mid-upload" else None
@@ -799,11 +800,8 @@ def leftovers(api: Any, ns: str, stuck_engines: set[str]) -> list[str]:
     return out
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 1)
+def pct(xs: list[float], p: float) -> float | None:
+    return round(bl.percentile(xs, p), 1) if xs else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -820,22 +818,6 @@ def schedule(n: int, rng: random.Random, kinds: tuple[str, ...] = FAULTS) -> lis
     return out[:n]
 
 
-def apply_crd(api: Any) -> None:
-    import yaml
-
-    body = yaml.safe_load((REPO / "crds" / "llmengine.io_llmengines.yaml").read_text())
-    ext = client.ApiextensionsV1Api(api)
-    with contextlib.suppress(ApiException):
-        ext.create_custom_resource_definition(body)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        c = ext.read_custom_resource_definition(body["metadata"]["name"])
-        if any(x.type == "Established" and x.status == "True" for x in c.status.conditions or []):
-            return
-        time.sleep(0.2)
-    raise TimeoutError("CRD not Established")
-
-
 @contextlib.contextmanager
 def bench_env(cluster: DevCluster, info: ClusterInfo, engine_bytes: int) -> Iterator[tuple[str, str, str, Any]]:
     """Namespace, store Secret, tiny checkpoint and the operator (test compiler) on a running dev cluster."""
@@ -849,9 +831,7 @@ def bench_env(cluster: DevCluster, info: ClusterInfo, engine_bytes: int) -> Iter
     logs = cluster.dir / "operator-logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {"LLMENGINE_TEST_ENGINE_BYTES": str(engine_bytes)}
-    # A liveness port of our own: port 0 in the URL would make Kopf bind port 80.
-    args = ["--liveness", f"http://127.0.0.1:{proc.free_port()}/healthz"]
-    with run_operator(info, ns, logs, env, args) as op:
+    with run_operator(info, ns, logs, env) as op:
         yield ns, model, prefix, op
 
 
@@ -898,7 +878,7 @@ def run(
         bench.stuck += crashed
         # Engines that did not make it get one more chance now that no fault is running.
         for s in list(bench.stuck):
-            if s["what"].startswith("not Ready") and bench.wait_ready(s["engine"], ready_timeout):
+            if s["what"] == "not Ready" and bench.wait_ready(s["engine"], ready_timeout):
                 s["recovered_late"] = True
         time.sleep(1.0)
         recorder.stop()
@@ -924,7 +904,7 @@ def run(
             k["ready_after_s"].append(f.ready_after_s)
     for kind, k in by_kind.items():
         xs = k.pop("ready_after_s")
-        k["ready_after_s_p50"], k["ready_after_s_max"] = pct(xs, 0.5), (max(xs) if xs else None)
+        k["ready_after_s_p50"], k["ready_after_s_max"] = pct(xs, 50), (max(xs) if xs else None)
         if not kind.startswith("s3"):
             k.pop("mid_transfer")
     counts = {
@@ -932,6 +912,8 @@ def run(
         "served_without_committed_manifest": len(served_bad) + len(pods_bad),
         "stuck": len(stuck) + len(left),
         "ready_before_rollout": len(bench.ready_early),
+        # A lifecycle that never got to its fault proves nothing about it.
+        "faults_not_injected": len(kinds) - len(bench.faults),
     }
     return {
         "counts": counts,
@@ -942,8 +924,8 @@ def run(
         "s3_down_max_s": s3_down_max,
         "wall_seconds": round(wall, 1),
         "lifecycle_seconds": {
-            "p50": pct(bench.lifecycle_seconds, 0.5),
-            "p95": pct(bench.lifecycle_seconds, 0.95),
+            "p50": pct(bench.lifecycle_seconds, 50),
+            "p95": pct(bench.lifecycle_seconds, 95),
             "max": round(max(bench.lifecycle_seconds), 1) if bench.lifecycle_seconds else None,
         },
         "faults": by_kind,
@@ -976,15 +958,7 @@ def runner_api_retries(cluster: DevCluster) -> int:
     """API calls the pod runner had to repeat while the API server was away (its log says each one)."""
     log = cluster.dir / "logs" / "runner.log"
     text = log.read_text(errors="replace") if log.exists() else ""
-    return len(re.findall(r"failed \(\w+\); retrying in", text))
-
-
-def machine() -> str:
-    mem = ""
-    with contextlib.suppress(OSError):
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kb / 1024 / 1024:.0f} GiB RAM"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs{mem}, {platform.system()} {platform.release()}"
+    return text.count(API_RETRY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1052,7 +1026,8 @@ def main(argv: list[str] | None = None) -> int:
             delete=not args.keep_engines,
         )
         summary["cluster_up_seconds"] = round(up_s, 1)
-        summary["machine"] = machine()
+        summary["machine"] = bl.machine()
+        summary["source"] = bl.source()
         # The machine may be shared: its load says how much the timings are worth.
         summary["load_average_1m"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}
         summary["command"] = " ".join(["scripts/bench_faults.py", *(argv if argv is not None else sys.argv[1:])])

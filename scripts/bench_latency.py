@@ -227,13 +227,8 @@ def main() -> int:
         "negative_job_complete_to_deployment": sum(s["job_complete_to_deployment"] < 0 for s in samples),
         "identities_with_duplicate_jobs": duplicated,
         "operator_rss_peak_mib": peak,
-        "machine": bl.machine(),
-        "source": src,
-        "total_seconds": round(time.monotonic() - t_start, 1),
-        "failures": failures,
     }
-    bl.dump_json(summary)
-    return 1 if failures else 0
+    return bl.finish(summary, src, t_start, failures)
 
 
 if __name__ == "__main__":

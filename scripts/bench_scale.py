@@ -462,12 +462,7 @@ def main() -> int:
         if "builds" not in args.skip:
             summary["builds"], f = run_builds(bench, model, args)
             failures += f
-    summary["machine"] = bl.machine()
-    summary["source"] = src
-    summary["total_seconds"] = round(time.monotonic() - t_start, 1)
-    summary["failures"] = failures
-    bl.dump_json(summary)
-    return 1 if failures else 0
+    return bl.finish(summary, src, t_start, failures)
 
 
 if __name__ == "__main__":

@@ -32,18 +32,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.integration.operator_harness import engine  # noqa: E402
+from tests.integration.operator_harness import engine, operator_command  # noqa: E402
 
+from llmengine import GROUP, PLURAL, VERSION  # noqa: E402
 from llmengine.dev import certs, proc, tools  # noqa: E402
 from llmengine.dev.cluster import ClusterInfo, DevCluster, state_home  # noqa: E402
-from llmengine.dev.seed import create_store_secret, upload_tiny_checkpoint  # noqa: E402
+from llmengine.dev.seed import apply_crd, create_store_secret, upload_tiny_checkpoint  # noqa: E402
 
-GROUP, VERSION, PLURAL = "llmengine.io", "v1alpha1", "llmengines"
 OPERATOR_USER = "llmengine-bench-operator"
 FLOW_SCHEMA = "llmengine-bench-operator"
-CRD = REPO / "crds" / "llmengine.io_llmengines.yaml"
 
-__all__ = ["engine"]
+__all__ = ["GROUP", "PLURAL", "VERSION", "engine"]
 
 
 def log(msg: str) -> None:
@@ -129,18 +128,22 @@ class Bench:
     def __enter__(self) -> Bench:
         log(f"starting dev cluster {self.name} ({self.dir})")
         t0 = time.monotonic()
-        self.info = self.cluster.up()
-        log(f"cluster up in {time.monotonic() - t0:.1f}s")
-        if self.runner_args is not None:
-            # The benchmark's runner (scripts/bench_runner.py) replaces the stock one under the same PID file, so
-            # `down` stops it like any component.
-            proc.stop_named(self.dir, "runner")
-            script = Path(__file__).with_name("bench_runner.py")
-            argv = [sys.executable, str(script), "--cluster-dir", str(self.dir), *self.runner_args]
-            proc.start("runner", argv, self.dir)
-        self.api = self.new_api()
-        self._crd()
-        self._operator_identity()
+        try:
+            self.info = self.cluster.up()
+            log(f"cluster up in {time.monotonic() - t0:.1f}s")
+            if self.runner_args is not None:
+                # The benchmark's runner (scripts/bench_runner.py) replaces the stock one under the same PID file,
+                # so `down` stops it like any component.
+                proc.stop_named(self.dir, "runner")
+                script = Path(__file__).with_name("bench_runner.py")
+                argv = [sys.executable, str(script), "--cluster-dir", str(self.dir), *self.runner_args]
+                proc.start("runner", argv, self.dir)
+            self.api = self.new_api()
+            apply_crd(self.api)
+            self._operator_identity()
+        except BaseException:
+            self.__exit__()  # a cluster that did not come up whole is not left running
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -154,21 +157,6 @@ class Bench:
         config.load_kube_config(config_file=self.info.kubeconfig, client_configuration=cfg)
         cfg.connection_pool_maxsize = pool
         return client.ApiClient(cfg)
-
-    def _crd(self) -> None:
-        body = yaml.safe_load(CRD.read_text())
-        ext = client.ApiextensionsV1Api(self.api)
-        try:
-            ext.create_custom_resource_definition(body)
-        except ApiException as e:
-            if e.status != 409:
-                raise
-
-        def established() -> bool:
-            c = ext.read_custom_resource_definition(body["metadata"]["name"])
-            return any(x.type == "Established" and x.status == "True" for x in c.status.conditions or [])
-
-        wait(established, 30, "CRD Established")
 
     def _operator_identity(self) -> None:
         """A client certificate for the operator (cluster-admin through RBAC, not system:masters) and a FlowSchema
@@ -274,39 +262,23 @@ class Operator:
         self.metrics_port = proc.free_port()
         self.log_path = bench.dir / "logs" / f"operator-bench-{int(time.time())}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.env = {
-            **os.environ,
-            "KUBECONFIG": str(bench.operator_kubeconfig),
-            "LLMENGINE_COMPILER": "test",
-            "LLMENGINE_TEST_ENGINE_BYTES": str(256 * 1024),
-            "LLMENGINE_BUILDER_IMAGE": "llmengine-builder:dev",
-            "LLMENGINE_SERVER_IMAGE": "llmengine-server:dev",
-            "LLMENGINE_RESYNC_SECONDS": "5",
-            "LLMENGINE_BUILD_BACKOFF_BASE_SECONDS": "1",
-            "LLMENGINE_JSON_LOGS": "true",
-            **(extra_env or {}),
-        }
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            self.env.pop(k, None)
-        self.cmd = [sys.executable, "-m", "llmengine.cli", "operator", "--metrics-port", str(self.metrics_port)]
-        self.cmd += ["--liveness", f"http://127.0.0.1:{proc.free_port()}/healthz"]
-        for ns in namespaces:
-            self.cmd += ["--namespace", ns]
+        self.cmd, self.env = operator_command(
+            str(bench.operator_kubeconfig), namespaces, self.metrics_port, extra_env=extra_env
+        )
         self.p: subprocess.Popen[bytes] | None = None
         self.rss_peak_kib = 0
-        self._stop = threading.Event()
-        self._sampler: threading.Thread | None = None
 
     def __enter__(self) -> Operator:
         f = open(self.log_path, "ab")
         self.p = subprocess.Popen(self.cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        wait(lambda: proc.tcp_open(self.metrics_port), 60, "operator metrics port")
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
+        try:
+            wait(lambda: proc.tcp_open(self.metrics_port), 60, "operator metrics port")
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
         if self.p is not None:
             self.p.terminate()
             try:
@@ -326,16 +298,9 @@ class Operator:
                 return int(ln.split()[1])
         return 0
 
-    def _sample(self) -> None:
-        # VmHWM is the kernel's own high-water mark of the resident set; sampled too so it survives the process.
-        while not self._stop.is_set():
-            try:
-                self.rss_peak_kib = max(self.rss_peak_kib, self.status_kib("VmHWM"))
-            except (FileNotFoundError, ProcessLookupError):
-                return
-            self._stop.wait(0.5)
-
     def peak_rss_mib(self) -> float:
+        """VmHWM: the kernel's own high-water mark of the resident set (the last one read, once the process is
+        gone)."""
         with suppress(FileNotFoundError):
             self.rss_peak_kib = max(self.rss_peak_kib, self.status_kib("VmHWM"))
         return round(self.rss_peak_kib / 1024, 1)
@@ -419,3 +384,11 @@ def watch_stream(list_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Iter
 
 def dump_json(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, indent=2, sort_keys=False))
+
+
+def finish(summary: dict[str, Any], src: dict[str, Any], t_start: float, failures: list[str]) -> int:
+    """Close a benchmark's summary (machine, the source the operator ran from, total time, failures), print it,
+    and return the exit status: 1 when a correctness check failed."""
+    summary.update(machine=machine(), source=src, total_seconds=round(time.monotonic() - t_start, 1), failures=failures)
+    dump_json(summary)
+    return 1 if failures else 0

@@ -77,23 +77,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(scope="session")
 def crd(api: Any) -> str:
     """The generated CRD, applied to the real API server and Established."""
-    import yaml
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
+    from llmengine.dev.seed import apply_crd
 
-    from llmengine.dev.cluster import wait_for
-
-    body = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "llmengine.io_llmengines.yaml").read_text())
-    ext = client.ApiextensionsV1Api(api)
-    try:
-        ext.create_custom_resource_definition(body)
-    except ApiException as e:
-        if e.status != 409:
-            raise
-
-    def established() -> bool:
-        c = ext.read_custom_resource_definition(body["metadata"]["name"])
-        return any(x.type == "Established" and x.status == "True" for x in c.status.conditions or [])
-
-    wait_for("CRD Established", established, timeout=30)
-    return str(body["metadata"]["name"])
+    return apply_crd(api)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,19 +80,18 @@ class Engines:
             raise AssertionError(f"{e}; status now: {json.dumps(self.get(name).get('status'), indent=1)}") from None
 
 
-@contextmanager
-def run_operator(
-    info: ClusterInfo,
-    ns: str,
-    log_dir: Path,
+def operator_command(
+    kubeconfig: str,
+    namespaces: Sequence[str],
+    metrics_port: int = 0,
     extra_env: dict[str, str] | None = None,
-    extra_args: list[str] | None = None,
-) -> Iterator[Any]:
-    """`llmengine operator` as a subprocess watching one namespace, with the test compiler."""
-    log = log_dir / f"operator-{ns}-{uuid.uuid4().hex[:6]}.log"
+    extra_args: Sequence[str] = (),
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `llmengine operator` as the tests and the benchmarks run it: the test
+    compiler, small engines, dev images, a 5 s resync, no store credentials of its own (engines name a Secret)."""
     env = {
         **os.environ,
-        "KUBECONFIG": info.kubeconfig,
+        "KUBECONFIG": kubeconfig,
         "LLMENGINE_COMPILER": "test",
         "LLMENGINE_TEST_ENGINE_BYTES": str(256 * 1024),
         "LLMENGINE_BUILDER_IMAGE": "llmengine-builder:dev",
@@ -104,20 +103,25 @@ def run_operator(
     }
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env.pop(k, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "llmengine.cli",
-        "operator",
-        "--namespace",
-        ns,
-        "--metrics-port",
-        "0",
-        "--liveness",
-        # Kopf reads port 0 as "no port" (80): a free one, so that two operators can run side by side.
-        f"http://127.0.0.1:{free_port()}/healthz",
-        *(extra_args or []),
-    ]
+    cmd = [sys.executable, "-m", "llmengine.cli", "operator", "--metrics-port", str(metrics_port)]
+    for ns in namespaces:
+        cmd += ["--namespace", ns]
+    # Kopf reads port 0 as "no port" (80): a free one, so that two operators can run side by side.
+    cmd += ["--liveness", f"http://127.0.0.1:{free_port()}/healthz", *extra_args]
+    return cmd, env
+
+
+@contextmanager
+def run_operator(
+    info: ClusterInfo,
+    ns: str,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+) -> Iterator[Any]:
+    """`llmengine operator` as a subprocess watching one namespace, with the test compiler."""
+    log = log_dir / f"operator-{ns}-{uuid.uuid4().hex[:6]}.log"
+    cmd, env = operator_command(info.kubeconfig, [ns], extra_env=extra_env, extra_args=extra_args or ())
     holder: dict[str, Any] = {}
 
     def start() -> subprocess.Popen[bytes]:

@@ -84,7 +84,8 @@ def _component_logs(cluster: DevCluster, lines: int = 30) -> str:
 
 
 @pytest.mark.parametrize(
-    "count", ["duplicate_builds", "served_without_committed_manifest", "stuck", "ready_before_rollout"]
+    "count",
+    ["duplicate_builds", "served_without_committed_manifest", "stuck", "ready_before_rollout", "faults_not_injected"],
 )
 def test_invariant_holds_under_faults(fault_run: tuple[dict[str, Any], str], count: str) -> None:
     summary, report = fault_run
@@ -95,7 +96,9 @@ def test_invariant_holds_under_faults(fault_run: tuple[dict[str, Any], str], cou
 @pytest.mark.parametrize("fault", bench.FAULTS)
 def test_engine_ready_again_after_fault(fault_run: tuple[dict[str, Any], str], fault: str) -> None:
     summary, report = fault_run
-    (record,) = [f for f in summary["details"]["faults"] if f["kind"] == fault]
+    records = [f for f in summary["details"]["faults"] if f["kind"] == fault]
+    assert len(records) == 1, f"{fault} injected {len(records)} times\n{report}"
+    (record,) = records
     assert record["ready_after_s"] is not None, report
     if fault.startswith("s3-"):
         assert record["hit"], f"S3 was not restarted while the transfer ran\n{report}"

@@ -17,12 +17,11 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from llmengine.dev.cluster import ClusterInfo, wait_for
 from llmengine.dev.proc import free_port
+from llmengine.dev.seed import apply_crd, upload_tiny_checkpoint
 from llmengine.dev.seed import create_store_secret as store_secret
-from llmengine.dev.seed import upload_tiny_checkpoint
 from tests.integration.operator_harness import Engines, deployment, engine, jobs, run_operator
 
 pytestmark = pytest.mark.usefixtures("crd")
@@ -38,7 +37,6 @@ LIFETIME = 60  # Kopf's default settings.peering.lifetime; `llmengine operator` 
 @pytest.fixture(scope="session")
 def peering_crds(api: Any) -> None:
     """Kopf's peering CRDs as the chart installs them (templates/peering.yaml): group kopf.dev, free-form status."""
-    ext = client.ApiextensionsV1Api(api)
     for kind, scope in (("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")):
         plural = f"{kind.lower()}s"
         name = f"{plural}.kopf.dev"
@@ -67,17 +65,7 @@ def peering_crds(api: Any) -> None:
                 ],
             },
         }
-        try:
-            ext.create_custom_resource_definition(body)
-        except ApiException as e:
-            if e.status != 409:
-                raise
-
-        def established(name: str = name) -> bool:
-            c = ext.read_custom_resource_definition(name)
-            return any(x.type == "Established" and x.status == "True" for x in c.status.conditions or [])
-
-        wait_for(f"{plural} Established", established, timeout=30)
+        apply_crd(api, body)
 
 
 @pytest.fixture

@@ -51,6 +51,7 @@ MAX_MESSAGE = 4096
 RESTART_BACKOFF_S = 10.0
 RESTART_BACKOFF_MAX_S = 300.0
 API_PATIENCE_S = 300.0
+API_RETRY = "API call retried"  # in the runner's log once per repeated call (scripts/bench_faults.py counts them)
 log = logging.getLogger("llmengine.dev.runner")
 
 
@@ -129,7 +130,7 @@ class Runner:
             except Exception as e:
                 if not is_transient(e) or time.monotonic() + delay > deadline:
                     raise
-                log.warning("%s for %s failed (%s); retrying in %.1fs", what, key, type(e).__name__, delay)
+                log.warning("%s: %s for %s failed (%s), next in %.1fs", API_RETRY, what, key, type(e).__name__, delay)
             self._pause(key, delay)
             delay = min(delay * 2, 5.0)
 

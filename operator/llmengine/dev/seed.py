@@ -39,3 +39,29 @@ def create_store_secret(api: Any, info: ClusterInfo, ns: str, name: str = "s3-cr
         if e.status != 409:
             raise
     return name
+
+
+def apply_crd(api: Any, body: dict[str, Any] | None = None, timeout: float = 30.0) -> str:
+    """Create a CustomResourceDefinition (the generated LLMEngine one by default; one that exists is kept) and wait
+    until it is Established. Returns its name."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    from llmengine.api.crdgen import crd
+    from llmengine.dev.cluster import wait_for
+
+    body = body or crd()
+    name = str(body["metadata"]["name"])
+    ext = client.ApiextensionsV1Api(api)
+    try:
+        ext.create_custom_resource_definition(body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+
+    def established() -> bool:
+        c = ext.read_custom_resource_definition(name)
+        return any(x.type == "Established" and x.status == "True" for x in c.status.conditions or [])
+
+    wait_for(f"{name} Established", established, timeout=timeout)
+    return name
