@@ -125,6 +125,7 @@ def validate_engine(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None
         compiler=STATE.cfg.compiler,
         default_store=STATE.cfg.default_store,
         test_engine_bytes=STATE.cfg.test_engine_bytes,
+        images=STATE.cfg.images,
     )
     warnings.extend(verdict.warnings)
     if not verdict.allowed:

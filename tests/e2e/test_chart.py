@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from llmengine.api.config import OperatorConfig
+from llmengine.api.config import ImagePair, OperatorConfig
 from llmengine.dev import tools
 from tests.e2e.chart_harness import CHART, KUBE_VERSION, by_kind, helm, render, rules_table
 
@@ -205,10 +205,11 @@ def test_settings_reach_operator_config() -> None:
     objs = render(
         "--set",
         "operator.compiler=test",
+        "--set-json",
+        'images.trtllm={"1.2.1": {"builder": "reg/b:1", "server": "reg/s:1"}, '
+        '"1.2.0": {"builder": "reg/b:0", "server": "reg/s:0"}}',
         "--set",
-        "images.builder=reg/b:1",
-        "--set",
-        "images.server=reg/s:1",
+        "images.defaultTrtllmVersion=1.2.0",
         "--set",
         "build.concurrencyPerPool=3",
         "--set",
@@ -230,10 +231,14 @@ def test_settings_reach_operator_config() -> None:
     llm = {k: v for k, v in env.items() if k.startswith("LLMENGINE_")}
     known = {"LLMENGINE_" + f.upper() for f in OperatorConfig.model_fields} | {
         f"LLMENGINE_STORE_{k}" for k in ("BUCKET", "PREFIX", "ENDPOINT", "REGION", "SECRET")
-    }
+    } | {"LLMENGINE_DEFAULT_TRTLLM_VERSION"}
     assert set(llm) <= known, set(llm) - known
     cfg = OperatorConfig.from_env(llm)
-    assert cfg.compiler == "test" and cfg.builder_image == "reg/b:1" and cfg.server_image == "reg/s:1"
+    assert cfg.compiler == "test" and cfg.images.default_version == "1.2.0"
+    assert cfg.images.versions == {
+        "1.2.1": ImagePair(builder="reg/b:1", server="reg/s:1"),
+        "1.2.0": ImagePair(builder="reg/b:0", server="reg/s:0"),
+    }
     assert cfg.build_concurrency_per_pool == 3 and cfg.json_logs is False
     assert cfg.metrics_port == 9090 and cfg.health_port == 9091
     assert cfg.default_store is not None

@@ -30,7 +30,7 @@ def test_defaults() -> None:
     e = parse_engine(manifest())
     s = e.spec
     assert s.backend == "tensorrt"
-    assert s.image == "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
+    assert s.image is None and s.trtllm_version is None  # the operator's default release applies
     assert (s.precision.dtype, s.precision.quantization, s.precision.kv_cache_dtype) == ("bfloat16", "none", "auto")
     assert (s.parallelism.tensor, s.parallelism.pipeline) == (1, 1)
     assert s.build.max_beam_width == 1 and s.build.kv_cache_type == "paged" and s.build.paged_context_fmha

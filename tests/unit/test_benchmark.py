@@ -812,7 +812,8 @@ def render() -> tuple[dict[str, Any], dict[str, Any], BenchRequest]:
         target=body["spec"]["target"],
         store_secret="s3",
         hf_token={"name": "hf", "key": "token"},
-        cfg=OperatorConfig(builder_image="reg/builder:1", server_image="reg/server:1"),
+        image="reg/builder:1",
+        cfg=OperatorConfig(),
         active_deadline_seconds=3600,
     )
     cm = render_bench.bench_request_configmap(req, plan.short_digest, pool, "ml", owners)

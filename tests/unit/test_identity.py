@@ -10,10 +10,16 @@ from typing import Any
 import pytest
 
 from llmengine.api.artifacts import StoreLocation
+from llmengine.api.config import ImageCatalog, ImagePair
 from llmengine.plan import engine_digest, make_plan, plan_object, short_digest
 from llmengine.plan.catalog import lookup
 
 STORE = StoreLocation(bucket="default-bucket")
+# The operator's images: three releases configured, 1.2.1 the default.
+IMAGES = ImageCatalog(
+    default_version="1.2.1",
+    versions={v: ImagePair(builder=f"reg/builder:{v}", server=f"reg/server:{v}") for v in ("1.1.0", "1.2.0", "1.2.1")},
+)
 
 Spec = dict[str, Any]
 
@@ -35,8 +41,8 @@ def base() -> dict[str, Any]:
     }
 
 
-def digest_of(obj: dict[str, Any], compiler: str = "tensorrt-llm") -> str:
-    plan = plan_object(obj, compiler=compiler, default_store=STORE)
+def digest_of(obj: dict[str, Any], compiler: str = "tensorrt-llm", images: ImageCatalog = IMAGES) -> str:
+    plan = plan_object(obj, compiler=compiler, default_store=STORE, images=images)
     assert plan.engine_digest, plan.errors
     return plan.engine_digest
 
@@ -103,7 +109,6 @@ MOVES: list[tuple[str, Callable[[Spec], None]]] = [
     ),
     ("backend", _set("backend", "pytorch")),
     ("image", _set("image", "nvcr.io/nvidia/tensorrt-llm/release:1.1.0")),
-    ("image registry, same version", _set("image", "registry.local/tensorrt-llm/release:1.2.1")),
     ("trtllm version", _set("trtllmVersion", "1.2.0")),
     ("dtype", _set("precision.dtype", "float16")),
     ("quantization", _set("precision.quantization", "fp8")),
@@ -191,6 +196,9 @@ KEEPS: list[tuple[str, Callable[[Spec], None]]] = [
     ("catalog -> same explicit facts", _explicit_arch),
     ("defaults written explicitly", _explicit_defaults),
     ("trtllmVersion equal to the tag", _set("trtllmVersion", "1.2.1")),
+    ("trtllmVersion equal to the default", _set("trtllmVersion", "1.2.1")),
+    # spec.image only names a release; the images that run are the operator's for that release.
+    ("image registry, same version", _set("image", "registry.local/tensorrt-llm/release:1.2.1")),
 ]
 
 
@@ -229,13 +237,13 @@ def test_digest_is_stable_and_short_form_is_a_name() -> None:
     d = digest_of(base())
     assert re.fullmatch(r"[0-9a-f]{64}", d)
     assert digest_of(base()) == d
-    plan = plan_object(base())
+    plan = plan_object(base(), images=IMAGES)
     assert plan.short_digest == f"e-{d[:12]}" == short_digest(d)
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", plan.short_digest)
 
 
 def test_digest_is_sha256_of_canonical_inputs() -> None:
-    plan = plan_object(base())
+    plan = plan_object(base(), images=IMAGES)
     assert engine_digest(plan.engine_inputs) == plan.engine_digest
     # Key order does not matter: the canonical form sorts keys.
     reordered = dict(reversed(list(plan.engine_inputs.items())))
@@ -244,7 +252,7 @@ def test_digest_is_sha256_of_canonical_inputs() -> None:
         "schema",
         "compiler",
         "backend",
-        "image",
+        "builderImage",
         "trtllmVersion",
         "model",
         "precision",
@@ -253,6 +261,36 @@ def test_digest_is_sha256_of_canonical_inputs() -> None:
         "shapes",
         "features",
     }
+
+
+def test_the_builder_image_of_the_release_moves_the_identity_and_the_server_image_only_rolls_out() -> None:
+    from llmengine.plan import compare
+    from llmengine.api.v1alpha1 import parse_engine
+
+    rebuilt = IMAGES.model_copy(
+        update={"versions": {**IMAGES.versions, "1.2.1": ImagePair(builder="reg/builder:1.2.1-p1", server="reg/server:1.2.1")}}
+    )
+    reserved = IMAGES.model_copy(
+        update={"versions": {**IMAGES.versions, "1.2.1": ImagePair(builder="reg/builder:1.2.1", server="reg/server:1.2.1-p1")}}
+    )
+    assert digest_of(base(), images=rebuilt) != digest_of(base())
+    old = plan_object(base(), default_store=STORE, images=IMAGES)
+    new = plan_object(base(), default_store=STORE, images=reserved)
+    assert new.engine_digest == old.engine_digest
+    assert (new.builder_image, new.server_image) == ("reg/builder:1.2.1", "reg/server:1.2.1-p1")
+    assert new.build_request is not None and new.build_request.image == "reg/builder:1.2.1"
+    engine = parse_engine(base())
+    assert compare(old, new, engine, engine) == "rollout"
+
+
+def test_a_release_without_images_is_refused_with_the_configured_ones() -> None:
+    plan = plan_object(mutate(_set("trtllmVersion", "1.2.2")), default_store=STORE, images=IMAGES)
+    assert not plan.valid
+    (err,) = plan.errors
+    assert err.field == "spec.trtllmVersion"
+    assert "1.2.2 has no builder and server images" in err.message and "1.1.0, 1.2.0, 1.2.1" in err.message
+    by_image = plan_object(mutate(_set("image", "nvcr.io/nvidia/tensorrt-llm/release:1.2.0rc1")), images=IMAGES)
+    assert [e.field for e in by_image.errors] == ["spec.image"]
 
 
 def test_make_plan_and_plan_object_agree() -> None:

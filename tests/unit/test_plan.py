@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from llmengine.api.artifacts import StoreLocation
+from llmengine.api.config import ImageCatalog, ImagePair
 from llmengine.api.v1alpha1 import LLMEngine, parse_engine
 from llmengine.plan import Plan, compare, make_plan, plan_object
 from llmengine.plan.catalog import CATALOG, lookup
@@ -44,6 +45,12 @@ def base(**spec: Any) -> dict[str, Any]:
     }
     body["spec"].update(spec)
     return body
+
+
+# An operator configured with images for each release the tests name.
+ALL_RELEASES = ImageCatalog(
+    versions={v: ImagePair(builder=f"b:{v}", server=f"s:{v}") for v in ("1.0.0", "1.2.1", "1.3.0")}
+)
 
 
 def plan_of(obj: dict[str, Any], **kwargs: Any) -> Plan:
@@ -510,7 +517,7 @@ def test_valid_combinations_pass() -> None:
         _with(trtllmVersion="1.0.0", image="registry.local/trtllm@sha256:" + "b" * 64),
         _with(backend="pytorch", image="nvcr.io/nvidia/tensorrt-llm/release:1.3.0"),
     ):
-        plan = plan_of(obj)
+        plan = plan_of(obj, images=ALL_RELEASES)
         assert plan.valid, plan.errors
 
 

@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 import yaml
 
-from llmengine.api.config import OperatorConfig
+from llmengine.api.config import ImageCatalog, ImagePair, OperatorConfig
 from llmengine.plan import plan_object
 from llmengine.render import build, common, serving
 
 GOLDEN = Path(__file__).parent / "golden"
-CFG = OperatorConfig(builder_image="reg/builder:1", server_image="reg/server:1")
+CFG = OperatorConfig(
+    images=ImageCatalog(versions={"1.2.1": ImagePair(builder="reg/builder:1", server="reg/server:1")})
+)
 
 
 def _engine(**spec: Any) -> dict[str, Any]:
@@ -41,7 +43,7 @@ def _engine(**spec: Any) -> dict[str, Any]:
 
 
 def _render(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    plan = plan_object(body)
+    plan = plan_object(body, images=CFG.images)
     assert plan.valid, plan.errors
     assert plan.build_request is not None
     job = build.build_job(
@@ -69,6 +71,7 @@ def _render(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         product_labels=list(plan.gpu.product_labels),
         gpu_resource=plan.gpu_resource,
         gpu_count=plan.gpu_count,
+        image=plan.server_image,
         cfg=CFG,
     )
     return job, dep
@@ -126,7 +129,7 @@ def test_pods_are_hardened_and_secrets_only_by_reference() -> None:
 
 def test_job_identity_naming_and_rollout_strategy() -> None:
     job, dep = _render(_engine())
-    plan = plan_object(_engine())
+    plan = plan_object(_engine(), images=CFG.images)
     assert job["metadata"]["name"] == f"llme-build-{plan.short_digest.removeprefix('e-')}"
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] > 0
     assert job["spec"]["ttlSecondsAfterFinished"] > 0

@@ -2,19 +2,65 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmengine.api.artifacts import StoreLocation
+
+DEFAULT_TRTLLM_VERSION = "1.2.1"
+DEFAULT_BUILDER_IMAGE = f"ghcr.io/llmengine/llmengine-builder:0.1.0-trtllm{DEFAULT_TRTLLM_VERSION}"
+DEFAULT_SERVER_IMAGE = f"ghcr.io/llmengine/llmengine-server:0.1.0-trtllm{DEFAULT_TRTLLM_VERSION}"
+
+
+class ImagePair(BaseModel):
+    """The builder and server images made from one TensorRT-LLM release: an engine only loads with the release
+    that built it, so both come from the same base."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    builder: str = Field(min_length=1)
+    server: str = Field(min_length=1)
+
+
+class ImageCatalog(BaseModel):
+    """TensorRT-LLM versions engines may name (spec.trtllmVersion) and the images that build and serve each.
+
+    The version a spec names selects the pair; a version with no pair is refused at admission with the list of
+    configured ones. The chart fills this from `images.trtllm` and `images.defaultTrtllmVersion`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    default_version: str = DEFAULT_TRTLLM_VERSION
+    versions: dict[str, ImagePair] = Field(
+        default_factory=lambda: {
+            DEFAULT_TRTLLM_VERSION: ImagePair(builder=DEFAULT_BUILDER_IMAGE, server=DEFAULT_SERVER_IMAGE)
+        }
+    )
+
+    @model_validator(mode="after")
+    def _default_is_configured(self) -> ImageCatalog:
+        if self.default_version not in self.versions:
+            raise ValueError(
+                f"default TensorRT-LLM version {self.default_version} has no images: configured "
+                f"{', '.join(sorted(self.versions)) or 'none'}"
+            )
+        return self
+
+    def resolve(self, version: str) -> ImagePair | None:
+        return self.versions.get(version)
+
+    def configured(self) -> str:
+        return ", ".join(sorted(self.versions))
 
 
 class OperatorConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    builder_image: str = "ghcr.io/llmengine/llmengine-builder:0.1.0-trtllm1.2.1"
-    server_image: str = "ghcr.io/llmengine/llmengine-server:0.1.0-trtllm1.2.1"
+    images: ImageCatalog = Field(default_factory=ImageCatalog)
     image_pull_policy: str = "IfNotPresent"
     # "test" swaps TensorRT-LLM for the test compiler (local clusters and tests only); it changes engine identity.
     compiler: Literal["tensorrt-llm", "test"] = "tensorrt-llm"
@@ -61,6 +107,25 @@ class OperatorConfig(BaseModel):
             )
         if e.get("LLMENGINE_STORE_SECRET"):
             kw["default_store_secret"] = e["LLMENGINE_STORE_SECRET"]
+        kw["images"] = images_from_env(e)
         if "json_logs" in kw:
             kw["json_logs"] = str(kw["json_logs"]).lower() in ("1", "true", "yes")
         return cls.model_validate(kw)
+
+
+def images_from_env(env: dict[str, str]) -> ImageCatalog:
+    """LLMENGINE_IMAGES (JSON: version -> {builder, server}) and LLMENGINE_DEFAULT_TRTLLM_VERSION; without
+    LLMENGINE_IMAGES, LLMENGINE_BUILDER_IMAGE / LLMENGINE_SERVER_IMAGE name the default version's pair."""
+    default = env.get("LLMENGINE_DEFAULT_TRTLLM_VERSION") or DEFAULT_TRTLLM_VERSION
+    raw = env.get("LLMENGINE_IMAGES")
+    if raw:
+        try:
+            table = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"LLMENGINE_IMAGES is not JSON: {exc}") from exc
+        return ImageCatalog.model_validate({"default_version": default, "versions": table})
+    pair = ImagePair(
+        builder=env.get("LLMENGINE_BUILDER_IMAGE") or DEFAULT_BUILDER_IMAGE,
+        server=env.get("LLMENGINE_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
+    )
+    return ImageCatalog(default_version=default, versions={default: pair})

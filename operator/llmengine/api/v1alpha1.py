@@ -616,18 +616,23 @@ class LLMEngineSpec(SpecModel):
             "passes shapes as runtime flags. Default tensorrt. Rebuilds."
         ),
     )
-    image: str = Field(
-        default=DEFAULT_IMAGE,
+    image: str | None = Field(
+        default=None,
         min_length=1,
         description=(
-            f"TensorRT-LLM container image that builds and serves the engine. Default {DEFAULT_IMAGE}. The "
-            "TensorRT-LLM version is read from the tag unless trtllmVersion is set. Rebuilds."
+            "Deprecated: a TensorRT-LLM release image whose tag names the version (e.g. "
+            f"{DEFAULT_IMAGE}); use trtllmVersion. It never chooses what runs: the operator's images for the "
+            "version do."
         ),
     )
     trtllm_version: str | None = Field(
         default=None,
         pattern=r"^[0-9]+\.[0-9]+(\.[0-9]+)?([.+-]?[A-Za-z0-9.]+)?$",
-        description="TensorRT-LLM version of the image, when its tag does not say (e.g. a digest). Rebuilds.",
+        description=(
+            "TensorRT-LLM release that builds and serves the engine, e.g. 1.2.1. It selects the builder and server "
+            "images the operator is configured with for that release (a release without images is refused, "
+            "naming the configured ones). Unset: the operator's default release. Rebuilds."
+        ),
     )
     precision: Precision = Field(default_factory=Precision, description="dtype, quantization and KV cache type.")
     parallelism: Parallelism = Field(default_factory=Parallelism, description="Tensor and pipeline parallelism.")

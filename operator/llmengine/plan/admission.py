@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmengine.api.artifacts import StoreLocation
+from llmengine.api.config import ImageCatalog
 from llmengine.api.v1alpha1 import FieldError
 from llmengine.plan.planner import Plan, plan_object
 
@@ -61,6 +62,7 @@ def review(
     compiler: str = "tensorrt-llm",
     default_store: StoreLocation | None = None,
     test_engine_bytes: int | None = None,
+    images: ImageCatalog | None = None,
 ) -> Verdict:
     """Allow or refuse one admission request (operation CREATE, UPDATE, DELETE or CONNECT)."""
     if operation not in ("CREATE", "UPDATE") or new is None:
@@ -70,7 +72,11 @@ def review(
 
     def plan(obj: Mapping[str, Any]) -> Plan:
         return plan_object(
-            dict(obj), compiler=compiler, default_store=default_store, test_engine_bytes=test_engine_bytes
+            dict(obj),
+            compiler=compiler,
+            default_store=default_store,
+            test_engine_bytes=test_engine_bytes,
+            images=images,
         )
 
     p = plan(new)

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import yaml
+from pydantic import ValidationError
 
 from llmengine import GROUP, KIND, PLURAL, VERSION
-from llmengine.api.artifacts import StoreLocation
+from llmengine.api.artifacts import StoreLocation, first_problem
+from llmengine.api.config import DEFAULT_TRTLLM_VERSION, ImageCatalog
 from llmengine.api.v1alpha1 import InvalidEngine, LLMEngine, parse_engine
 from llmengine.plan.gpus import GIB
 from llmengine.plan.identity import shapes_dict
@@ -294,6 +296,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compiler", choices=COMPILERS, default="tensorrt-llm")
     p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node of the target pool")
     p.add_argument(
+        "--chart-values",
+        metavar="FILE",
+        help="the operator's Helm values file: TensorRT-LLM releases and images as installed (images.trtllm, "
+        "images.defaultTrtllmVersion); default: the chart's defaults",
+    )
+    p.add_argument(
         "--default-store",
         metavar="s3://BUCKET[/PREFIX]",
         help="the operator's default store, for manifests without spec.store",
@@ -308,6 +316,27 @@ def _store_from_uri(uri: str) -> StoreLocation:
     return StoreLocation(bucket=bucket, prefix=prefix.strip("/") or "engines")
 
 
+def _images_from_values(path: str) -> ImageCatalog:
+    """The image catalog a Helm values file installs (the chart's defaults where the file is silent)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"--chart-values {path}: {exc}") from None
+    images = values.get("images") if isinstance(values, dict) else None
+    if not isinstance(images, dict) or "trtllm" not in images:
+        return ImageCatalog()
+    try:
+        return ImageCatalog.model_validate(
+            {
+                "default_version": str(images.get("defaultTrtllmVersion") or DEFAULT_TRTLLM_VERSION),
+                "versions": images["trtllm"],
+            }
+        )
+    except ValidationError as exc:
+        raise InputError(f"--chart-values {path}: images: {first_problem(exc)}") from None
+
+
 def main(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     out, err = stdout or sys.stdout, stderr or sys.stderr
     args = _parser().parse_args(argv)
@@ -317,6 +346,7 @@ def main(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = 
             "compiler": args.compiler,
             "default_store": store,
             "gpus_per_node": args.gpus_per_node,
+            "images": _images_from_values(args.chart_values) if args.chart_values else None,
         }
         entries = [e for path in args.filename for e in read_file(path, kwargs)]
         against: dict[tuple[str, str], Entry] | None = None

@@ -19,7 +19,7 @@ from llmengine.plan.catalog import ModelFacts
 from llmengine.plan.gpus import GpuClass
 
 # Bump when the meaning of an input changes, so old engines are not reused under new semantics.
-IDENTITY_SCHEMA = 1
+IDENTITY_SCHEMA = 2
 SHORT_PREFIX = "e-"
 SHORT_HEX = 12
 
@@ -82,6 +82,7 @@ def identity_inputs(
     shapes: BuildShapes,
     gpu: GpuClass,
     trtllm_version: str,
+    builder_image: str,
     compiler: str,
 ) -> dict[str, Any]:
     """The canonical identity inputs of an engine.
@@ -93,7 +94,7 @@ def identity_inputs(
         "schema": IDENTITY_SCHEMA,
         "compiler": compiler,
         "backend": spec.backend,
-        "image": spec.image.strip(),
+        "builderImage": builder_image.strip(),
         "trtllmVersion": trtllm_version,
         "model": {"source": model_source_identity(spec), "facts": facts.as_dict()},
         "precision": {

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from llmengine.api.artifacts import BuildRequest, BuildShapes, ModelSource, StoreLocation
+from llmengine.api.config import ImageCatalog
 from llmengine.api.v1alpha1 import SHAPE_FIELDS, FieldError, InvalidEngine, LLMEngine, LLMEngineSpec, parse_engine
 from llmengine.plan import sizing, validate
 from llmengine.plan.catalog import CATALOG, ModelFacts, lookup, resolve_facts
@@ -52,6 +53,9 @@ class Plan:
     shapes_from_traffic: bool = False
     store: StoreLocation | None = None
     trtllm_version: str | None = None
+    # The images configured for trtllm_version: the builder's is part of the identity, the server's of the rollout.
+    builder_image: str = ""
+    server_image: str = ""
 
 
 def invalid_plan(errors: list[FieldError]) -> Plan:
@@ -80,6 +84,7 @@ def make_plan(
     gpus_per_node: int | None = None,
     test_engine_bytes: int | None = None,
     shape_floor: Mapping[str, int] | None = None,
+    images: ImageCatalog | None = None,
 ) -> Plan:
     """Validate an LLMEngine and work out its engine identity, shapes, memory fit and build request.
 
@@ -88,7 +93,9 @@ def make_plan(
     every problem becomes a FieldError.
     """
     try:
-        return _plan(engine, compiler, default_store, gpus_per_node, test_engine_bytes, shape_floor)
+        return _plan(
+            engine, compiler, default_store, gpus_per_node, test_engine_bytes, shape_floor, images or ImageCatalog()
+        )
     except Exception as exc:  # a planner bug must not crash the operator's reconcile loop
         return invalid_plan([FieldError("spec", f"could not plan this engine ({type(exc).__name__}: {exc})")])
 
@@ -101,6 +108,7 @@ def plan_object(
     gpus_per_node: int | None = None,
     test_engine_bytes: int | None = None,
     shape_floor: Mapping[str, int] | None = None,
+    images: ImageCatalog | None = None,
 ) -> Plan:
     """make_plan for a raw Kubernetes object; schema errors become FieldErrors (spec.build.maxSeqLen, ...)."""
     try:
@@ -114,6 +122,7 @@ def plan_object(
         gpus_per_node=gpus_per_node,
         test_engine_bytes=test_engine_bytes,
         shape_floor=shape_floor,
+        images=images,
     )
 
 
@@ -313,6 +322,7 @@ def _build_request(
     shapes: BuildShapes,
     gpu: GpuClass,
     version: str,
+    builder_image: str,
     store: StoreLocation,
 ) -> BuildRequest:
     src = spec.model.source
@@ -339,7 +349,7 @@ def _build_request(
         features=request_features(spec),
         gpu_class=gpu.name,
         sm=gpu.sm,
-        image=spec.image,
+        image=builder_image,
         trtllm_version=version,
         store=store,
     )
@@ -351,7 +361,8 @@ def _plan(
     default_store: StoreLocation | None,
     gpus_per_node: int | None,
     test_engine_bytes: int | None,
-    shape_floor: Mapping[str, int] | None = None,
+    shape_floor: Mapping[str, int] | None,
+    images: ImageCatalog,
 ) -> Plan:
     spec = engine.spec
     errors = validate.check_integer_range(spec)
@@ -367,7 +378,7 @@ def _plan(
     mig, errs = _resolve_mig(spec, gpu)
     errors += errs
     available = mig.memory_bytes if mig else gpu.memory_bytes
-    version, errs = validate.resolve_version(spec)
+    version, errs = validate.resolve_version(spec, images.default_version)
     errors += errs
     shapes, errs, warns = _shapes(spec, facts, available)
     errors += errs
@@ -384,9 +395,11 @@ def _plan(
         shapes_from_traffic=spec.traffic is not None,
         version=version,
         gpus_per_node=gpus_per_node or gpu.gpus_per_node,
+        images=images,
     )
     for rule in (
         validate.check_version,
+        validate.check_images,
         validate.check_precision,
         validate.check_backend,
         validate.check_parallelism,
@@ -405,16 +418,26 @@ def _plan(
     store, errs = _store(spec, default_store)
     errors += errs
 
+    pair = images.resolve(version) if version is not None else None
     inputs: dict[str, Any] = {}
     digest = ""
-    if facts is not None and shapes is not None and version is not None and compiler in COMPILERS:
-        inputs = identity_inputs(spec, facts=facts, shapes=shapes, gpu=gpu, trtllm_version=version, compiler=compiler)
+    if facts is not None and shapes is not None and pair is not None and version is not None and compiler in COMPILERS:
+        inputs = identity_inputs(
+            spec,
+            facts=facts,
+            shapes=shapes,
+            gpu=gpu,
+            trtllm_version=version,
+            builder_image=pair.builder,
+            compiler=compiler,
+        )
         digest = engine_digest(inputs)
 
     valid = not errors
     request = None
     if valid:
         assert facts is not None and shapes is not None and version is not None and store is not None
+        assert pair is not None
         request = _build_request(
             spec,
             digest=digest,
@@ -424,6 +447,7 @@ def _plan(
             shapes=shapes,
             gpu=gpu,
             version=version,
+            builder_image=pair.builder,
             store=store,
         )
     tp, pp = spec.parallelism.tensor, spec.parallelism.pipeline
@@ -445,6 +469,8 @@ def _plan(
         shapes_from_traffic=spec.traffic is not None,
         store=store,
         trtllm_version=version,
+        builder_image=pair.builder if pair else "",
+        server_image=pair.server if pair else "",
     )
 
 
@@ -458,7 +484,7 @@ def serving_inputs(plan: Plan, engine: LLMEngine) -> dict[str, Any]:
     return {
         "serving": spec.serving.model_dump(mode="json", by_alias=True),
         "tokenizer": spec.model.tokenizer,
-        "image": spec.image,
+        "serverImage": plan.server_image,
         "backend": spec.backend,
         "target": spec.target.model_dump(
             mode="json", by_alias=True, include={"mig_profile", "node_selector", "affinity", "tolerations"}

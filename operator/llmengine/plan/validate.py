@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from llmengine.api.artifacts import BuildShapes
+from llmengine.api.config import ImageCatalog
 from llmengine.api.v1alpha1 import FieldError, LLMEngineSpec
 from llmengine.plan.catalog import ModelFacts
 from llmengine.plan.gpus import GpuClass, MigProfile, parse_sm
@@ -53,6 +54,7 @@ class Resolved:
     shapes_from_traffic: bool
     version: str | None
     gpus_per_node: int
+    images: ImageCatalog
 
 
 def _camel(name: str) -> str:
@@ -72,10 +74,12 @@ def parse_version(version: str) -> tuple[int, int, int] | None:
     return (int(m[1]), int(m[2]), int(m[3] or 0)) if m else None
 
 
-def resolve_version(spec: LLMEngineSpec) -> tuple[str | None, list[FieldError]]:
-    """The TensorRT-LLM version: spec.trtllmVersion, else read from the image tag."""
+def resolve_version(spec: LLMEngineSpec, default_version: str) -> tuple[str | None, list[FieldError]]:
+    """The TensorRT-LLM version: spec.trtllmVersion, else the (deprecated) spec.image tag, else the default."""
     if spec.trtllm_version:
         return spec.trtllm_version, []
+    if spec.image is None:
+        return default_version, []
     tag = image_tag(spec.image)
     if tag is not None and parse_version(tag) is not None:
         return tag, []
@@ -83,7 +87,22 @@ def resolve_version(spec: LLMEngineSpec) -> tuple[str | None, list[FieldError]]:
         FieldError(
             "spec.trtllmVersion",
             f"cannot tell the TensorRT-LLM version from image {spec.image!r} (no version tag): set "
-            "spec.trtllmVersion, e.g. 1.2.1",
+            "spec.trtllmVersion, e.g. 1.2.1, and remove spec.image",
+        )
+    ]
+
+
+def check_images(r: Resolved) -> list[FieldError]:
+    """The version must have builder and server images configured: they are what builds and serves it."""
+    if r.version is None or r.images.resolve(r.version) is not None:
+        return []
+    field = "spec.trtllmVersion" if r.spec.trtllm_version or r.spec.image is None else "spec.image"
+    return [
+        FieldError(
+            field,
+            f"TensorRT-LLM {r.version} has no builder and server images in this operator (configured: "
+            f"{r.images.configured()}): use one of those, or add images for {r.version} to the chart's "
+            "images.trtllm",
         )
     ]
 
@@ -110,7 +129,7 @@ def check_version(r: Resolved) -> list[FieldError]:
     if r.version is None:
         return []
     parsed = parse_version(r.version)
-    field = "spec.trtllmVersion" if r.spec.trtllm_version else "spec.image"
+    field = "spec.image" if r.spec.image is not None and not r.spec.trtllm_version else "spec.trtllmVersion"
     if parsed is None:
         return [FieldError(field, f"{r.version!r} is not a version like 1.2.1: set spec.trtllmVersion")]
     if r.spec.backend == "tensorrt" and not (TENSORRT_MIN <= parsed[:2] < TENSORRT_BELOW):

@@ -224,6 +224,7 @@ class Reconciler:
                 default_store=self.cfg.default_store,
                 test_engine_bytes=self.cfg.test_engine_bytes,
                 shape_floor=floor,
+                images=self.cfg.images,
             )
 
         plan = plan_with(floor)
@@ -411,6 +412,7 @@ class Reconciler:
             target=dict(raw.get("target") or {}),
             store_secret=access.pod_secret,
             hf_token=_hf_token(raw),
+            image=plan.builder_image,
             cfg=self.cfg,
         )
         await self.kube.create(job)
@@ -457,6 +459,7 @@ class Reconciler:
                 product_labels=list(plan.gpu.product_labels),
                 gpu_resource=plan.gpu_resource,
                 gpu_count=plan.gpu_count,
+                image=serving.image_for(d.deploy_digest, plan.engine_digest, plan.server_image, dep),
                 cfg=self.cfg,
             )
             await self._apply_deployment(desired, dep)

@@ -41,7 +41,7 @@ def build_job(
 ) -> dict[str, Any]:
     """One Job per engine identity; every resource that wants this engine is an owner (none is the controller)."""
     env = c.store_env(store_secret, request.store.endpoint, request.store.region)
-    env.append({"name": "LLMENGINE_BUILDER_IMAGE", "value": cfg.builder_image})
+    env.append({"name": "LLMENGINE_BUILDER_IMAGE", "value": request.image})
     env += c.hf_token_env(hf_token)
     return c.tool_job(
         name=c.build_job_name(short_digest),
@@ -57,6 +57,7 @@ def build_job(
         gpu_resource=gpu_resource,
         gpu_count=gpu_count,
         target=target,
+        image=request.image,
         cfg=cfg,
         active_deadline_seconds=cfg.build_active_deadline_seconds,
         ttl_seconds_after_finished=cfg.build_ttl_seconds_after_finished,

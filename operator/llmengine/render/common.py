@@ -160,6 +160,7 @@ def tool_job(
     gpu_resource: str,
     gpu_count: int,
     target: Mapping[str, Any],
+    image: str,
     cfg: OperatorConfig,
     active_deadline_seconds: int,
     ttl_seconds_after_finished: int,
@@ -191,7 +192,7 @@ def tool_job(
         "containers": [
             {
                 "name": container,
-                "image": cfg.builder_image,
+                "image": image,
                 "imagePullPolicy": cfg.image_pull_policy,
                 "command": ["llmengine", subcommand],
                 "args": [

@@ -38,6 +38,18 @@ def runtime_args(runtime: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def image_for(deploy_digest: str, desired_digest: str, desired_image: str, current: Mapping[str, Any] | None) -> str:
+    """The server image for the engine the Deployment serves: the desired version's for the desired engine; for an
+    older engine still serving during a rebuild, the image it already runs (an engine only loads with the release
+    that built it, and the desired version's server may be another release)."""
+    if deploy_digest == desired_digest or current is None:
+        return desired_image
+    for ctr in ((current.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []:
+        if ctr.get("name") == "server" and ctr.get("image"):
+            return str(ctr["image"])
+    return desired_image
+
+
 def deployment(
     *,
     body: Mapping[str, Any],
@@ -49,6 +61,7 @@ def deployment(
     product_labels: list[str],
     gpu_resource: str,
     gpu_count: int,
+    image: str,
     cfg: OperatorConfig,
 ) -> dict[str, Any]:
     md, spec = body["metadata"], c.spec_of(body)
@@ -63,7 +76,7 @@ def deployment(
     mounts = [{"name": "engine", "mountPath": ENGINE_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
     fetch = {
         "name": "fetch-engine",
-        "image": cfg.server_image,
+        "image": image,
         "imagePullPolicy": cfg.image_pull_policy,
         "command": ["llmengine", "serve-engine", "download"],
         "args": ["--digest", digest, "--engine-dir", ENGINE_DIR, *_store_args(store)],
@@ -74,7 +87,7 @@ def deployment(
     }
     server = {
         "name": "server",
-        "image": cfg.server_image,
+        "image": image,
         "imagePullPolicy": cfg.image_pull_policy,
         "command": ["llmengine", "serve-engine", "run"],
         "args": [
