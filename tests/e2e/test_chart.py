@@ -229,9 +229,11 @@ def test_settings_reach_operator_config() -> None:
     )
     env = {e["name"]: e["value"] for e in _container(objs)["env"] if "value" in e}
     llm = {k: v for k, v in env.items() if k.startswith("LLMENGINE_")}
-    known = {"LLMENGINE_" + f.upper() for f in OperatorConfig.model_fields} | {
-        f"LLMENGINE_STORE_{k}" for k in ("BUCKET", "PREFIX", "ENDPOINT", "REGION", "SECRET")
-    } | {"LLMENGINE_DEFAULT_TRTLLM_VERSION"}
+    known = (
+        {"LLMENGINE_" + f.upper() for f in OperatorConfig.model_fields}
+        | {f"LLMENGINE_STORE_{k}" for k in ("BUCKET", "PREFIX", "ENDPOINT", "REGION", "SECRET")}
+        | {"LLMENGINE_DEFAULT_TRTLLM_VERSION"}
+    )
     assert set(llm) <= known, set(llm) - known
     cfg = OperatorConfig.from_env(llm)
     assert cfg.compiler == "test" and cfg.images.default_version == "1.2.0"

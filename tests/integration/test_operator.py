@@ -174,7 +174,9 @@ def test_builder_failure_reports_reason_and_fixed_spec_recovers(env: Any, api: A
 
 def test_invalid_spec_fails_with_planner_message_and_no_job(env: Any, api: Any) -> None:
     with run_operator(env.info, env.ns, env.logs):
-        env.engines.create(env.body("fp8a100", precision={"quantization": "fp8"}, target={"gpu": "A100-80GB"}))
+        cal = {"dataset": {"s3": {"uri": "s3://unused/calibration/"}}}
+        precision = {"quantization": "fp8", "calibration": cal}
+        env.engines.create(env.body("fp8a100", precision=precision, target={"gpu": "A100-80GB"}))
         obj = env.engines.wait_phase("fp8a100", "Failed", timeout=60)
         assert "spec.precision.quantization" in obj["status"]["message"]
         assert not jobs(api, env.ns)

@@ -178,8 +178,8 @@ def test_verify_refuses_a_mismatching_engine(tmp_path: Path, mutate: Any, needle
 
 def test_verify_failure_becomes_a_verify_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class BadCompiler(TestCompiler):
-        def compile(self, request: BuildRequest, checkpoint_dir: Path, out_dir: Path, log: Any) -> Any:
-            out = super().compile(request, checkpoint_dir, out_dir, log)
+        def compile(self, request: BuildRequest, checkpoint_dir: Path, out_dir: Path, log: Any, **kw: Any) -> Any:
+            out = super().compile(request, checkpoint_dir, out_dir, log, **kw)
             (out_dir / "rank0.engine").unlink()
             return out
 
@@ -273,7 +273,7 @@ def test_hugging_face_errors_map_to_failures(tmp_path: Path) -> None:
 
     with pytest.raises(BuildFailure) as missing:
         fetch_hf("x/y", None, tmp_path, raiser(RepositoryNotFoundError("404")))
-    assert missing.value.permanent and "model.huggingFaceRepo" in missing.value.message
+    assert missing.value.permanent and "spec.model.source.huggingFace.repo" in missing.value.message
     with pytest.raises(BuildFailure) as gated:
         fetch_hf("x/y", None, tmp_path, raiser(GatedRepoError("403")))
     assert not gated.value.permanent and "HF_TOKEN" in gated.value.message
@@ -374,3 +374,41 @@ def test_stdlib_log_records_are_masked_too() -> None:
     finally:
         log.removeHandler(handler)
     assert out.getvalue() == "reconcile failed: key [redacted] rejected\n"
+
+
+def test_calibration_dataset_is_fetched_as_a_pinned_dataset_repo_and_checked(tmp_path: Path) -> None:
+    from llmengine.builder.fetch import fetch_calibration
+    from llmengine.dev.seed import calibration_jsonl
+
+    calls: list[dict[str, Any]] = []
+
+    def download(**kw: Any) -> None:
+        calls.append(kw)
+        Path(kw["local_dir"], "train.jsonl").write_bytes(calibration_jsonl(4))
+
+    cal = {"hugging_face_repo": "org/text", "revision": "abc", "samples": 4, "max_seq_length": 64}
+    got = fetch_calibration(request(calibration=cal), tmp_path / "cal", hf_download=download)
+    assert got is not None and got.path == tmp_path / "cal" and got.bytes > 0
+    assert calls[0]["repo_id"] == "org/text" and calls[0]["revision"] == "abc"
+    assert calls[0]["repo_type"] == "dataset"
+    assert fetch_calibration(request(), tmp_path / "none", hf_download=download) is None
+
+
+@pytest.mark.parametrize(
+    ("files", "why"),
+    [
+        ({"README.md": b"no data"}, "no data files"),
+        ({"train.jsonl": b'{"article": "x"}\n'}, '"text" string'),
+        ({"train.jsonl": b"not json\n"}, "not JSON"),
+    ],
+)
+def test_a_calibration_dataset_upstream_cannot_read_is_refused(
+    tmp_path: Path, files: dict[str, bytes], why: str
+) -> None:
+    from llmengine.builder.fetch import check_calibration_dir
+
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(BuildFailure) as exc:
+        check_calibration_dir(tmp_path)
+    assert exc.value.permanent and exc.value.stage == "fetch" and why in exc.value.message

@@ -264,14 +264,24 @@ def test_digest_is_sha256_of_canonical_inputs() -> None:
 
 
 def test_the_builder_image_of_the_release_moves_the_identity_and_the_server_image_only_rolls_out() -> None:
-    from llmengine.plan import compare
     from llmengine.api.v1alpha1 import parse_engine
+    from llmengine.plan import compare
 
     rebuilt = IMAGES.model_copy(
-        update={"versions": {**IMAGES.versions, "1.2.1": ImagePair(builder="reg/builder:1.2.1-p1", server="reg/server:1.2.1")}}
+        update={
+            "versions": {
+                **IMAGES.versions,
+                "1.2.1": ImagePair(builder="reg/builder:1.2.1-p1", server="reg/server:1.2.1"),
+            }
+        }
     )
     reserved = IMAGES.model_copy(
-        update={"versions": {**IMAGES.versions, "1.2.1": ImagePair(builder="reg/builder:1.2.1", server="reg/server:1.2.1-p1")}}
+        update={
+            "versions": {
+                **IMAGES.versions,
+                "1.2.1": ImagePair(builder="reg/builder:1.2.1", server="reg/server:1.2.1-p1"),
+            }
+        }
     )
     assert digest_of(base(), images=rebuilt) != digest_of(base())
     old = plan_object(base(), default_store=STORE, images=IMAGES)
@@ -297,3 +307,21 @@ def test_make_plan_and_plan_object_agree() -> None:
     from llmengine.api.v1alpha1 import parse_engine
 
     assert make_plan(parse_engine(base())).engine_digest == plan_object(base()).engine_digest
+
+
+def _fp8_with(calibration: dict[str, Any]) -> dict[str, Any]:
+    return mutate(_set("precision", {"quantization": "fp8", "calibration": calibration}))
+
+
+def test_calibration_data_is_part_of_a_calibrating_engine_identity() -> None:
+    hf = {"dataset": {"huggingFace": {"repo": "org/text", "revision": "abc"}}}
+    base_digest = digest_of(_fp8_with(hf))
+    assert digest_of(_fp8_with({"dataset": {"huggingFace": {"repo": "org/text", "revision": "def"}}})) != base_digest
+    assert digest_of(_fp8_with({**hf, "samples": 256})) != base_digest
+    assert digest_of(_fp8_with({**hf, "maxSeqLength": 1024})) != base_digest
+    assert digest_of(_fp8_with({"dataset": {"s3": {"uri": "s3://b/cal/"}}})) != base_digest
+    # Defaults written out and a trailing slash keep it.
+    assert digest_of(_fp8_with({**hf, "samples": 512, "maxSeqLength": 512})) == base_digest
+    assert digest_of(_fp8_with({"dataset": {"s3": {"uri": "s3://b/cal"}}})) == digest_of(
+        _fp8_with({"dataset": {"s3": {"uri": "s3://b/cal/"}}})
+    )

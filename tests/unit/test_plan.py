@@ -47,6 +47,9 @@ def base(**spec: Any) -> dict[str, Any]:
     return body
 
 
+# Calibration samples for the quantizations that calibrate.
+CAL: dict[str, Any] = {"calibration": {"dataset": {"s3": {"uri": "s3://engines-a/calibration/"}}}}
+
 # An operator configured with images for each release the tests name.
 ALL_RELEASES = ImageCatalog(
     versions={v: ImagePair(builder=f"b:{v}", server=f"s:{v}") for v in ("1.0.0", "1.2.1", "1.3.0")}
@@ -507,11 +510,11 @@ def test_gpus_per_node_argument_overrides_the_class_default() -> None:
 
 def test_valid_combinations_pass() -> None:
     for obj in (
-        _with(precision={"quantization": "fp8", "kvCacheDtype": "fp8"}, build__fp8ContextFmha=True),
-        _with(precision={"quantization": "nvfp4"}, target={"gpu": "B200"}),
-        _with(precision={"quantization": "int4_awq"}, target={"gpu": "A100-40GB"}),
-        _with(precision={"quantization": "fp8"}, target={"gpu": "L40S"}),
-        _with(precision={"kvCacheDtype": "int8"}, target={"gpu": "A100-80GB"}),
+        _with(precision={"quantization": "fp8", "kvCacheDtype": "fp8", **CAL}, build__fp8ContextFmha=True),
+        _with(precision={"quantization": "nvfp4", **CAL}, target={"gpu": "B200"}),
+        _with(precision={"quantization": "int4_awq", **CAL}, target={"gpu": "A100-40GB"}),
+        _with(precision={"quantization": "fp8", **CAL}, target={"gpu": "L40S"}),
+        _with(precision={"kvCacheDtype": "int8", **CAL}, target={"gpu": "A100-80GB"}),
         _with(parallelism={"tensor": 8}),
         _with(target={"gpu": "H100-80GB", "migProfile": "3g.40gb"}),
         _with(trtllmVersion="1.0.0", image="registry.local/trtllm@sha256:" + "b" * 64),
@@ -629,7 +632,7 @@ def test_default_store_is_used_when_the_engine_has_none() -> None:
 
 
 def test_smoothquant_is_named_for_the_builder() -> None:
-    plan = plan_of(_with(precision={"quantization": "smoothquant"}, target={"gpu": "A100-80GB"}))
+    plan = plan_of(_with(precision={"quantization": "smoothquant", **CAL}, target={"gpu": "A100-80GB"}))
     assert plan.build_request is not None and plan.build_request.quantization == "int8_smoothquant"
 
 
@@ -715,3 +718,30 @@ def _pair(change: Callable[[Spec], object]) -> tuple[Plan, Plan, LLMEngine, LLME
 )
 def test_compare(change: Callable[[Spec], object], action: str) -> None:
     assert compare(*_pair(change)) == action
+
+
+def test_a_calibrating_build_without_calibration_data_is_refused_before_any_gpu_time() -> None:
+    for precision in ({"quantization": "fp8"}, {"quantization": "int4_awq"}, {"kvCacheDtype": "int8"}):
+        plan = plan_of(_with(precision=precision))
+        assert [e.field for e in plan.errors] == ["spec.precision.calibration"], precision
+        assert "Hugging Face Hub" in plan.errors[0].message and "s3://" in plan.errors[0].message
+
+
+def test_calibration_data_reaches_the_build_request_only_when_the_build_calibrates() -> None:
+    cal = {"dataset": {"huggingFace": {"repo": "org/text", "revision": "abc123"}}, "samples": 256, "maxSeqLength": 1024}
+    plan = plan_of(_with(precision={"quantization": "fp8", "calibration": cal}))
+    assert plan.valid, plan.errors
+    assert plan.build_request is not None and plan.build_request.calibration is not None
+    c = plan.build_request.calibration
+    assert (c.hugging_face_repo, c.revision, c.s3_uri, c.samples, c.max_seq_length) == (
+        "org/text",
+        "abc123",
+        None,
+        256,
+        1024,
+    )
+    unquantized = plan_of(_with(precision={"calibration": cal}))
+    assert unquantized.valid and unquantized.build_request is not None
+    assert unquantized.build_request.calibration is None
+    assert any("calibration is ignored" in w for w in unquantized.warnings)
+    assert unquantized.engine_digest == plan_of(base()).engine_digest

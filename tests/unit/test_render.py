@@ -15,9 +15,7 @@ from llmengine.plan import plan_object
 from llmengine.render import build, common, serving
 
 GOLDEN = Path(__file__).parent / "golden"
-CFG = OperatorConfig(
-    images=ImageCatalog(versions={"1.2.1": ImagePair(builder="reg/builder:1", server="reg/server:1")})
-)
+CFG = OperatorConfig(images=ImageCatalog(versions={"1.2.1": ImagePair(builder="reg/builder:1", server="reg/server:1")}))
 
 
 def _engine(**spec: Any) -> dict[str, Any]:

@@ -63,6 +63,16 @@ class ModelSource(Doc):
     tokenizer: str | None = None
 
 
+class CalibrationSource(Doc):
+    """Calibration samples for a quantized build: exactly one of hugging_face_repo (a dataset) or s3_uri."""
+
+    hugging_face_repo: str | None = None
+    revision: str | None = None
+    s3_uri: str | None = None
+    samples: int
+    max_seq_length: int
+
+
 class BuildShapes(Doc):
     max_batch_size: int
     max_input_len: int
@@ -93,6 +103,8 @@ class BuildRequest(Doc):
     pp_size: int = 1
     shapes: BuildShapes
     features: dict[str, bool] = Field(default_factory=dict)
+    # Set exactly when the quantization calibrates; the builder fetches it and nothing reaches the Hub implicitly.
+    calibration: CalibrationSource | None = None
     gpu_class: str
     sm: str
     image: str

@@ -208,6 +208,66 @@ class ModelSpec(SpecModel):
 # spec.precision, spec.parallelism, spec.build, spec.traffic
 
 
+class HuggingFaceDataset(SpecModel):
+    """A dataset repository on the Hugging Face Hub, pinned to one revision (fetched with the model's token)."""
+
+    repo: str = Field(min_length=1, description="Dataset repository id, e.g. abisee/cnn_dailymail. Rebuilds.")
+    revision: str = Field(
+        min_length=1,
+        description="Commit SHA or tag of the dataset (a branch would let the samples change). Rebuilds.",
+    )
+
+
+class CalibrationDataset(SpecModel):
+    """Where the calibration samples come from: exactly one of huggingFace or s3."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "(has(self.huggingFace) ? 1 : 0) + (has(self.s3) ? 1 : 0) == 1",
+                    "spec.precision.calibration.dataset: set exactly one of huggingFace or s3",
+                )
+            ]
+        }
+    )
+
+    hugging_face: HuggingFaceDataset | None = Field(
+        default=None, description="A dataset repository on the Hugging Face Hub, pinned to a revision."
+    )
+    s3: S3Source | None = Field(
+        default=None,
+        description="s3://bucket/path/ of a dataset directory (for clusters without Hub access).",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CalibrationDataset:
+        if (self.hugging_face is None) == (self.s3 is None):
+            raise ValueError("set exactly one of huggingFace or s3")
+        return self
+
+
+class Calibration(SpecModel):
+    """Sample text for the quantizations that calibrate (scales measured on real activations).
+
+    The builder fetches the dataset like the model and hands TensorRT-LLM the local copy; nothing is downloaded
+    implicitly. The dataset's train split needs a `text` column (e.g. train.jsonl with one {"text": ...} per line).
+    Only quantizations that calibrate use it (fp8, int4_awq, w4a8_awq, nvfp4, smoothquant, an fp8 or int8 KV
+    cache); for the others it is ignored and stays out of the engine identity.
+    """
+
+    dataset: CalibrationDataset = Field(description="Where the calibration samples come from. Rebuilds.")
+    samples: int = Field(
+        default=512, ge=1, le=65536, description="Number of samples calibrated on. Default 512. Rebuilds."
+    )
+    max_seq_length: int = Field(
+        default=512,
+        ge=16,
+        le=131072,
+        description="Tokens per calibration sample (longer ones are cut). Default 512. Rebuilds.",
+    )
+
+
 class Precision(SpecModel):
     """Numeric formats of the weights, activations and KV cache. Every field here rebuilds the engine."""
 
@@ -227,6 +287,14 @@ class Precision(SpecModel):
         description=(
             "KV cache element type: auto (same as dtype), fp8 (SM 8.9+, halves KV memory) or int8. Default "
             "auto. Rebuilds."
+        ),
+    )
+    calibration: Calibration | None = Field(
+        default=None,
+        description=(
+            "Calibration data, required by the quantizations that calibrate (fp8, int4_awq, w4a8_awq, nvfp4, "
+            "smoothquant, kvCacheDtype fp8 or int8): TensorRT-LLM would otherwise download a dataset from the "
+            "Hugging Face Hub during the build."
         ),
     )
 

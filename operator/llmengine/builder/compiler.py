@@ -162,7 +162,14 @@ class CompileOutput:
 class Compiler(Protocol):
     name: str
 
-    def compile(self, request: BuildRequest, checkpoint_dir: Path, out_dir: Path, log: Any) -> CompileOutput: ...
+    def compile(
+        self,
+        request: BuildRequest,
+        checkpoint_dir: Path,
+        out_dir: Path,
+        log: Any,
+        calibration_dir: Path | None = None,
+    ) -> CompileOutput: ...
 
 
 def copy_tokenizer(src: Path, dest: Path) -> list[str]:

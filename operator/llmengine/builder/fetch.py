@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -56,7 +57,12 @@ def fetch_s3(uri: str, store_location: StoreLocation, dest: Path, store_factory:
 
 
 def fetch_hf(
-    repo_id: str, revision: str | None, dest: Path, hf_download: HfDownload | None = None, token: str | None = None
+    repo_id: str,
+    revision: str | None,
+    dest: Path,
+    hf_download: HfDownload | None = None,
+    token: str | None = None,
+    repo_type: str = "model",
 ) -> int:
     """snapshot_download into dest. The token comes from HF_TOKEN and is passed, never logged."""
     if hf_download is None:
@@ -64,6 +70,7 @@ def fetch_hf(
 
         hf_download = snapshot_download
     token = token if token is not None else (os.environ.get("HF_TOKEN") or None)
+    kwargs: dict[str, Any] = {"repo_type": repo_type} if repo_type != "model" else {}
     try:
         hf_download(
             repo_id=repo_id,
@@ -71,14 +78,18 @@ def fetch_hf(
             token=token,
             local_dir=str(dest),
             ignore_patterns=HF_IGNORE_PATTERNS,
+            **kwargs,
         )
     except Exception as exc:
-        raise _hf_failure(repo_id, revision, exc) from exc
+        raise _hf_failure(repo_id, revision, exc, repo_type) from exc
     return _tree_bytes(dest)
 
 
-def _hf_failure(repo_id: str, revision: str | None, exc: Exception) -> BuildFailure:
+def _hf_failure(repo_id: str, revision: str | None, exc: Exception, repo_type: str = "model") -> BuildFailure:
     name = type(exc).__name__
+    field = (
+        "spec.model.source.huggingFace" if repo_type == "model" else "spec.precision.calibration.dataset.huggingFace"
+    )
     if name == "GatedRepoError":
         return BuildFailure(
             "fetch", "FetchFailed", f"{repo_id} is gated: put a token with access into the HF_TOKEN secret"
@@ -87,14 +98,14 @@ def _hf_failure(repo_id: str, revision: str | None, exc: Exception) -> BuildFail
         return BuildFailure(
             "fetch",
             "ModelNotFound",
-            f"Hugging Face repo {repo_id} does not exist or is private (set HF_TOKEN): fix model.huggingFaceRepo",
+            f"Hugging Face {repo_type} repo {repo_id} does not exist or is private (set HF_TOKEN): fix {field}.repo",
             permanent=True,
         )
     if name == "RevisionNotFoundError":
         return BuildFailure(
             "fetch",
             "ModelNotFound",
-            f"revision {revision} of {repo_id} does not exist: fix model.revision",
+            f"revision {revision} of {repo_id} does not exist: fix {field}.revision",
             permanent=True,
         )
     msg = " ".join(str(exc).split())[:300]
@@ -125,4 +136,64 @@ def fetch_model(
             fetch_hf(m.tokenizer, None, tok, hf_download)
         # The compilers take the tokenizer from the checkpoint directory; the named one wins.
         copy_tokenizer(tok, dest)
+    return FetchResult(path=dest, bytes=n, seconds=time.monotonic() - start)
+
+
+# Files the datasets library loads from a local dataset directory (upstream's calibration reads the train split's
+# "text" column from such a directory).
+CALIBRATION_FORMATS = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
+
+
+def check_calibration_dir(root: Path) -> None:
+    """The fetched calibration dataset has data files; JSON Lines ones carry a "text" key (what upstream reads)."""
+    data = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix in CALIBRATION_FORMATS and ".cache" not in p.parts
+    )
+    if not data:
+        raise BuildFailure(
+            "fetch",
+            "CalibrationInvalid",
+            f"the calibration dataset has no data files ({', '.join(CALIBRATION_FORMATS)}): fix "
+            "precision.calibration.dataset",
+            permanent=True,
+        )
+    for p in data:
+        if p.suffix != ".jsonl":
+            continue
+        with p.open(encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+        try:
+            record = json.loads(first)
+        except json.JSONDecodeError as exc:
+            raise BuildFailure(
+                "fetch", "CalibrationInvalid", f"calibration file {p.name}: line 1 is not JSON ({exc.msg})", True
+            ) from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BuildFailure(
+                "fetch",
+                "CalibrationInvalid",
+                f'calibration file {p.name}: records need a "text" string (the column TensorRT-LLM calibrates on)',
+                permanent=True,
+            )
+
+
+def fetch_calibration(
+    request: BuildRequest,
+    dest: Path,
+    store_factory: StoreFactory = default_store_factory,
+    hf_download: HfDownload | None = None,
+) -> FetchResult | None:
+    """The calibration dataset into dest, checked; None when the request's quantization does not calibrate."""
+    c = request.calibration
+    if c is None:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    if c.s3_uri is not None:
+        n = fetch_s3(c.s3_uri, request.store, dest, store_factory)
+    elif c.hugging_face_repo is not None:
+        n = fetch_hf(c.hugging_face_repo, c.revision, dest, hf_download, repo_type="dataset")
+    else:
+        raise BuildFailure("fetch", "InvalidRequest", "calibration has no dataset source", permanent=True)
+    check_calibration_dir(dest)
     return FetchResult(path=dest, bytes=n, seconds=time.monotonic() - start)

@@ -23,7 +23,13 @@ from pydantic import ValidationError
 
 from llmengine.api.artifacts import BuildRequest, BuildResult, Provenance, StoreLocation, first_problem
 from llmengine.builder.compiler import BuildFailure, Compiler, check_request
-from llmengine.builder.fetch import HfDownload, StoreFactory, default_store_factory, fetch_model
+from llmengine.builder.fetch import (
+    HfDownload,
+    StoreFactory,
+    default_store_factory,
+    fetch_calibration,
+    fetch_model,
+)
 from llmengine.builder.verify import verify_engine
 from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError
 from llmengine.logging import configure_logging, get_logger
@@ -113,9 +119,19 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
     fetched = fetch_model(request, work_dir / "model", seams.store_factory, seams.hf_download)
     _stage_done(log.bind(stage="fetch"), "fetch", t, fetched.bytes)
 
+    calibration = fetch_calibration(request, work_dir / "calibration", seams.store_factory, seams.hf_download)
+    if calibration is not None:
+        _stage_done(log.bind(stage="fetch"), "fetch-calibration", t, calibration.bytes)
+
     t = time.monotonic()
     engine_dir = work_dir / "engine"
-    out = compiler.compile(request, fetched.path, engine_dir, log.bind(stage="compile", compiler=compiler.name))
+    out = compiler.compile(
+        request,
+        fetched.path,
+        engine_dir,
+        log.bind(stage="compile", compiler=compiler.name),
+        calibration_dir=calibration.path if calibration is not None else None,
+    )
     _stage_done(log, "compile", t, _tree_bytes(out.engine_dir), compiler=compiler.name, test_build=out.test_build)
 
     t = time.monotonic()

@@ -116,7 +116,14 @@ class TestCompiler:
     __test__ = False  # not a pytest test class despite the name
     name = "test"
 
-    def compile(self, request: BuildRequest, checkpoint_dir: Path, out_dir: Path, log: Any) -> CompileOutput:
+    def compile(
+        self,
+        request: BuildRequest,
+        checkpoint_dir: Path,
+        out_dir: Path,
+        log: Any,
+        calibration_dir: Path | None = None,
+    ) -> CompileOutput:
         log.warning("TEST COMPILER: this is NOT TensorRT-LLM; the engine written is fake and cannot be served")
         out_dir.mkdir(parents=True, exist_ok=True)
         total = DEFAULT_ENGINE_BYTES if request.test_engine_bytes is None else request.test_engine_bytes

@@ -236,7 +236,14 @@ class TensorRTLLMCompiler:
     ) -> None:
         self.examples, self.runner, self.version, self.gpu_count = examples, runner, version, gpu_count
 
-    def compile(self, request: BuildRequest, checkpoint_dir: Path, out_dir: Path, log: Any) -> CompileOutput:
+    def compile(
+        self,
+        request: BuildRequest,
+        checkpoint_dir: Path,
+        out_dir: Path,
+        log: Any,
+        calibration_dir: Path | None = None,
+    ) -> CompileOutput:
         version = self.version()
         if version is None:
             raise BuildFailure(

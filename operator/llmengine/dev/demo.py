@@ -57,7 +57,8 @@ def webhook_certs(core: Any, dest: Path) -> Path:
 def refused_fp8_on_a100(info: ClusterInfo) -> str:
     obj = yaml.safe_load(EXAMPLE.read_text())
     obj["metadata"]["name"] = "tiny-demo-fp8-a100"
-    obj["spec"]["precision"] = {"quantization": "fp8"}
+    calibration = {"dataset": {"s3": {"uri": f"s3://{info.s3_bucket}/calibration/demo/"}}}
+    obj["spec"]["precision"] = {"quantization": "fp8", "calibration": calibration}
     obj["spec"]["target"] = {"gpu": "A100-80GB"}
     res = subprocess.run(
         [str(tools.binary("kubectl")), "--kubeconfig", info.kubeconfig, "-n", DEMO_NS, "apply", "-f", "-"],

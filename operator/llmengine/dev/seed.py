@@ -24,6 +24,28 @@ def upload_tiny_checkpoint(info: ClusterInfo, prefix: str, num_layers: int = 2, 
     return f"s3://{info.s3_bucket}/{prefix}/"
 
 
+def calibration_jsonl(samples: int = 16) -> bytes:
+    """A small calibration split in the layout TensorRT-LLM reads from a local dataset directory: train.jsonl with
+    one {"text": ...} record per line."""
+    lines = [
+        json.dumps({"text": f"Calibration sample {i}: the quick brown fox jumps over the lazy dog {i} times."})
+        for i in range(samples)
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def upload_calibration_dataset(info: ClusterInfo, prefix: str, samples: int = 16) -> str:
+    """Calibration samples for quantized builds, in the dev S3 (no Hub download runs locally); its s3:// URI."""
+    s3 = info.s3().client()
+    s3.put_object(Bucket=info.s3_bucket, Key=f"{prefix}/train.jsonl", Body=calibration_jsonl(samples))
+    return f"s3://{info.s3_bucket}/{prefix}/"
+
+
+def calibration_spec(uri: str, samples: int = 16) -> dict[str, Any]:
+    """spec.precision.calibration for a dataset uploaded by upload_calibration_dataset."""
+    return {"dataset": {"s3": {"uri": uri}}, "samples": samples, "maxSeqLength": 64}
+
+
 def create_store_secret(api: Any, info: ClusterInfo, ns: str, name: str = "s3-creds") -> str:
     """The Secret engines and pods reference for the dev S3 credentials; an existing one is kept."""
     from kubernetes import client

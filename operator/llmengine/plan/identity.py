@@ -84,6 +84,7 @@ def identity_inputs(
     trtllm_version: str,
     builder_image: str,
     compiler: str,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The canonical identity inputs of an engine.
 
@@ -105,6 +106,8 @@ def identity_inputs(
         "parallelism": {"tensor": spec.parallelism.tensor, "pipeline": spec.parallelism.pipeline},
         "gpu": {"class": gpu.name, "sm": gpu.sm},
     }
+    if calibration is not None:
+        inputs["calibration"] = calibration
     if spec.backend == "tensorrt":
         inputs["shapes"] = shapes_dict(shapes)
         inputs["features"] = build_features(spec)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from llmengine.api.artifacts import BuildRequest, BuildShapes, ModelSource, StoreLocation
+from llmengine.api.artifacts import BuildRequest, BuildShapes, CalibrationSource, ModelSource, StoreLocation
 from llmengine.api.config import ImageCatalog
 from llmengine.api.v1alpha1 import SHAPE_FIELDS, FieldError, InvalidEngine, LLMEngine, LLMEngineSpec, parse_engine
 from llmengine.plan import sizing, validate
@@ -312,6 +312,34 @@ def request_features(spec: LLMEngineSpec) -> dict[str, bool]:
     }
 
 
+def calibration_identity(spec: LLMEngineSpec) -> dict[str, Any] | None:
+    """The calibration data as an identity input: only when the build calibrates (otherwise it changes nothing)."""
+    c = spec.precision.calibration
+    if c is None or not validate.calibrates(spec):
+        return None
+    hf, s3 = c.dataset.hugging_face, c.dataset.s3
+    source = (
+        {"huggingFace": {"repo": hf.repo.strip(), "revision": hf.revision.strip()}}
+        if hf
+        else {"s3": {"uri": s3.uri.strip().rstrip("/")}}  # type: ignore[union-attr]
+    )
+    return {"dataset": source, "samples": c.samples, "maxSeqLength": c.max_seq_length}
+
+
+def calibration_request(spec: LLMEngineSpec) -> CalibrationSource | None:
+    c = spec.precision.calibration
+    if c is None or not validate.calibrates(spec):
+        return None
+    hf, s3 = c.dataset.hugging_face, c.dataset.s3
+    return CalibrationSource(
+        hugging_face_repo=hf.repo if hf else None,
+        revision=hf.revision if hf else None,
+        s3_uri=s3.uri if s3 else None,
+        samples=c.samples,
+        max_seq_length=c.max_seq_length,
+    )
+
+
 def _build_request(
     spec: LLMEngineSpec,
     *,
@@ -347,6 +375,7 @@ def _build_request(
         pp_size=spec.parallelism.pipeline,
         shapes=shapes,
         features=request_features(spec),
+        calibration=calibration_request(spec),
         gpu_class=gpu.name,
         sm=gpu.sm,
         image=builder_image,
@@ -401,6 +430,7 @@ def _plan(
         validate.check_version,
         validate.check_images,
         validate.check_precision,
+        validate.check_calibration,
         validate.check_backend,
         validate.check_parallelism,
         validate.check_shapes,
@@ -408,6 +438,7 @@ def _plan(
     ):
         errors += rule(resolved)
     warnings += validate.shape_warnings(resolved)
+    warnings += validate.calibration_warnings(resolved)
 
     memory = EMPTY_MEMORY
     if facts is not None and shapes is not None:
@@ -430,6 +461,7 @@ def _plan(
             trtllm_version=version,
             builder_image=pair.builder,
             compiler=compiler,
+            calibration=calibration_identity(spec),
         )
         digest = engine_digest(inputs)
 

@@ -23,6 +23,9 @@ TENSORRT_BELOW = (1, 3)
 FP8_CONTEXT_FMHA_QUANTS = ("fp8", "w4a8_awq", "nvfp4")
 # Integer weight-only and SmoothQuant kernels do not exist for SM 10.0+.
 BLACKWELL_UNSUPPORTED_QUANTS = ("int8_weight_only", "int4_awq", "w4a8_awq", "smoothquant")
+# Quantizations and KV cache dtypes whose build calibrates on sample text.
+CALIBRATING_QUANTS = ("fp8", "int4_awq", "w4a8_awq", "nvfp4", "smoothquant")
+CALIBRATING_KV_DTYPES = ("fp8", "int8")
 # Quantizations the PyTorch backend cannot serve (TensorRT-only conversion paths).
 TENSORRT_ONLY_QUANTS = ("int8_weight_only", "smoothquant")
 # Build flags that only mean something to trtllm-build, with their defaults.
@@ -192,6 +195,39 @@ def check_precision(r: Resolved) -> list[FieldError]:
             )
         )
     return out
+
+
+def calibrates(spec: LLMEngineSpec) -> bool:
+    """Whether the build measures scales on sample text (ModelOpt or SmoothQuant calibration)."""
+    p = spec.precision
+    return p.quantization in CALIBRATING_QUANTS or p.kv_cache_dtype in CALIBRATING_KV_DTYPES
+
+
+def check_calibration(r: Resolved) -> list[FieldError]:
+    """A calibrating build needs its samples named: upstream would otherwise download a dataset from the Hub."""
+    p = r.spec.precision
+    if not calibrates(r.spec) or p.calibration is not None:
+        return []
+    what = (
+        f"quantization {p.quantization}" if p.quantization in CALIBRATING_QUANTS else f"kvCacheDtype {p.kv_cache_dtype}"
+    )
+    return [
+        FieldError(
+            "spec.precision.calibration",
+            f"{what} calibrates on sample text, and without a dataset TensorRT-LLM downloads one from the Hugging "
+            "Face Hub during the build: set spec.precision.calibration.dataset to a pinned Hugging Face dataset "
+            "(huggingFace: {repo, revision}) or an s3:// prefix whose train split has a text column",
+        )
+    ]
+
+
+def calibration_warnings(r: Resolved) -> list[str]:
+    if r.spec.precision.calibration is None or calibrates(r.spec):
+        return []
+    return [
+        "spec.precision.calibration is ignored: quantization "
+        f"{r.spec.precision.quantization} with kvCacheDtype {r.spec.precision.kv_cache_dtype} does not calibrate"
+    ]
 
 
 def check_backend(r: Resolved) -> list[FieldError]:
