@@ -267,3 +267,42 @@ def test_a_broken_manifest_is_rebuilt_over(
     assert "existing manifest is broken; rebuilding over it" in p.stderr
     manifest = store_of(s3_endpoint, s3_bucket).get_manifest(req.engine_digest)
     assert manifest is not None and {f.path for f in manifest.files} >= {"config.json", "rank0.engine"}
+
+
+def test_a_calibrating_build_fetches_its_samples_from_s3_and_hands_them_to_the_compiler(
+    s3_endpoint: S3Endpoint, s3_bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    from llmengine.dev.seed import calibration_jsonl
+
+    upload_checkpoint(s3_client, s3_bucket, "models/tiny")
+    s3_client.put_object(Bucket=s3_bucket, Key="calibration/text/train.jsonl", Body=calibration_jsonl(12))
+    cal = {"s3_uri": f"s3://{s3_bucket}/calibration/text/", "samples": 8, "max_seq_length": 64}
+    req = make_request(s3_endpoint, s3_bucket, "ca11b4a7e0000001", quantization="fp8", calibration=cal)
+    (tmp_path / "request.json").write_text(req.to_json())
+    work = tmp_path / "work"
+    p = llmengine(
+        "build-engine", "--request", str(tmp_path / "request.json"), "--work-dir", str(work),
+        "--result", str(tmp_path / "result"), env=env_for(s3_endpoint),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    stages = [json.loads(line)["stage"] for line in p.stderr.splitlines() if '"stage finished"' in line]
+    assert stages == ["fetch", "fetch-calibration", "compile", "verify", "upload"]
+    marker = json.loads((work / "engine" / "llmengine-test-build.json").read_text())
+    assert marker["calibration_samples"] == 8
+
+    # A dataset without the text column is refused at fetch, permanently, before any compile.
+    s3_client.put_object(Bucket=s3_bucket, Key="calibration/bad/train.jsonl", Body=b'{"article": "x"}\n')
+    bad = req.model_copy(
+        update={
+            "engine_digest": "ca11b4a7e0000002",
+            "calibration": req.calibration.model_copy(update={"s3_uri": f"s3://{s3_bucket}/calibration/bad/"}),  # type: ignore[union-attr]
+        }
+    )
+    (tmp_path / "bad.json").write_text(bad.to_json())
+    p = llmengine(
+        "build-engine", "--request", str(tmp_path / "bad.json"), "--work-dir", str(tmp_path / "w2"),
+        "--result", str(tmp_path / "bad-result"), env=env_for(s3_endpoint),
+    )  # fmt: skip
+    result = BuildResult.model_validate_json((tmp_path / "bad-result").read_text())
+    assert p.returncode == 1 and not result.succeeded and result.permanent
+    assert (result.stage, result.reason) == ("fetch", "CalibrationInvalid") and '"text"' in (result.message or "")

@@ -20,6 +20,7 @@ from llmengine.builder.compiler import (
     KV_CACHE_DTYPES,
     QUANTIZATIONS,
     TOKENS_PER_BLOCK,
+    BuildFailure,
     CompileOutput,
     copy_tokenizer,
     feature,
@@ -110,6 +111,24 @@ def write_pseudo_random(path: Path, size: int, seed: int) -> None:
             i += 1
 
 
+def calibration_samples(request: BuildRequest, calibration_dir: Path | None) -> int | None:
+    """How many calibration texts the build would use (what upstream reads: the "text" of the train split's
+    records, at most `samples`); a calibrating request without its data fails as the real build would."""
+    if request.calibration is None:
+        return None
+    if calibration_dir is None or not calibration_dir.is_dir():
+        raise BuildFailure(
+            "compile", "CalibrationMissing", "the request calibrates but no calibration data was fetched"
+        )
+    texts = 0
+    for path in sorted(calibration_dir.rglob("*.jsonl")):
+        with path.open(encoding="utf-8", errors="replace") as f:
+            texts += sum(1 for line in f if line.strip())
+    if texts == 0:
+        raise BuildFailure("compile", "CalibrationInvalid", "the calibration dataset holds no text records", True)
+    return min(texts, request.calibration.samples)
+
+
 class TestCompiler:
     """Writes a realistic engine directory without TensorRT-LLM. NOT A REAL ENGINE."""
 
@@ -125,6 +144,7 @@ class TestCompiler:
         calibration_dir: Path | None = None,
     ) -> CompileOutput:
         log.warning("TEST COMPILER: this is NOT TensorRT-LLM; the engine written is fake and cannot be served")
+        calibrated = calibration_samples(request, calibration_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         total = DEFAULT_ENGINE_BYTES if request.test_engine_bytes is None else request.test_engine_bytes
         if request.backend == "tensorrt":
@@ -146,7 +166,15 @@ class TestCompiler:
                 (out_dir / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
         copy_tokenizer(checkpoint_dir, out_dir)
         (out_dir / MARKER_NAME).write_text(
-            json.dumps({"test_build": True, "compiler": self.name, "note": "NOT TensorRT-LLM output"}) + "\n"
+            json.dumps(
+                {
+                    "test_build": True,
+                    "compiler": self.name,
+                    "note": "NOT TensorRT-LLM output",
+                    "calibration_samples": calibrated,
+                }
+            )
+            + "\n"
         )
         log.warning("TEST COMPILER wrote a fake engine", engine_dir=str(out_dir), bytes=total)
         return CompileOutput(engine_dir=out_dir, trtllm_version=request.trtllm_version, test_build=True)
