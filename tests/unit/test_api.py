@@ -33,7 +33,8 @@ def test_defaults() -> None:
     assert s.image is None and s.trtllm_version is None  # the operator's default release applies
     assert (s.precision.dtype, s.precision.quantization, s.precision.kv_cache_dtype) == ("bfloat16", "none", "auto")
     assert (s.parallelism.tensor, s.parallelism.pipeline) == (1, 1)
-    assert s.build.max_beam_width == 1 and s.build.kv_cache_type == "paged" and s.build.paged_context_fmha
+    assert s.build.max_beam_width == 1 and s.build.kv_cache_type == "paged"
+    assert s.build.paged_context_fmha is None and s.build.fp8_context_fmha is None  # left to upstream's rules
     assert s.build.explicit_shapes() == []
     assert s.store is None and s.traffic is None
     assert (s.serving.replicas, s.serving.port, s.serving.max_surge) == (1, 8000, 1)

@@ -23,6 +23,7 @@ from llmengine.api.v1alpha1 import BenchmarkResult, BenchmarkThresholds, LLMEngi
 from llmengine.builder import benchmark as bm
 from llmengine.builder.main import RESULT_LIMIT, write_result
 from llmengine.builder.testcompiler import TestCompiler
+from llmengine.dev import seed
 from llmengine.plan import plan_object
 from llmengine.plan.benchgate import DatasetProfile, bench_request, dataset_profile, evaluate
 from llmengine.render import bench as render_bench
@@ -247,7 +248,7 @@ def test_profile_never_exceeds_the_engine() -> None:
     p = dataset_profile(spec(traffic=traffic, serving={"runtime": {"maxSeqLen": 2048}}), shapes(inp=4000, seq=5000))
     assert p.input_max + p.output_max <= 2048 and p.input_max == 2047 and p.input_mean <= p.input_max
     # Without paged context FMHA a prompt must fit maxNumTokens.
-    p = dataset_profile(spec(build={"pagedContextFmha": False, "maxNumTokens": 512}), shapes(tokens=512))
+    p = dataset_profile(spec(build={"pagedContextFmha": False, "maxNumTokens": 512}), shapes(tokens=512), False)
     assert p.input_max == 512
     with pytest.raises(ValueError, match="no room"):
         dataset_profile(spec(), shapes(inp=1, seq=1))
@@ -399,6 +400,9 @@ def test_argv_for_a_tensorrt_engine() -> None:
         "4",
         "--warmup",
         "2",
+        "--eos_id",
+        "-1",
+        "--disable_chunked_context",
         "--streaming",
         "--report_json",
         "/work/report.json",
@@ -433,25 +437,11 @@ def test_argv_for_the_pytorch_backend_and_a_model_without_a_hub_name() -> None:
 
 
 def build_request(**kw: Any) -> BuildRequest:
-    base: dict[str, Any] = {
-        "engine_digest": DIGEST,
-        "backend": "tensorrt",
-        "compiler": "test",
-        "test_engine_bytes": 2048,
-        "model": {"s3_uri": "s3://models/tiny/"},
-        "architecture": "LlamaForCausalLM",
-        "model_facts": {"hidden_size": 64, "num_layers": 2, "vocab_size": 1000},
-        "dtype": "float16",
-        "tp_size": 2,
-        "shapes": {"max_batch_size": 8, "max_input_len": 128, "max_seq_len": 256, "max_num_tokens": 512},
-        "gpu_class": "H100-80GB",
-        "sm": "9.0",
-        "image": "reg/llmengine-builder:1",
-        "trtllm_version": "1.2.1",
-        "store": {"bucket": "engines"},
-    }
-    base.update(kw)
-    return BuildRequest.model_validate(base)
+    """The planner's request for a tp=2 engine (seed.build_request), request fields overridden as given."""
+    data = seed.build_request(tp=kw.pop("tp_size", 2), backend=kw.pop("backend", "tensorrt")).model_dump()
+    data.update({"engine_digest": DIGEST, "test_engine_bytes": 2048})
+    data.update(kw)
+    return BuildRequest.model_validate(data)
 
 
 MODEL_FILES = {

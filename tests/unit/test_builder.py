@@ -18,29 +18,23 @@ from llmengine.builder.main import RESULT_LIMIT, Seams, failure_result, fit_resu
 from llmengine.builder.testcompiler import MARKER_NAME, TestCompiler, rank_sizes
 from llmengine.builder.trtllm import TensorRTLLMCompiler
 from llmengine.builder.verify import verify_engine
+from llmengine.dev import seed
 from llmengine.logging import REDACTED, configure_logging, get_logger, register_secret
+
+PLAN_KEYS = {"tp_size": "tp", "pp_size": "pp", "quantization": "quantization", "kv_cache_dtype": "kv_cache_dtype"}
 
 
 def request(**kw: Any) -> BuildRequest:
-    base: dict[str, Any] = {
-        "engine_digest": "e" * 16,
-        "backend": "tensorrt",
-        "compiler": "test",
-        "test_engine_bytes": 3 * 1024 + 1,
-        "model": {"s3_uri": "s3://models/tiny/"},
-        "architecture": "LlamaForCausalLM",
-        "model_facts": {"hidden_size": 64, "num_layers": 2},
-        "dtype": "float16",
-        "tp_size": 2,
-        "shapes": {"max_batch_size": 8, "max_input_len": 128, "max_seq_len": 256, "max_num_tokens": 512},
-        "gpu_class": "H100-80GB",
-        "sm": "9.0",
-        "image": "reg/llmengine-builder:1",
-        "trtllm_version": "1.2.1",
-        "store": {"bucket": "engines"},
-    }
-    base.update(kw)
-    return BuildRequest.model_validate(base)
+    """A request as the planner writes it (seed.build_request), then request fields overridden as given."""
+    plan_kw = {PLAN_KEYS[k]: kw.pop(k) for k in list(kw) if k in PLAN_KEYS}
+    for k in ("backend", "gpu", "build"):
+        if k in kw:
+            plan_kw[k] = kw.pop(k)
+    base = seed.build_request(**plan_kw)
+    data = base.model_dump()
+    data.update({"engine_digest": "e" * 16, "test_engine_bytes": 3 * 1024 + 1})
+    data.update(kw)
+    return BuildRequest.model_validate(data)
 
 
 def checkpoint(tmp: Path) -> Path:
@@ -59,28 +53,52 @@ LOG = structlog.get_logger()
 # -- request checks ------------------------------------------------------------------------------------------------
 
 
+def _tampered(**update: Any) -> BuildRequest:
+    """A planner-written request with its EngineConfig changed afterwards (as a hand-edited ConfigMap would be)."""
+    req = request(tp_size=1)
+    engine = req.engine.model_dump()
+    for path, value in update.items():
+        node = engine
+        *parents, leaf = path.split("__")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return req.model_copy(update={"engine": type(req.engine).model_validate(engine)})
+
+
 @pytest.mark.parametrize(
-    ("kw", "reason", "needle"),
+    ("req", "reason", "needle"),
     [
-        ({"quantization": "fp8", "sm": "8.0"}, "UnsupportedCombination", "needs SM >= 8.9"),
-        ({"quantization": "nvfp4", "sm": "9.0"}, "UnsupportedCombination", "needs SM >= 10.0"),
-        ({"quantization": "int8_weight_only", "sm": "10.0"}, "UnsupportedCombination", "not supported on SM 10.0"),
-        ({"kv_cache_dtype": "fp8", "sm": "8.0"}, "UnsupportedCombination", "kvCacheDtype fp8"),
-        ({"quantization": "int8_smoothquant", "backend": "pytorch", "sm": "8.0"}, "UnsupportedCombination", "backend"),
-        ({"features": {"fp8_context_fmha": True}}, "UnsupportedCombination", "fp8_context_fmha"),
-        ({"quantization": "int3"}, "InvalidRequest", "quantization 'int3'"),
-        ({"features": {"turbo": True}}, "InvalidRequest", "features turbo unknown"),
-        ({"model": {"s3_uri": "s3://a/", "hugging_face_repo": "x/y"}}, "InvalidRequest", "exactly one"),
+        # Upstream's build() would turn these into another engine than the request names (rules F4, F6, T3, Q7).
+        (lambda: _tampered(build_config__plugin_config__use_fp8_context_fmha=True), "UnsupportedCombination", "F2"),
+        (lambda: _tampered(build_config__opt_num_tokens=10**6), "UnsupportedCombination", "T6"),
+        (lambda: _tampered(build_config__plugin_config__nccl_plugin="float16"), "UnsupportedCombination", "Q7"),
+        # Keys upstream does not define, values outside its choices.
         (
-            {"shapes": {"max_batch_size": 1, "max_input_len": 512, "max_seq_len": 256, "max_num_tokens": 8}},
+            lambda: _tampered(build_config__kv_cache_type="PAGED", quantization__quant_algo="INT3"),
+            "UnsupportedCombination",
+            "INT3",
+        ),
+        # Refused on Blackwell by build() (W1), after conversion would have spent GPU time.
+        (
+            lambda: request(quantization="int8_weight_only").model_copy(update={"sm": "10.0"}),
+            "UnsupportedCombination",
+            "W1",
+        ),
+        (lambda: request(model={"s3_uri": "s3://a/", "hugging_face_repo": "x/y"}), "InvalidRequest", "exactly one"),
+        (
+            lambda: request(
+                shapes={"max_batch_size": 1, "max_input_len": 512, "max_seq_len": 256, "max_num_tokens": 8}
+            ),
             "InvalidRequest",
             "maxInputLen",
         ),
+        (lambda: request(tp_size=2).model_copy(update={"tp_size": 1}), "InvalidRequest", "mapping"),
     ],
 )
-def test_requests_that_can_never_build_fail_permanently(kw: dict[str, Any], reason: str, needle: str) -> None:
+def test_requests_that_can_never_build_fail_permanently(req: Any, reason: str, needle: str) -> None:
     with pytest.raises(BuildFailure) as exc:
-        check_request(request(**kw))
+        check_request(req())
     assert exc.value.permanent and exc.value.reason == reason and exc.value.stage == "validate"
     assert needle in exc.value.message
 
@@ -102,15 +120,26 @@ def _no_store(_loc: Any) -> Any:
 
 def test_test_compiler_writes_a_realistic_engine_dir(tmp_path: Path) -> None:
     req = request(tp_size=2, pp_size=2, quantization="fp8", kv_cache_dtype="fp8", test_engine_bytes=10_003)
-    out = TestCompiler().compile(req, checkpoint(tmp_path), tmp_path / "engine", LOG)
+    data = tmp_path / "calibration"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(seed.calibration_jsonl(4))
+    out = TestCompiler().compile(req, checkpoint(tmp_path), tmp_path / "engine", LOG, calibration_dir=data)
     assert out.test_build and out.trtllm_version == "1.2.1"
     cfg = json.loads((tmp_path / "engine" / "config.json").read_text())
     assert cfg["test_build"] is True and cfg["version"] == "1.2.1"
     pc = cfg["pretrained_config"]
-    assert pc["mapping"] == {"world_size": 4, "tp_size": 2, "pp_size": 2}
-    assert pc["quantization"] == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
-    assert pc["architecture"] == "LlamaForCausalLM" and pc["hidden_size"] == 64 and pc["num_hidden_layers"] == 2
-    assert cfg["build_config"]["max_seq_len"] == 256 and cfg["build_config"]["kv_cache_type"] == "PAGED"
+    assert {k: pc["mapping"][k] for k in ("world_size", "tp_size", "pp_size")} == {
+        "world_size": 4,
+        "tp_size": 2,
+        "pp_size": 2,
+    }
+    assert (pc["quantization"]["quant_algo"], pc["quantization"]["kv_cache_quant_algo"]) == ("FP8", "FP8")
+    assert pc["architecture"] == "LlamaForCausalLM" and pc["hidden_size"] == 4096 and pc["num_hidden_layers"] == 32
+    bc = cfg["build_config"]
+    assert bc["max_seq_len"] == 256 and bc["kv_cache_type"] == "PAGED"
+    # What upstream's rules make of an FP8 KV cache with paged context FMHA on 4 GPUs (F4, Q7), written out.
+    pl = bc["plugin_config"]
+    assert (pl["use_paged_context_fmha"], pl["use_fp8_context_fmha"], pl["nccl_plugin"]) == (True, True, "float16")
     sizes = [(tmp_path / "engine" / f"rank{r}.engine").stat().st_size for r in range(4)]
     assert sizes == rank_sizes(10_003, 4) and sum(sizes) == 10_003
     assert (tmp_path / "engine" / "tokenizer.json").exists()
@@ -127,14 +156,22 @@ def test_test_compiler_data_does_not_repeat(tmp_path: Path) -> None:
 
 
 def test_test_compiler_pytorch_backend_is_the_checkpoint(tmp_path: Path) -> None:
-    req = request(backend="pytorch", quantization="fp8", tp_size=1)
+    req = request(backend="pytorch", tp_size=1)
     TestCompiler().compile(req, checkpoint(tmp_path), tmp_path / "engine", LOG)
     assert (tmp_path / "engine" / "model.safetensors").exists()
-    assert json.loads((tmp_path / "engine" / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "FP8"
-    verify_engine(req, tmp_path / "engine")
+    assert verify_engine(req, tmp_path / "engine")
 
 
 # -- verification --------------------------------------------------------------------------------------------------
+
+
+def test_verify_reads_settings_as_upstream_writes_them(tmp_path: Path) -> None:
+    """ "auto" plugins read back as the dtype and kv_cache_type is case-insensitive, as upstream reads them."""
+    req = request(tp_size=2)
+    engine = _engine(tmp_path, req)
+    _edit_config(engine, lambda c: c["build_config"]["plugin_config"].update(gpt_attention_plugin="auto"))
+    _edit_config(engine, lambda c: c["build_config"].update(kv_cache_type="paged"))
+    assert verify_engine(req, engine)
 
 
 def _engine(tmp_path: Path, req: BuildRequest) -> Path:
@@ -161,14 +198,25 @@ def _edit_config(engine: Path, fn: Any) -> None:
         (lambda e: _edit_config(e, lambda c: c["pretrained_config"].update(dtype="bfloat16")), "dtype"),
         (
             lambda e: _edit_config(e, lambda c: c["pretrained_config"]["quantization"].update(quant_algo="FP8")),
-            "quant_algo",
+            "pretrained_config.quantization.quant_algo: engine has 'FP8', request asks None",
         ),
+        (
+            lambda e: _edit_config(
+                e, lambda c: c["build_config"]["plugin_config"].update(use_paged_context_fmha=False)
+            ),
+            "build_config.plugin_config.use_paged_context_fmha: engine has False, request asks True",
+        ),
+        (
+            lambda e: _edit_config(e, lambda c: c["build_config"]["plugin_config"].pop("use_fp8_context_fmha")),
+            "build_config.plugin_config.use_fp8_context_fmha: engine has no such setting",
+        ),
+        (lambda e: _edit_config(e, lambda c: c["build_config"].update(strongly_typed=False)), "strongly_typed"),
         (lambda e: (e / "config.json").unlink(), "config.json is missing"),
         (lambda e: (e / "config.json").write_text("{"), "does not parse"),
     ],
 )
 def test_verify_refuses_a_mismatching_engine(tmp_path: Path, mutate: Any, needle: str) -> None:
-    req = request()
+    req = request(tp_size=2)
     engine = _engine(tmp_path, req)
     mutate(engine)
     with pytest.raises(BuildFailure) as exc:
@@ -289,7 +337,7 @@ def test_split_s3_uri() -> None:
 
 
 def test_real_compiler_refuses_a_different_trtllm_version(tmp_path: Path) -> None:
-    c = TensorRTLLMCompiler(version=lambda: "1.1.0", gpu_count=lambda: 1, runner=lambda argv, log: None)
+    c = TensorRTLLMCompiler(version=lambda: "1.1.0", gpu_count=lambda: 1, runner=lambda argv, log, **kw: None)
     with pytest.raises(BuildFailure) as exc:
         c.compile(request(compiler="tensorrt-llm"), tmp_path, tmp_path / "engine", LOG)
     assert exc.value.permanent and exc.value.reason == "VersionMismatch"
@@ -297,16 +345,6 @@ def test_real_compiler_refuses_a_different_trtllm_version(tmp_path: Path) -> Non
     with pytest.raises(BuildFailure) as exc:
         missing.compile(request(compiler="tensorrt-llm"), tmp_path, tmp_path / "engine", LOG)
     assert exc.value.reason == "ToolMissing"
-
-
-def test_real_compiler_runs_convert_then_build_with_workers_capped_by_gpus(tmp_path: Path) -> None:
-    ran: list[list[str]] = []
-    c = TensorRTLLMCompiler(version=lambda: "1.2.1", gpu_count=lambda: 1, runner=lambda argv, log: ran.append(argv))
-    ckpt = checkpoint(tmp_path)
-    c.compile(request(compiler="tensorrt-llm", tp_size=2), ckpt, tmp_path / "out" / "engine", LOG)
-    assert [Path(a[1]).name if a[0] == "python3" else a[0] for a in ran] == ["convert_checkpoint.py", "trtllm-build"]
-    assert ran[1][ran[1].index("--workers") + 1] == "1"
-    assert (tmp_path / "out" / "engine" / "tokenizer.json").exists()
 
 
 def test_a_failing_tool_reports_its_last_lines(tmp_path: Path) -> None:

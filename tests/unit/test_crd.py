@@ -119,8 +119,8 @@ def test_enums_defaults_and_bounds(schema: dict[str, Any]) -> None:
         "B200",
     ]
     frac = spec["serving"]["properties"]["runtime"]["properties"]["kvCacheFreeGpuMemoryFraction"]
-    assert (frac["minimum"], frac["maximum"], frac["default"]) == (0, 1, 0.9)
-    assert frac["exclusiveMinimum"] is True and frac["exclusiveMaximum"] is True
+    assert (frac["minimum"], frac["maximum"], frac["default"]) == (0.01, 1, 0.9)
+    assert not frac.get("exclusiveMinimum") and frac["exclusiveMaximum"] is True
     assert spec["parallelism"]["properties"]["tensor"]["minimum"] == 1
     assert spec["serving"]["properties"]["replicas"]["minimum"] == 0
     assert spec["store"]["properties"]["prefix"]["default"] == "engines"

@@ -255,11 +255,8 @@ def test_digest_is_sha256_of_canonical_inputs() -> None:
         "builderImage",
         "trtllmVersion",
         "model",
-        "precision",
-        "parallelism",
+        "engine",
         "gpu",
-        "shapes",
-        "features",
     }
 
 
@@ -325,3 +322,53 @@ def test_calibration_data_is_part_of_a_calibrating_engine_identity() -> None:
     assert digest_of(_fp8_with({"dataset": {"s3": {"uri": "s3://b/cal"}}})) == digest_of(
         _fp8_with({"dataset": {"s3": {"uri": "s3://b/cal/"}}})
     )
+
+
+def _cal(spec: Spec) -> None:
+    spec["precision"]["calibration"] = {"dataset": {"s3": {"uri": "s3://b/cal/"}}}
+
+
+@pytest.mark.parametrize(
+    ("what", "left", "right"),
+    [
+        # Upstream's choice written out equals upstream's choice left unset (rules F4, F6, T3, T2b).
+        (
+            "fp8ContextFmha forced on by an fp8 KV cache",
+            _both(_set("precision", {"quantization": "fp8", "kvCacheDtype": "fp8"}), _cal),
+            _both(
+                _set("precision", {"quantization": "fp8", "kvCacheDtype": "fp8"}),
+                _cal,
+                _set("build.fp8ContextFmha", True),
+            ),
+        ),
+        (
+            "pagedContextFmha dropped by an int8 KV cache",
+            _both(_set("precision", {"quantization": "int4_awq", "kvCacheDtype": "int8"}), _cal),
+            _both(
+                _set("precision", {"quantization": "int4_awq", "kvCacheDtype": "int8"}),
+                _cal,
+                _set("build.pagedContextFmha", False),
+            ),
+        ),
+        (
+            "maxNumTokens clipped to maxBatchSize x maxSeqLen",
+            _set("build", {"maxBatchSize": 1, "maxInputLen": 1024, "maxSeqLen": 2048}),
+            _set("build", {"maxBatchSize": 1, "maxInputLen": 1024, "maxSeqLen": 2048, "maxNumTokens": 2048}),
+        ),
+        (
+            "AWQ calibrates on at most 32 samples",
+            _both(_set("precision", {"quantization": "int4_awq"}), _cal, _set("precision.calibration.samples", 32)),
+            _both(_set("precision", {"quantization": "int4_awq"}), _cal, _set("precision.calibration.samples", 512)),
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_specs_that_build_the_same_engine_share_a_digest(
+    what: str, left: Callable[[Spec], None], right: Callable[[Spec], None]
+) -> None:
+    assert digest_of(mutate(left)) == digest_of(mutate(right)), what
+
+
+def test_the_identity_is_the_effective_engine_config() -> None:
+    plan = plan_object(base(), default_store=STORE, images=IMAGES)
+    assert plan.engine is not None and plan.engine_inputs["engine"] == plan.engine.model_dump(mode="json")

@@ -457,7 +457,7 @@ RULES: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = [
     ),
     (
         "paged context FMHA with a continuous cache",
-        _with(build__kvCacheType="continuous"),
+        _with(build__kvCacheType="continuous", build__pagedContextFmha=True),
         "spec.build.pagedContextFmha",
         {},
     ),
@@ -514,7 +514,7 @@ def test_valid_combinations_pass() -> None:
         _with(precision={"quantization": "nvfp4", **CAL}, target={"gpu": "B200"}),
         _with(precision={"quantization": "int4_awq", **CAL}, target={"gpu": "A100-40GB"}),
         _with(precision={"quantization": "fp8", **CAL}, target={"gpu": "L40S"}),
-        _with(precision={"kvCacheDtype": "int8", **CAL}, target={"gpu": "A100-80GB"}),
+        _with(precision={"quantization": "int4_awq", "kvCacheDtype": "int8", **CAL}, target={"gpu": "A100-80GB"}),
         _with(parallelism={"tensor": 8}),
         _with(target={"gpu": "H100-80GB", "migProfile": "3g.40gb"}),
         _with(trtllmVersion="1.0.0", image="registry.local/trtllm@sha256:" + "b" * 64),
@@ -611,7 +611,10 @@ def test_plan_fields_for_a_valid_engine() -> None:
     assert req.store.bucket == "engines-a"  # the engine's own store wins over the default
     assert req.model.hugging_face_repo == "meta-llama/Llama-3.1-8B-Instruct" and req.model.revision == "0e9e39f"
     assert req.model_facts["numKeyValueHeads"] == 8
-    assert req.features["paged_kv_cache"] is True and req.features["paged_context_fmha"] is True
+    assert req.engine.build_config is not None
+    plugins = req.engine.build_config.plugin_config
+    assert plugins.paged_kv_cache is True and plugins.use_paged_context_fmha is True
+    assert req.engine.mapping.world_size == 4 and plugins.nccl_plugin == req.dtype
     assert (req.gpu_class, req.sm, req.trtllm_version) == ("H100-80GB", "9.0", "1.2.1")
     assert req.shapes == plan.shapes
 
@@ -721,7 +724,7 @@ def test_compare(change: Callable[[Spec], object], action: str) -> None:
 
 
 def test_a_calibrating_build_without_calibration_data_is_refused_before_any_gpu_time() -> None:
-    for precision in ({"quantization": "fp8"}, {"quantization": "int4_awq"}, {"kvCacheDtype": "int8"}):
+    for precision in ({"quantization": "fp8"}, {"quantization": "int4_awq"}, {"kvCacheDtype": "fp8"}):
         plan = plan_of(_with(precision=precision))
         assert [e.field for e in plan.errors] == ["spec.precision.calibration"], precision
         assert "Hugging Face Hub" in plan.errors[0].message and "s3://" in plan.errors[0].message
@@ -745,3 +748,151 @@ def test_calibration_data_reaches_the_build_request_only_when_the_build_calibrat
     assert unquantized.build_request.calibration is None
     assert any("calibration is ignored" in w for w in unquantized.warnings)
     assert unquantized.engine_digest == plan_of(base()).engine_digest
+
+
+@pytest.mark.parametrize(
+    ("precision", "build", "gpu", "field", "rule", "fix"),
+    [
+        # F2: FP8 context FMHA without an FP8-capable quantization.
+        (
+            {"quantization": "int4_awq", **CAL},
+            {"fp8ContextFmha": True},
+            "H100-80GB",
+            "fp8ContextFmha",
+            "F2",
+            "use quantization fp8",
+        ),
+        # F4: forced on by an FP8 KV cache with paged context FMHA; off without one.
+        (
+            {"quantization": "fp8", "kvCacheDtype": "fp8", **CAL},
+            {"fp8ContextFmha": False},
+            "H100-80GB",
+            "fp8ContextFmha",
+            "F4",
+            "remove fp8ContextFmha",
+        ),
+        (
+            {"quantization": "fp8", **CAL},
+            {"fp8ContextFmha": True},
+            "H100-80GB",
+            "fp8ContextFmha",
+            "F4",
+            "set kvCacheDtype fp8",
+        ),
+        # F2: an FP8 KV cache without FP8 quantization drops paged context FMHA.
+        (
+            {"kvCacheDtype": "fp8", **CAL},
+            {"pagedContextFmha": True},
+            "H100-80GB",
+            "pagedContextFmha",
+            "F2",
+            "kvCacheDtype auto",
+        ),
+        # F6: an INT8 KV cache drops paged context FMHA.
+        (
+            {"quantization": "int4_awq", "kvCacheDtype": "int8", **CAL},
+            {"pagedContextFmha": True},
+            "A100-80GB",
+            "pagedContextFmha",
+            "F6",
+            "pagedContextFmha false",
+        ),
+        # F1: context FMHA off takes paged context FMHA with it.
+        (
+            {},
+            {"contextFmha": False, "pagedContextFmha": True},
+            "H100-80GB",
+            "pagedContextFmha",
+            "F1",
+            "contextFmha true",
+        ),
+        # T3: maxNumTokens above maxBatchSize x maxSeqLen is clipped.
+        (
+            {},
+            {"maxBatchSize": 1, "maxSeqLen": 2048, "maxInputLen": 1024, "maxNumTokens": 8192},
+            "H100-80GB",
+            "maxNumTokens",
+            "T3",
+            "set it to 2048",
+        ),
+        # T1: without remove_input_padding maxNumTokens is maxBatchSize x maxSeqLen.
+        ({}, {"removeInputPadding": False, "maxNumTokens": 4096}, "H100-80GB", "maxNumTokens", "T1", "set it to"),
+    ],
+)
+def test_what_upstream_would_override_is_refused_naming_the_field_the_rule_and_the_fix(
+    precision: dict[str, Any], build: dict[str, Any], gpu: str, field: str, rule: str, fix: str
+) -> None:
+    obj = base()
+    obj["spec"]["precision"] = precision
+    obj["spec"]["build"] = {**obj["spec"]["build"], **build}
+    obj["spec"]["target"] = {"gpu": gpu}
+    plan = plan_of(obj)
+    errors = [e for e in plan.errors if e.field == f"spec.build.{field}"]
+    assert errors, plan.errors
+    assert f"({rule}:" in errors[0].message and fix in errors[0].message, errors[0].message
+    assert plan.build_request is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "needle"),
+    [
+        # W1/W2 in build(): integer quantization refused on SM 10.x (after conversion would have spent GPU time).
+        (
+            {"precision": {"quantization": "int8_weight_only"}, "target": {"gpu": "B200"}},
+            "spec.precision.quantization",
+            "W1",
+        ),
+        (
+            {"precision": {"quantization": "smoothquant", **CAL}, "target": {"gpu": "B200"}},
+            "spec.precision.quantization",
+            "W2",
+        ),
+        (
+            {"precision": {"quantization": "nvfp4", "kvCacheDtype": "int8", **CAL}, "target": {"gpu": "B200"}},
+            "spec.precision.kvCacheDtype",
+            "W1",
+        ),
+        # The model-class route: what a family's code refuses or has no path for.
+        (
+            {"precision": {"quantization": "int8_weight_only", "kvCacheDtype": "fp8", **CAL}},
+            "spec.precision.kvCacheDtype",
+            "from_hugging_face",
+        ),
+        (
+            {"precision": {"kvCacheDtype": "int8", **CAL}, "target": {"gpu": "A100-80GB"}},
+            "spec.precision.kvCacheDtype",
+            "cnn_dailymail",
+        ),
+        (
+            {
+                "model": {
+                    "source": {"s3": {"uri": "s3://m/x/"}},
+                    "architecture": {
+                        "architecture": "FalconForCausalLM",
+                        "numLayers": 2,
+                        "hiddenSize": 64,
+                        "numAttentionHeads": 2,
+                        "vocabSize": 100,
+                        "parameterCount": 1000,
+                        "maxPositionEmbeddings": 4096,
+                    },
+                }
+            },
+            "spec.model.architecture",
+            "LlamaForCausalLM",
+        ),
+        (
+            {"backend": "pytorch", "precision": {"quantization": "fp8", **CAL}},
+            "spec.precision.quantization",
+            "pre-quantized",
+        ),
+    ],
+)
+def test_what_the_build_route_or_upstream_refuses_is_refused_before_any_gpu_time(
+    spec: dict[str, Any], field: str, needle: str
+) -> None:
+    obj = base()
+    obj["spec"].update(spec)
+    plan = plan_of(obj)
+    errors = [e for e in plan.errors if e.field == field]
+    assert errors and needle in errors[0].message, plan.errors

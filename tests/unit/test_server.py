@@ -285,8 +285,8 @@ def test_run_preflights_then_starts_trtllm_serve_behind_the_meter(
     assert argv[argv.index("--max_batch_size") + 1] == "16" and argv[argv.index("--port") + 1] == "9001"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--tokenizer") + 1] == str(tmp_path / "engine")
-    assert argv[argv.index("--extra_llm_api_options") + 1] == str(extra)
-    assert extra.read_text() == "return_perf_metrics: true\n"
+    # A tensorrt engine gets no extra options: return_perf_metrics stops the 1.2 server (upstream issue #9678).
+    assert "--extra_llm_api_options" not in argv and not extra.exists()
     report = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert report["ok"] and report["expect"]["min_free_bytes"] == 9 * GiB + 5
 
@@ -329,3 +329,23 @@ def test_download_needs_digest_and_bucket(tmp_path: Path, capsys: pytest.Capture
         monkeypatch.delenv(var, raising=False)
     rc = server_main.main(["download", "--engine-dir", str(tmp_path)])
     assert rc == 1 and "no engine digest" in capsys.readouterr().err
+
+
+def test_extra_options_and_tokenizer_dir_follow_what_the_server_reads(tmp_path: Path) -> None:
+    from llmengine.plan.upstream import table
+    from llmengine.server.serve import default_tokenizer, extra_options, options_yaml
+
+    assert extra_options("tensorrt") == {}
+    opts = extra_options("pytorch")
+    assert options_yaml(opts) == "return_perf_metrics: true\n"
+    # Every key is one the server's LlmArgs define; none is refused with the backend it is written for.
+    t = table("extra_llm_api_options")
+    for key in opts:
+        o = t.option(key)
+        assert o is not None and "tensorrt-only" not in o.scope
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    assert default_tokenizer(engine) == engine
+    (engine / "tokenizer").mkdir()
+    (engine / "tokenizer" / "config.json").write_text("{}")
+    assert default_tokenizer(engine) == engine / "tokenizer"

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
+from llmengine.api.engine import EngineConfig
 from llmengine.api.v1alpha1 import field_path
 
 
@@ -102,7 +103,9 @@ class BuildRequest(Doc):
     tp_size: int = 1
     pp_size: int = 1
     shapes: BuildShapes
-    features: dict[str, bool] = Field(default_factory=dict)
+    # Every engine-shaping setting TensorRT-LLM is handed (upstream's names); the builder verifies the engine
+    # against it.
+    engine: EngineConfig
     # Set exactly when the quantization calibrates; the builder fetches it and nothing reaches the Hub implicitly.
     calibration: CalibrationSource | None = None
     gpu_class: str

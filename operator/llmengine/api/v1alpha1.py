@@ -355,14 +355,21 @@ class BuildSpec(SpecModel):
         ),
     )
     max_beam_width: int = Field(default=1, ge=1, description="Beam search width. Default 1. Rebuilds.")
-    paged_context_fmha: bool = Field(
-        default=True,
-        description="Paged context attention; needed for chunked prefill and KV cache reuse. Default true. Rebuilds.",
-    )
-    fp8_context_fmha: bool = Field(
-        default=False,
+    paged_context_fmha: bool | None = Field(
+        default=None,
         description=(
-            "FP8 context attention; needs quantization fp8, w4a8_awq or nvfp4 on SM 8.9+. Default false. Rebuilds."
+            "Paged context attention; needed for chunked prefill and KV cache reuse. Unset: what TensorRT-LLM "
+            "makes of it (on with a paged KV cache, off where upstream drops it: an int8 KV cache, or an fp8 KV "
+            "cache without fp8/w4a8_awq/nvfp4 quantization on SM 8.9+). Set true where upstream would drop it and "
+            "the spec is refused. Rebuilds."
+        ),
+    )
+    fp8_context_fmha: bool | None = Field(
+        default=None,
+        description=(
+            "FP8 context attention. Unset: what TensorRT-LLM makes of it (on with quantization fp8, w4a8_awq or "
+            "nvfp4 on SM 8.9+ unless paged context FMHA runs without an fp8 KV cache; forced on with an fp8 KV "
+            "cache and paged context FMHA). A value upstream would override is refused. Rebuilds."
         ),
     )
     multiple_profiles: bool = Field(
@@ -527,9 +534,12 @@ class RuntimeLimits(SpecModel):
 
     kv_cache_free_gpu_memory_fraction: float = Field(
         default=0.9,
-        gt=0,
+        ge=0.01,
         lt=1,
-        description="Share of the GPU memory left after weights and activations that the KV cache takes. Default 0.9.",
+        description=(
+            "Share of the GPU memory left after weights and activations that the KV cache takes (0.01 to below 1). "
+            "Default 0.9."
+        ),
     )
     max_batch_size: int | None = Field(
         default=None, ge=1, description="Serve at most this many requests at once (<= the built maxBatchSize)."

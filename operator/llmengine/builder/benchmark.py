@@ -322,6 +322,11 @@ def bench_argv(
         str(d.concurrency),
         "--warmup",
         str(request.warmup),
+        # Explicit, not upstream's defaults: synthetic outputs run to their length (EOS off), and chunked prefill
+        # stays off as trtllm-serve serves it (trtllm-bench turns it on by default from 1.1).
+        "--eos_id",
+        "-1",
+        "--disable_chunked_context",
         "--streaming",
         "--report_json",
         str(report),

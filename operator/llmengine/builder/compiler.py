@@ -12,11 +12,12 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from llmengine.api.artifacts import BuildRequest
-
-Tool = Literal["none", "convert", "modelopt"]
+from llmengine.api.engine import EngineConfig
+from llmengine.plan.trtllm_rules import apply_build_rules
+from llmengine.plan.upstream import check_options
 
 
 class BuildFailure(Exception):
@@ -26,51 +27,6 @@ class BuildFailure(Exception):
         super().__init__(message)
         self.stage, self.reason, self.message, self.permanent = stage, reason, message, permanent
 
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one `quantization` value of a request is produced and what it requires."""
-
-    quant_algo: str | None  # QuantAlgo name recorded in the engine's config.json
-    tool: Tool
-    qformat: str | None = None  # quantize.py --qformat
-    weight_only_precision: str | None = None  # convert_checkpoint.py --weight_only_precision
-    smoothquant: float | None = None
-    min_sm: float = 0.0
-    below_sm: float = 99.0  # supported only below this SM
-    pytorch: bool = True  # the PyTorch backend can serve a ModelOpt HF export of it
-
-
-QUANTIZATIONS: dict[str, QuantSpec] = {
-    "none": QuantSpec(None, "none"),
-    "fp8": QuantSpec("FP8", "modelopt", qformat="fp8", min_sm=8.9),
-    "int4_awq": QuantSpec("W4A16_AWQ", "modelopt", qformat="int4_awq", below_sm=10.0),
-    "w4a8_awq": QuantSpec("W4A8_AWQ", "modelopt", qformat="w4a8_awq", min_sm=8.9, below_sm=10.0),
-    "nvfp4": QuantSpec("NVFP4", "modelopt", qformat="nvfp4", min_sm=10.0),
-    "int8_weight_only": QuantSpec("W8A16", "convert", weight_only_precision="int8", below_sm=10.0, pytorch=False),
-    "int4_weight_only": QuantSpec("W4A16", "convert", weight_only_precision="int4", below_sm=10.0, pytorch=False),
-    "int8_smoothquant": QuantSpec(
-        "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "convert", smoothquant=0.5, below_sm=10.0, pytorch=False
-    ),
-}
-
-# kv_cache_dtype -> (KV QuantAlgo, minimum SM)
-KV_CACHE_DTYPES: dict[str, tuple[str | None, float]] = {"auto": (None, 0.0), "fp8": ("FP8", 8.9), "int8": ("INT8", 0.0)}
-
-# Build features a request may set, with their default. Anything else is refused: it would change the engine
-# identity without changing the engine.
-FEATURES: dict[str, bool] = {
-    "paged_kv_cache": True,
-    "context_fmha": True,
-    "remove_input_padding": True,
-    "paged_context_fmha": False,
-    "fp8_context_fmha": False,
-    "multiple_profiles": False,
-    "strip_plan": False,
-    "weight_streaming": False,
-}
-FP8_CONTEXT_FMHA_QUANTS = frozenset({"fp8", "w4a8_awq", "nvfp4"})
-TOKENS_PER_BLOCK = 32
 
 # Files a serving process needs to tokenize; copied next to the engine so the engine dir is self-contained.
 TOKENIZER_FILES = (
@@ -86,16 +42,35 @@ TOKENIZER_FILES = (
 )
 
 
-def feature(request: BuildRequest, name: str) -> bool:
-    return request.features.get(name, FEATURES[name])
-
-
-def sm_value(sm: str) -> float:
+def sm_tuple(sm: str) -> tuple[int, int]:
     try:
         major, _, minor = sm.partition(".")
-        return int(major) + int(minor or 0) / 10
+        return int(major), int(minor or 0)
     except ValueError as exc:
         raise BuildFailure("validate", "InvalidRequest", f"sm {sm!r} is not of the form MAJOR.MINOR", True) from exc
+
+
+def upstream_options(engine: EngineConfig) -> dict[str, dict[str, Any]]:
+    """The keyword options each upstream object receives, by upstream table name (what the contract checks)."""
+    out: dict[str, dict[str, Any]] = {"QuantConfig": engine.quantization.model_dump(exclude_none=True)}
+    if engine.calibration is not None:
+        out["PretrainedModel.quantize"] = engine.calibration.model_dump()
+    if engine.build_config is not None:
+        out["BuildConfig"] = engine.build_config.model_dump(exclude={"plugin_config"})
+        out["PluginConfig"] = engine.build_config.plugin_config.model_dump()
+    return out
+
+
+def contract_problems(engine: EngineConfig, sm: str) -> list[str]:
+    """Everything upstream would not take as given: options it does not define or types it refuses, and settings
+    its build rules would change or refuse on this SM. Empty for every request the planner writes."""
+    problems = [p for name, opts in upstream_options(engine).items() for p in check_options(name, opts)]
+    outcome = apply_build_rules(engine, sm_tuple(sm))
+    problems += [
+        f"TensorRT-LLM would change {c.key} from {c.before} to {c.after} ({c.rule}: {c.why})" for c in outcome.changes
+    ]
+    problems += [f"TensorRT-LLM refuses it ({r.rule}: {r.message})" for r in outcome.refusals]
+    return problems
 
 
 def check_request(request: BuildRequest) -> None:
@@ -103,9 +78,6 @@ def check_request(request: BuildRequest) -> None:
 
     def invalid(msg: str) -> BuildFailure:
         return BuildFailure("validate", "InvalidRequest", msg, permanent=True)
-
-    def unsupported(msg: str) -> BuildFailure:
-        return BuildFailure("validate", "UnsupportedCombination", msg, permanent=True)
 
     m = request.model
     if (m.hugging_face_repo is None) == (m.s3_uri is None):
@@ -120,34 +92,29 @@ def check_request(request: BuildRequest) -> None:
             raise invalid(f"shapes.{name} must be positive")
     if s.max_input_len > s.max_seq_len:
         raise invalid(f"shapes.maxInputLen ({s.max_input_len}) exceeds shapes.maxSeqLen ({s.max_seq_len})")
-    q = QUANTIZATIONS.get(request.quantization)
-    if q is None:
-        raise invalid(f"quantization {request.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
-    kv = KV_CACHE_DTYPES.get(request.kv_cache_dtype)
-    if kv is None:
-        raise invalid(f"kvCacheDtype {request.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
-    unknown = sorted(set(request.features) - set(FEATURES))
-    if unknown:
-        raise invalid(f"features {', '.join(unknown)} unknown; known: {', '.join(FEATURES)}")
-    sm = sm_value(request.sm)
-    if sm < q.min_sm:
-        raise unsupported(
-            f"quantization {request.quantization} needs SM >= {q.min_sm}; "
-            f"gpuClass {request.gpu_class} is SM {request.sm}"
+    e = request.engine
+    mapping = (e.mapping.tp_size, e.mapping.pp_size, e.mapping.world_size)
+    if mapping != (request.tp_size, request.pp_size, request.world_size):
+        raise invalid(f"engine.mapping {mapping} disagrees with tpSize/ppSize {request.tp_size}/{request.pp_size}")
+    if e.dtype != request.dtype or e.architecture != request.architecture:
+        raise invalid("engine.dtype/architecture disagree with the request's")
+    if (request.backend == "tensorrt") != (e.build_config is not None):
+        raise invalid(f"engine.buildConfig must be set exactly for the tensorrt backend (backend {request.backend})")
+    b = e.build_config
+    if b is not None:
+        built = (b.max_batch_size, b.max_input_len, b.max_seq_len, b.max_num_tokens, b.max_beam_width)
+        if built != (s.max_batch_size, s.max_input_len, s.max_seq_len, s.max_num_tokens, s.max_beam_width):
+            raise invalid(f"engine.buildConfig shapes {built} disagree with the request's shapes")
+    if (e.calibration is None) != (request.calibration is None):
+        raise invalid("calibration data and engine.calibration must be set together")
+    problems = contract_problems(e, request.sm)
+    if problems:
+        raise BuildFailure(
+            "validate",
+            "UnsupportedCombination",
+            "not a build TensorRT-LLM takes as given: " + "; ".join(problems),
+            True,
         )
-    if sm >= q.below_sm:
-        raise unsupported(f"quantization {request.quantization} is not supported on SM {request.sm} (>= {q.below_sm})")
-    if sm < kv[1]:
-        raise unsupported(f"kvCacheDtype {request.kv_cache_dtype} needs SM >= {kv[1]}, SM {request.sm} has no FP8")
-    if request.backend == "pytorch" and not q.pytorch:
-        raise unsupported(f"quantization {request.quantization} is only available with backend tensorrt")
-    if feature(request, "fp8_context_fmha") and (request.quantization not in FP8_CONTEXT_FMHA_QUANTS or sm < 8.9):
-        raise unsupported(
-            "features.fp8_context_fmha needs quantization fp8, w4a8_awq or nvfp4 on SM >= 8.9 "
-            "(TensorRT-LLM would silently disable it)"
-        )
-    if feature(request, "paged_context_fmha") and not feature(request, "paged_kv_cache"):
-        raise unsupported("features.paged_context_fmha needs features.paged_kv_cache")
     if request.compiler == "test" and request.test_engine_bytes is not None and request.test_engine_bytes < 0:
         raise invalid("testEngineBytes must not be negative")
 
@@ -170,6 +137,17 @@ class Compiler(Protocol):
         log: Any,
         calibration_dir: Path | None = None,
     ) -> CompileOutput: ...
+
+
+def write_tokenizer_dir(checkpoint: Path, engine_dir: Path) -> Path:
+    """engine_dir/tokenizer: the tokenizer files and the model's Hugging Face config.json, which trtllm-serve
+    reads for the model type (the engine's own config.json is not one)."""
+    dest = engine_dir / "tokenizer"
+    dest.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer(checkpoint, dest)
+    if (checkpoint / "config.json").is_file():
+        shutil.copyfile(checkpoint / "config.json", dest / "config.json")
+    return dest
 
 
 def copy_tokenizer(src: Path, dest: Path) -> list[str]:

@@ -16,16 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmengine.api.artifacts import BuildRequest
-from llmengine.builder.compiler import (
-    KV_CACHE_DTYPES,
-    QUANTIZATIONS,
-    TOKENS_PER_BLOCK,
-    BuildFailure,
-    CompileOutput,
-    copy_tokenizer,
-    feature,
-)
-from llmengine.builder.trtllm import gemm_plugin
+from llmengine.builder.compiler import BuildFailure, CompileOutput, copy_tokenizer, write_tokenizer_dir
 
 MiB = 1024 * 1024
 DEFAULT_ENGINE_BYTES = 4 * MiB
@@ -34,56 +25,53 @@ _BLOCK = 8 * MiB
 
 
 def engine_config(request: BuildRequest) -> dict[str, Any]:
-    """config.json as trtllm-build lays it out, with the requested mapping, quantization and shapes."""
-    s = request.shapes
+    """config.json as TensorRT-LLM's Engine.save lays it out (version, pretrained_config with architecture, dtype,
+    mapping and the whole QuantConfig, build_config with plugin_config), holding the requested EngineConfig."""
+    e = request.engine
+    assert e.build_config is not None
     facts = request.model_facts
+    quant: dict[str, Any] = dict(UPSTREAM_QUANT_DEFAULTS)
+    quant.update(e.quantization.model_dump(exclude_none=True))
+    quant["kv_cache_quant_algo"] = e.quantization.kv_cache_quant_algo
+    quant["quant_algo"] = e.quantization.quant_algo
     pretrained: dict[str, Any] = {
-        "architecture": request.architecture,
-        "dtype": request.dtype,
-        "mapping": {"world_size": request.world_size, "tp_size": request.tp_size, "pp_size": request.pp_size},
-        "quantization": {
-            "quant_algo": QUANTIZATIONS[request.quantization].quant_algo,
-            "kv_cache_quant_algo": KV_CACHE_DTYPES[request.kv_cache_dtype][0],
-        },
+        "architecture": e.architecture,
+        "dtype": e.dtype,
+        "mapping": {**e.mapping.model_dump(), "rank": 0, "cp_size": 1, "gpus_per_node": 8},
+        "quantization": quant,
     }
     for src, dest in (
-        ("hidden_size", "hidden_size"),
-        ("num_layers", "num_hidden_layers"),
-        ("num_hidden_layers", "num_hidden_layers"),
-        ("num_attention_heads", "num_attention_heads"),
-        ("num_key_value_heads", "num_key_value_heads"),
-        ("vocab_size", "vocab_size"),
+        ("hiddenSize", "hidden_size"),
+        ("numLayers", "num_hidden_layers"),
+        ("numAttentionHeads", "num_attention_heads"),
+        ("numKeyValueHeads", "num_key_value_heads"),
+        ("vocabSize", "vocab_size"),
+        ("maxPositionEmbeddings", "max_position_embeddings"),
     ):
         if src in facts:
             pretrained[dest] = facts[src]
-    enable = {True: "enable", False: "disable"}
+    build = e.build_config.model_dump()
+    build["speculative_decoding_mode"] = 1  # SpeculativeDecodingMode.NONE, as upstream writes it
     return {
         "version": request.trtllm_version,
         "test_build": True,
         "pretrained_config": pretrained,
-        "build_config": {
-            "max_batch_size": s.max_batch_size,
-            "max_input_len": s.max_input_len,
-            "max_seq_len": s.max_seq_len,
-            "max_num_tokens": s.max_num_tokens,
-            "max_beam_width": s.max_beam_width,
-            "opt_num_tokens": s.opt_num_tokens,
-            "kv_cache_type": "PAGED" if feature(request, "paged_kv_cache") else "CONTINUOUS",
-            "strip_plan": feature(request, "strip_plan"),
-            "weight_streaming": feature(request, "weight_streaming"),
-            "plugin_config": {
-                "gemm_plugin": gemm_plugin(request),
-                "gpt_attention_plugin": "auto",
-                "context_fmha": feature(request, "context_fmha"),
-                "remove_input_padding": feature(request, "remove_input_padding"),
-                "use_paged_context_fmha": feature(request, "paged_context_fmha"),
-                "use_fp8_context_fmha": feature(request, "fp8_context_fmha"),
-                "multiple_profiles": feature(request, "multiple_profiles"),
-                "tokens_per_block": TOKENS_PER_BLOCK,
-                "paged_kv_cache": enable[feature(request, "paged_kv_cache")],
-            },
-        },
+        "build_config": build,
     }
+
+
+# QuantConfig's defaults (models/modeling_utils.py@b35ac1b6): the keys config.json carries besides ours.
+UPSTREAM_QUANT_DEFAULTS: dict[str, Any] = {
+    "quant_algo": None,
+    "kv_cache_quant_algo": None,
+    "group_size": 128,
+    "smoothquant_val": 0.5,
+    "clamp_val": None,
+    "use_meta_recipe": False,
+    "has_zero_point": False,
+    "pre_quant_scale": False,
+    "exclude_modules": None,
+}
 
 
 def rank_sizes(total: int, ranks: int) -> list[int]:
@@ -152,19 +140,11 @@ class TestCompiler:
             for rank, size in enumerate(rank_sizes(total, request.world_size)):
                 write_pseudo_random(out_dir / f"rank{rank}.engine", size, rank)
         else:
-            # PyTorch backend: the artifact is the (optionally quantized) HF checkpoint.
+            # PyTorch backend: the artifact is the HF checkpoint itself.
             shutil.copytree(checkpoint_dir, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache"))
-            algo = QUANTIZATIONS[request.quantization].quant_algo
-            if algo is not None:
-                hf_quant = {
-                    "producer": {"name": "llmengine-test-compiler", "version": "0"},
-                    "quantization": {
-                        "quant_algo": algo,
-                        "kv_cache_quant_algo": KV_CACHE_DTYPES[request.kv_cache_dtype][0],
-                    },
-                }
-                (out_dir / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2))
         copy_tokenizer(checkpoint_dir, out_dir)
+        if request.backend == "tensorrt":
+            write_tokenizer_dir(checkpoint_dir, out_dir)
         (out_dir / MARKER_NAME).write_text(
             json.dumps(
                 {

@@ -1,7 +1,10 @@
 """Check a compiled engine directory against the request before anything is uploaded.
 
-The same checks hold for a real ``trtllm-build`` output and the test compiler's: the mapping in config.json is the
-requested tp/pp, every rank file is there, and the built shapes are the requested ones.
+The engine's own config.json (what TensorRT-LLM's Engine.save writes: pretrained_config with the mapping and the
+quantization, build_config with the plugin_config) must hold every setting of the request's EngineConfig, and
+every rank file must be there. A real trtllm build and the test compiler's output go through the same checks; a
+difference names the setting and both values, so an upstream rule we did not model fails the build instead of
+committing an engine its identity does not describe.
 """
 
 from __future__ import annotations
@@ -11,9 +14,24 @@ from pathlib import Path
 from typing import Any
 
 from llmengine.api.artifacts import BuildRequest
-from llmengine.builder.compiler import KV_CACHE_DTYPES, QUANTIZATIONS, BuildFailure
+from llmengine.builder.compiler import BuildFailure
 
-SHAPE_FIELDS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width")
+# PluginConfig fields whose value is a dtype or None; upstream stores "auto" and reads it back as the dtype.
+DTYPE_PLUGINS = frozenset(
+    {
+        "gpt_attention_plugin",
+        "gemm_plugin",
+        "nccl_plugin",
+        "moe_plugin",
+        "lora_plugin",
+        "weight_only_quant_matmul_plugin",
+        "weight_only_groupwise_quant_matmul_plugin",
+        "smooth_quant_gemm_plugin",
+        "layernorm_quantization_plugin",
+        "rmsnorm_quantization_plugin",
+    }
+)
+_ABSENT = object()
 
 
 def _fail(message: str) -> BuildFailure:
@@ -34,22 +52,61 @@ def _load_config(engine_dir: Path) -> dict[str, Any]:
 
 
 def verify_engine(request: BuildRequest, engine_dir: Path) -> list[str]:
-    """Raise BuildFailure(stage=verify) on the first mismatch; return the engine's files (relative) when good."""
+    """Raise BuildFailure(stage=verify) naming every mismatch; return the engine's files (relative) when good."""
     if request.backend == "tensorrt":
         _verify_tensorrt(request, engine_dir)
     else:
-        _verify_pytorch(request, engine_dir)
+        _verify_pytorch(engine_dir)
     return sorted(p.relative_to(engine_dir).as_posix() for p in engine_dir.rglob("*") if p.is_file())
+
+
+def _normalize(key: str, value: Any, dtype: str) -> Any:
+    if key in DTYPE_PLUGINS and value == "auto":
+        return dtype
+    if key == "kv_cache_type" and isinstance(value, str):
+        return value.upper()
+    return value
+
+
+def _section(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    value = parent.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def setting_mismatches(request: BuildRequest, cfg: dict[str, Any]) -> list[str]:
+    """Every setting of the request's EngineConfig that the engine's config.json does not hold, as
+    `where: engine has X, request asks Y`."""
+    e = request.engine
+    pretrained, build = _section(cfg, "pretrained_config"), _section(cfg, "build_config")
+    plugins = _section(build, "plugin_config")
+    mapping, quant = _section(pretrained, "mapping"), _section(pretrained, "quantization")
+    expected: list[tuple[str, dict[str, Any], str, Any]] = [
+        ("pretrained_config", pretrained, "architecture", e.architecture),
+        ("pretrained_config", pretrained, "dtype", e.dtype),
+    ]
+    expected += [("pretrained_config.mapping", mapping, k, v) for k, v in e.mapping.model_dump().items()]
+    expected += [
+        ("pretrained_config.quantization", quant, k, v)
+        for k, v in e.quantization.model_dump().items()
+        if v is not None or k in ("quant_algo", "kv_cache_quant_algo")
+    ]
+    assert e.build_config is not None
+    expected += [("build_config", build, k, v) for k, v in e.build_config.model_dump(exclude={"plugin_config"}).items()]
+    expected += [
+        ("build_config.plugin_config", plugins, k, v) for k, v in e.build_config.plugin_config.model_dump().items()
+    ]
+    out: list[str] = []
+    for where, section, key, want in expected:
+        have = section.get(key, _ABSENT)
+        if have is _ABSENT:
+            out.append(f"{where}.{key}: engine has no such setting, request asks {want!r}")
+        elif _normalize(key, have, e.dtype) != _normalize(key, want, e.dtype):
+            out.append(f"{where}.{key}: engine has {have!r}, request asks {want!r}")
+    return out
 
 
 def _verify_tensorrt(request: BuildRequest, engine_dir: Path) -> None:
     cfg = _load_config(engine_dir)
-    pretrained = cfg.get("pretrained_config") or {}
-    mapping = pretrained.get("mapping") or {}
-    want = {"tp_size": request.tp_size, "pp_size": request.pp_size, "world_size": request.world_size}
-    for key, value in want.items():
-        if mapping.get(key, 1 if key != "world_size" else None) != value:
-            raise _fail(f"config.json mapping.{key} is {mapping.get(key)}, the request asks for {value}")
     for rank in range(request.world_size):
         f = engine_dir / f"rank{rank}.engine"
         if not f.is_file() or (f.stat().st_size == 0 and request.compiler != "test"):
@@ -57,44 +114,19 @@ def _verify_tensorrt(request: BuildRequest, engine_dir: Path) -> None:
     extra = sorted(p.name for p in engine_dir.glob("rank*.engine") if _rank_of(p.name) >= request.world_size)
     if extra:
         raise _fail(f"unexpected rank files {', '.join(extra)} for world size {request.world_size}")
-    build = cfg.get("build_config") or {}
-    for name in SHAPE_FIELDS:
-        if build.get(name) != getattr(request.shapes, name):
-            raise _fail(
-                f"build_config.{name} is {build.get(name)}, the request asks for {getattr(request.shapes, name)}"
-            )
-    if request.shapes.opt_num_tokens is not None and build.get("opt_num_tokens") != request.shapes.opt_num_tokens:
+    mismatches = setting_mismatches(request, cfg)
+    if mismatches:
         raise _fail(
-            f"build_config.opt_num_tokens is {build.get('opt_num_tokens')}, expected {request.shapes.opt_num_tokens}"
+            f"the engine was not built as requested ({len(mismatches)} setting(s)): " + "; ".join(mismatches[:8])
         )
-    if pretrained.get("dtype") not in (None, request.dtype):
-        raise _fail(f"pretrained_config.dtype is {pretrained.get('dtype')}, the request asks for {request.dtype}")
-    _verify_quant(request, pretrained.get("quantization") or {}, "pretrained_config.quantization")
 
 
-def _verify_pytorch(request: BuildRequest, engine_dir: Path) -> None:
+def _verify_pytorch(engine_dir: Path) -> None:
     cfg = _load_config(engine_dir)
     if not cfg.get("architectures"):
         raise _fail("config.json has no 'architectures': not a Hugging Face checkpoint")
     if not any(engine_dir.glob("*.safetensors")):
         raise _fail("no *.safetensors weights in the checkpoint")
-    if QUANTIZATIONS[request.quantization].quant_algo is not None:
-        qpath = engine_dir / "hf_quant_config.json"
-        if not qpath.is_file():
-            raise _fail("hf_quant_config.json is missing from a quantized checkpoint")
-        quant = json.loads(qpath.read_text()).get("quantization") or {}
-        _verify_quant(request, quant, "hf_quant_config.quantization")
-
-
-def _verify_quant(request: BuildRequest, quant: dict[str, Any], where: str) -> None:
-    algo = QUANTIZATIONS[request.quantization].quant_algo
-    kv = KV_CACHE_DTYPES[request.kv_cache_dtype][0]
-    if quant.get("quant_algo") != algo:
-        raise _fail(
-            f"{where}.quant_algo is {quant.get('quant_algo')}, quantization {request.quantization} means {algo}"
-        )
-    if quant.get("kv_cache_quant_algo") != kv:
-        raise _fail(f"{where}.kv_cache_quant_algo is {quant.get('kv_cache_quant_algo')}, expected {kv}")
 
 
 def _rank_of(name: str) -> int:

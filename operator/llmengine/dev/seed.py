@@ -87,3 +87,48 @@ def apply_crd(api: Any, body: dict[str, Any] | None = None, timeout: float = 30.
 
     wait_for(f"{name} Established", established, timeout=timeout)
     return name
+
+
+def engine_manifest(
+    name: str = "tiny",
+    *,
+    quantization: str = "none",
+    kv_cache_dtype: str = "auto",
+    tp: int = 1,
+    pp: int = 1,
+    gpu: str = "H100-80GB",
+    backend: str = "tensorrt",
+    build: dict[str, Any] | None = None,
+    calibration_uri: str = "s3://engines/calibration/",
+    model_uri: str = "s3://models/tiny/",
+    catalog: str = "llama-3.1-8b",
+) -> dict[str, Any]:
+    """An LLMEngine object for tests: small shapes, calibration data named when the quantization calibrates."""
+    precision: dict[str, Any] = {"dtype": "float16", "quantization": quantization, "kvCacheDtype": kv_cache_dtype}
+    if quantization not in ("none", "int8_weight_only") or kv_cache_dtype != "auto":
+        precision["calibration"] = {"dataset": {"s3": {"uri": calibration_uri}}, "samples": 16, "maxSeqLength": 64}
+    shapes = {"maxBatchSize": 8, "maxInputLen": 128, "maxSeqLen": 256, "maxNumTokens": 512}
+    return {
+        "apiVersion": "llmengine.io/v1alpha1",
+        "kind": "LLMEngine",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "model": {"source": {"s3": {"uri": model_uri}}, "catalog": catalog},
+            "backend": backend,
+            "precision": precision,
+            "parallelism": {"tensor": tp, "pipeline": pp},
+            "build": {**shapes, **(build or {})},
+            "target": {"gpu": gpu},
+            "store": {"bucket": "engines"},
+        },
+    }
+
+
+def build_request(compiler: str = "test", **kw: Any) -> Any:
+    """The BuildRequest the planner writes for engine_manifest(**kw): what a build Job receives."""
+    from llmengine.plan import plan_object
+
+    plan = plan_object(engine_manifest(**kw), compiler=compiler, test_engine_bytes=3 * 1024 + 1)
+    if plan.build_request is None:
+        raise ValueError(f"engine_manifest({kw}) does not plan: {plan.errors}")
+    return plan.build_request

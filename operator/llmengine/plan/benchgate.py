@@ -135,7 +135,7 @@ class DatasetProfile(NamedTuple):
     concurrency: int
 
 
-def dataset_profile(spec: LLMEngineSpec, shapes: BuildShapes) -> DatasetProfile:
+def dataset_profile(spec: LLMEngineSpec, shapes: BuildShapes, paged_context_fmha: bool = True) -> DatasetProfile:
     """Prompt/output lengths and concurrency of the benchmark dataset for an engine built with `shapes`.
 
     From spec.traffic when set, else from the shapes (the longest prompt, the rest of the sequence for the output,
@@ -151,7 +151,7 @@ def dataset_profile(spec: LLMEngineSpec, shapes: BuildShapes) -> DatasetProfile:
     if seq < 2:
         raise ValueError(f"maxSeqLen {seq} leaves no room for a prompt and an output token: nothing to benchmark")
     input_cap = min(shapes.max_input_len, seq - 1)
-    if not spec.build.paged_context_fmha:
+    if not paged_context_fmha:
         # Without chunked prefill a prompt must fit one iteration; serving rejects longer ones.
         tokens = min(shapes.max_num_tokens, rt.max_num_tokens or shapes.max_num_tokens)
         input_cap = min(input_cap, tokens)
@@ -182,7 +182,7 @@ def bench_request(spec: LLMEngineSpec, plan: Plan, *, seed: int = 0) -> BenchReq
     br = plan.build_request
     if not plan.valid or br is None:
         raise ValueError("an invalid plan has no engine to benchmark")
-    profile = dataset_profile(spec, plan.shapes)
+    profile = dataset_profile(spec, plan.shapes, plan.paged_context_fmha)
     bench = spec.benchmark or BenchmarkSpec()
     rt = spec.serving.runtime
     return BenchRequest(

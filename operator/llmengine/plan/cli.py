@@ -255,14 +255,22 @@ def to_text(entry: Entry, action: str | None, with_action: bool, observed: dict[
             f"{_gib(m.activation_bytes)}, runtime {_gib(m.runtime_bytes)}, minimum KV {_gib(m.min_kv_bytes)} "
             f"at {m.kv_bytes_per_token_per_gpu} B/token/GPU ({m.kv_bytes_per_token} B/token whole model)"
         )
-    if p.engine_inputs:
-        inputs = p.engine_inputs
+    if p.engine_inputs and p.engine is not None:
+        inputs, ec = p.engine_inputs, p.engine
+        q = ec.quantization
         lines.append(
-            f"  identity: {inputs['backend']} {inputs['trtllmVersion']} {inputs['precision']['dtype']}/"
-            f"{inputs['precision']['quantization']}/kv:{inputs['precision']['kvCacheDtype']} "
-            f"tp{inputs['parallelism']['tensor']}pp{inputs['parallelism']['pipeline']} "
+            f"  identity: {inputs['backend']} {inputs['trtllmVersion']} {ec.dtype}/{q.quant_algo or 'no quant'}/"
+            f"kv:{q.kv_cache_quant_algo or 'auto'} tp{ec.mapping.tp_size}pp{ec.mapping.pp_size} "
             f"{inputs['gpu']['class']} SM {inputs['gpu']['sm']} compiler {inputs['compiler']}"
         )
+        if ec.build_config is not None:
+            b, pl = ec.build_config, ec.build_config.plugin_config
+            on = {True: "on", False: "off"}
+            lines.append(
+                f"  engine:   {b.kv_cache_type.lower()} KV cache, context FMHA {on[pl.context_fmha]}, paged context "
+                f"FMHA {on[pl.use_paged_context_fmha]}, FP8 context FMHA {on[pl.use_fp8_context_fmha]}, "
+                f"gemm plugin {pl.gemm_plugin or 'off'}, opt tokens {b.opt_num_tokens}"
+            )
     lines += _observed_text(observed or {})
     return "\n".join(lines)
 

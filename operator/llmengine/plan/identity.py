@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmengine.api.artifacts import BuildShapes
+from llmengine.api.engine import EngineConfig
 from llmengine.api.v1alpha1 import LLMEngineSpec
 from llmengine.plan.catalog import ModelFacts
 from llmengine.plan.gpus import GpuClass
@@ -47,21 +48,6 @@ def model_source_identity(spec: LLMEngineSpec) -> dict[str, Any]:
     return {"s3": {"uri": source.s3.uri.strip().rstrip("/")}}
 
 
-def build_features(spec: LLMEngineSpec) -> dict[str, bool | str]:
-    """Compile-time feature flags with defaults filled in (camelCase)."""
-    b = spec.build
-    return {
-        "contextFmha": b.context_fmha,
-        "fp8ContextFmha": b.fp8_context_fmha,
-        "kvCacheType": b.kv_cache_type,
-        "multipleProfiles": b.multiple_profiles,
-        "pagedContextFmha": b.paged_context_fmha,
-        "removeInputPadding": b.remove_input_padding,
-        "stripPlan": b.strip_plan,
-        "weightStreaming": b.weight_streaming,
-    }
-
-
 def shapes_dict(shapes: BuildShapes) -> dict[str, int]:
     out = {
         "maxBatchSize": shapes.max_batch_size,
@@ -79,17 +65,19 @@ def identity_inputs(
     spec: LLMEngineSpec,
     *,
     facts: ModelFacts,
-    shapes: BuildShapes,
+    engine: EngineConfig,
     gpu: GpuClass,
     trtllm_version: str,
     builder_image: str,
     compiler: str,
     calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The canonical identity inputs of an engine.
+    """The canonical identity inputs of an engine: the effective EngineConfig (every setting TensorRT-LLM is
+    handed, upstream's rules applied, so two specs that build the same engine share a digest), the weights, the
+    calibration data, the GPU, the release and the builder image.
 
-    With the pytorch backend, shapes and TensorRT feature flags are runtime settings (a restart, not a rebuild),
-    so they are left out; the prepared checkpoint still depends on everything else.
+    With the pytorch backend the EngineConfig has no build_config: shapes and TensorRT feature flags are runtime
+    settings there (a restart, not a rebuild); the prepared checkpoint still depends on everything else.
     """
     inputs: dict[str, Any] = {
         "schema": IDENTITY_SCHEMA,
@@ -98,17 +86,9 @@ def identity_inputs(
         "builderImage": builder_image.strip(),
         "trtllmVersion": trtllm_version,
         "model": {"source": model_source_identity(spec), "facts": facts.as_dict()},
-        "precision": {
-            "dtype": spec.precision.dtype,
-            "quantization": spec.precision.quantization,
-            "kvCacheDtype": spec.precision.kv_cache_dtype,
-        },
-        "parallelism": {"tensor": spec.parallelism.tensor, "pipeline": spec.parallelism.pipeline},
+        "engine": engine.model_dump(mode="json"),
         "gpu": {"class": gpu.name, "sm": gpu.sm},
     }
     if calibration is not None:
         inputs["calibration"] = calibration
-    if spec.backend == "tensorrt":
-        inputs["shapes"] = shapes_dict(shapes)
-        inputs["features"] = build_features(spec)
     return inputs

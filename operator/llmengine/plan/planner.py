@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from llmengine.api.artifacts import BuildRequest, BuildShapes, CalibrationSource, ModelSource, StoreLocation
 from llmengine.api.config import ImageCatalog
+from llmengine.api.engine import EngineConfig
 from llmengine.api.v1alpha1 import SHAPE_FIELDS, FieldError, InvalidEngine, LLMEngine, LLMEngineSpec, parse_engine
 from llmengine.plan import sizing, validate
 from llmengine.plan.catalog import CATALOG, ModelFacts, lookup, resolve_facts
+from llmengine.plan.engine_config import effective_shapes, engine_config
 from llmengine.plan.gpus import GIB, UNKNOWN_GPU, GpuClass, MigProfile, gpu_class, gpu_resource
 from llmengine.plan.identity import engine_digest, identity_inputs, short_digest
 from llmengine.plan.sizing import EMPTY_MEMORY, MemoryEstimate
@@ -56,6 +58,15 @@ class Plan:
     # The images configured for trtllm_version: the builder's is part of the identity, the server's of the rollout.
     builder_image: str = ""
     server_image: str = ""
+    # Every engine-shaping setting TensorRT-LLM is handed, upstream's rules applied (None when it could not be
+    # worked out). The identity is a digest of it.
+    engine: EngineConfig | None = None
+
+    @property
+    def paged_context_fmha(self) -> bool:
+        """Whether the engine is built with paged context attention (chunked prefill possible)."""
+        b = self.engine.build_config if self.engine is not None else None
+        return b.plugin_config.use_paged_context_fmha if b is not None else True
 
 
 def invalid_plan(errors: list[FieldError]) -> Plan:
@@ -297,33 +308,17 @@ def runtime_args(spec: LLMEngineSpec, shapes: BuildShapes) -> list[str]:
     ]
 
 
-def request_features(spec: LLMEngineSpec) -> dict[str, bool]:
-    """Build flags in the builder's vocabulary (all of them, so the builder's defaults never matter)."""
-    b = spec.build
-    return {
-        "context_fmha": b.context_fmha,
-        "fp8_context_fmha": b.fp8_context_fmha,
-        "multiple_profiles": b.multiple_profiles,
-        "paged_context_fmha": b.paged_context_fmha,
-        "paged_kv_cache": b.kv_cache_type == "paged",
-        "remove_input_padding": b.remove_input_padding,
-        "strip_plan": b.strip_plan,
-        "weight_streaming": b.weight_streaming,
-    }
-
-
 def calibration_identity(spec: LLMEngineSpec) -> dict[str, Any] | None:
-    """The calibration data as an identity input: only when the build calibrates (otherwise it changes nothing)."""
+    """The calibration dataset as an identity input, only when the build calibrates (otherwise it changes nothing).
+    How many samples of what length are used is in the EngineConfig, as upstream applies them."""
     c = spec.precision.calibration
     if c is None or not validate.calibrates(spec):
         return None
     hf, s3 = c.dataset.hugging_face, c.dataset.s3
-    source = (
-        {"huggingFace": {"repo": hf.repo.strip(), "revision": hf.revision.strip()}}
-        if hf
-        else {"s3": {"uri": s3.uri.strip().rstrip("/")}}  # type: ignore[union-attr]
-    )
-    return {"dataset": source, "samples": c.samples, "maxSeqLength": c.max_seq_length}
+    if hf is not None:
+        return {"dataset": {"huggingFace": {"repo": hf.repo.strip(), "revision": hf.revision.strip()}}}
+    assert s3 is not None
+    return {"dataset": {"s3": {"uri": s3.uri.strip().rstrip("/")}}}
 
 
 def calibration_request(spec: LLMEngineSpec) -> CalibrationSource | None:
@@ -343,6 +338,7 @@ def calibration_request(spec: LLMEngineSpec) -> CalibrationSource | None:
 def _build_request(
     spec: LLMEngineSpec,
     *,
+    engine: EngineConfig,
     digest: str,
     compiler: Literal["tensorrt-llm", "test"],
     test_engine_bytes: int | None,
@@ -374,7 +370,7 @@ def _build_request(
         tp_size=spec.parallelism.tensor,
         pp_size=spec.parallelism.pipeline,
         shapes=shapes,
-        features=request_features(spec),
+        engine=engine,
         calibration=calibration_request(spec),
         gpu_class=gpu.name,
         sm=gpu.sm,
@@ -437,8 +433,23 @@ def _plan(
         validate.check_runtime,
     ):
         errors += rule(resolved)
-    warnings += validate.shape_warnings(resolved)
     warnings += validate.calibration_warnings(resolved)
+
+    econf: EngineConfig | None = None
+    if facts is not None and shapes is not None:
+        result = engine_config(
+            spec,
+            architecture=facts.architecture,
+            shapes=shapes,
+            gpu=gpu,
+            calibrates=validate.calibrates(spec),
+            shapes_explicit=spec.traffic is None,
+        )
+        errors += result.errors
+        econf = result.config
+        shapes = effective_shapes(econf, shapes)
+        paged_ctx = econf.build_config.plugin_config.use_paged_context_fmha if econf.build_config else True
+        warnings += validate.shape_warnings(replace(resolved, shapes=shapes), paged_ctx)
 
     memory = EMPTY_MEMORY
     if facts is not None and shapes is not None:
@@ -452,11 +463,11 @@ def _plan(
     pair = images.resolve(version) if version is not None else None
     inputs: dict[str, Any] = {}
     digest = ""
-    if facts is not None and shapes is not None and pair is not None and version is not None and compiler in COMPILERS:
+    if econf is not None and facts is not None and pair is not None and version is not None and compiler in COMPILERS:
         inputs = identity_inputs(
             spec,
             facts=facts,
-            shapes=shapes,
+            engine=econf,
             gpu=gpu,
             trtllm_version=version,
             builder_image=pair.builder,
@@ -469,9 +480,10 @@ def _plan(
     request = None
     if valid:
         assert facts is not None and shapes is not None and version is not None and store is not None
-        assert pair is not None
+        assert pair is not None and econf is not None
         request = _build_request(
             spec,
+            engine=econf,
             digest=digest,
             compiler="test" if compiler == "test" else "tensorrt-llm",
             test_engine_bytes=test_engine_bytes,
@@ -503,6 +515,7 @@ def _plan(
         trtllm_version=version,
         builder_image=pair.builder if pair else "",
         server_image=pair.server if pair else "",
+        engine=econf,
     )
 
 

@@ -113,7 +113,8 @@ def estimate_memory(
         # Paged: room for at least one full-length sequence (all its beams).
         min_kv = per_token * runtime_seq * beams
     # The KV pool only gets kv_fraction of what is left after weights, activations and buffers.
-    required = weights + activations + runtime + math.ceil(min_kv / kv_fraction)
+    # Exact: a fraction near zero (even a denormal float) gives a huge requirement, not an infinity.
+    required = weights + activations + runtime + math.ceil(Fraction(min_kv) / Fraction(kv_fraction))
     return MemoryEstimate(
         required_bytes_per_gpu=required,
         available_bytes_per_gpu=available_bytes,

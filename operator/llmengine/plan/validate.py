@@ -20,17 +20,14 @@ SM_BLACKWELL = (10, 0)
 TENSORRT_MIN = (1, 0)
 TENSORRT_BELOW = (1, 3)
 
-FP8_CONTEXT_FMHA_QUANTS = ("fp8", "w4a8_awq", "nvfp4")
-# Integer weight-only and SmoothQuant kernels do not exist for SM 10.0+.
-BLACKWELL_UNSUPPORTED_QUANTS = ("int8_weight_only", "int4_awq", "w4a8_awq", "smoothquant")
 # Quantizations and KV cache dtypes whose build calibrates on sample text.
 CALIBRATING_QUANTS = ("fp8", "int4_awq", "w4a8_awq", "nvfp4", "smoothquant")
 CALIBRATING_KV_DTYPES = ("fp8", "int8")
-# Quantizations the PyTorch backend cannot serve (TensorRT-only conversion paths).
-TENSORRT_ONLY_QUANTS = ("int8_weight_only", "smoothquant")
+AWQ_QUANTS = ("int4_awq", "w4a8_awq")
 # Build flags that only mean something to trtllm-build, with their defaults.
 TENSORRT_ONLY_FEATURES = {
-    "fp8_context_fmha": False,
+    "fp8_context_fmha": None,
+    "paged_context_fmha": None,
     "multiple_profiles": False,
     "strip_plan": False,
     "weight_streaming": False,
@@ -166,8 +163,6 @@ def check_precision(r: Resolved) -> list[FieldError]:
         )
     if p.quantization == "nvfp4" and sm < SM_BLACKWELL:
         out.append(FieldError(q, f"nvfp4 needs Blackwell (SM 10.0), {where} is not: use fp8 or int4_awq, or B200"))
-    if p.quantization in BLACKWELL_UNSUPPORTED_QUANTS and sm >= SM_BLACKWELL:
-        out.append(FieldError(q, f"{p.quantization} is not supported on Blackwell ({where}): use fp8 or nvfp4 instead"))
     if p.kv_cache_dtype == "fp8" and sm < SM_FP8:
         out.append(
             FieldError(
@@ -175,18 +170,6 @@ def check_precision(r: Resolved) -> list[FieldError]:
                 f"an fp8 KV cache needs SM 8.9+, {where} has no FP8: use kvCacheDtype int8 or auto",
             )
         )
-    if b.fp8_context_fmha:
-        f = "spec.build.fp8ContextFmha"
-        if sm < SM_FP8:
-            out.append(FieldError(f, f"FP8 context FMHA needs SM 8.9+, {where} has no FP8: set it to false"))
-        elif p.quantization not in FP8_CONTEXT_FMHA_QUANTS:
-            out.append(
-                FieldError(
-                    f,
-                    f"FP8 context FMHA only takes effect with quantization fp8, w4a8_awq or nvfp4 (got "
-                    f"{p.quantization}); TensorRT-LLM would silently drop it: set a quantization or set it to false",
-                )
-            )
     if b.paged_context_fmha and b.kv_cache_type != "paged":
         out.append(
             FieldError(
@@ -222,7 +205,13 @@ def check_calibration(r: Resolved) -> list[FieldError]:
 
 
 def calibration_warnings(r: Resolved) -> list[str]:
-    if r.spec.precision.calibration is None or calibrates(r.spec):
+    c = r.spec.precision.calibration
+    if c is not None and calibrates(r.spec) and r.spec.precision.quantization in AWQ_QUANTS and c.samples > 32:
+        return [
+            f"spec.precision.calibration.samples is {c.samples}, but TensorRT-LLM calibrates AWQ on at most 32 "
+            "samples: the engine is the same as with 32"
+        ]
+    if c is None or calibrates(r.spec):
         return []
     return [
         "spec.precision.calibration is ignored: quantization "
@@ -239,14 +228,6 @@ def check_backend(r: Resolved) -> list[FieldError]:
     for name, default in TENSORRT_ONLY_FEATURES.items():
         if getattr(r.spec.build, name) != default:
             out.append(FieldError(f"spec.build.{_camel(name)}", f"is a TensorRT engine build flag: {fix}"))
-    if r.spec.precision.quantization in TENSORRT_ONLY_QUANTS:
-        out.append(
-            FieldError(
-                "spec.precision.quantization",
-                f"{r.spec.precision.quantization} is only available with the tensorrt backend: use fp8, int4_awq "
-                "or nvfp4, or set spec.backend: tensorrt",
-            )
-        )
     return out
 
 
@@ -354,11 +335,11 @@ def check_runtime(r: Resolved) -> list[FieldError]:
     return out
 
 
-def shape_warnings(r: Resolved) -> list[str]:
-    s, b = r.shapes, r.spec.build
+def shape_warnings(r: Resolved, paged_context_fmha: bool) -> list[str]:
+    s = r.shapes
     if s is None or s.max_num_tokens >= s.max_input_len:
         return []
-    if not b.paged_context_fmha:
+    if not paged_context_fmha:
         return [
             f"maxNumTokens ({s.max_num_tokens}) is below maxInputLen ({s.max_input_len}) without paged context "
             "FMHA: prompts longer than maxNumTokens will be rejected; set pagedContextFmha true or raise maxNumTokens"

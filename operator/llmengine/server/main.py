@@ -26,10 +26,12 @@ from llmengine.logging import configure_logging, get_logger
 from llmengine.server.meter import LOOPBACK, Child, MeterError, run_meter, spawn_child, upstream_port_for
 from llmengine.server.preflight import DEFAULT_MARGIN_BYTES, Expectation, run_preflight
 from llmengine.server.serve import (
-    EXTRA_OPTIONS,
     RuntimeKnobs,
     ServeConfigError,
+    default_tokenizer,
+    extra_options,
     min_free_bytes,
+    options_yaml,
     resolve_knobs,
     serve_argv,
 )
@@ -169,14 +171,16 @@ def exec_server(args: argparse.Namespace, manifest: Manifest, seams: Seams) -> i
         resolved = resolve_knobs(manifest, knobs)
     except ServeConfigError as exc:
         raise ServeError(str(exc)) from exc
-    args.extra_options_file.parent.mkdir(parents=True, exist_ok=True)
-    args.extra_options_file.write_text(EXTRA_OPTIONS)
+    options = extra_options(manifest.backend)
+    options_file: Path | None = None
+    if options:
+        args.extra_options_file.parent.mkdir(parents=True, exist_ok=True)
+        args.extra_options_file.write_text(options_yaml(options))
+        options_file = args.extra_options_file
     log = get_logger(engine_digest=manifest.engine_digest)
-    tokenizer = args.tokenizer or args.engine_dir
+    tokenizer = args.tokenizer or default_tokenizer(args.engine_dir)
     if not args.meter:
-        argv = serve_argv(
-            manifest, args.engine_dir, tokenizer, resolved, args.extra_options_file, host=args.host, port=args.port
-        )
+        argv = serve_argv(manifest, args.engine_dir, tokenizer, resolved, options_file, host=args.host, port=args.port)
         log.info("exec trtllm-serve", argv=argv)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -185,9 +189,7 @@ def exec_server(args: argparse.Namespace, manifest: Manifest, seams: Seams) -> i
     upstream = args.meter_upstream_port or upstream_port_for(args.port)
     if upstream == args.port:
         raise ServeError(f"--meter-upstream-port {upstream} is the public --port: pick another")
-    argv = serve_argv(
-        manifest, args.engine_dir, tokenizer, resolved, args.extra_options_file, host=LOOPBACK, port=upstream
-    )
+    argv = serve_argv(manifest, args.engine_dir, tokenizer, resolved, options_file, host=LOOPBACK, port=upstream)
     log.info("start trtllm-serve behind the metering proxy", argv=argv, port=args.port, upstream_port=upstream)
     sys.stdout.flush()
     sys.stderr.flush()

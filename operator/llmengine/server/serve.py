@@ -7,7 +7,29 @@ from pathlib import Path
 
 from llmengine.api.artifacts import Manifest
 
-EXTRA_OPTIONS = "return_perf_metrics: true\n"  # exposes Prometheus metrics at /prometheus/metrics
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+def extra_options(backend: str) -> dict[str, object]:
+    """The extra LLM API options trtllm-serve gets (keys of the backend's LlmArgs; an unknown key stops it).
+
+    return_perf_metrics exposes Prometheus metrics at /prometheus/metrics, but with the tensorrt backend it makes
+    the 1.2 line's server fail at start-up (TrtLlmArgs has no perf_metrics_max_requests: NVIDIA/TensorRT-LLM
+    issue #9678, fixed on main after 1.2), so tensorrt engines get no options file; the metering proxy still
+    counts every request.
+    """
+    return {"return_perf_metrics": True} if backend == "pytorch" else {}
+
+
+def options_yaml(options: dict[str, object]) -> str:
+    return "".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in sorted(options.items()))
+
+
+def default_tokenizer(engine_dir: Path) -> Path:
+    """The engine's tokenizer directory (tokenizer files plus the model's Hugging Face config.json, which the
+    server reads), or the engine dir itself for engines built before it existed."""
+    sub = engine_dir / TOKENIZER_SUBDIR
+    return sub if (sub / "config.json").is_file() else engine_dir
 
 
 class ServeConfigError(Exception):
@@ -62,13 +84,13 @@ def serve_argv(
     model_dir: Path,
     tokenizer: Path | str,
     knobs: ResolvedKnobs,
-    extra_options: Path,
+    extra_options: Path | None,
     host: str = "0.0.0.0",
     port: int = 8000,
 ) -> list[str]:
     """argv to exec or spawn behind the meter (host 127.0.0.1 then): the engine dir with --backend tensorrt, or
     the HF checkpoint dir with pytorch."""
-    return [
+    argv = [
         "trtllm-serve",
         str(model_dir),
         "--backend",
@@ -93,9 +115,10 @@ def serve_argv(
         str(manifest.tp_size),
         "--pp_size",
         str(manifest.pp_size),
-        "--extra_llm_api_options",
-        str(extra_options),
     ]
+    if extra_options is not None:
+        argv += ["--extra_llm_api_options", str(extra_options)]
+    return argv
 
 
 def min_free_bytes(manifest: Manifest, margin: int) -> int:
