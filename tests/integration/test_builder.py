@@ -20,6 +20,7 @@ import pytest
 
 from llmengine.api.artifacts import BuildRequest, BuildResult, StoreLocation
 from llmengine.clients.store import EngineStore, S3Config, file_sha256, make_s3_client
+from llmengine.dev import seed
 from llmengine.dev.s3 import S3Endpoint
 
 MiB = 1024 * 1024
@@ -55,25 +56,19 @@ def upload_checkpoint(client: Any, bucket: str, prefix: str) -> None:
 
 
 def make_request(ep: S3Endpoint, bucket: str, digest: str, **kw: Any) -> BuildRequest:
-    base: dict[str, Any] = {
-        "engine_digest": digest,
-        "backend": "tensorrt",
-        "compiler": "test",
-        "test_engine_bytes": 5 * MiB + 3,
-        "model": {"s3_uri": f"s3://{bucket}/models/tiny/"},
-        "architecture": "LlamaForCausalLM",
-        "model_facts": {"hidden_size": 4, "num_layers": 1},
-        "dtype": "float16",
-        "tp_size": 2,
-        "shapes": {"max_batch_size": 8, "max_input_len": 128, "max_seq_len": 256, "max_num_tokens": 512},
-        "gpu_class": "H100-80GB",
-        "sm": "9.0",
-        "image": "registry.example/llmengine-builder:test",
-        "trtllm_version": "1.2.1",
-        "store": {"bucket": bucket, "prefix": "engines", "endpoint": ep.endpoint},
-    }
-    base.update(kw)
-    return BuildRequest.model_validate(base)
+    """The planner's request (seed.build_request; tp 2 unless tp_size says), for this S3 server and bucket."""
+    plan_kw = {"tp": kw.pop("tp_size", 2)}
+    for key in ("quantization", "kv_cache_dtype", "gpu"):
+        if key in kw:
+            plan_kw[key] = kw.pop(key)
+    data = seed.build_request(model_uri=f"s3://{bucket}/models/tiny/", **plan_kw).model_dump()
+    data.update(
+        engine_digest=digest,
+        test_engine_bytes=5 * MiB + 3,
+        store={"bucket": bucket, "prefix": "engines", "endpoint": ep.endpoint},
+    )
+    data.update(kw)
+    return BuildRequest.model_validate(data)
 
 
 def env_for(ep: S3Endpoint, **extra: str) -> dict[str, str]:
@@ -216,7 +211,9 @@ def test_an_upload_killed_midway_leaves_nothing_committed(
 def test_an_unsupported_request_fails_permanently_without_touching_the_store(
     s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path
 ) -> None:
-    req = make_request(s3_endpoint, s3_bucket, "perm000000000001", quantization="fp8", sm="8.0", gpu_class="A100-80GB")
+    # FP8 on an A100 (as a request edited past the planner would ask): TensorRT has no FP8 kernels on SM 8.0.
+    req = make_request(s3_endpoint, s3_bucket, "perm000000000001", quantization="fp8")
+    req = req.model_copy(update={"sm": "8.0", "gpu_class": "A100-80GB"})
     (tmp_path / "request.json").write_text(req.to_json())
     p = llmengine(
         "build-engine",
@@ -276,7 +273,7 @@ def test_a_calibrating_build_fetches_its_samples_from_s3_and_hands_them_to_the_c
 
     upload_checkpoint(s3_client, s3_bucket, "models/tiny")
     s3_client.put_object(Bucket=s3_bucket, Key="calibration/text/train.jsonl", Body=calibration_jsonl(12))
-    cal = {"s3_uri": f"s3://{s3_bucket}/calibration/text/", "samples": 8, "max_seq_length": 64}
+    cal = {"s3_uri": f"s3://{s3_bucket}/calibration/text/"}
     req = make_request(s3_endpoint, s3_bucket, "ca11b4a7e0000001", quantization="fp8", calibration=cal)
     (tmp_path / "request.json").write_text(req.to_json())
     work = tmp_path / "work"
@@ -288,7 +285,7 @@ def test_a_calibrating_build_fetches_its_samples_from_s3_and_hands_them_to_the_c
     stages = [json.loads(line)["stage"] for line in p.stderr.splitlines() if '"stage finished"' in line]
     assert stages == ["fetch", "fetch-calibration", "compile", "verify", "upload"]
     marker = json.loads((work / "engine" / "llmengine-test-build.json").read_text())
-    assert marker["calibration_samples"] == 8
+    assert marker["calibration_samples"] == 12  # all 12 texts: the engine asks for up to 16
 
     # A dataset without the text column is refused at fetch, permanently, before any compile.
     s3_client.put_object(Bucket=s3_bucket, Key="calibration/bad/train.jsonl", Body=b'{"article": "x"}\n')

@@ -424,7 +424,7 @@ def test_calibration_dataset_is_fetched_as_a_pinned_dataset_repo_and_checked(tmp
         calls.append(kw)
         Path(kw["local_dir"], "train.jsonl").write_bytes(calibration_jsonl(4))
 
-    cal = {"hugging_face_repo": "org/text", "revision": "abc", "samples": 4, "max_seq_length": 64}
+    cal = {"hugging_face_repo": "org/text", "revision": "abc"}
     got = fetch_calibration(request(calibration=cal), tmp_path / "cal", hf_download=download)
     assert got is not None and got.path == tmp_path / "cal" and got.bytes > 0
     assert calls[0]["repo_id"] == "org/text" and calls[0]["revision"] == "abc"

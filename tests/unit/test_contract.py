@@ -20,6 +20,7 @@ from typing import Any
 
 from llmengine.api.artifacts import Manifest, Provenance
 from llmengine.api.v1alpha1 import SHAPE_FIELDS, parse_engine
+from llmengine.builder.benchmark import bench_argv
 from llmengine.builder.compiler import contract_problems
 from llmengine.builder.testcompiler import engine_config as written_config
 from llmengine.builder.trtllm_driver import (
@@ -29,7 +30,6 @@ from llmengine.builder.trtllm_driver import (
     quant_kwargs,
     quantize_kwargs,
 )
-from llmengine.builder.benchmark import bench_argv
 from llmengine.builder.verify import setting_mismatches
 from llmengine.dev import seed
 from llmengine.plan import plan_object
@@ -145,7 +145,7 @@ def _accepted_problems(plan: Any, obj: Any) -> list[str]:
             sm=req.sm,
             build_time="t",
             build_seconds=0,
-        ),  # fmt: skip
+        ),
     )
     s = req.shapes
     knobs = ResolvedKnobs(s.max_batch_size, s.max_num_tokens, s.max_seq_len, s.max_beam_width, 0.9)

@@ -736,13 +736,9 @@ def test_calibration_data_reaches_the_build_request_only_when_the_build_calibrat
     assert plan.valid, plan.errors
     assert plan.build_request is not None and plan.build_request.calibration is not None
     c = plan.build_request.calibration
-    assert (c.hugging_face_repo, c.revision, c.s3_uri, c.samples, c.max_seq_length) == (
-        "org/text",
-        "abc123",
-        None,
-        256,
-        1024,
-    )
+    assert (c.hugging_face_repo, c.revision, c.s3_uri) == ("org/text", "abc123", None)
+    e = plan.build_request.engine.calibration
+    assert e is not None and (e.calib_batches, e.calib_max_seq_length) == (256, 1024)
     unquantized = plan_of(_with(precision={"calibration": cal}))
     assert unquantized.valid and unquantized.build_request is not None
     assert unquantized.build_request.calibration is None

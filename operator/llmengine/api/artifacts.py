@@ -65,13 +65,12 @@ class ModelSource(Doc):
 
 
 class CalibrationSource(Doc):
-    """Calibration samples for a quantized build: exactly one of hugging_face_repo (a dataset) or s3_uri."""
+    """Where a quantized build's calibration samples are: exactly one of hugging_face_repo (a dataset) or s3_uri.
+    How many of them and how long is the EngineConfig's calibration (as upstream applies them)."""
 
     hugging_face_repo: str | None = None
     revision: str | None = None
     s3_uri: str | None = None
-    samples: int
-    max_seq_length: int
 
 
 class BuildShapes(Doc):

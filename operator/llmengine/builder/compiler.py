@@ -61,10 +61,26 @@ def upstream_options(engine: EngineConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
+FP8_ALGOS = frozenset({"FP8", "W4A8_AWQ", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_BLOCK_SCALES"})
+
+
+def hardware_problems(engine: EngineConfig, sm: str) -> list[str]:
+    """Precisions the GPU has no kernels for (TensorRT: "Networks with FP8 precision require hardware with FP8
+    support"; NVFP4 is Blackwell's)."""
+    q, cc = engine.quantization, sm_tuple(sm)
+    out = []
+    if (q.quant_algo in FP8_ALGOS or q.kv_cache_quant_algo == "FP8") and cc < (8, 9):
+        out.append(f"FP8 needs SM >= 8.9, this GPU class is SM {sm}")
+    if (q.quant_algo == "NVFP4" or q.kv_cache_quant_algo == "NVFP4") and cc < (10, 0):
+        out.append(f"NVFP4 needs SM >= 10.0, this GPU class is SM {sm}")
+    return out
+
+
 def contract_problems(engine: EngineConfig, sm: str) -> list[str]:
     """Everything upstream would not take as given: options it does not define or types it refuses, and settings
     its build rules would change or refuse on this SM. Empty for every request the planner writes."""
     problems = [p for name, opts in upstream_options(engine).items() for p in check_options(name, opts)]
+    problems += hardware_problems(engine, sm)
     outcome = apply_build_rules(engine, sm_tuple(sm))
     problems += [
         f"TensorRT-LLM would change {c.key} from {c.before} to {c.after} ({c.rule}: {c.why})" for c in outcome.changes

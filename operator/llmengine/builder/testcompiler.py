@@ -101,8 +101,9 @@ def write_pseudo_random(path: Path, size: int, seed: int) -> None:
 
 def calibration_samples(request: BuildRequest, calibration_dir: Path | None) -> int | None:
     """How many calibration texts the build would use (what upstream reads: the "text" of the train split's
-    records, at most `samples`); a calibrating request without its data fails as the real build would."""
-    if request.calibration is None:
+    records, at most calib_batches); a calibrating request without its data fails as the real build would."""
+    settings = request.engine.calibration
+    if request.calibration is None or settings is None:
         return None
     if calibration_dir is None or not calibration_dir.is_dir():
         raise BuildFailure(
@@ -114,7 +115,7 @@ def calibration_samples(request: BuildRequest, calibration_dir: Path | None) -> 
             texts += sum(1 for line in f if line.strip())
     if texts == 0:
         raise BuildFailure("compile", "CalibrationInvalid", "the calibration dataset holds no text records", True)
-    return min(texts, request.calibration.samples)
+    return min(texts, settings.calib_batches)
 
 
 class TestCompiler:

@@ -134,9 +134,9 @@ def route_errors(spec: LLMEngineSpec, architecture: str, quant: QuantSettings) -
             )
         else:
             msg = (
-                f"kvCacheDtype int8 with quantization {p.quantization} calibrates through TensorRT-LLM's per-family code, "
-                "which only "
-                "reads a dataset named cnn_dailymail or lambada: pair it with fp8, int4_awq, w4a8_awq or smoothquant "
+                f"kvCacheDtype int8 with quantization {p.quantization} calibrates through TensorRT-LLM's per-family "
+                "code, which only reads a dataset named cnn_dailymail or lambada: pair it with fp8, int4_awq, "
+                "w4a8_awq or smoothquant "
                 "(ModelOpt calibrates those with your dataset), or use kvCacheDtype fp8 or auto"
             )
         out.append(FieldError("spec.precision.kvCacheDtype", msg))

@@ -330,8 +330,6 @@ def calibration_request(spec: LLMEngineSpec) -> CalibrationSource | None:
         hugging_face_repo=hf.repo if hf else None,
         revision=hf.revision if hf else None,
         s3_uri=s3.uri if s3 else None,
-        samples=c.samples,
-        max_seq_length=c.max_seq_length,
     )
 
 
