@@ -762,6 +762,9 @@ class BuildStatus(StatusModel):
     queue_position: int | None = Field(default=None, description="Position in the build queue while Queued (1 = next).")
     attempts: int | None = Field(default=None, description="Build attempts for the desired engine.")
     last_failure: str | None = Field(default=None, description="Why the last attempt failed.")
+    failed_attempt: int | None = Field(
+        default=None, description="The attempt lastFailure belongs to (a failure is reported once per attempt)."
+    )
     started_at: str | None = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When the current build started."
     )

@@ -204,7 +204,7 @@ def _spec_field(change: Change, spec: LLMEngineSpec, shapes_explicit: bool) -> s
     return None
 
 
-def _fix(change: Change, spec: LLMEngineSpec, field: str) -> str:
+def _fix(change: Change, spec: LLMEngineSpec, field: str, gpu: GpuClass) -> str:
     q, kv = spec.precision.quantization, spec.precision.kv_cache_dtype
     leaf = field.rsplit(".", 1)[-1]
     if leaf == "maxNumTokens":
@@ -226,7 +226,8 @@ def _fix(change: Change, spec: LLMEngineSpec, field: str) -> str:
             "set pagedContextFmha false"
         )
     if leaf == "pagedContextFmha" and change.rule == "F6":
-        return "set kvCacheDtype auto or fp8, or set pagedContextFmha false"
+        kv_fix = "auto or fp8" if parse_sm(gpu.sm) >= (8, 9) else "auto"
+        return f"set kvCacheDtype {kv_fix}, or set pagedContextFmha false"
     return f"remove {leaf}"
 
 
@@ -280,7 +281,7 @@ def engine_config(
                 FieldError(
                     field,
                     f"TensorRT-LLM would change it from {_spell(change.before)} to {_spell(change.after)} "
-                    f"({change.rule}: {change.why}): {_fix(change, spec, field)}",
+                    f"({change.rule}: {change.why}): {_fix(change, spec, field, gpu)}",
                 )
             )
     for refusal in outcome.refusals:
