@@ -144,7 +144,7 @@ def main() -> int:
             "--metrics-port",
             "0",
             "--liveness",
-            "http://127.0.0.1:0/healthz",
+            f"http://127.0.0.1:{proc.free_port()}/healthz",  # port 0 would mean 80 to Kopf: root only, and taken
             f"--webhook-port={webhook_port}",
             "--webhook-addr=127.0.0.1",
             f"--webhook-cert-dir={certs}",
