@@ -82,6 +82,7 @@ def test_update_that_changes_identity_warns_about_the_rebuild() -> None:
     v = review(new, old, "UPDATE")
     assert v.allowed
     assert any("builds a new engine" in w and "keeps serving" in w for w in v.warnings)
+    assert any("engine.build_config.max_seq_len: 16384 → 12288" in w for w in v.warnings), v.warnings
 
 
 def test_update_that_only_rolls_out_does_not_warn_about_a_rebuild() -> None:

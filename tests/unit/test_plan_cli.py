@@ -150,8 +150,32 @@ def test_against_file_actions(tmp_path: Path) -> None:
         ("ml", "fresh"): "create",
         ("other", "same"): "create",
     }
+    because = {(d["namespace"], d["name"]): d["because"] for d in json.loads(out)}
+    # Each verdict names what moved, old -> new: the weights revision rebuilds, the replicas roll out.
+    assert because[("ml", "bumped")] == ['model.source.huggingFace.revision: "0e9e39f" → "fff"']
+    assert because[("ml", "scaled")] == ["serving.replicas: 1 → 4"]
+    assert because[("ml", "same")] == [] and because[("ml", "fresh")] == []
     rc, text, _ = run("-f", new, "--against", old)
-    assert "action:   rollout" in text
+    assert "action:   rollout" in text and "because:  serving.replicas: 1 → 4" in text
+
+
+def test_a_rebuild_names_the_effective_setting_not_the_spelling(tmp_path: Path) -> None:
+    """An fp8ContextFmha written out as upstream forces it moves nothing; a shape change names the BuildConfig
+    field."""
+    cal = {"dataset": {"s3": {"uri": "s3://b/cal/"}}}
+    precision = {"quantization": "fp8", "kvCacheDtype": "fp8", "calibration": cal}
+    old = write(tmp_path / "old.yaml", engine("e", precision=precision))
+    explicit = engine("e", precision=precision)
+    explicit["spec"]["build"]["fp8ContextFmha"] = True
+    same = write(tmp_path / "same.yaml", explicit)
+    rc, out, _ = run("-f", same, "--against", old, "-o", "json")
+    assert rc == 0 and json.loads(out)[0]["action"] == "nothing", out
+    grown = engine("e", precision=precision)
+    grown["spec"]["build"]["maxBatchSize"] = 2 * grown["spec"]["build"]["maxBatchSize"]
+    rc, out, _ = run("-f", write(tmp_path / "grown.yaml", grown), "--against", old, "-o", "json")
+    doc = json.loads(out)[0]
+    assert doc["action"] == "rebuild"
+    assert any(r.startswith("engine.build_config.max_batch_size: ") for r in doc["because"]), doc["because"]
 
 
 def test_against_unreadable_file_exits_2(tmp_path: Path) -> None:

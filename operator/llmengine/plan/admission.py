@@ -14,8 +14,8 @@ from typing import Any
 
 from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import ImageCatalog
-from llmengine.api.v1alpha1 import FieldError
-from llmengine.plan.planner import Plan, plan_object
+from llmengine.api.v1alpha1 import FieldError, parse_engine
+from llmengine.plan.planner import Plan, differences, plan_object
 
 # Kubernetes shows the message in `kubectl apply` output; keep it to a readable size.
 _MAX_ERRORS = 8
@@ -86,8 +86,10 @@ def review(
     if operation == "UPDATE" and old is not None:
         before = plan(old)
         if before.valid and before.engine_digest != p.engine_digest:
+            why = differences(before, p, parse_engine(dict(old)), parse_engine(dict(new)))
+            shown = "; ".join(why[:3]) + (f"; and {len(why) - 3} more" if len(why) > 3 else "")
             warnings.append(
                 f"this change builds a new engine ({before.short_digest} -> {p.short_digest}); the current engine "
-                "keeps serving until the new one is ready"
+                f"keeps serving until the new one is ready. Changed: {shown}"
             )
     return Verdict(allowed=True, warnings=warnings)

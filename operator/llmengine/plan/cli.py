@@ -21,7 +21,7 @@ from llmengine.api.config import DEFAULT_TRTLLM_VERSION, ImageCatalog
 from llmengine.api.v1alpha1 import InvalidEngine, LLMEngine, parse_engine
 from llmengine.plan.gpus import GIB
 from llmengine.plan.identity import shapes_dict
-from llmengine.plan.planner import COMPILERS, Plan, compare, invalid_plan, make_plan
+from llmengine.plan.planner import COMPILERS, Plan, compare, differences, invalid_plan, make_plan
 
 # Stands in for the operator's default store when a manifest has no spec.store: the store never changes the
 # engine identity, so an offline plan only needs to know that one will exist.
@@ -182,7 +182,11 @@ def _observed_text(obs: Mapping[str, Any]) -> list[str]:
 
 
 def to_json(
-    entry: Entry, action: str | None, with_action: bool, observed: dict[str, Any] | None = None
+    entry: Entry,
+    action: str | None,
+    with_action: bool,
+    observed: dict[str, Any] | None = None,
+    reasons: list[str] | None = None,
 ) -> dict[str, Any]:
     p = entry.plan
     m = p.memory
@@ -220,17 +224,25 @@ def to_json(
     }
     if with_action:
         out["action"] = action
+        out["because"] = list(reasons or [])
     if observed:
         out["observed"] = observed
     return out
 
 
-def to_text(entry: Entry, action: str | None, with_action: bool, observed: dict[str, Any] | None = None) -> str:
+def to_text(
+    entry: Entry,
+    action: str | None,
+    with_action: bool,
+    observed: dict[str, Any] | None = None,
+    reasons: list[str] | None = None,
+) -> str:
     p = entry.plan
     verdict = "valid" if p.valid else f"INVALID ({len(p.errors)} error{'s' if len(p.errors) != 1 else ''})"
     lines = [f"{entry.namespace}/{entry.name or '<no name>'} ({entry.source}): {verdict}"]
     if with_action:
         lines.append(f"  action:   {action or '-'}")
+        lines += [f"  because:  {r}" for r in reasons or []]
     for e in p.errors:
         lines.append(f"  error:    {e.field}: {e.message}")
     for w in p.warnings:
@@ -273,6 +285,13 @@ def to_text(entry: Entry, action: str | None, with_action: bool, observed: dict[
             )
     lines += _observed_text(observed or {})
     return "\n".join(lines)
+
+
+def reasons_for(entry: Entry, old: Entry | None) -> list[str]:
+    """The settings behind a rebuild or rollout verdict, `path: old → new`."""
+    if old is None or entry.engine is None or old.engine is None:
+        return []
+    return differences(old.plan, entry.plan, old.engine, entry.engine)
 
 
 def action_for(entry: Entry, old: Entry | None) -> str | None:
@@ -379,10 +398,11 @@ def main(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = 
     with_action = against is not None
     actions = [action_for(e, against.get(e.key)) if against is not None else None for e in entries]
     observed = [_observed(against.get(e.key)) if against is not None else {} for e in entries]
-    rows = list(zip(entries, actions, observed, strict=True))
+    reasons = [reasons_for(e, against.get(e.key)) if against is not None else [] for e in entries]
+    rows = list(zip(entries, actions, observed, reasons, strict=True))
     if args.output == "json":
-        docs = [to_json(e, a, with_action, o) for e, a, o in rows]
+        docs = [to_json(e, a, with_action, o, r) for e, a, o, r in rows]
         print(json.dumps(docs, indent=2, sort_keys=True), file=out)
     else:
-        print("\n\n".join(to_text(e, a, with_action, o) for e, a, o in rows), file=out)
+        print("\n\n".join(to_text(e, a, with_action, o, r) for e, a, o, r in rows), file=out)
     return 0 if all(e.plan.valid for e in entries) else 1

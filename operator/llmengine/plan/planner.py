@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -546,3 +547,37 @@ def compare(old: Plan, new: Plan, old_engine: LLMEngine, new_engine: LLMEngine) 
     if serving_inputs(old, old_engine) != serving_inputs(new, new_engine):
         return "rollout"
     return "nothing"
+
+
+_ABSENT = object()
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out if out or not prefix else {prefix: {}}
+    return {prefix: value}
+
+
+def _show(value: Any) -> str:
+    if value is _ABSENT:
+        return "(unset)"
+    return json.dumps(value) if isinstance(value, str | bool) or value is None else str(value)
+
+
+def differences(old: Plan, new: Plan, old_engine: LLMEngine, new_engine: LLMEngine) -> list[str]:
+    """What applying new_engine over old_engine changes, as `path: old → new`: the engine identity's inputs when
+    the engine is rebuilt (the EngineConfig's effective settings, so a field upstream's rules settle the same way
+    is not listed), the serving pods' inputs when only they roll out."""
+    if old.engine_digest != new.engine_digest:
+        a, b = _flatten(old.engine_inputs), _flatten(new.engine_inputs)
+    else:
+        a, b = _flatten(serving_inputs(old, old_engine)), _flatten(serving_inputs(new, new_engine))
+    keys = sorted(set(a) | set(b))
+    return [
+        f"{k}: {_show(a.get(k, _ABSENT))} → {_show(b.get(k, _ABSENT))}"
+        for k in keys
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+    ]
