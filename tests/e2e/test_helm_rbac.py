@@ -74,7 +74,7 @@ def _installed(info: ClusterInfo, api: Any, work: Path, *extra_sets: str) -> Ite
     values.write_text(
         yaml.safe_dump(
             {
-                "images": {"builder": "llmengine-builder:dev", "server": "llmengine-server:dev"},
+                "images": {"trtllm": {"1.2.1": {"builder": "llmengine-builder:dev", "server": "llmengine-server:dev"}}},
                 "operator": {"compiler": "test", "resyncSeconds": 5},
                 "build": {"backoffBaseSeconds": 1, "maxAttempts": 2},
                 "store": {
