@@ -436,8 +436,19 @@ def test_calibration_dataset_is_fetched_as_a_pinned_dataset_repo_and_checked(tmp
     ("files", "why"),
     [
         ({"README.md": b"no data"}, "no data files"),
-        ({"train.jsonl": b'{"article": "x"}\n'}, '"text" string'),
+        ({"dataset_infos.json": b"{}"}, "no data files"),
+        ({"train.jsonl": b'{"article": "x"}\n'}, 'no "text" column'),
         ({"train.jsonl": b"not json\n"}, "not JSON"),
+        ({"data/train.csv": b"article,highlights\nx,y\n"}, 'no "text" column'),
+        ({"validation.jsonl": b'{"text": "x"}\n'}, "no train split"),
+        # A multi-configuration dataset (as abisee/cnn_dailymail): upstream loads it without a configuration name.
+        (
+            {
+                "README.md": b"---\nconfigs:\n- config_name: 1.0.0\n- config_name: 3.0.0\n---\n",
+                "3.0.0/train.jsonl": b'{"text": "x"}\n',
+            },
+            "several configurations",
+        ),
     ],
 )
 def test_a_calibration_dataset_upstream_cannot_read_is_refused(
@@ -446,7 +457,40 @@ def test_a_calibration_dataset_upstream_cannot_read_is_refused(
     from llmengine.builder.fetch import check_calibration_dir
 
     for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
     with pytest.raises(BuildFailure) as exc:
         check_calibration_dir(tmp_path)
     assert exc.value.permanent and exc.value.stage == "fetch" and why in exc.value.message
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"train.jsonl": b'{"text": "a"}\n'},
+        {"data.jsonl": b'{"text": "a"}\n'},  # no split in the name: all of it is the train split
+        {"train.txt": b"one line per sample\n"},
+        {"train.csv": b"text,source\na,b\n"},
+        {"train.json": b'[{"text": "a"}]', "dataset_infos.json": b"{}"},
+    ],
+)
+def test_calibration_datasets_upstream_reads_are_accepted(tmp_path: Path, files: dict[str, bytes]) -> None:
+    from llmengine.builder.fetch import check_calibration_dir
+
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    check_calibration_dir(tmp_path)
+
+
+def test_a_pre_quantized_checkpoint_is_refused_for_an_engine_build(tmp_path: Path) -> None:
+    from llmengine.builder.fetch import check_checkpoint
+
+    model = checkpoint(tmp_path)
+    check_checkpoint(request(), model)
+    (model / "hf_quant_config.json").write_text('{"quantization": {"quant_algo": "FP8"}}')
+    with pytest.raises(BuildFailure) as exc:
+        check_checkpoint(request(), model)
+    assert (
+        exc.value.permanent and exc.value.reason == "CheckpointPreQuantized" and "backend: pytorch" in exc.value.message
+    )
+    check_checkpoint(request(backend="pytorch"), model)  # served as it is

@@ -196,7 +196,6 @@ KEEPS: list[tuple[str, Callable[[Spec], None]]] = [
     ("catalog -> same explicit facts", _explicit_arch),
     ("defaults written explicitly", _explicit_defaults),
     ("trtllmVersion equal to the tag", _set("trtllmVersion", "1.2.1")),
-    ("trtllmVersion equal to the default", _set("trtllmVersion", "1.2.1")),
     # spec.image only names a release; the images that run are the operator's for that release.
     ("image registry, same version", _set("image", "registry.local/tensorrt-llm/release:1.2.1")),
 ]

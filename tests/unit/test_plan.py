@@ -423,6 +423,7 @@ RULES: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = [
         {},
     ),
     ("tensorrt on 1.3", _with(image="nvcr.io/nvidia/tensorrt-llm/release:1.3.0rc1"), "spec.image", {}),
+    ("tensorrt on 1.0, outside the contract's release line", _with(trtllmVersion="1.0.0"), "spec.trtllmVersion", {}),
     ("tensorrt on 0.21", _with(trtllmVersion="0.21.0"), "spec.trtllmVersion", {}),
     (
         "version not in the tag",
@@ -517,7 +518,8 @@ def test_valid_combinations_pass() -> None:
         _with(precision={"quantization": "int4_awq", "kvCacheDtype": "int8", **CAL}, target={"gpu": "A100-80GB"}),
         _with(parallelism={"tensor": 8}),
         _with(target={"gpu": "H100-80GB", "migProfile": "3g.40gb"}),
-        _with(trtllmVersion="1.0.0", image="registry.local/trtllm@sha256:" + "b" * 64),
+        _with(trtllmVersion="1.2.1", image="registry.local/trtllm@sha256:" + "b" * 64),
+        _with(backend="pytorch", trtllmVersion="1.0.0"),
         _with(backend="pytorch", image="nvcr.io/nvidia/tensorrt-llm/release:1.3.0"),
     ):
         plan = plan_of(obj, images=ALL_RELEASES)

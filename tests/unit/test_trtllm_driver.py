@@ -47,13 +47,16 @@ def _checkpoint(tmp: Path) -> Path:
     return d
 
 
-def _compile(tmp: Path, req: BuildRequest, calibration: Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
+def _compile(
+    tmp: Path, req: BuildRequest, calibration: Path | None = None, **extra_env: str
+) -> tuple[Path, list[dict[str, Any]]]:
     calls = tmp / "calls.jsonl"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(FAKES), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     env["FAKE_TRTLLM_CALLS"] = str(calls)
+    env.update(extra_env)
     compiler = TensorRTLLMCompiler(version=lambda: "1.2.1", gpu_count=lambda: 1, env=env)
     out = tmp / "work" / "engine"
     compiler.compile(req, _checkpoint(tmp), out, LOG, calibration_dir=calibration)
@@ -105,3 +108,13 @@ def test_an_option_upstream_does_not_define_fails_the_build_with_upstreams_compl
     with pytest.raises(BuildFailure) as exc:
         _compile(tmp_path, req.model_copy(update={"engine": bad}))
     assert exc.value.reason == "CompileFailed" and "INT3" in exc.value.message
+
+
+def test_an_engine_upstream_built_differently_fails_verification_naming_the_setting(tmp_path: Path) -> None:
+    """Should upstream's build() change a setting we did not expect (a rule we do not model), the engine it saves
+    does not pass: the build fails before upload, naming both values."""
+    req = seed.build_request(compiler="tensorrt-llm")
+    engine, _ = _compile(tmp_path, req, FAKE_TRTLLM_DRIFT="use_paged_context_fmha=false")
+    with pytest.raises(BuildFailure) as exc:
+        verify_engine(req, engine)
+    assert "build_config.plugin_config.use_paged_context_fmha: engine has False, request asks True" in exc.value.message

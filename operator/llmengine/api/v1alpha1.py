@@ -211,7 +211,13 @@ class ModelSpec(SpecModel):
 class HuggingFaceDataset(SpecModel):
     """A dataset repository on the Hugging Face Hub, pinned to one revision (fetched with the model's token)."""
 
-    repo: str = Field(min_length=1, description="Dataset repository id, e.g. abisee/cnn_dailymail. Rebuilds.")
+    repo: str = Field(
+        min_length=1,
+        description=(
+            "Dataset repository id (one configuration, a train split with a text column, e.g. train.jsonl of "
+            '{"text": ...} lines). Rebuilds.'
+        ),
+    )
     revision: str = Field(
         min_length=1,
         description="Commit SHA or tag of the dataset (a branch would let the samples change). Rebuilds.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -112,6 +113,33 @@ def _hf_failure(repo_id: str, revision: str | None, exc: Exception, repo_type: s
     return BuildFailure("fetch", "FetchFailed", f"downloading {repo_id}: {name}: {msg}")
 
 
+def check_checkpoint(request: BuildRequest, model_dir: Path) -> None:
+    """The tensorrt route quantizes from unquantized weights: a checkpoint that is already quantized (ModelOpt's
+    hf_quant_config.json, or a quantization_config in config.json, which TensorRT-LLM's own loader would pick up)
+    would be built with the request's QuantConfig instead, an engine the identity does not describe."""
+    if request.backend != "tensorrt":
+        return
+    marker = None
+    if (model_dir / "hf_quant_config.json").is_file():
+        marker = "hf_quant_config.json"
+    else:
+        try:
+            cfg = json.loads((model_dir / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            cfg = {}
+        if isinstance(cfg, dict) and cfg.get("quantization_config"):
+            marker = "config.json quantization_config"
+    if marker:
+        raise BuildFailure(
+            "fetch",
+            "CheckpointPreQuantized",
+            f"the checkpoint is already quantized ({marker}); engines are built from unquantized weights with "
+            "spec.precision.quantization: point spec.model.source at the unquantized checkpoint, or serve this "
+            "one with spec.backend: pytorch",
+            permanent=True,
+        )
+
+
 def fetch_model(
     request: BuildRequest,
     dest: Path,
@@ -136,44 +164,101 @@ def fetch_model(
             fetch_hf(m.tokenizer, None, tok, hf_download)
         # The compilers take the tokenizer from the checkpoint directory; the named one wins.
         copy_tokenizer(tok, dest)
+    check_checkpoint(request, dest)
     return FetchResult(path=dest, bytes=n, seconds=time.monotonic() - start)
 
 
-# Files the datasets library loads from a local dataset directory (upstream's calibration reads the train split's
-# "text" column from such a directory).
-CALIBRATION_FORMATS = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
+# Files the datasets library loads from a local dataset directory; upstream's calibration reads the train split's
+# "text" column from such a directory (quantize_by_modelopt.get_calib_dataloader, a local path not naming
+# cnn_dailymail or scienceqa).
+CALIBRATION_FORMATS = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+# Metadata files a dataset snapshot carries that are not data.
+DATASET_METADATA = frozenset({"dataset_infos.json", "dataset_info.json", "state.json", "dataset_dict.json"})
+SPLIT_WORDS = ("train", "validation", "valid", "dev", "test", "eval")
+
+
+def _invalid(message: str) -> BuildFailure:
+    return BuildFailure("fetch", "CalibrationInvalid", f"{message}: fix spec.precision.calibration.dataset", True)
+
+
+def _columns(path: Path) -> set[str] | None:
+    """The column names of a data file, where they can be read without a data library (None: unknown)."""
+    if path.suffix == ".txt":
+        return {"text"}  # the text loader yields one "text" row per line
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return set(next(csv.reader(f), []))
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8", errors="replace") as f:
+            head = f.read(1 << 20).lstrip()
+        if head.startswith("["):
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+            except json.JSONDecodeError as exc:
+                raise _invalid(f"calibration file {path.name} is not JSON ({exc.msg})") from exc
+            first = rows[0] if isinstance(rows, list) and rows else None
+        else:
+            try:
+                first = json.loads(head.splitlines()[0]) if head else None
+            except json.JSONDecodeError as exc:
+                raise _invalid(f"calibration file {path.name}: line 1 is not JSON ({exc.msg})") from exc
+        return set(first) if isinstance(first, dict) else set()
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq  # type: ignore[import-not-found]  # in the builder image, with datasets
+        except ImportError:
+            return None
+        return set(pq.read_schema(path).names)
+    return None
+
+
+def _declares_configs(root: Path) -> bool:
+    """A dataset card with several `configs:` (per-config folders): loading the directory asks for a name."""
+    card = root / "README.md"
+    if not card.is_file():
+        return False
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return False
+    header = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+    return header.count("config_name:") > 1
 
 
 def check_calibration_dir(root: Path) -> None:
-    """The fetched calibration dataset has data files; JSON Lines ones carry a "text" key (what upstream reads)."""
+    """The fetched dataset is one TensorRT-LLM can calibrate on offline: `datasets.load_dataset(dir,
+    split="train")` finds a train split, and its rows have a "text" string."""
     data = sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix in CALIBRATION_FORMATS and ".cache" not in p.parts
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix in CALIBRATION_FORMATS
+        and ".cache" not in p.parts
+        and p.name not in DATASET_METADATA
     )
     if not data:
-        raise BuildFailure(
-            "fetch",
-            "CalibrationInvalid",
-            f"the calibration dataset has no data files ({', '.join(CALIBRATION_FORMATS)}): fix "
-            "precision.calibration.dataset",
-            permanent=True,
+        raise _invalid(f"the calibration dataset has no data files ({', '.join(CALIBRATION_FORMATS)})")
+    if _declares_configs(root):
+        raise _invalid(
+            "the calibration dataset declares several configurations (README.md configs:), and TensorRT-LLM loads the "
+            'directory without a configuration name ("Config name is missing"): use a dataset of one configuration'
         )
-    for p in data:
-        if p.suffix != ".jsonl":
-            continue
-        with p.open(encoding="utf-8", errors="replace") as f:
-            first = f.readline()
-        try:
-            record = json.loads(first)
-        except json.JSONDecodeError as exc:
-            raise BuildFailure(
-                "fetch", "CalibrationInvalid", f"calibration file {p.name}: line 1 is not JSON ({exc.msg})", True
-            ) from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise BuildFailure(
-                "fetch",
-                "CalibrationInvalid",
-                f'calibration file {p.name}: records need a "text" string (the column TensorRT-LLM calibrates on)',
-                permanent=True,
+
+    def where(p: Path) -> str:
+        return p.relative_to(root).as_posix().lower()
+
+    named = [p for p in data if any(w in where(p) for w in SPLIT_WORDS)]
+    train = [p for p in named if "train" in where(p)] if named else data
+    if not train:
+        raise _invalid(
+            f"the calibration dataset has no train split ({', '.join(p.name for p in data[:4])}): TensorRT-LLM "
+            "calibrates on the train split"
+        )
+    for p in train:
+        cols = _columns(p)
+        if cols is not None and "text" not in cols:
+            raise _invalid(
+                f'calibration file {p.name} has no "text" column ({", ".join(sorted(cols)[:6]) or "no columns"}): '
+                "TensorRT-LLM calibrates on the text column"
             )
 
 

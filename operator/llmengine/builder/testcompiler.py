@@ -17,6 +17,7 @@ from typing import Any
 
 from llmengine.api.artifacts import BuildRequest
 from llmengine.builder.compiler import BuildFailure, CompileOutput, copy_tokenizer, write_tokenizer_dir
+from llmengine.plan.upstream import table
 
 MiB = 1024 * 1024
 DEFAULT_ENGINE_BYTES = 4 * MiB
@@ -50,8 +51,13 @@ def engine_config(request: BuildRequest) -> dict[str, Any]:
     ):
         if src in facts:
             pretrained[dest] = facts[src]
-    build = e.build_config.model_dump()
-    build["speculative_decoding_mode"] = 1  # SpeculativeDecodingMode.NONE, as upstream writes it
+    # Every key upstream's BuildConfig.to_dict and PluginConfig.model_dump write (their defaults from the upstream
+    # tables), with the request's settings over them.
+    plugins = {o.name: o.default for o in table("PluginConfig").options if not o.name.startswith("_")}
+    plugins.update(e.build_config.plugin_config.model_dump())
+    build = {o.name: o.default for o in table("BuildConfig").options if o.name not in NOT_IN_CONFIG_JSON}
+    build.update(e.build_config.model_dump())
+    build.update(plugin_config=plugins, lora_config={}, speculative_decoding_mode=1)  # NONE, as upstream writes it
     return {
         "version": request.trtllm_version,
         "test_build": True,
@@ -59,6 +65,9 @@ def engine_config(request: BuildRequest) -> dict[str, Any]:
         "build_config": build,
     }
 
+
+# BuildConfig fields EngineConfig.to_dict leaves out of config.json (builder.py, EngineConfig.to_dict).
+NOT_IN_CONFIG_JSON = frozenset({"dry_run", "visualize_network"})
 
 # QuantConfig's defaults (models/modeling_utils.py@b35ac1b6): the keys config.json carries besides ours.
 UPSTREAM_QUANT_DEFAULTS: dict[str, Any] = {

@@ -351,13 +351,19 @@ def _images_from_values(path: str) -> ImageCatalog:
     except (OSError, yaml.YAMLError) as exc:
         raise InputError(f"--chart-values {path}: {exc}") from None
     images = values.get("images") if isinstance(values, dict) else None
-    if not isinstance(images, dict) or "trtllm" not in images:
+    if not isinstance(images, dict):
         return ImageCatalog()
+    # Helm deep-merges a values file over the chart's own values: releases the file does not name keep theirs.
+    versions: dict[str, Any] = {v: p.model_dump() for v, p in ImageCatalog().versions.items()}
+    given = images.get("trtllm")
+    if isinstance(given, dict):
+        for version, pair in given.items():
+            versions[str(version)] = {**versions.get(str(version), {}), **(pair if isinstance(pair, dict) else {})}
     try:
         return ImageCatalog.model_validate(
             {
                 "default_version": str(images.get("defaultTrtllmVersion") or DEFAULT_TRTLLM_VERSION),
-                "versions": images["trtllm"],
+                "versions": versions,
             }
         )
     except ValidationError as exc:

@@ -140,6 +140,14 @@ def route_errors(spec: LLMEngineSpec, architecture: str, quant: QuantSettings) -
                 "(ModelOpt calibrates those with your dataset), or use kvCacheDtype fp8 or auto"
             )
         out.append(FieldError("spec.precision.kvCacheDtype", msg))
+    if cls == "GemmaForCausalLM" and algo is None and kv is not None:
+        out.append(
+            FieldError(
+                "spec.precision.kvCacheDtype",
+                "TensorRT-LLM's GemmaForCausalLM.quantize has no KV-cache-only path (it writes no checkpoint): pair "
+                f"kvCacheDtype {p.kv_cache_dtype} with fp8, int4_awq, w4a8_awq or smoothquant, or use auto",
+            )
+        )
     if algo in CLASS_REFUSES_ALGOS.get(cls, frozenset()):
         out.append(
             FieldError(
@@ -233,7 +241,7 @@ def _fix(change: Change, spec: LLMEngineSpec, field: str, gpu: GpuClass) -> str:
 
 def _refusal_error(r: Refusal, spec: LLMEngineSpec, gpu: GpuClass) -> FieldError:
     where = f"{gpu.name} (SM {gpu.sm})"
-    if r.rule == "W1" and spec.precision.quantization in ("none", "fp8", "nvfp4"):
+    if r.rule == "W1" and "KV cache" in r.message:
         return FieldError(
             "spec.precision.kvCacheDtype",
             f"an int8 KV cache is refused by TensorRT-LLM on {where} ({r.rule}: {r.message}): use kvCacheDtype fp8 "

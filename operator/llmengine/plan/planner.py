@@ -445,6 +445,12 @@ def _plan(
             shapes_explicit=spec.traffic is None,
         )
         errors += result.errors
+        warnings += [
+            f"paged context FMHA is off for this engine ({c.rule}: {c.why}): no chunked prefill or KV cache reuse; "
+            "set spec.build.pagedContextFmha false to say so, or change the KV cache dtype"
+            for c in result.resolved
+            if c.key.endswith(".use_paged_context_fmha") and c.after is False
+        ]
         econf = result.config
         shapes = effective_shapes(econf, shapes)
         paged_ctx = econf.build_config.plugin_config.use_paged_context_fmha if econf.build_config else True

@@ -29,7 +29,7 @@ SMOOTHQUANT_PLUGIN_ALGOS = frozenset(
     }
 )
 SMOOTHQUANT_ALGOS = SMOOTHQUANT_PLUGIN_ALGOS | {"W8A8_SQ_PER_CHANNEL"}
-REDUCE_FUSION_ARCHS = frozenset({"LlamaForCausalLM", "Gemma2ForCausalLM", "MedusaForCausalLm"})
+REDUCE_FUSION_ARCHS = frozenset({"LlamaForCausalLM", "Gemma2ForCausalLM", "MedusaForCausalLM"})
 # max_num_tokens above this only draws a warning (T2c); kept for the planner's own advice.
 TENSOR_VOLUME_WARNING_TOKENS = 16384
 
@@ -84,12 +84,6 @@ class _State:
 
     def refuse(self, rule: str, message: str) -> None:
         self.refusals.append(Refusal(rule, message))
-
-
-def _cli_profiles(s: _State) -> None:
-    """C11 (commands/build.py): multiple profiles and an explicit opt_num_tokens are refused together."""
-    if s.p["multiple_profiles"] and s.b["opt_num_tokens"] is not None:
-        s.refuse("C11", "multiple_profiles is enabled while opt_num_tokens is set; upstream refuses the two together")
 
 
 def _kv_cache_type(s: _State) -> None:
@@ -177,8 +171,10 @@ def _blackwell(s: _State) -> None:
     """W1-W3 (build()): integer quantization is refused on SM 10.x-11.x GPUs (100 <= SM < 120)."""
     if not 100 <= s.sm < 120:
         return
-    if s.algo in WEIGHT_ONLY_ALGOS or s.kv == "INT8":
+    if s.algo in WEIGHT_ONLY_ALGOS:
         s.refuse("W1", "INT8/INT4 quantization is not supported on SM>=100")
+    if s.kv == "INT8":
+        s.refuse("W1", "INT8/INT4 quantization is not supported on SM>=100 (an INT8 KV cache counts)")
     if s.algo in SMOOTHQUANT_ALGOS:
         s.refuse("W2", "SmoothQuant is not supported on SM>=100")
     if s.algo == "FP8_PER_CHANNEL_PER_TOKEN":
@@ -206,8 +202,9 @@ def _quant_plugins(s: _State) -> None:
     s.set_p("Q7", "nccl_plugin", nccl, "the NCCL plugin follows the world size")
 
 
+# trtllm-build's own command-line checks (C1-C15: e.g. C11, multiple profiles with opt_num_tokens) are not here:
+# the driver calls build() directly.
 RULES: tuple[Callable[[_State], None], ...] = (
-    _cli_profiles,
     _kv_cache_type,
     _seq_len,
     _num_tokens,

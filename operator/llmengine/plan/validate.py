@@ -19,6 +19,9 @@ SM_BLACKWELL = (10, 0)
 # The TensorRT engine backend exists from 1.0 up to (not including) 1.3, where upstream removed it.
 TENSORRT_MIN = (1, 0)
 TENSORRT_BELOW = (1, 3)
+# The release line the TensorRT-LLM contract (llmengine/data/trtllm) was read from: what the builder, the server
+# and the benchmark hand upstream is checked against 1.2, and 1.0/1.1 define some of it differently.
+CONTRACT_LINE = (1, 2)
 
 # Quantizations and KV cache dtypes whose build calibrates on sample text.
 CALIBRATING_QUANTS = ("fp8", "int4_awq", "w4a8_awq", "nvfp4", "smoothquant")
@@ -137,7 +140,16 @@ def check_version(r: Resolved) -> list[FieldError]:
             FieldError(
                 field,
                 f"the tensorrt backend needs TensorRT-LLM 1.0-1.2.x (got {r.version}; 1.3 removed engine builds): "
-                "use image nvcr.io/nvidia/tensorrt-llm/release:1.2.1 or set spec.backend: pytorch",
+                "set spec.trtllmVersion to a 1.2.x release, e.g. 1.2.1, or set spec.backend: pytorch",
+            )
+        ]
+    if r.spec.backend == "tensorrt" and parsed[:2] != CONTRACT_LINE:
+        return [
+            FieldError(
+                field,
+                f"engines are built against TensorRT-LLM 1.2.x's build, serve and bench options (got {r.version}; "
+                "1.0 and 1.1 define some of them differently): set spec.trtllmVersion to a 1.2.x release, e.g. "
+                "1.2.1",
             )
         ]
     if r.spec.backend == "pytorch" and parsed[:2] < TENSORRT_MIN:
@@ -167,7 +179,8 @@ def check_precision(r: Resolved) -> list[FieldError]:
         out.append(
             FieldError(
                 "spec.precision.kvCacheDtype",
-                f"an fp8 KV cache needs SM 8.9+, {where} has no FP8: use kvCacheDtype int8 or auto",
+                f"an fp8 KV cache needs SM 8.9+, {where} has no FP8: use kvCacheDtype "
+                + ("int8 or auto" if p.quantization in ("int4_awq", "smoothquant") else "auto"),
             )
         )
     if b.paged_context_fmha and b.kv_cache_type != "paged":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,5 +39,13 @@ class Engine:
 
 
 def build(model: Any, build_config: BuildConfig) -> Engine:
+    """Hands back what it was given, unless FAKE_TRTLLM_DRIFT=key=json-value asks it to rewrite one plugin setting
+    (standing in for an upstream rule the planner does not model)."""
     record("build", rank=model.config["mapping"]["rank"])
+    drift = os.environ.get("FAKE_TRTLLM_DRIFT")
+    if drift:
+        key, _, value = drift.partition("=")
+        data = json.loads(json.dumps(build_config.data))
+        data["plugin_config"][key] = json.loads(value)
+        build_config = BuildConfig(data)
     return Engine(model, build_config)
