@@ -274,3 +274,15 @@ def test_auto_raised_shapes_are_part_of_the_live_identity(tmp_path: Path) -> Non
     assert code == 0
     (doc,) = json.loads(out)
     assert doc["action"] == "rebuild" and doc["build"]["maxInputLen"] == 2048
+
+
+def test_chart_values_name_the_releases_as_helm_merges_them(tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"images": {"trtllm": {"1.2.2": {"builder": "r/b:2", "server": "r/s:2"}}}}))
+    for version, valid in (("1.2.1", True), ("1.2.2", True), ("1.2.3", False)):
+        f = write(tmp_path / f"{version}.yaml", engine("e", trtllmVersion=version))
+        rc, out, _ = run("-f", f, "--chart-values", str(values), "-o", "json")
+        doc = json.loads(out)[0]
+        assert doc["valid"] is valid, (version, doc["errors"])
+        if not valid:
+            assert "configured: 1.2.1, 1.2.2" in doc["errors"][0]["message"]
