@@ -48,3 +48,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def kubectl_main(argv: list[str] | None = None) -> int:
+    """`kubectl llmengine ...` (installed as kubectl-llmengine on PATH): the plan command, with kubectl's
+    -n/--namespace, --context and --kubeconfig flags."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print("usage: kubectl llmengine plan -f FILE|DIR [-R] [-n NS] [--against cluster] [--context C] [-o json|yaml]")
+        return 0 if args else 2
+    if args[0] in ("-V", "--version", "version"):
+        return main(["version"])
+    if args[0] != "plan":
+        print(f"kubectl llmengine: unknown command {args[0]!r}: use plan", file=sys.stderr)
+        return 2
+    return main(args)

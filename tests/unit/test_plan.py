@@ -894,3 +894,44 @@ def test_what_the_build_route_or_upstream_refuses_is_refused_before_any_gpu_time
     plan = plan_of(obj)
     errors = [e for e in plan.errors if e.field == field]
     assert errors and needle in errors[0].message, plan.errors
+
+
+def test_memory_advice_offers_only_fixes_valid_for_the_gpu_and_precision_with_their_numbers() -> None:
+    big = _with(
+        model=_model("llama-3.1-70b"),
+        target={"gpu": "A100-80GB"},
+        build={"maxBatchSize": 16, "maxSeqLen": 8192, "maxInputLen": 4096},
+    )
+    (err,) = [e for e in plan_of(big).errors if e.field == "spec.target.gpu"]
+    assert "fp8" not in err.message  # an A100 has no FP8
+    assert "quantization int4_awq (" in err.message and "spec.parallelism.tensor 2 (" in err.message
+    assert "GiB" in err.message.split("quantization int4_awq (")[1]
+    fp8 = _with(
+        model=_model("llama-3.1-70b"),
+        precision={"quantization": "fp8", **CAL},
+        target={"gpu": "H100-80GB"},
+        build={"maxBatchSize": 64, "maxSeqLen": 131072, "maxInputLen": 8192},
+    )
+    (err,) = [e for e in plan_of(fp8).errors if e.field == "spec.target.gpu"]
+    assert "quantization fp8" not in err.message  # it is fp8 already
+    mig = _with(
+        target={"gpu": "H100-80GB", "migProfile": "1g.10gb"},
+        build={"maxBatchSize": 8, "maxSeqLen": 8192, "maxInputLen": 4096},
+    )
+    (err,) = [e for e in plan_of(mig).errors if e.field == "spec.target.migProfile"]
+    assert "parallelism.tensor" not in err.message and "a larger spec.target.migProfile" in err.message
+
+
+def test_a_shape_beyond_tensorrts_dimensions_is_blamed_on_its_field_not_the_gpu() -> None:
+    plan = plan_of(_with(build={"maxBatchSize": 10**12}))
+    assert [e.field for e in plan.errors] == ["spec.build.maxBatchSize"]
+    assert "32-bit" in plan.errors[0].message
+
+
+def test_a_branch_like_revision_warns() -> None:
+    obj = base()
+    obj["spec"]["model"]["source"]["huggingFace"]["revision"] = "main"
+    assert any("looks like a branch" in w for w in plan_of(obj).warnings)
+    for pinned in ("0e9e39f249a16976918f6564b8830bc894c89659", "v1.2.0"):
+        obj["spec"]["model"]["source"]["huggingFace"]["revision"] = pinned
+        assert not any("looks like a branch" in w for w in plan_of(obj).warnings)

@@ -196,17 +196,60 @@ def test_against_cluster_reads_live_engines(tmp_path: Path, monkeypatch: pytest.
     from llmengine.plan import cli
 
     live = engine("a")
-    calls: list[str | None] = []
+    calls: list[tuple[str | None, str | None]] = []
 
-    def fake_cluster(context: str | None, kwargs: dict[str, Any]) -> list[cli.Entry]:
-        calls.append(context)
+    def fake_cluster(context: str | None, kwargs: dict[str, Any], kubeconfig: str | None = None) -> list[cli.Entry]:
+        calls.append((context, kubeconfig))
         return [cli._entry(live, "cluster", kwargs)]
 
     monkeypatch.setattr(cli, "read_cluster", fake_cluster)
     f = write(tmp_path / "a.yaml", engine("a", serving={"replicas": 2}))
     rc, out, _ = run("-f", f, "--against", "cluster", "-o", "json")
-    assert rc == 0 and calls == [None]
+    assert rc == 0 and calls == [(None, None)]
     assert json.loads(out)[0]["action"] == "rollout"
+    # kubectl's flags: --context and --kubeconfig reach the cluster read; cluster:CTX still names a context.
+    run("-f", f, "--against", "cluster", "--context", "prod", "--kubeconfig", "/k/config")
+    run("-f", f, "--against", "cluster:staging")
+    assert calls[1:] == [("prod", "/k/config"), ("staging", None)]
+
+
+def test_a_manifest_without_a_namespace_is_compared_in_the_namespace_given(tmp_path: Path) -> None:
+    live = engine("a", namespace="team-a")
+    doc = engine("a", serving={"replicas": 2})
+    del doc["metadata"]["namespace"]
+    old, new = write(tmp_path / "old.yaml", live), write(tmp_path / "new.yaml", doc)
+    _, out, _ = run("-f", new, "--against", old, "-o", "json")
+    assert json.loads(out)[0]["action"] == "create"  # default/a is not team-a/a
+    _, out, _ = run("-f", new, "--against", old, "-n", "team-a", "-o", "json")
+    assert json.loads(out)[0]["action"] == "rollout" and json.loads(out)[0]["namespace"] == "team-a"
+
+
+def test_directories_recursively_and_yaml_output(tmp_path: Path) -> None:
+    (tmp_path / "team" / "deep").mkdir(parents=True)
+    write(tmp_path / "team" / "a.yaml", engine("a"))
+    write(tmp_path / "team" / "deep" / "b.yml", engine("b"))
+    (tmp_path / "team" / "notes.txt").write_text("not a manifest")
+    rc, out, _ = run("-f", str(tmp_path / "team"), "-o", "yaml")
+    assert rc == 0 and [d["name"] for d in yaml.safe_load(out)] == ["a"]
+    rc, out, _ = run("-f", str(tmp_path / "team"), "-R", "-o", "yaml")
+    assert [d["name"] for d in yaml.safe_load(out)] == ["a", "b"]
+
+
+def test_an_llmengine_with_a_mistyped_api_group_is_an_error_not_skipped(tmp_path: Path) -> None:
+    typo = engine("typo")
+    typo["apiVersion"] = "llmengine.example/v1alpha1"
+    rc, out, _ = run("-f", write(tmp_path / "a.yaml", engine("ok"), typo), "-o", "json")
+    docs = {d["name"]: d for d in json.loads(out)}
+    assert rc == 1 and docs["ok"]["valid"] and not docs["typo"]["valid"]
+    assert docs["typo"]["errors"][0]["field"] == "apiVersion"
+
+
+def test_kubectl_plugin_runs_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmengine.cli import kubectl_main
+
+    assert kubectl_main(["plan", "-f", write(tmp_path / "a.yaml", engine("a")), "-n", "ml", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["namespace"] == "ml"
+    assert kubectl_main(["apply"]) == 2
 
 
 def test_kind_list_and_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,7 +324,7 @@ def test_chart_values_name_the_releases_as_helm_merges_them(tmp_path: Path) -> N
     values.write_text(yaml.safe_dump({"images": {"trtllm": {"1.2.2": {"builder": "r/b:2", "server": "r/s:2"}}}}))
     for version, valid in (("1.2.1", True), ("1.2.2", True), ("1.2.3", False)):
         f = write(tmp_path / f"{version}.yaml", engine("e", trtllmVersion=version))
-        rc, out, _ = run("-f", f, "--chart-values", str(values), "-o", "json")
+        _, out, _ = run("-f", f, "--chart-values", str(values), "-o", "json")
         doc = json.loads(out)[0]
         assert doc["valid"] is valid, (version, doc["errors"])
         if not valid:

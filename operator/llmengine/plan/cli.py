@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
@@ -18,7 +20,7 @@ from pydantic import ValidationError
 from llmengine import GROUP, KIND, PLURAL, VERSION
 from llmengine.api.artifacts import StoreLocation, first_problem
 from llmengine.api.config import DEFAULT_TRTLLM_VERSION, ImageCatalog
-from llmengine.api.v1alpha1 import InvalidEngine, LLMEngine, parse_engine
+from llmengine.api.v1alpha1 import FieldError, InvalidEngine, LLMEngine, parse_engine
 from llmengine.plan.gpus import GIB
 from llmengine.plan.identity import shapes_dict
 from llmengine.plan.planner import COMPILERS, Plan, compare, differences, invalid_plan, make_plan
@@ -65,10 +67,19 @@ def _documents(text: str, source: str) -> Iterator[Any]:
 
 
 def _is_engine(doc: Any) -> bool:
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        return False
+    """An LLMEngine document, whatever its apiVersion says (a mistyped group is reported, not skipped)."""
+    return isinstance(doc, dict) and doc.get("kind") == KIND
+
+
+def _wrong_api_version(doc: dict[str, Any]) -> FieldError | None:
     api_version = str(doc.get("apiVersion") or "")
-    return api_version == "" or api_version.split("/", 1)[0] == GROUP
+    if api_version in ("", f"{GROUP}/{VERSION}"):
+        return None
+    return FieldError(
+        "apiVersion",
+        f"{api_version!r} is not {GROUP}/{VERSION}: the API server would refuse this document (no such kind in "
+        "that group); fix apiVersion",
+    )
 
 
 def auto_floor(engine: LLMEngine | None, status: Mapping[str, Any] | None) -> dict[str, int] | None:
@@ -83,12 +94,19 @@ def auto_floor(engine: LLMEngine | None, status: Mapping[str, Any] | None) -> di
 
 
 def _entry(
-    doc: dict[str, Any], source: str, plan_kwargs: dict[str, Any], live_status: Mapping[str, Any] | None = None
+    doc: dict[str, Any],
+    source: str,
+    plan_kwargs: dict[str, Any],
+    live_status: Mapping[str, Any] | None = None,
+    namespace: str = "default",
 ) -> Entry:
     md = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     assert isinstance(md, dict)
-    namespace, name = str(md.get("namespace") or "default"), str(md.get("name") or "")
+    namespace, name = str(md.get("namespace") or namespace), str(md.get("name") or "")
     status = doc.get("status") if isinstance(doc.get("status"), dict) else None
+    wrong = _wrong_api_version(doc)
+    if wrong is not None:
+        return Entry(namespace, name, source, None, invalid_plan([wrong]), status)
     try:
         engine: LLMEngine | None = parse_engine(doc)
     except InvalidEngine as exc:
@@ -111,7 +129,21 @@ def _replan(entry: Entry, live: Entry, plan_kwargs: dict[str, Any]) -> Entry:
     )
 
 
-def read_file(path: str, plan_kwargs: dict[str, Any], stdin: TextIO | None = None) -> list[Entry]:
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def manifest_paths(path: str, recursive: bool) -> list[str]:
+    """A file as given; a directory's manifests (*.yaml, *.yml, *.json), its subdirectories too with -R."""
+    if path == "-" or not os.path.isdir(path):
+        return [path]
+    root = Path(path)
+    found = root.rglob("*") if recursive else root.glob("*")
+    return sorted(str(p) for p in found if p.is_file() and p.suffix in MANIFEST_SUFFIXES)
+
+
+def read_file(
+    path: str, plan_kwargs: dict[str, Any], stdin: TextIO | None = None, namespace: str = "default"
+) -> list[Entry]:
     try:
         if path == "-":
             text = (stdin or sys.stdin).read()
@@ -120,16 +152,16 @@ def read_file(path: str, plan_kwargs: dict[str, Any], stdin: TextIO | None = Non
                 text = f.read()
     except OSError as exc:
         raise InputError(f"{path}: {exc.strerror or exc}") from None
-    return [_entry(doc, path, plan_kwargs) for doc in _documents(text, path) if _is_engine(doc)]
+    return [_entry(doc, path, plan_kwargs, namespace=namespace) for doc in _documents(text, path) if _is_engine(doc)]
 
 
-def read_cluster(context: str | None, plan_kwargs: dict[str, Any]) -> list[Entry]:
-    """Live LLMEngines of every namespace, through the kubeconfig (KUBECONFIG, optional context)."""
+def read_cluster(context: str | None, plan_kwargs: dict[str, Any], kubeconfig: str | None = None) -> list[Entry]:
+    """Live LLMEngines of every namespace, through the kubeconfig (--kubeconfig or KUBECONFIG, optional context)."""
     try:
         from kubernetes import client, config
 
         load_kube_config: Any = config.load_kube_config  # untyped in the client library
-        load_kube_config(context=context)
+        load_kube_config(config_file=kubeconfig, context=context)
         listing = client.CustomObjectsApi().list_cluster_custom_object(GROUP, VERSION, PLURAL)
     except Exception as exc:  # no kubeconfig, unreachable server, missing CRD: all mean "cannot read"
         raise InputError(f"cluster{':' + context if context else ''}: {exc}") from None
@@ -313,8 +345,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate LLMEngine manifests offline and say what applying them would do.",
         epilog="Exit status: 0 all valid, 1 some invalid, 2 input unreadable.",
     )
-    p.add_argument("-f", "--filename", action="append", required=True, help="manifest file (repeatable; - = stdin)")
-    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    p.add_argument(
+        "-f", "--filename", action="append", required=True, help="manifest file or directory (repeatable; - = stdin)"
+    )
+    p.add_argument("-R", "--recursive", action="store_true", help="read the directories given with -f recursively")
+    p.add_argument(
+        "-n", "--namespace", default="default", help="namespace of manifests that name none (as kubectl apply -n)"
+    )
+    p.add_argument("--context", default=None, help="kubeconfig context for --against cluster")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file for --against cluster (default: KUBECONFIG)")
+    p.add_argument("-o", "--output", choices=("text", "json", "yaml"), default="text")
     p.add_argument(
         "--against",
         metavar="FILE|cluster[:CONTEXT]",
@@ -381,14 +421,15 @@ def main(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = 
             "gpus_per_node": args.gpus_per_node,
             "images": _images_from_values(args.chart_values) if args.chart_values else None,
         }
-        entries = [e for path in args.filename for e in read_file(path, kwargs)]
+        paths = [p for given in args.filename for p in manifest_paths(given, args.recursive)]
+        entries = [e for path in paths for e in read_file(path, kwargs, namespace=args.namespace)]
         against: dict[tuple[str, str], Entry] | None = None
         if args.against:
             target: str = args.against
             if target == "cluster" or target.startswith("cluster:"):
-                olds = read_cluster(target.partition(":")[2] or None, kwargs)
+                olds = read_cluster(target.partition(":")[2] or args.context, kwargs, args.kubeconfig)
             else:
-                olds = read_file(target, kwargs)
+                olds = read_file(target, kwargs, namespace=args.namespace)
             against = {e.key: e for e in olds}
             # Shapes Auto raised on a live object are part of its identity: plan the files with them too.
             entries = [
@@ -406,9 +447,12 @@ def main(argv: list[str], stdout: TextIO | None = None, stderr: TextIO | None = 
     observed = [_observed(against.get(e.key)) if against is not None else {} for e in entries]
     reasons = [reasons_for(e, against.get(e.key)) if against is not None else [] for e in entries]
     rows = list(zip(entries, actions, observed, reasons, strict=True))
-    if args.output == "json":
+    if args.output in ("json", "yaml"):
         docs = [to_json(e, a, with_action, o, r) for e, a, o, r in rows]
-        print(json.dumps(docs, indent=2, sort_keys=True), file=out)
+        if args.output == "json":
+            print(json.dumps(docs, indent=2, sort_keys=True), file=out)
+        else:
+            print(yaml.safe_dump(docs, sort_keys=True, allow_unicode=True), file=out, end="")
     else:
         print("\n\n".join(to_text(e, a, with_action, o, r) for e, a, o, r in rows), file=out)
     return 0 if all(e.plan.valid for e in entries) else 1

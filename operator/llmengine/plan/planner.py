@@ -14,7 +14,7 @@ from llmengine.api.v1alpha1 import SHAPE_FIELDS, FieldError, InvalidEngine, LLME
 from llmengine.plan import sizing, validate
 from llmengine.plan.catalog import CATALOG, ModelFacts, lookup, resolve_facts
 from llmengine.plan.engine_config import effective_shapes, engine_config
-from llmengine.plan.gpus import GIB, UNKNOWN_GPU, GpuClass, MigProfile, gpu_class, gpu_resource
+from llmengine.plan.gpus import GIB, GPU_CLASSES, UNKNOWN_GPU, GpuClass, MigProfile, gpu_class, gpu_resource, parse_sm
 from llmengine.plan.identity import engine_digest, identity_inputs, short_digest
 from llmengine.plan.sizing import EMPTY_MEMORY, MemoryEstimate
 
@@ -277,7 +277,61 @@ def _memory(spec: LLMEngineSpec, facts: ModelFacts, shapes: BuildShapes, availab
     )
 
 
-def _memory_error(spec: LLMEngineSpec, m: MemoryEstimate, gpu: GpuClass) -> FieldError:
+# Lower-precision weights worth suggesting, per GPU generation (what the GPU has kernels for and build() takes).
+_SMALLER_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "none": ("fp8", "int4_awq", "nvfp4"),
+    "int8_weight_only": ("int4_awq", "nvfp4"),
+    "smoothquant": ("int4_awq", "nvfp4"),
+    "fp8": ("int4_awq", "nvfp4"),
+}
+
+
+def _quant_runs_on(q: str, sm: tuple[int, int]) -> bool:
+    if q == "fp8":
+        return sm >= validate.SM_FP8
+    if q == "nvfp4":
+        return sm >= validate.SM_BLACKWELL
+    return sm < validate.SM_BLACKWELL  # integer weight-only (int4_awq) is refused on SM 10.x
+
+
+def _memory_fixes(
+    spec: LLMEngineSpec, facts: ModelFacts, shapes: BuildShapes, gpu: GpuClass, available: int, gpus_per_node: int
+) -> list[str]:
+    """The fixes that are valid for this GPU and precision, each with what it would need per GPU."""
+    fixes: list[str] = []
+    sm = parse_sm(gpu.sm)
+    for q in _SMALLER_WEIGHTS.get(spec.precision.quantization, ()):
+        if _quant_runs_on(q, sm):
+            trial = spec.model_copy(update={"precision": spec.precision.model_copy(update={"quantization": q})})
+            m = _memory(trial, facts, shapes, available)
+            fixes.append(f"quantization {q} ({m.required_bytes_per_gpu / GIB:.1f} GiB)")
+    if spec.target.mig_profile is None:
+        for tp in range(spec.parallelism.tensor + 1, gpus_per_node // spec.parallelism.pipeline + 1):
+            if facts.num_attention_heads % tp == 0 and (
+                facts.num_key_value_heads % tp == 0 or tp % facts.num_key_value_heads == 0
+            ):
+                trial = spec.model_copy(update={"parallelism": spec.parallelism.model_copy(update={"tensor": tp})})
+                m = _memory(trial, facts, shapes, available)
+                fixes.append(f"spec.parallelism.tensor {tp} ({m.required_bytes_per_gpu / GIB:.1f} GiB per GPU)")
+                break
+    fixes.append("lower maxNumTokens/maxSeqLen/maxBatchSize")
+    if spec.target.mig_profile is not None:
+        fixes.append("a larger spec.target.migProfile")
+        return fixes
+    bigger = sorted(
+        (
+            g
+            for g in GPU_CLASSES.values()
+            if g.memory_bytes > available and _memory(spec, facts, shapes, g.memory_bytes).fits
+        ),
+        key=lambda g: g.memory_bytes,
+    )
+    if bigger:
+        fixes.append(f"target {bigger[0].name}")
+    return fixes
+
+
+def _memory_error(spec: LLMEngineSpec, m: MemoryEstimate, gpu: GpuClass, fixes: list[str]) -> FieldError:
     where = f"a {spec.target.mig_profile} slice of {gpu.name}" if spec.target.mig_profile else gpu.name
     field_ = "spec.target.migProfile" if spec.target.mig_profile else "spec.target.gpu"
     return FieldError(
@@ -285,8 +339,7 @@ def _memory_error(spec: LLMEngineSpec, m: MemoryEstimate, gpu: GpuClass) -> Fiel
         f"needs {m.required_bytes_per_gpu / GIB:.1f} GiB per GPU (weights {m.weights_bytes / GIB:.1f}, "
         f"activations {m.activation_bytes / GIB:.1f}, runtime {m.runtime_bytes / GIB:.1f}, minimum KV cache "
         f"{m.min_kv_bytes / GIB:.1f} at fraction {m.kv_cache_fraction}) but {where} has "
-        f"{m.available_bytes_per_gpu / GIB:.1f} GiB: quantize (fp8, int4_awq), raise spec.parallelism.tensor, "
-        "lower maxNumTokens/maxSeqLen/maxBatchSize, or target a larger GPU",
+        f"{m.available_bytes_per_gpu / GIB:.1f} GiB: " + ", or ".join(fixes),
     )
 
 
@@ -433,6 +486,7 @@ def _plan(
     ):
         errors += rule(resolved)
     warnings += validate.calibration_warnings(resolved)
+    warnings += validate.revision_warnings(spec)
 
     econf: EngineConfig | None = None
     if facts is not None and shapes is not None:
@@ -457,10 +511,13 @@ def _plan(
         warnings += validate.shape_warnings(replace(resolved, shapes=shapes), paged_ctx)
 
     memory = EMPTY_MEMORY
-    if facts is not None and shapes is not None:
+    shape_fields = {f"spec.build.{n}" for n in ("maxBatchSize", "maxInputLen", "maxSeqLen", "maxNumTokens")}
+    if facts is not None and shapes is not None and not any(e.field in shape_fields for e in errors):
         memory = _memory(spec, facts, shapes, available)
         if not memory.fits:
-            errors.append(_memory_error(spec, memory, gpu))
+            per_node = gpus_per_node or gpu.gpus_per_node
+            fixes = _memory_fixes(spec, facts, shapes, gpu, available, per_node)
+            errors.append(_memory_error(spec, memory, gpu, fixes))
 
     store, errs = _store(spec, default_store)
     errors += errs

@@ -217,6 +217,27 @@ def check_calibration(r: Resolved) -> list[FieldError]:
     ]
 
 
+_COMMIT = re.compile(r"^[0-9a-f]{7,64}$")
+_TAG = re.compile(r"^v?\d+(\.\d+)+([.+-][0-9A-Za-z.]+)?$")
+
+
+def revision_warnings(spec: LLMEngineSpec) -> list[str]:
+    """A revision that looks like a branch: the files can change under an engine built from them."""
+    out = []
+    hf = spec.model.source.hugging_face
+    pins = [("spec.model.source.huggingFace.revision", hf.revision.strip() if hf else None)]
+    cal = spec.precision.calibration
+    if cal is not None and cal.dataset.hugging_face is not None:
+        pins.append(("spec.precision.calibration.dataset.huggingFace.revision", cal.dataset.hugging_face.revision))
+    for field, rev in pins:
+        if rev and not _COMMIT.match(rev) and not _TAG.match(rev):
+            out.append(
+                f"{field} {rev!r} looks like a branch: what it names can change under a built engine (the "
+                "identity keeps the name, not the content); pin a commit SHA"
+            )
+    return out
+
+
 def calibration_warnings(r: Resolved) -> list[str]:
     c = r.spec.precision.calibration
     if c is not None and calibrates(r.spec) and r.spec.precision.quantization in AWQ_QUANTS and c.samples > 32:
@@ -296,12 +317,27 @@ def check_parallelism(r: Resolved) -> list[FieldError]:
     return out
 
 
+# TensorRT's dimensions are 32-bit: a shape beyond this is not a memory question.
+TENSORRT_DIM_MAX = 2**31 - 1
+
+
 def check_shapes(r: Resolved) -> list[FieldError]:
-    """Shapes against the model's context length, and against each other."""
+    """Shapes against TensorRT's dimension range, the model's context length, and each other."""
     s, f = r.shapes, r.facts
     if s is None or f is None:
         return []
     out: list[FieldError] = []
+    for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens"):
+        value = getattr(s, name)
+        if value > TENSORRT_DIM_MAX:
+            out.append(
+                FieldError(
+                    f"spec.build.{_camel(name)}",
+                    f"{value} is beyond TensorRT's 32-bit dimensions (at most {TENSORRT_DIM_MAX}): lower it",
+                )
+            )
+    if out:
+        return out
     if s.max_seq_len > f.max_position_embeddings:
         if r.shapes_from_traffic:
             field, what = "spec.traffic.outputTokens.max", "inputTokens.max + outputTokens.max"
