@@ -97,11 +97,36 @@ build_kubernetes() {
   touch "$(done_stamp $d)"
 }
 
+version_of() {
+  case $1 in
+    etcd) echo "$ETCD_VERSION" ;; kwok) echo "$KWOK_VERSION" ;; helm) echo "$HELM_VERSION" ;;
+    versitygw) echo "$VERSITYGW_VERSION" ;; kubernetes) echo "$KUBERNETES_VERSION" ;;
+  esac
+}
+
+# One progress line per component; the Go tool's own output goes to a log, shown (its end) only on failure.
 all="etcd kwok helm versitygw kubernetes"
+logs="$CACHE/logs"; mkdir -p "$logs"
 for c in ${*:-$all}; do
   case $c in
-    etcd|kwok|helm|versitygw|kubernetes) "build_$c" ;;
+    etcd|kwok|helm|versitygw|kubernetes) ;;
     *) die "unknown component '$c' (choose from: $all)" ;;
   esac
+  v=$(version_of "$c")
+  [ -f "$(done_stamp "$c-$v")" ] && continue
+  log="$logs/$c-$v.log"
+  echo "devcluster: building $c $v from the Go module proxy (log: $log)" >&2
+  start=$(date +%s)
+  # Not `if ! ( ... )`: errexit is off inside a condition, and a failed step must not reach the stamp.
+  set +e
+  ( set -e; "build_$c" ) >"$log" 2>&1
+  rc=$?
+  set -e
+  if [ "$rc" -ne 0 ]; then
+    echo "devcluster: building $c $v failed; the end of $log:" >&2
+    tail -n 20 "$log" >&2
+    exit 1
+  fi
+  echo "devcluster: built $c $v in $(( $(date +%s) - start )) s" >&2
 done
 echo "$CACHE"
