@@ -146,11 +146,17 @@ def test_names_columns_and_subresources(crd: dict[str, Any]) -> None:
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns == {
         "Phase": ".status.phase",
+        "Ready": '.status.conditions[?(@.type=="Ready")].status',
+        "Available": '.status.conditions[?(@.type=="Available")].status',
         "GPU": ".status.gpu",
         "Engine": ".status.servingEngine.short",
-        "Ready": ".status.readyReplicas",
+        "Replicas": ".status.readyReplicas",
+        "URL": ".status.url",
+        "Reason": '.status.conditions[?(@.type=="Ready")].reason',
         "Age": ".metadata.creationTimestamp",
     }
+    wide = {c["name"] for c in version["additionalPrinterColumns"] if c.get("priority")}
+    assert wide == {"URL", "Reason"}  # kubectl get -o wide
 
 
 def _rules(node: dict[str, Any]) -> list[str]:

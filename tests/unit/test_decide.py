@@ -278,3 +278,18 @@ def test_a_permanent_failure_stays_failed_after_the_api_server_prunes_the_status
     again = decide(obs(job=None, status=stored))
     assert again.status["phase"] == "Failed" and again.create_job is None
     assert not [e for e in again.events if e[1] == "BuildFailed"]
+
+
+def test_available_while_the_old_engine_serves_a_rebuild_and_ready_only_once_the_new_one_does() -> None:
+    old = DeploymentView("b" * 64, 1, 1, replicas=2, updated=2, ready=2, available=2, total=2)
+    url = "http://llme-llama.ml.svc:8000"
+    building = decide(obs(deployment=old, job=job(), url=url))
+    assert cond(building, "Available")["status"] == "True" and cond(building, "Ready")["status"] == "False"
+    assert building.status["url"] == url and "bbbbbbbbbbbb" in cond(building, "Available")["message"]
+    new = DeploymentView(D, 1, 1, replicas=2, updated=2, ready=2, available=2, total=2)
+    ready = decide(obs(deployment=new, committed=True, url=url))
+    assert cond(ready, "Available")["status"] == "True" and cond(ready, "Ready")["status"] == "True"
+    down = decide(obs(deployment=replace(new, available=1, ready=1), committed=True, url=url))
+    assert cond(down, "Available")["status"] == "False" and cond(down, "Available")["reason"] == "Unavailable"
+    none = decide(obs())
+    assert cond(none, "Available")["reason"] == "NoServingPods" and "url" not in none.status

@@ -6,6 +6,8 @@ import datetime
 from typing import Any
 
 READY, RECONCILING, STALLED, ENGINE_BUILT, DEPLOYED = "Ready", "Reconciling", "Stalled", "EngineBuilt", "Deployed"
+# True while some engine (the desired one or the one still serving during a rebuild) serves the spec's replicas.
+AVAILABLE = "Available"
 ENVELOPE_EXCEEDED = "EnvelopeExceeded"
 
 
@@ -37,7 +39,9 @@ def set_condition(
         new["observedGeneration"] = generation
     out = [c for c in conditions if c.get("type") != type_]
     out.append(new)
-    order = {t: i for i, t in enumerate((READY, RECONCILING, STALLED, ENGINE_BUILT, DEPLOYED, ENVELOPE_EXCEEDED))}
+    order = {
+        t: i for i, t in enumerate((READY, AVAILABLE, RECONCILING, STALLED, ENGINE_BUILT, DEPLOYED, ENVELOPE_EXCEEDED))
+    }
     return sorted(out, key=lambda c: (order.get(c["type"], 99), c["type"]))
 
 

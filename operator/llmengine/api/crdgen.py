@@ -137,9 +137,18 @@ def crd() -> dict[str, Any]:
     """The CustomResourceDefinition, as a dict."""
     columns = [
         {"jsonPath": ".status.phase", "name": "Phase", "type": "string"},
+        {"jsonPath": '.status.conditions[?(@.type=="Ready")].status', "name": "Ready", "type": "string"},
+        {"jsonPath": '.status.conditions[?(@.type=="Available")].status', "name": "Available", "type": "string"},
         {"jsonPath": ".status.gpu", "name": "GPU", "type": "string"},
         {"jsonPath": ".status.servingEngine.short", "name": "Engine", "type": "string"},
-        {"jsonPath": ".status.readyReplicas", "name": "Ready", "type": "integer"},
+        {"jsonPath": ".status.readyReplicas", "name": "Replicas", "type": "integer"},
+        {"jsonPath": ".status.url", "name": "URL", "type": "string", "priority": 1},
+        {
+            "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+            "name": "Reason",
+            "type": "string",
+            "priority": 1,
+        },
         {"jsonPath": ".metadata.creationTimestamp", "name": "Age", "type": "date"},
     ]
     return {

@@ -866,6 +866,13 @@ class LLMEngineStatus(StatusModel):
     build: BuildStatus | None = Field(default=None, description="Progress of the build of the desired engine.")
     gpu: str | None = Field(default=None, description="GPUs per replica, e.g. H100-80GB x2 or A100-40GB/3g.20gb.")
     ready_replicas: int | None = Field(default=None, description="Serving pods ready.")
+    url: str | None = Field(
+        default=None,
+        description=(
+            "In-cluster base URL of the OpenAI-compatible API (the Service llme-<name>): POST "
+            "<url>/v1/chat/completions or /v1/completions, GET <url>/health. Set once serving pods exist."
+        ),
+    )
     replicas: int | None = Field(default=None, description="Serving pods.")
     message: str | None = Field(default=None, description="What is happening or what is wrong, in one line.")
     traffic: TrafficStatus | None = Field(default=None, description="Observed serving traffic.")

@@ -140,6 +140,7 @@ class Observed:
     max_attempts: int
     backoff_base: float
     backoff_max: float
+    url: str | None = None  # the Service's in-cluster base URL
 
 
 @dataclass
@@ -205,6 +206,8 @@ def decide(o: Observed) -> Decision:
     st["gpu"] = o.gpu
     st["replicas"] = o.replicas
     st["readyReplicas"] = dep.ready if dep else 0
+    if dep is not None and o.url:
+        st["url"] = o.url
 
     def setc(t: str, s: bool | str, reason: str, msg: str) -> None:
         nonlocal conditions
@@ -212,6 +215,7 @@ def decide(o: Observed) -> Decision:
 
     # The Deployment keeps whatever it serves unless the desired engine is committed.
     d.deploy_digest = dep.digest if dep else None
+    _set_available(dep, o.replicas, setc)
 
     if not o.valid:
         msg = "; ".join(f"{f}: {m}" for f, m in o.errors)[:2048]
@@ -280,6 +284,17 @@ def decide(o: Observed) -> Decision:
     setc(cond.RECONCILING, phase not in (READY, FAILED), phase, message if phase not in (READY, FAILED) else "")
     setc(cond.READY, phase == READY, phase, message)
     return _finish(d, o, st, conditions, phase, message)
+
+
+def _set_available(dep: DeploymentView | None, replicas: int, setc: Any) -> None:
+    """Available: the spec's replicas are served, by whichever engine (a rebuild keeps the old one serving), as
+    distinct from Ready (the desired engine rolled out)."""
+    if dep is None or not dep.digest:
+        setc(cond.AVAILABLE, False, "NoServingPods", "no serving Deployment yet")
+    elif dep.available >= replicas:
+        setc(cond.AVAILABLE, True, "Serving", f"engine {dep.digest[:12]} serves {dep.available}/{replicas} replica(s)")
+    else:
+        setc(cond.AVAILABLE, False, "Unavailable", f"{dep.available}/{replicas} serving replica(s) available")
 
 
 def _build_step(o: Observed, d: Decision, build: dict[str, Any], setc: Any) -> tuple[str, str]:

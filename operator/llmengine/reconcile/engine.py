@@ -242,6 +242,7 @@ class Reconciler:
             "backoff_base": self.cfg.build_backoff_base_seconds,
             "backoff_max": self.cfg.build_backoff_max_seconds,
             "deployment": dview,
+            "url": serving.service_url(body),
         }
         req = plan.build_request
         if not plan.valid or req is None:

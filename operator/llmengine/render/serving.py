@@ -163,6 +163,13 @@ def deployment(
     }
 
 
+def service_url(body: Mapping[str, Any]) -> str:
+    """The in-cluster base URL of an engine's Service (OpenAI paths under it)."""
+    md, spec = body["metadata"], c.spec_of(body)
+    port = int((spec.get("serving") or {}).get("port") or 8000)
+    return f"http://{c.serving_name(md['name'])}.{md['namespace']}.svc:{port}"
+
+
 def service(body: Mapping[str, Any]) -> dict[str, Any]:
     md, spec = body["metadata"], c.spec_of(body)
     port = int((spec.get("serving") or {}).get("port") or 8000)
