@@ -4,11 +4,13 @@ the same parser). A failing gate keeps the serving engine; relaxing the threshol
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client
 
 from llmengine.dev.cluster import ClusterInfo, wait_for
 from llmengine.dev.seed import create_store_secret, upload_tiny_checkpoint
@@ -54,6 +56,16 @@ def test_failing_benchmark_keeps_the_serving_engine(
         assert _cond(failed, "Stalled")["status"] == "True"
         assert served_digest(api, namespace, "gated") == old
         assert failed["status"]["servingEngine"]["digest"] == old and failed["status"]["readyReplicas"] == 2
+        assert _cond(failed, "Deployed")["reason"] == "BenchmarkFailed"
+        # Resyncs while the gate holds announce no rollout (each pass used to post a Normal "Deploying" event).
+        time.sleep(12)  # more than two 5 s resyncs
+        deploying = [
+            e
+            for e in client.CoreV1Api(api).list_namespaced_event(namespace).items
+            if e.involved_object.name == "gated" and e.reason == "Deploying"
+        ]
+        assert sum(e.count or 1 for e in deploying) <= 2, [(e.message, e.count) for e in deploying]
+        assert engines.get("gated")["status"]["phase"] == "Failed"
 
         # Relax the bound: judged again from the stored numbers (no second benchmark Job), then rolled out.
         engines.patch_spec("gated", {"benchmark": {"thresholds": {"minRequestsPerSecond": 1}}})

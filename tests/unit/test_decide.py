@@ -293,3 +293,33 @@ def test_available_while_the_old_engine_serves_a_rebuild_and_ready_only_once_the
     assert cond(down, "Available")["status"] == "False" and cond(down, "Available")["reason"] == "Unavailable"
     none = decide(obs())
     assert cond(none, "Available")["reason"] == "NoServingPods" and "url" not in none.status
+
+
+def test_a_failed_benchmark_gate_keeps_the_old_engine_and_announces_no_rollout() -> None:
+    """The gate's verdict is part of the one decision: no Normal "Deploying ... rolling out" event on every pass
+    while the old engine keeps serving, and Deployed does not claim a rollout."""
+    from llmengine.reconcile.gate import GateStep
+
+    old = DeploymentView("b" * 64, 1, 1, replicas=2, updated=2, ready=2, available=2, total=2)
+    msg = "engine aaaaaaaaaaaa failed its benchmark: ttft p99 900 ms > 500 ms"
+    failed = GateStep(True, False, True, msg, ("False", "ThresholdsNotMet", msg), {"verdict": "Failed"})
+    prior = {"desiredEngine": {"digest": D}, "phase": "Failed"}
+    for _ in range(3):  # every resync
+        d = decide(obs(deployment=old, committed=True, status=prior, gate=failed))
+        assert d.status["phase"] == "Failed" and d.deploy_digest == "b" * 64
+        assert not [e for e in d.events if e[1] == "Deploying"], d.events
+        assert cond(d, "Deployed")["reason"] == "BenchmarkFailed" and cond(d, "Stalled")["status"] == "True"
+        assert cond(d, "BenchmarkPassed")["status"] == "False" and cond(d, "Available")["status"] == "True"
+        prior = {**d.status}
+    running = GateStep(
+        True, True, False, "benchmarking", ("Unknown", "Running", "benchmarking"), {"verdict": "Running"}
+    )
+    d = decide(
+        obs(deployment=old, committed=True, status={"desiredEngine": {"digest": D}, "phase": "Building"}, gate=running)
+    )
+    assert (
+        d.status["phase"] == "Deploying"
+        and d.deploy_digest == "b" * 64
+        and cond(d, "Deployed")["reason"] == "Benchmarking"
+    )
+    assert d.status["benchmark"] == {"verdict": "Running"}

@@ -9,6 +9,7 @@ from typing import Any
 
 from llmengine.api import conditions as cond
 from llmengine.api.artifacts import BuildResult
+from llmengine.reconcile.gate import BENCHMARK_PASSED, GateStep
 from llmengine.text import one_line
 
 PENDING, QUEUED, BUILDING, DEPLOYING, READY, DEGRADED, FAILED = (
@@ -141,6 +142,8 @@ class Observed:
     backoff_base: float
     backoff_max: float
     url: str | None = None  # the Service's in-cluster base URL
+    # The benchmark gate's verdict on the committed desired engine (gate.gate over this snapshot), None: no gate.
+    gate: GateStep | None = None
 
 
 @dataclass
@@ -254,6 +257,7 @@ def decide(o: Observed) -> Decision:
         st.pop("build")
 
     stalled = phase == FAILED
+    stall_reason = "BuildFailed"
     # Rollout state of the Deployment.
     deployed = bool(dep and dep.digest == digest and dep.rolled_out and dep.available >= o.replicas)
     if dep and dep.rolled_out and dep.available >= dep.replicas and dep.digest:
@@ -277,13 +281,38 @@ def decide(o: Observed) -> Decision:
             setc(cond.DEPLOYED, True, "Available", message)
         if not deployed:
             d.requeue_after = d.requeue_after or 30.0
+        if o.gate is not None:
+            phase, message = _apply_gate(o.gate, d, st, setc, phase, message, dep.digest if dep else None)
+            if phase == FAILED:
+                stalled, stall_reason = True, "BenchmarkFailed"
     elif dep is not None:
         setc(cond.DEPLOYED, False, "WaitingForEngine", f"serving the previous engine until {digest[:12]} is built")
 
-    setc(cond.STALLED, stalled, "BuildFailed" if stalled else "Progressing", message if stalled else "")
+    setc(cond.STALLED, stalled, stall_reason if stalled else "Progressing", message if stalled else "")
     setc(cond.RECONCILING, phase not in (READY, FAILED), phase, message if phase not in (READY, FAILED) else "")
     setc(cond.READY, phase == READY, phase, message)
     return _finish(d, o, st, conditions, phase, message)
+
+
+def _apply_gate(
+    step: GateStep, d: Decision, st: dict[str, Any], setc: Any, phase: str, message: str, serving: str | None
+) -> tuple[str, str]:
+    """The benchmark gate on a committed engine: its status and condition, and while it holds, the serving engine
+    stays (nothing new rolls out) and the phase says why: Deploying while it runs, Failed when it said no."""
+    st["benchmark"] = step.status
+    if step.event:
+        d.events.append(step.event)
+    if step.condition:
+        status_, reason, msg = step.condition
+        setc(BENCHMARK_PASSED, status_, reason, msg[:2048])
+    if not step.hold:
+        return phase, message
+    d.deploy_digest = serving
+    reason = "BenchmarkFailed" if step.failed else "Benchmarking"
+    setc(cond.DEPLOYED, False, reason, step.message[:2048])
+    if not step.failed:
+        d.requeue_after = min(d.requeue_after or 10.0, 10.0)
+    return (FAILED if step.failed else DEPLOYING), step.message[:2048]
 
 
 def _set_available(dep: DeploymentView | None, replicas: int, setc: Any) -> None:

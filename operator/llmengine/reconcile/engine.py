@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmengine import PREFIX
-from llmengine.api import conditions as cond
 from llmengine.api.artifacts import StoreLocation
 from llmengine.api.bench import parse_bench_outcome
 from llmengine.api.config import OperatorConfig
@@ -282,9 +281,13 @@ class Reconciler:
         elif committed:
             self.queue.forget(key)
             metrics.STORE_HITS.inc()
+        gate_step = None
+        if committed and engine is not None:
+            gate_step = await self._gate_step(ns, engine.spec, plan, status, dview.digest if dview else None)
         obs = Observed(
             valid=True,
             errors=[],
+            gate=gate_step,
             desired_digest=digest,
             desired_uri=access.location.engine_uri(digest),
             gpu=_gpu_text(plan),
@@ -303,8 +306,8 @@ class Reconciler:
 
             if await self.traffic.step(body, engine.spec, plan, d.status, now, fits, d.events):
                 d.requeue_after = 0.05  # plan again with the raised shapes now
-            if committed:
-                await self._gate(body, engine.spec, plan, access, pool, d, dview)
+            if gate_step is not None and gate_step.create_job:
+                await self._start_bench(body, engine.spec, plan, access, pool)
         if job is not None:
             owners = list(job["metadata"].get("ownerReferences") or [])
             owner = common.owner_reference(body, controller=False)
@@ -314,66 +317,18 @@ class Reconciler:
         await self._act(body, d, plan, access, (pool, key), dep, seen)
         return d.requeue_after
 
-    async def _gate(
-        self,
-        body: Mapping[str, Any],
-        spec: Any,
-        plan: Any,
-        access: StoreAccess,
-        pool: str,
-        d: Decision,
-        dview: DeploymentView | None,
-    ) -> None:
-        """spec.benchmark: benchmark the committed engine before the rollout; hold the serving engine until it
-        passes."""
+    async def _gate_step(self, ns: str, spec: Any, plan: Any, status: Mapping[str, Any], serving: str | None) -> Any:
+        """spec.benchmark: gather the benchmark Job of the desired engine (while it does not serve yet) and judge
+        it; decide() applies the verdict (hold the serving engine until it passes)."""
         if spec.benchmark is None:
-            return
-        md = body["metadata"]
-        ns = md["namespace"]
-        serving_digest = dview.digest if dview else None
-        bench_name = render_bench.bench_job_name(plan.short_digest)
+            return None
         view = None
-        if serving_digest != plan.engine_digest:
+        if serving != plan.engine_digest:
+            bench_name = render_bench.bench_job_name(plan.short_digest)
             job = await self.kube.get_job(ns, bench_name)
             if job is not None:
                 view = await self._bench_view(ns, bench_name, job)
-        st = d.status
-        step = gate.gate(spec.benchmark, plan.engine_digest, serving_digest, st.get("benchmark") or {}, view)
-        if step is None:
-            return
-        st["benchmark"] = step.status
-        if step.event:
-            d.events.append(step.event)
-        gen = int(md.get("generation") or 0)
-        stamp = cond.now_iso()
-        conds = list(st.get("conditions") or [])
-        if step.condition:
-            status_, reason, message = step.condition
-            conds = cond.set_condition(conds, gate.BENCHMARK_PASSED, status_, reason, message[:2048], gen, stamp)
-        if step.hold:
-            d.deploy_digest = serving_digest  # the serving engine stays; nothing new rolls out
-            st["message"] = step.message[:2048]
-            if step.failed:
-                st["phase"] = "Failed"
-                conds = cond.set_condition(
-                    conds, cond.STALLED, True, "BenchmarkFailed", step.message[:2048], gen, stamp
-                )
-                conds = cond.set_condition(conds, cond.RECONCILING, False, "BenchmarkFailed", "", gen, stamp)
-            else:
-                st["phase"] = "Deploying"
-                d.requeue_after = min(d.requeue_after or 10.0, 10.0)
-            conds = cond.set_condition(
-                conds,
-                cond.READY,
-                False,
-                "BenchmarkFailed" if step.failed else "Benchmarking",
-                step.message[:2048],
-                gen,
-                stamp,
-            )
-        st["conditions"] = conds
-        if step.create_job:
-            await self._start_bench(body, spec, plan, access, pool)
+        return gate.gate(spec.benchmark, plan.engine_digest, serving, status.get("benchmark") or {}, view)
 
     async def _ensure_configmap(self, cm: dict[str, Any], owner: dict[str, Any]) -> None:
         """Create the request ConfigMap, or join it as an owner when another engine of the same identity made it."""
