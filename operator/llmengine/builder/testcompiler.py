@@ -31,7 +31,7 @@ def engine_config(request: BuildRequest) -> dict[str, Any]:
     e = request.engine
     assert e.build_config is not None
     facts = request.model_facts
-    quant: dict[str, Any] = dict(UPSTREAM_QUANT_DEFAULTS)
+    quant = {o.name: o.default for o in table("QuantConfig").options}
     quant.update(e.quantization.model_dump(exclude_none=True))
     quant["kv_cache_quant_algo"] = e.quantization.kv_cache_quant_algo
     quant["quant_algo"] = e.quantization.quant_algo
@@ -68,19 +68,6 @@ def engine_config(request: BuildRequest) -> dict[str, Any]:
 
 # BuildConfig fields EngineConfig.to_dict leaves out of config.json (builder.py, EngineConfig.to_dict).
 NOT_IN_CONFIG_JSON = frozenset({"dry_run", "visualize_network"})
-
-# QuantConfig's defaults (models/modeling_utils.py@b35ac1b6): the keys config.json carries besides ours.
-UPSTREAM_QUANT_DEFAULTS: dict[str, Any] = {
-    "quant_algo": None,
-    "kv_cache_quant_algo": None,
-    "group_size": 128,
-    "smoothquant_val": 0.5,
-    "clamp_val": None,
-    "use_meta_recipe": False,
-    "has_zero_point": False,
-    "pre_quant_scale": False,
-    "exclude_modules": None,
-}
 
 
 def rank_sizes(total: int, ranks: int) -> list[int]:

@@ -186,12 +186,7 @@ def draft_build(spec: LLMEngineSpec, shapes: BuildShapes) -> BuildSettings:
         multiple_profiles=b.multiple_profiles,
     )
     return BuildSettings(
-        max_batch_size=shapes.max_batch_size,
-        max_input_len=shapes.max_input_len,
-        max_seq_len=shapes.max_seq_len,
-        max_num_tokens=shapes.max_num_tokens,
-        opt_num_tokens=shapes.opt_num_tokens,
-        max_beam_width=shapes.max_beam_width,
+        **shapes.model_dump(),  # BuildShapes uses BuildConfig's names
         kv_cache_type="PAGED" if paged else "CONTINUOUS",
         weight_streaming=b.weight_streaming,
         use_strip_plan=b.strip_plan,
@@ -313,11 +308,4 @@ def effective_shapes(cfg: EngineConfig, shapes: BuildShapes) -> BuildShapes:
     b = cfg.build_config
     if b is None:
         return shapes
-    return BuildShapes(
-        max_batch_size=b.max_batch_size,
-        max_input_len=b.max_input_len,
-        max_seq_len=b.max_seq_len,
-        max_num_tokens=b.max_num_tokens,
-        max_beam_width=b.max_beam_width,
-        opt_num_tokens=b.opt_num_tokens,
-    )
+    return BuildShapes.model_validate(b.model_dump(include=set(BuildShapes.model_fields)))

@@ -4,19 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmengine.plan.upstream import table
 from tensorrt_llm import checked
 
-DEFAULTS: dict[str, Any] = {
-    "quant_algo": None,
-    "kv_cache_quant_algo": None,
-    "group_size": 128,
-    "smoothquant_val": 0.5,
-    "clamp_val": None,
-    "use_meta_recipe": False,
-    "has_zero_point": False,
-    "pre_quant_scale": False,
-    "exclude_modules": None,
-}
+# QuantConfig's fields and defaults, as the upstream table records them.
+DEFAULTS: dict[str, Any] = {o.name: o.default for o in table("QuantConfig").options}
 
 
 class QuantConfig:
