@@ -214,6 +214,16 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
         assert _get(f"http://127.0.0.1:{op.health_port}/healthz")[0] == 200
         code, text = _get(f"http://127.0.0.1:{op.metrics_port}/metrics")
         assert code == 200 and "llmengine_" in text
+        # The metrics mean what their names say: engines per phase (two Ready, one Failed), no build waiting.
+        samples = dict(
+            line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("llmengine_") and " " in line
+        )
+        assert float(samples['llmengine_engines{phase="Ready"}']) == 2.0, samples
+        assert float(samples['llmengine_engines{phase="Failed"}']) == 1.0, samples
+        depths = [float(v) for k, v in samples.items() if k.startswith("llmengine_build_queue_depth{")]
+        assert depths and all(v == 0.0 for v in depths), samples
+        # Each engine built its own identity: no build was avoided through the store.
+        assert float(samples.get("llmengine_store_hits_total", "0")) == 0.0, samples
 
         # What the chart does not grant is refused by the real API server.
         apps, core = client.AppsV1Api(sa_api), client.CoreV1Api(sa_api)

@@ -323,3 +323,11 @@ def test_a_failed_benchmark_gate_keeps_the_old_engine_and_announces_no_rollout()
         and cond(d, "Deployed")["reason"] == "Benchmarking"
     )
     assert d.status["benchmark"] == {"verdict": "Running"}
+
+
+def test_engines_per_phase_lists_every_phase() -> None:
+    from llmengine.reconcile.metrics import count_phases
+
+    counts = count_phases(["Ready", "Ready", "Failed"])
+    assert counts["Ready"] == 2 and counts["Failed"] == 1 and counts["Building"] == 0
+    assert set(counts) >= {"Pending", "Queued", "Building", "Deploying", "Ready", "Degraded", "Failed"}

@@ -55,6 +55,9 @@ class Reconciler:
         self.traffic = TrafficWatcher(kube, cfg)
         # The status each engine's last write stored, by resourceVersion: Kopf's body may not have caught up yet.
         self._written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        # Each engine's last phase (llmengine_engines) and the (engine, digest) pairs a store hit was counted for.
+        self._phases: dict[tuple[str, str], str] = {}
+        self._hits: set[tuple[str, str, str]] = set()
 
     # ---- store ----------------------------------------------------------------------------------------------
     def _store_access(self, body: Mapping[str, Any], location: StoreLocation) -> StoreAccess:
@@ -259,6 +262,7 @@ class Reconciler:
                 **base,
             )
             d = decide(obs)
+            self._record_phase(ns, name, d.status["phase"])
             await self._act(body, d, plan, None, None, dep, seen)
             return d.requeue_after
 
@@ -280,7 +284,10 @@ class Reconciler:
             metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
         elif committed:
             self.queue.forget(key)
-            metrics.STORE_HITS.inc()
+            if not build_st.get("job") and (ns, name, digest) not in self._hits:
+                self._hits.add((ns, name, digest))  # committed and never built by us for this engine: a build avoided
+                metrics.STORE_HITS.inc()
+        metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
         gate_step = None
         if committed and engine is not None:
             gate_step = await self._gate_step(ns, engine.spec, plan, status, dview.digest if dview else None)
@@ -298,6 +305,7 @@ class Reconciler:
             **base,
         )
         d = decide(obs)
+        self._record_phase(ns, name, d.status["phase"])
         if engine is not None:
 
             def fits(candidate: dict[str, int]) -> str | None:
@@ -489,6 +497,13 @@ class Reconciler:
         self._written.pop((ns, name), None)
         self.traffic.forget(ns, name)
         self.queue.leave((ns, name))
+        self._phases.pop((ns, name), None)
+        self._hits = {h for h in self._hits if h[:2] != (ns, name)}
+        metrics.set_engines(self._phases.values())
+
+    def _record_phase(self, ns: str, name: str, phase: str) -> None:
+        self._phases[(ns, name)] = phase
+        metrics.set_engines(self._phases.values())
 
 
 def _hf_token(spec: Mapping[str, Any]) -> dict[str, str] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 BUILDS = Counter("llmengine_builds_total", "Build Jobs by result", ["result"])
@@ -10,7 +12,9 @@ BUILD_SECONDS = Histogram(
     "Duration of successful builds",
     buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
 )
-STORE_HITS = Counter("llmengine_store_hits_total", "Reconciles that found the desired engine already committed")
+STORE_HITS = Counter(
+    "llmengine_store_hits_total", "Builds avoided: desired engines found committed in the store without a build of ours"
+)
 STORE_ERRORS = Counter("llmengine_store_errors_total", "Failed engine store look-ups")
 QUEUE_DEPTH = Gauge("llmengine_build_queue_depth", "Builds waiting for a slot", ["pool"])
 RECONCILE_SECONDS = Histogram(
@@ -20,3 +24,17 @@ RECONCILE_SECONDS = Histogram(
 )
 RECONCILE_ERRORS = Counter("llmengine_reconcile_errors_total", "Reconcile passes that raised")
 ENGINES = Gauge("llmengine_engines", "LLMEngines by phase", ["phase"])
+PHASES = ("Pending", "Queued", "Building", "Deploying", "Ready", "Degraded", "Failed")
+
+
+def count_phases(phases: Iterable[str]) -> dict[str, int]:
+    """Engines per phase (every phase listed, 0 where none is), from each engine's last phase."""
+    counts = dict.fromkeys(PHASES, 0)
+    for phase in phases:
+        counts[phase] = counts.get(phase, 0) + 1
+    return counts
+
+
+def set_engines(phases: Iterable[str]) -> None:
+    for phase, n in count_phases(phases).items():
+        ENGINES.labels(phase).set(n)
