@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.posting.level = logging.INFO
+    # Events name the operator as their source ("From" in kubectl describe), not the framework.
+    settings.posting.reporting_component = "llmengine-operator"
+    settings.posting.reporting_instance = os.environ.get("POD_NAME") or socket.gethostname()
+    settings.posting.event_name_prefix = "llmengine-"
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     # A replica that dies without a goodbye is forgotten after this; the standby then takes over.

@@ -167,7 +167,8 @@ def test_builder_failure_reports_reason_and_fixed_spec_recovers(env: Any, api: A
         stalled = next(x for x in st["conditions"] if x["type"] == "Stalled")
         assert stalled["status"] == "True"
         events = client.CoreV1Api(api).list_namespaced_event(env.ns).items
-        assert any(e.reason == "BuildFailed" and e.involved_object.name == "broken" for e in events)
+        ours = [e for e in events if e.reason == "BuildFailed" and e.involved_object.name == "broken"]
+        assert ours and all(e.source.component == "llmengine-operator" for e in ours), [e.source for e in ours]
         env.engines.patch_spec("broken", {"model": {"source": {"s3": {"uri": env.model}}}})
         env.engines.wait_phase("broken", "Ready", timeout=180)
 
