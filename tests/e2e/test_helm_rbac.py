@@ -247,6 +247,8 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
     assert not forbidden_lines(op.logs()), "\n".join(forbidden_lines(op.logs()))
     st = ready["status"]
     assert st["servingEngine"]["digest"] == st["desiredEngine"]["digest"]
+    envelope = next(c for c in st["conditions"] if c["type"] == "EnvelopeExceeded")
+    assert "{" not in envelope["message"], envelope  # addresses filled in, not the URL template
     assert "FetchFailed" in failed["status"]["message"] and "check the model source URI" in failed["status"]["message"]
     # The chart's store values and the operator's Secret-referenced credentials reached the default store.
     digest = in_default["status"]["desiredEngine"]["digest"]

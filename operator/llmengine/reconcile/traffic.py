@@ -107,11 +107,13 @@ class TrafficWatcher:
         stamp = now.replace(microsecond=0).isoformat().replace("+00:00", "Z")
         if newest is None or start is None:
             reason = "NoMetrics" if not scraped else "Observing"
-            msg = (
-                f"no serving pod answered at {self.cfg.traffic_url_template}"
-                if not scraped
-                else "first snapshot of this engine's traffic taken; the profile needs a second one"
-            )
+            if scraped:
+                msg = "first snapshot of this engine's traffic taken; the profile needs a second one"
+            elif urls:
+                shown = ", ".join(sorted(urls.values())[:3]) + (f" and {len(urls) - 3} more" if len(urls) > 3 else "")
+                msg = f"no serving pod answered at {shown}"
+            else:
+                msg = "no ready serving pod of this engine to read traffic from"
             status["conditions"] = cond.set_condition(conds, cond.ENVELOPE_EXCEEDED, "Unknown", reason, msg, gen, stamp)
             return False
 
