@@ -171,3 +171,14 @@ def test_transient_and_permanent_errors_are_told_apart() -> None:
     assert not is_transient(bx.NoCredentialsError())
     assert not is_transient(bx.SSLError(endpoint_url="https://x", error="bad certificate"))
     assert not is_transient(ValueError("x"))
+
+
+def test_a_store_error_on_the_operators_default_store_names_the_chart_values() -> None:
+    from llmengine.clients.store import on_default_store
+
+    msg = "cannot reach S3 endpoint http://s3:9000: check spec.store.endpoint"
+    assert on_default_store(msg) == (
+        "cannot reach S3 endpoint http://s3:9000: check the operator's default store (chart value store.endpoint)"
+    )
+    assert "store.credentialsSecret" in on_default_store("check the secret named in spec.store.credentialsSecretRef")
+    assert "spec.store" not in on_default_store("fix spec.store.bucket")

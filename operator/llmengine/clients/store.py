@@ -57,6 +57,20 @@ T = TypeVar("T")
 SETTING_CREDENTIALS = "spec.store.credentialsSecretRef"
 SETTING_BUCKET = "spec.store.bucket"
 SETTING_ENDPOINT = "spec.store.endpoint"
+# The same settings when an engine uses the operator's default store: the chart's values, not the spec's.
+DEFAULT_STORE_SETTINGS = {
+    SETTING_CREDENTIALS: "the operator's default store credentials (chart values store.credentialsSecret and "
+    "store.engineSecret)",
+    SETTING_BUCKET: "the operator's default store (chart value store.bucket)",
+    SETTING_ENDPOINT: "the operator's default store (chart value store.endpoint)",
+}
+
+
+def on_default_store(message: str) -> str:
+    """A store error for an engine without spec.store names the chart values actually in use."""
+    for spec_field, chart_value in DEFAULT_STORE_SETTINGS.items():
+        message = message.replace(spec_field, chart_value)
+    return message
 
 
 # ---------------------------------------------------------------------------------------------------------------

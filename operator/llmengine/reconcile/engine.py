@@ -19,7 +19,7 @@ from llmengine.api.bench import parse_bench_outcome
 from llmengine.api.config import OperatorConfig
 from llmengine.api.v1alpha1 import InvalidEngine, parse_engine
 from llmengine.clients.kube import Kube, merge_patch
-from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client
+from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client, on_default_store
 from llmengine.logging import register_secret
 from llmengine.plan import plan_object
 from llmengine.plan.benchgate import bench_request
@@ -97,13 +97,14 @@ class Reconciler:
         ck = (loc.endpoint or "", loc.bucket, loc.prefix, digest)
         if ck in self._committed:
             return True, None
-        explicit = bool((common.spec_of(body).get("store") or {}).get("credentialsSecretRef"))
+        store_spec = common.spec_of(body).get("store") or {}
+        explicit = bool(store_spec.get("credentialsSecretRef"))
         try:
             store = await self._store(body["metadata"]["namespace"], access, explicit)
             ok = await asyncio.to_thread(store.is_committed, digest)
         except StoreError as e:
             metrics.STORE_ERRORS.inc()
-            return None, str(e)
+            return None, str(e) if store_spec else on_default_store(str(e))
         except Exception as e:  # a store outage must never crash the operator
             metrics.STORE_ERRORS.inc()
             return None, f"{type(e).__name__}: {e}"[:300]
