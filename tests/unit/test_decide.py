@@ -331,3 +331,24 @@ def test_engines_per_phase_lists_every_phase() -> None:
     counts = count_phases(["Ready", "Ready", "Failed"])
     assert counts["Ready"] == 2 and counts["Failed"] == 1 and counts["Building"] == 0
     assert set(counts) >= {"Pending", "Queued", "Building", "Deploying", "Ready", "Degraded", "Failed"}
+
+
+def test_losing_a_serving_pod_reports_degraded_every_time_and_a_crash_loop_stalls() -> None:
+    ready = {"desiredEngine": {"digest": D}, "phase": "Ready"}
+    # The moments of a lost pod the Deployment reports: the pod gone (fewer updated), then its replacement not
+    # ready yet. Neither is a rollout.
+    for updated, ready_, total in ((1, 1, 1), (2, 1, 2)):
+        dep = DeploymentView(D, 1, 1, replicas=2, updated=updated, ready=ready_, available=ready_, total=total)
+        d = decide(obs(deployment=dep, committed=True, status=ready))
+        assert d.status["phase"] == "Degraded", (updated, d.status["message"])
+        assert cond(d, "Deployed")["reason"] == "Unavailable" and cond(d, "Stalled")["status"] == "False"
+    # A new template is a rollout.
+    rolling = DeploymentView(D, 2, 1, replicas=2, updated=0, ready=2, available=2, total=2)
+    assert decide(obs(deployment=rolling, committed=True, status=ready)).status["phase"] == "Deploying"
+    # The replacement crash-loops: waiting will not fix it.
+    crash = "pod llme-x-1: container server failed (exit 1, 3 restart(s)): engine built for SM 9.0, GPU reports 8.0"
+    dep = DeploymentView(D, 1, 1, replicas=2, updated=2, ready=1, available=1, total=2, problem=crash)
+    d = decide(obs(deployment=dep, committed=True, status=ready))
+    assert d.status["phase"] == "Degraded"
+    assert cond(d, "Stalled")["status"] == "True" and cond(d, "Stalled")["reason"] == "ServingPodsFailing"
+    assert crash in d.status["message"]

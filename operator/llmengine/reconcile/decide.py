@@ -268,10 +268,11 @@ def decide(o: Observed) -> Decision:
         }
     if o.committed:
         trouble = f"; {dep.problem}" if dep is not None and dep.digest == digest and dep.problem else ""
-        if dep is None or dep.digest != digest or not dep.rolled_out:
+        if _rolling_out(dep, digest):
             phase, message = DEPLOYING, f"rolling out engine {digest[:12]}{trouble}"
             setc(cond.DEPLOYED, False, "RollingOut", message)
-        elif dep.available < o.replicas:
+        elif dep is not None and (dep.available < o.replicas or not dep.rolled_out):
+            # Same template, fewer pods (one lost, being replaced): a loss, not a rollout.
             was_ready = o.status.get("phase") in (READY, DEGRADED)
             phase = DEGRADED if was_ready else DEPLOYING
             message = f"{dep.available}/{o.replicas} serving replicas available{trouble}"
@@ -279,6 +280,10 @@ def decide(o: Observed) -> Decision:
         else:
             phase, message = READY, f"serving engine {digest[:12]} on {o.replicas} replica(s)"
             setc(cond.DEPLOYED, True, "Available", message)
+        if phase in (DEPLOYING, DEGRADED) and dep is not None and dep.digest == digest and _needs_a_person(dep.problem):
+            # A crash loop or an engine that fails verification will not heal by waiting: kstatus Failed, as Argo
+            # CD's Degraded already says.
+            stalled, stall_reason = True, "ServingPodsFailing"
         if not deployed:
             d.requeue_after = d.requeue_after or 30.0
         if o.gate is not None:
@@ -313,6 +318,21 @@ def _apply_gate(
     if not step.failed:
         d.requeue_after = min(d.requeue_after or 10.0, 10.0)
     return (FAILED if step.failed else DEPLOYING), step.message[:2048]
+
+
+def _rolling_out(dep: DeploymentView | None, digest: str) -> bool:
+    """A rollout is under way: no Deployment of this engine yet, a template the controller has not acted on, or
+    pods of an older template left. A missing pod of the current template is not one."""
+    if dep is None or dep.digest != digest:
+        return True
+    return dep.observed_generation < dep.generation or (dep.total is not None and dep.total > dep.updated)
+
+
+def _needs_a_person(problem: str | None) -> bool:
+    """A pod problem that waiting does not fix: a container failing again and again, or one that cannot start."""
+    if not problem:
+        return False
+    return "restart(s)" in problem or any(reason in problem for reason in _WAITING_TROUBLE)
 
 
 def _set_available(dep: DeploymentView | None, replicas: int, setc: Any) -> None:
