@@ -260,7 +260,9 @@ def main(argv: list[str]) -> int:
     configure_logging(json=cfg.json_logs)
     start_http_server(args.metrics_port if args.metrics_port is not None else cfg.metrics_port)
     liveness = args.liveness or f"http://0.0.0.0:{cfg.health_port}/healthz"
-    kopf.configure(verbose=args.verbose)
+    # Kopf's own lines in the same format as ours: JSON with the object (namespace, name, uid) on per-object lines.
+    log_format = kopf.LogFormat.JSON if cfg.json_logs else kopf.LogFormat.FULL
+    kopf.configure(verbose=args.verbose, log_format=log_format, log_refkey="object")
     # Kopf installs its own root handler: keep that one only (no line twice) and mask secrets in it.
     root = logging.getLogger()
     if len(root.handlers) > 1:

@@ -5,6 +5,7 @@ lifecycle proves the chart's RBAC is enough, real 403s prove it is not more. The
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import urllib.request
 import uuid
@@ -245,6 +246,10 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
         _delete_engines(engines, ["tiny", "tiny-default", "no-ckpt"])
 
     assert not forbidden_lines(op.logs()), "\n".join(forbidden_lines(op.logs()))
+    # jsonLogs (the chart's default): every line is JSON, Kopf's too, and its per-object lines name the object.
+    records = [json.loads(line) for line in op.log_lines() if line.strip()]
+    per_object = [r for r in records if r.get("name") == "kopf.objects" or "object" in r]
+    assert per_object and all(r["object"]["namespace"] and r["object"]["name"] for r in per_object), per_object[:3]
     st = ready["status"]
     assert st["servingEngine"]["digest"] == st["desiredEngine"]["digest"]
     envelope = next(c for c in st["conditions"] if c["type"] == "EnvelopeExceeded")
