@@ -77,8 +77,17 @@ def test_full_lifecycle_build_deploy_scale_rebuild_delete(env: Any, api: Any) ->
         assert dep.status.available_replicas == 2
         assert served_digest(api, env.ns, "tiny") == digest
 
-        # Replicas only: no build, the Deployment scales.
-        env.engines.patch_spec("tiny", {"serving": {"replicas": 3}})
+        # Replicas only, through the scale subresource (what kubectl scale and an HPA use): no build, the
+        # Deployment follows spec.serving.replicas.
+        co = client.CustomObjectsApi(api)
+        scale = co.get_namespaced_custom_object_scale("llmengine.io", "v1alpha1", env.ns, "llmengines", "tiny")
+        assert scale["spec"]["replicas"] == 2 and scale["status"]["replicas"] == 2
+        pods = core.list_namespaced_pod(env.ns, label_selector=scale["status"]["selector"]).items
+        assert len(pods) == 2 and all(p.metadata.name.startswith("llme-tiny-") for p in pods)
+        co.patch_namespaced_custom_object_scale(
+            "llmengine.io", "v1alpha1", env.ns, "llmengines", "tiny", {"spec": {"replicas": 3}}
+        )
+        assert env.engines.get("tiny")["spec"]["serving"]["replicas"] == 3
         env.engines.wait_phase("tiny", "Ready")
         wait_for("3 replicas", lambda: deployment(api, env.ns, "tiny").status.available_replicas == 3, 60)
         assert len(jobs(api, env.ns)) == 1

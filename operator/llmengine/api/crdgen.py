@@ -173,7 +173,16 @@ def crd() -> dict[str, Any]:
                     "schema": {"openAPIV3Schema": openapi_schema()},
                     "served": True,
                     "storage": True,
-                    "subresources": {"status": {}},
+                    # scale: `kubectl scale llmengine X --replicas N`, and an HPA can target the LLMEngine (the
+                    # operator renders spec.serving.replicas into the Deployment, so nothing fights the autoscaler).
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.serving.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
                 }
             ],
         },

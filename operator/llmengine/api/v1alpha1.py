@@ -866,6 +866,9 @@ class LLMEngineStatus(StatusModel):
     build: BuildStatus | None = Field(default=None, description="Progress of the build of the desired engine.")
     gpu: str | None = Field(default=None, description="GPUs per replica, e.g. H100-80GB x2 or A100-40GB/3g.20gb.")
     ready_replicas: int | None = Field(default=None, description="Serving pods ready.")
+    selector: str | None = Field(
+        default=None, description="Label selector of the serving pods (for the scale subresource and autoscalers)."
+    )
     url: str | None = Field(
         default=None,
         description=(

@@ -142,6 +142,7 @@ class Observed:
     backoff_base: float
     backoff_max: float
     url: str | None = None  # the Service's in-cluster base URL
+    selector: str | None = None  # label selector of the serving pods (scale subresource)
     # The benchmark gate's verdict on the committed desired engine (gate.gate over this snapshot), None: no gate.
     gate: GateStep | None = None
 
@@ -211,6 +212,8 @@ def decide(o: Observed) -> Decision:
     st["readyReplicas"] = dep.ready if dep else 0
     if dep is not None and o.url:
         st["url"] = o.url
+    if o.selector:
+        st["selector"] = o.selector
 
     def setc(t: str, s: bool | str, reason: str, msg: str) -> None:
         nonlocal conditions

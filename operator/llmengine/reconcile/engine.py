@@ -246,6 +246,7 @@ class Reconciler:
             "backoff_max": self.cfg.build_backoff_max_seconds,
             "deployment": dview,
             "url": serving.service_url(body),
+            "selector": common.label_selector(serving.instance_labels(name)),
         }
         req = plan.build_request
         if not plan.valid or req is None:
