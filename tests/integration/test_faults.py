@@ -51,19 +51,30 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
     cluster = DevCluster(f"faults-{os.getpid()}", tmp_path_factory.mktemp("faults-cluster"), restart_backoff_s=1.0)
     try:
         info = cluster.up()
-        summary: dict[str, Any] = bench.run(
-            cluster,
-            info,
-            list(bench.FAULTS),
-            seed=1,
-            engine_bytes=96 * MiB,  # a transfer long enough (a second or two here) to crash S3 in its middle
-            parallel=3,  # the lifecycles overlap; faults of one component never do
-            ready_timeout=90.0,
-            rebuild_every=3,  # the third lifecycle (s3-mid-download) rebuilds: its fault hits a rollout
-            replicas=1,
-            hard_restarts=True,  # crashes, and quicker than graceful stops
-            delete=False,  # the garbage collector's first pass on a new CRD can take 30 s
-        )
+
+        def run(seed: int) -> dict[str, Any]:
+            summary: dict[str, Any] = bench.run(
+                cluster,
+                info,
+                list(bench.FAULTS),
+                seed=seed,
+                engine_bytes=96 * MiB,  # a transfer long enough (a second or two here) to crash S3 in its middle
+                parallel=3,  # the lifecycles overlap; faults of one component never do
+                ready_timeout=90.0,
+                rebuild_every=3,  # the third lifecycle (s3-mid-download) rebuilds: its fault hits a rollout
+                replicas=1,
+                hard_restarts=True,  # crashes, and quicker than graceful stops
+                delete=False,  # the garbage collector's first pass on a new CRD can take 30 s
+            )
+            return summary
+
+        summary = run(1)
+        if _missed(summary):
+            # An S3 crash that landed after its transfer had finished tested nothing (the transfer is a second or
+            # two): run the experiment again, on fresh engines. The first run's invariants still count.
+            earlier = summary
+            summary = run(2)
+            summary["earlier"] = {"counts": earlier["counts"], "missed": _missed(earlier)}
         yield summary, json.dumps(summary, indent=1, default=str) + "\n" + _component_logs(cluster)
     finally:
         cluster.down(quiet=True)
@@ -71,6 +82,10 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[s
         shutil.rmtree(cluster.dir / "s3-data", ignore_errors=True)
         for volumes in (cluster.dir / "pods").glob("*/volumes"):
             shutil.rmtree(volumes, ignore_errors=True)
+
+
+def _missed(summary: dict[str, Any]) -> list[str]:
+    return [f["kind"] for f in summary["details"]["faults"] if f["kind"].startswith("s3-") and not f.get("hit")]
 
 
 def _component_logs(cluster: DevCluster, lines: int = 30) -> str:
@@ -90,6 +105,8 @@ def _component_logs(cluster: DevCluster, lines: int = 30) -> str:
 def test_invariant_holds_under_faults(fault_run: tuple[dict[str, Any], str], count: str) -> None:
     summary, report = fault_run
     assert summary["counts"][count] == 0, report
+    # A run repeated because an S3 crash missed its transfer: its invariants held too.
+    assert summary.get("earlier", {}).get("counts", {}).get(count, 0) == 0, report
     assert summary["builds"]["builder_runs"] >= len(bench.FAULTS), report
 
 

@@ -9,6 +9,7 @@ its record and the standby resumes within milliseconds.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from datetime import UTC, datetime
@@ -112,8 +113,17 @@ def _lines(op: Any, needle: str) -> list[str]:
 
 
 def _acted(op: Any) -> list[str]:
-    """Kopf's per-object log lines ("Handler 'engine_changed' succeeded.", daemon lines): the replica acted."""
-    return _lines(op, "kopf.objects")
+    """Kopf's per-object log lines ("Handler 'engine_changed' succeeded.", daemon lines): the replica acted. In
+    JSON logs they are the records carrying the object; in text logs, the kopf.objects logger's."""
+    out = []
+    for line in op.logs().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if (isinstance(record, dict) and "object" in record) or "kopf.objects" in line:
+            out.append(line)
+    return out
 
 
 def test_only_the_higher_priority_replica_acts_and_the_other_takes_over_after_kill9(env: Any, api: Any) -> None:
