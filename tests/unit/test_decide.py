@@ -342,6 +342,10 @@ def test_losing_a_serving_pod_reports_degraded_every_time_and_a_crash_loop_stall
         d = decide(obs(deployment=dep, committed=True, status=ready))
         assert d.status["phase"] == "Degraded", (updated, d.status["message"])
         assert cond(d, "Deployed")["reason"] == "Unavailable" and cond(d, "Stalled")["status"] == "False"
+    # More replicas asked for than the last pass saw is a scale-up, not a loss.
+    scaled = DeploymentView(D, 2, 2, replicas=3, updated=2, ready=2, available=2, total=2)
+    up = decide(obs(deployment=scaled, committed=True, status={**ready, "replicas": 2}, replicas=3))
+    assert up.status["phase"] == "Deploying" and cond(up, "Deployed")["reason"] == "ScalingUp"
     # A new template is a rollout.
     rolling = DeploymentView(D, 2, 1, replicas=2, updated=0, ready=2, available=2, total=2)
     assert decide(obs(deployment=rolling, committed=True, status=ready)).status["phase"] == "Deploying"

@@ -276,10 +276,14 @@ def decide(o: Observed) -> Decision:
             setc(cond.DEPLOYED, False, "RollingOut", message)
         elif dep is not None and (dep.available < o.replicas or not dep.rolled_out):
             # Same template, fewer pods (one lost, being replaced): a loss, not a rollout.
-            was_ready = o.status.get("phase") in (READY, DEGRADED)
+            # More replicas asked for than the last pass saw (kubectl scale, an autoscaler): a scale-up, not a loss.
+            seen = o.status.get("replicas")
+            scaling = isinstance(seen, int) and seen < o.replicas
+            was_ready = o.status.get("phase") in (READY, DEGRADED) and not scaling
             phase = DEGRADED if was_ready else DEPLOYING
             message = f"{dep.available}/{o.replicas} serving replicas available{trouble}"
-            setc(cond.DEPLOYED, False, "Unavailable" if was_ready else "RollingOut", message)
+            reason = "Unavailable" if was_ready else ("ScalingUp" if scaling else "RollingOut")
+            setc(cond.DEPLOYED, False, reason, message)
         else:
             phase, message = READY, f"serving engine {digest[:12]} on {o.replicas} replica(s)"
             setc(cond.DEPLOYED, True, "Available", message)
