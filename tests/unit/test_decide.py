@@ -325,12 +325,19 @@ def test_a_failed_benchmark_gate_keeps_the_old_engine_and_announces_no_rollout()
     assert d.status["benchmark"] == {"verdict": "Running"}
 
 
-def test_engines_per_phase_lists_every_phase() -> None:
-    from llmengine.reconcile.metrics import count_phases
+def test_an_engine_moving_between_phases_moves_one_count() -> None:
+    from llmengine.reconcile.metrics import ENGINES, move_engine
 
-    counts = count_phases(["Ready", "Ready", "Failed"])
-    assert counts["Ready"] == 2 and counts["Failed"] == 1 and counts["Building"] == 0
-    assert set(counts) >= {"Pending", "Queued", "Building", "Deploying", "Ready", "Degraded", "Failed"}
+    def n(phase: str) -> float:
+        return float(ENGINES.labels(phase)._value.get())
+
+    ready, building = n("Ready"), n("Building")
+    move_engine(None, "Building")
+    move_engine("Building", "Ready")
+    move_engine("Ready", "Ready")
+    assert (n("Building"), n("Ready")) == (building, ready + 1)
+    move_engine("Ready", None)
+    assert (n("Building"), n("Ready")) == (building, ready)
 
 
 def test_losing_a_serving_pod_reports_degraded_every_time_and_a_crash_loop_stalls() -> None:

@@ -15,22 +15,10 @@ from typing import Any
 
 from llmengine.api.artifacts import BuildRequest
 from llmengine.builder.compiler import BuildFailure
+from llmengine.plan.upstream import table
 
-# PluginConfig fields whose value is a dtype or None; upstream stores "auto" and reads it back as the dtype.
-DTYPE_PLUGINS = frozenset(
-    {
-        "gpt_attention_plugin",
-        "gemm_plugin",
-        "nccl_plugin",
-        "moe_plugin",
-        "lora_plugin",
-        "weight_only_quant_matmul_plugin",
-        "weight_only_groupwise_quant_matmul_plugin",
-        "smooth_quant_gemm_plugin",
-        "layernorm_quantization_plugin",
-        "rmsnorm_quantization_plugin",
-    }
-)
+# PluginConfig fields that take "auto", which upstream stores as is and reads back as the dtype (the table's choices).
+DTYPE_PLUGINS = frozenset(o.name for o in table("PluginConfig").options if "auto" in (o.choices or []))
 _ABSENT = object()
 
 

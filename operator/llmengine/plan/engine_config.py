@@ -22,7 +22,7 @@ from llmengine.api.engine import (
 )
 from llmengine.api.v1alpha1 import FieldError, LLMEngineSpec
 from llmengine.plan.gpus import GpuClass, parse_sm
-from llmengine.plan.trtllm_rules import Change, Refusal, apply_build_rules
+from llmengine.plan.trtllm_rules import Change, Refusal, apply_build_rules, requires_calibration, requires_modelopt
 
 TOKENS_PER_BLOCK = 32
 AWQ_GROUP_SIZE = 128
@@ -41,8 +41,6 @@ QUANT_SETTINGS: dict[str, QuantSettings] = {
     # dataset.
     "smoothquant": QuantSettings(quant_algo="W8A8_SQ_PER_CHANNEL"),
 }
-# QuantConfig._requires_modelopt_quantization: what ModelOpt calibrates (modeling_utils.py@b35ac1b6).
-MODELOPT_ALGOS = frozenset({"FP8", "W4A16_AWQ", "W4A8_AWQ", "NVFP4", "W8A8_SQ_PER_CHANNEL"})
 # quantize_and_export caps the calibration samples of AWQ formats at 32 (quantize_by_modelopt.py@585c7565).
 AWQ_ALGOS = frozenset({"W4A16_AWQ", "W4A8_AWQ"})
 AWQ_MAX_CALIB_SAMPLES = 32
@@ -123,9 +121,7 @@ def route_errors(spec: LLMEngineSpec, architecture: str, quant: QuantSettings) -
             )
         return out
     algo, kv = quant.quant_algo, quant.kv_cache_quant_algo
-    calibrates = (algo is not None and algo not in ("W8A16", "W4A16")) or kv is not None
-    modelopt = algo in MODELOPT_ALGOS or (algo is None and kv == "FP8")
-    if calibrates and not modelopt:
+    if requires_calibration(quant) and not requires_modelopt(quant):
         if algo == "W8A16" and kv == "FP8":
             msg = (
                 "int8_weight_only with kvCacheDtype fp8 is refused by TensorRT-LLM's calibration (it asserts: "

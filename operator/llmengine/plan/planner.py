@@ -307,9 +307,7 @@ def _memory_fixes(
             fixes.append(f"quantization {q} ({m.required_bytes_per_gpu / GIB:.1f} GiB)")
     if spec.target.mig_profile is None:
         for tp in range(spec.parallelism.tensor + 1, gpus_per_node // spec.parallelism.pipeline + 1):
-            if facts.num_attention_heads % tp == 0 and (
-                facts.num_key_value_heads % tp == 0 or tp % facts.num_key_value_heads == 0
-            ):
+            if validate.tensor_fits(facts, tp):
                 trial = spec.model_copy(update={"parallelism": spec.parallelism.model_copy(update={"tensor": tp})})
                 m = _memory(trial, facts, shapes, available)
                 fixes.append(f"spec.parallelism.tensor {tp} ({m.required_bytes_per_gpu / GIB:.1f} GiB per GPU)")
@@ -362,29 +360,23 @@ def runtime_args(spec: LLMEngineSpec, shapes: BuildShapes) -> list[str]:
     ]
 
 
-def calibration_identity(spec: LLMEngineSpec) -> dict[str, Any] | None:
-    """The calibration dataset as an identity input, only when the build calibrates (otherwise it changes nothing).
+def calibration_request(spec: LLMEngineSpec) -> CalibrationSource | None:
+    """Where the calibration samples are, normalized (trimmed, no trailing /), only when the build calibrates.
     How many samples of what length are used is in the EngineConfig, as upstream applies them."""
     c = spec.precision.calibration
     if c is None or not validate.calibrates(spec):
         return None
     hf, s3 = c.dataset.hugging_face, c.dataset.s3
-    if hf is not None:
-        return {"dataset": {"huggingFace": {"repo": hf.repo.strip(), "revision": hf.revision.strip()}}}
-    assert s3 is not None
-    return {"dataset": {"s3": {"uri": s3.uri.strip().rstrip("/")}}}
-
-
-def calibration_request(spec: LLMEngineSpec) -> CalibrationSource | None:
-    c = spec.precision.calibration
-    if c is None or not validate.calibrates(spec):
-        return None
-    hf, s3 = c.dataset.hugging_face, c.dataset.s3
     return CalibrationSource(
-        hugging_face_repo=hf.repo if hf else None,
-        revision=hf.revision if hf else None,
-        s3_uri=s3.uri if s3 else None,
+        hugging_face_repo=hf.repo.strip() if hf else None,
+        revision=hf.revision.strip() if hf else None,
+        s3_uri=s3.uri.strip().rstrip("/") + "/" if s3 else None,
     )
+
+
+def calibration_identity(source: CalibrationSource | None) -> dict[str, Any] | None:
+    """The calibration dataset as an identity input (otherwise it changes nothing)."""
+    return {"dataset": source.model_dump(exclude_none=True)} if source is not None else None
 
 
 def _build_request(
@@ -534,7 +526,7 @@ def _plan(
             trtllm_version=version,
             builder_image=pair.builder,
             compiler=compiler,
-            calibration=calibration_identity(spec),
+            calibration=calibration_identity(calibration_request(spec)),
         )
         digest = engine_digest(inputs)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmengine.api.engine import BuildSettings, EngineConfig, PluginSettings
+from llmengine.api.engine import BuildSettings, EngineConfig, PluginSettings, QuantSettings
 
 FP8_FMHA_ALGOS = frozenset({"FP8", "W4A8_AWQ", "NVFP4"})
 WEIGHT_ONLY_ALGOS = frozenset({"W8A16", "W4A16", "W4A16_AWQ", "W4A8_AWQ", "W8A16_GPTQ", "W4A16_GPTQ"})
@@ -32,6 +32,20 @@ SMOOTHQUANT_ALGOS = SMOOTHQUANT_PLUGIN_ALGOS | {"W8A8_SQ_PER_CHANNEL"}
 REDUCE_FUSION_ARCHS = frozenset({"LlamaForCausalLM", "Gemma2ForCausalLM", "MedusaForCausalLM"})
 # max_num_tokens above this only draws a warning (T2c); kept for the planner's own advice.
 TENSOR_VOLUME_WARNING_TOKENS = 16384
+
+
+# QuantConfig._requires_modelopt_quantization (models/modeling_utils.py@b35ac1b6), for the algorithms we offer.
+MODELOPT_ALGOS = frozenset({"FP8", "W4A16_AWQ", "W4A8_AWQ", "NVFP4", "W8A8_SQ_PER_CHANNEL"})
+
+
+def requires_calibration(q: QuantSettings) -> bool:
+    """QuantConfig._requires_calibration: every quantization but weight-only, and any KV cache quantization."""
+    return (q.quant_algo is not None and q.quant_algo not in ("W8A16", "W4A16")) or q.kv_cache_quant_algo is not None
+
+
+def requires_modelopt(q: QuantSettings) -> bool:
+    """QuantConfig._requires_modelopt_quantization: what ModelOpt calibrates (the rest goes to per-family code)."""
+    return q.quant_algo in MODELOPT_ALGOS or (q.quant_algo is None and q.kv_cache_quant_algo == "FP8")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from llmengine.api.artifacts import BuildShapes
 from llmengine.api.config import ImageCatalog
 from llmengine.api.v1alpha1 import FieldError, LLMEngineSpec
 from llmengine.plan.catalog import ModelFacts
+from llmengine.plan.engine_config import quant_settings
 from llmengine.plan.gpus import GpuClass, MigProfile, parse_sm
+from llmengine.plan.trtllm_rules import requires_calibration
 
 SM_FP8 = (8, 9)
 SM_BLACKWELL = (10, 0)
@@ -24,8 +26,6 @@ TENSORRT_BELOW = (1, 3)
 CONTRACT_LINE = (1, 2)
 
 # Quantizations and KV cache dtypes whose build calibrates on sample text.
-CALIBRATING_QUANTS = ("fp8", "int4_awq", "w4a8_awq", "nvfp4", "smoothquant")
-CALIBRATING_KV_DTYPES = ("fp8", "int8")
 AWQ_QUANTS = ("int4_awq", "w4a8_awq")
 # Build flags that only mean something to trtllm-build, with their defaults.
 TENSORRT_ONLY_FEATURES = {
@@ -194,9 +194,8 @@ def check_precision(r: Resolved) -> list[FieldError]:
 
 
 def calibrates(spec: LLMEngineSpec) -> bool:
-    """Whether the build measures scales on sample text (ModelOpt or SmoothQuant calibration)."""
-    p = spec.precision
-    return p.quantization in CALIBRATING_QUANTS or p.kv_cache_dtype in CALIBRATING_KV_DTYPES
+    """Whether the build measures scales on sample text (upstream's QuantConfig._requires_calibration)."""
+    return requires_calibration(quant_settings(spec))
 
 
 def check_calibration(r: Resolved) -> list[FieldError]:
@@ -205,7 +204,9 @@ def check_calibration(r: Resolved) -> list[FieldError]:
     if not calibrates(r.spec) or p.calibration is not None:
         return []
     what = (
-        f"quantization {p.quantization}" if p.quantization in CALIBRATING_QUANTS else f"kvCacheDtype {p.kv_cache_dtype}"
+        f"quantization {p.quantization}"
+        if requires_calibration(quant_settings(r.spec).model_copy(update={"kv_cache_quant_algo": None}))
+        else f"kvCacheDtype {p.kv_cache_dtype}"
     )
     return [
         FieldError(
@@ -263,6 +264,11 @@ def check_backend(r: Resolved) -> list[FieldError]:
         if getattr(r.spec.build, name) != default:
             out.append(FieldError(f"spec.build.{_camel(name)}", f"is a TensorRT engine build flag: {fix}"))
     return out
+
+
+def tensor_fits(f: ModelFacts, tp: int) -> bool:
+    """Tensor parallelism splits the attention heads, and the KV heads and tp divide one another."""
+    return f.num_attention_heads % tp == 0 and (f.num_key_value_heads % tp == 0 or tp % f.num_key_value_heads == 0)
 
 
 def check_parallelism(r: Resolved) -> list[FieldError]:

@@ -499,13 +499,12 @@ class Reconciler:
         self._written.pop((ns, name), None)
         self.traffic.forget(ns, name)
         self.queue.leave((ns, name))
-        self._phases.pop((ns, name), None)
+        metrics.move_engine(self._phases.pop((ns, name), None), None)
         self._hits = {h for h in self._hits if h[:2] != (ns, name)}
-        metrics.set_engines(self._phases.values())
 
     def _record_phase(self, ns: str, name: str, phase: str) -> None:
+        metrics.move_engine(self._phases.get((ns, name)), phase)
         self._phases[(ns, name)] = phase
-        metrics.set_engines(self._phases.values())
 
 
 def _hf_token(spec: Mapping[str, Any]) -> dict[str, str] | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from prometheus_client import Counter, Gauge, Histogram
 
 BUILDS = Counter("llmengine_builds_total", "Build Jobs by result", ["result"])
@@ -27,14 +25,15 @@ ENGINES = Gauge("llmengine_engines", "LLMEngines by phase", ["phase"])
 PHASES = ("Pending", "Queued", "Building", "Deploying", "Ready", "Degraded", "Failed")
 
 
-def count_phases(phases: Iterable[str]) -> dict[str, int]:
-    """Engines per phase (every phase listed, 0 where none is), from each engine's last phase."""
-    counts = dict.fromkeys(PHASES, 0)
-    for phase in phases:
-        counts[phase] = counts.get(phase, 0) + 1
-    return counts
+for _phase in PHASES:
+    ENGINES.labels(_phase).set(0)  # every phase is exported, 0 until an engine is in it
 
 
-def set_engines(phases: Iterable[str]) -> None:
-    for phase, n in count_phases(phases).items():
-        ENGINES.labels(phase).set(n)
+def move_engine(before: str | None, after: str | None) -> None:
+    """One engine left phase `before` (None: it is new) for `after` (None: it is gone)."""
+    if before == after:
+        return
+    if before is not None:
+        ENGINES.labels(before).dec()
+    if after is not None:
+        ENGINES.labels(after).inc()
