@@ -55,9 +55,9 @@ class Reconciler:
         self.traffic = TrafficWatcher(kube, cfg)
         # The status each engine's last write stored, by resourceVersion: Kopf's body may not have caught up yet.
         self._written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
-        # Each engine's last phase (llmengine_engines) and the (engine, digest) pairs a store hit was counted for.
+        # Each engine's last phase (llmengine_engines) and the identity a store hit was last counted for.
         self._phases: dict[tuple[str, str], str] = {}
-        self._hits: set[tuple[str, str, str]] = set()
+        self._hits: dict[tuple[str, str], str] = {}
 
     # ---- store ----------------------------------------------------------------------------------------------
     def _store_access(self, body: Mapping[str, Any], location: StoreLocation) -> StoreAccess:
@@ -286,8 +286,8 @@ class Reconciler:
             metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
         elif committed:
             self.queue.forget(key)
-            if not build_st.get("job") and (ns, name, digest) not in self._hits:
-                self._hits.add((ns, name, digest))  # committed and never built by us for this engine: a build avoided
+            if not build_st.get("job") and self._hits.get((ns, name)) != digest:
+                self._hits[(ns, name)] = digest  # committed and never built by us for this engine: a build avoided
                 metrics.STORE_HITS.inc()
         metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
         gate_step = None
@@ -500,7 +500,7 @@ class Reconciler:
         self.traffic.forget(ns, name)
         self.queue.leave((ns, name))
         metrics.move_engine(self._phases.pop((ns, name), None), None)
-        self._hits = {h for h in self._hits if h[:2] != (ns, name)}
+        self._hits.pop((ns, name), None)
 
     def _record_phase(self, ns: str, name: str, phase: str) -> None:
         metrics.move_engine(self._phases.get((ns, name)), phase)
