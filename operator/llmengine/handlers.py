@@ -61,22 +61,16 @@ class WebhookOptions:
 WEBHOOK_ID = "validate-llmengine"
 
 
-class State:
-    cfg: OperatorConfig
-    reconciler: Reconciler
-    wakeups = Wakeups()
-    webhook: WebhookOptions | None = None
-
-
-STATE = State()
-
-
 def _post_event(body: Any, type_: str, reason: str, message: str) -> None:
     kopf.event(body, type=type_, reason=reason, message=message)
 
 
+# Operator state lives in Kopf's memo (the root one, which every object's memo copies): cfg (OperatorConfig),
+# reconciler (Reconciler), wakeups (Wakeups) and webhook (WebhookOptions | None), set in main() and startup().
+
+
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     from kubernetes import client, config
 
     from llmengine.clients.kube import Kube
@@ -86,8 +80,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     except config.ConfigException:
         config.load_kube_config()
     api = client.ApiClient()
-    STATE.cfg = OperatorConfig.from_env()
-    STATE.reconciler = Reconciler(Kube(api), STATE.cfg, events=_post_event)
+    memo.cfg = OperatorConfig.from_env()
+    memo.reconciler = Reconciler(Kube(api), memo.cfg, events=_post_event)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
@@ -99,10 +93,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     # A replica that dies without a goodbye is forgotten after this; the standby then takes over.
-    settings.peering.lifetime = STATE.cfg.peering_lifetime_seconds
-    if STATE.webhook is not None:
-        settings.admission.server = _webhook_server(STATE.webhook)
-        settings.admission.managed = STATE.webhook.manage
+    settings.peering.lifetime = memo.cfg.peering_lifetime_seconds
+    webhook: WebhookOptions | None = memo.get("webhook")
+    if webhook is not None:
+        settings.admission.server = _webhook_server(webhook)
+        settings.admission.managed = webhook.manage
 
 
 def _webhook_server(w: WebhookOptions) -> kopf.WebhookServer:
@@ -120,25 +115,26 @@ def _webhook_server(w: WebhookOptions) -> kopf.WebhookServer:
     )
 
 
-def validate_engine(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+def validate_engine(body: kopf.Body, warnings: list[str], memo: kopf.Memo, **kwargs: Any) -> None:
     """Admission: refuse what the planner would fail, with its message; warn when a change rebuilds."""
     old, new, operation = kwargs.get("old"), kwargs.get("new"), kwargs.get("operation")
+    cfg: OperatorConfig = memo.cfg
     verdict = review(
         dict(new if new is not None else body),
         dict(old) if old is not None else None,
         operation or "CREATE",
-        compiler=STATE.cfg.compiler,
-        default_store=STATE.cfg.default_store,
-        test_engine_bytes=STATE.cfg.test_engine_bytes,
-        images=STATE.cfg.images,
+        compiler=cfg.compiler,
+        default_store=cfg.default_store,
+        test_engine_bytes=cfg.test_engine_bytes,
+        images=cfg.images,
     )
     warnings.extend(verdict.warnings)
     if not verdict.allowed:
         raise kopf.AdmissionError(verdict.message, code=422)
 
 
-def enable_webhook(options: WebhookOptions) -> None:
-    STATE.webhook = options
+def enable_webhook(memo: kopf.Memo, options: WebhookOptions) -> None:
+    memo.webhook = options
     kopf.on.validate(GROUP, VERSION, PLURAL, id=WEBHOOK_ID, operations=["CREATE", "UPDATE"], persistent=False)(
         validate_engine
     )
@@ -151,62 +147,67 @@ def login(**kwargs: Any) -> Any:
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0, initial_delay=0)
 async def engine_daemon(
-    body: kopf.Body, name: str, namespace: str | None, stopped: kopf.DaemonStopped, **_: Any
+    body: kopf.Body, name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any
 ) -> None:
-    namespace = namespace or ""
-    wake = STATE.wakeups.get(namespace, name)
+    reconciler: Reconciler = memo.reconciler
+    cfg: OperatorConfig = memo.cfg
+    wake = memo.wakeups.get(namespace or "", name)
     failures = 0
     while not stopped:
         wake.clear()
         try:
-            delay = await STATE.reconciler.reconcile(body)
+            delay = await reconciler.reconcile(body)
             failures = 0
         except Exception as e:
-            # Anything unexpected: log it, keep serving what runs, try again with backoff. Never crash.
+            # Anything unexpected: log it with its traceback, keep serving what runs, retry with backoff. Never crash.
             failures += 1
             delay = min(300.0, 2.0**failures)
-            log.warning(
+            log.exception(
                 "reconcile %s/%s failed (%s: %s); retrying in %.0fs", namespace, name, type(e).__name__, e, delay
             )
-        timeout = min(delay, STATE.cfg.resync_seconds) if delay else STATE.cfg.resync_seconds
+        timeout = min(delay, cfg.resync_seconds) if delay else cfg.resync_seconds
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), timeout=timeout)
 
 
 # Async on purpose: Kopf runs sync handlers in a thread pool, and asyncio.Event.set() is only safe on the loop.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def engine_changed(name: str, namespace: str | None, **_: Any) -> None:
-    STATE.wakeups.wake(namespace or "", name)
+async def engine_changed(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    memo.wakeups.wake(namespace or "", name)
 
 
-def _wake_owners(meta: kopf.Meta, namespace: str | None) -> None:
+def _wake_owners(memo: kopf.Memo, meta: kopf.Meta, namespace: str | None) -> None:
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(GROUP + "/"):
-            STATE.wakeups.wake(namespace or "", ref["name"])
+            memo.wakeups.wake(namespace or "", ref["name"])
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-async def job_changed(meta: kopf.Meta, namespace: str | None, body: kopf.Body, type: str | None, **_: Any) -> None:
-    _wake_owners(meta, namespace)
+async def job_changed(
+    meta: kopf.Meta, namespace: str | None, body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    _wake_owners(memo, meta, namespace)
     # A build that ends frees a slot in its pool: the builds next in line start now, not at their next poll.
     pool = (meta.get("labels") or {}).get(POOL_LABEL)
-    if pool and (type == "DELETED" or job_ended(body)) and hasattr(STATE, "reconciler"):
-        for ns, name in STATE.reconciler.queue.next_in_line(pool):
-            STATE.wakeups.wake(ns, name)
+    reconciler: Reconciler | None = memo.get("reconciler")
+    if pool and (type == "DELETED" or job_ended(body)) and reconciler is not None:
+        for ns, name in reconciler.queue.next_in_line(pool):
+            memo.wakeups.wake(ns, name)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-async def deployment_changed(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
-    _wake_owners(meta, namespace)
+async def deployment_changed(meta: kopf.Meta, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owners(memo, meta, namespace)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def engine_deleted(name: str, namespace: str | None, **_: Any) -> None:
+def engine_deleted(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     namespace = namespace or ""
     # Never touches the store (engines stay there) and never fails: deletion can not wedge on this finalizer.
-    STATE.wakeups.drop(namespace, name)
-    if hasattr(STATE, "reconciler"):
-        STATE.reconciler.forget(namespace, name)
+    memo.wakeups.drop(namespace, name)
+    reconciler: Reconciler | None = memo.get("reconciler")
+    if reconciler is not None:
+        reconciler.forget(namespace, name)
 
 
 def main(argv: list[str]) -> int:
@@ -238,18 +239,20 @@ def main(argv: list[str]) -> int:
     hook.add_argument("--webhook-host", default=None, help="with --webhook-manage: host the API server calls")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    memo = kopf.Memo(wakeups=Wakeups(), webhook=None)
     if args.webhook_port is not None:
         certs = [os.path.join(args.webhook_cert_dir or "", f) for f in ("tls.crt", "tls.key")]
         if not args.webhook_cert_dir or not all(os.path.isfile(c) for c in certs):
             ap.error("--webhook-port needs --webhook-cert-dir with tls.crt and tls.key (the API server calls HTTPS)")
         enable_webhook(
+            memo,
             WebhookOptions(
                 port=args.webhook_port,
                 addr=args.webhook_addr,
                 cert_dir=args.webhook_cert_dir,
                 host=args.webhook_host,
                 manage=args.webhook_manage,
-            )
+            ),
         )
 
     from prometheus_client import start_http_server
@@ -276,6 +279,7 @@ def main(argv: list[str]) -> int:
             peering_name=args.peering,
             priority=args.priority if args.priority is not None else random.randint(1, 1_000_000),
             liveness_endpoint=liveness,
+            memo=memo,
         )
     )
     return 0

@@ -97,6 +97,7 @@ def operator_command(
         "LLMENGINE_BUILDER_IMAGE": "llmengine-builder:dev",
         "LLMENGINE_SERVER_IMAGE": "llmengine-server:dev",
         "LLMENGINE_RESYNC_SECONDS": "5",
+        "LLMENGINE_TRAFFIC_SCRAPE_INTERVAL_SECONDS": "2",
         "LLMENGINE_BUILD_BACKOFF_BASE_SECONDS": "1",
         "LLMENGINE_JSON_LOGS": "true",
         **(extra_env or {}),

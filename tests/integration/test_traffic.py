@@ -126,8 +126,8 @@ def test_auto_rebuilds_once_for_traffic_beyond_the_envelope_and_holds_for_the_co
 
         after = wait_for("rebuilt and rolled out", rebuilt, timeout=180, interval=0.5)
         env_st = after["status"]["envelope"]
-        assert env_st["autoShapes"]["max_input_len"] >= 1024 and env_st["lastAutoRebuild"]
-        assert env_st["maxInputLen"] == env_st["autoShapes"]["max_input_len"]
+        assert env_st["autoShapes"]["maxInputLen"] >= 1024 and env_st["lastAutoRebuild"]
+        assert env_st["maxInputLen"] == env_st["autoShapes"]["maxInputLen"]
         assert len(jobs(api, namespace)) == 2
         # The operator never writes spec: what Git holds is unchanged.
         assert "rebuildPolicy" in after["spec"] and "maxInputLen" in after["spec"]["build"]

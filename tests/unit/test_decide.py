@@ -1,4 +1,4 @@
-"""The reconcile policy is pure: observed state in, actions and status out."""
+"""The reconcile policy is pure: a snapshot in, status, events and actions out."""
 
 from __future__ import annotations
 
@@ -7,42 +7,36 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from llmengine.reconcile.decide import DeploymentView, JobView, Observed, backoff_seconds, decide
+from llmengine.plan.planner import invalid_plan
+from llmengine.reconcile.decide import backoff_seconds
+from llmengine.reconcile.views import DeploymentView, JobView
+from tests.unit.passes import NOW, Effects, run, snapshot
+from tests.unit.passes import job as job_view
 
-NOW = datetime.datetime(2026, 11, 26, 12, 0, tzinfo=datetime.UTC)
 D = "a" * 64
 
 
-def obs(**kw: Any) -> Observed:
-    base = Observed(
-        generation=3,
-        valid=True,
-        errors=[],
-        desired_digest=D,
-        desired_uri=f"s3://b/engines/{D}/",
-        gpu="H100-80GB x1",
-        replicas=2,
-        committed=False,
-        store_error=None,
-        job=None,
-        deployment=None,
-        queue_position=0,
-        status={},
-        now=NOW,
-        max_attempts=3,
-        backoff_base=30,
-        backoff_max=3600,
-    )
-    return replace(base, **kw)
+def obs(**kw: Any) -> Any:
+    """A snapshot, keyed the way these tests name what was observed."""
+    if "valid" in kw:
+        kw.pop("valid")
+        errors = kw.pop("errors")
+        from llmengine.api.v1alpha1 import FieldError
+
+        kw["plan"] = invalid_plan([FieldError(f, m) for f, m in errors])
+    return snapshot(**kw)
+
+
+def decide(snap: Any) -> Effects:
+    return run(snap)
 
 
 def job(**kw: Any) -> JobView:
-    base = JobView("llme-build-x", D, 1, True, False, False, None, None, "2026-11-26T11:00:00Z", None)
-    return replace(base, **kw)
+    return job_view(**kw)
 
 
-def cond(d: Any, t: str) -> dict[str, Any]:
-    return next(c for c in d.status["conditions"] if c["type"] == t)
+def cond(d: Effects, t: str) -> dict[str, Any]:
+    return d.condition(t)
 
 
 def test_invalid_spec_is_failed_and_stalled_and_keeps_what_serves() -> None:
@@ -51,7 +45,8 @@ def test_invalid_spec_is_failed_and_stalled_and_keeps_what_serves() -> None:
     assert d.status["phase"] == "Failed"
     assert cond(d, "Stalled")["status"] == "True" and cond(d, "Ready")["status"] == "False"
     assert "spec.precision.quantization" in d.status["message"]
-    assert d.create_job is None and d.deploy_digest == "old"
+    # Nothing is created, deleted or re-rendered: the old engine keeps serving.
+    assert not d.decision.actions and cond(d, "Available")["status"] == "True"
 
 
 def test_missing_engine_starts_first_build() -> None:
@@ -182,9 +177,9 @@ CRASHING_DOWNLOAD = {
 
 
 def test_pod_problem_reads_a_crash_looping_download_from_its_last_termination() -> None:
-    from llmengine.reconcile.decide import pod_problem
+    from llmengine.reconcile.views import pod_problem
 
-    got = pod_problem([pod("s-1", **CRASHING_DOWNLOAD)], D, ANN)
+    got = pod_problem([pod("s-1", **CRASHING_DOWNLOAD)], D)
     assert got == (
         "pod s-1: init container fetch-engine failed (exit 1, 3 restart(s)): "
         "serve-engine: 'rank0.engine' failed verification: sha256 1234... does not match"
@@ -192,16 +187,16 @@ def test_pod_problem_reads_a_crash_looping_download_from_its_last_termination() 
 
 
 def test_pod_problem_reads_scheduling_image_and_ignores_ready_old_and_deleting_pods() -> None:
-    from llmengine.reconcile.decide import pod_problem
+    from llmengine.reconcile.views import pod_problem
 
     unsched = {"conditions": [{"type": "PodScheduled", "status": "False", "message": "0/7 nodes: Insufficient gpu"}]}
     pull = {"containerStatuses": [{"name": "server", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}
-    assert pod_problem([pod("a", **unsched)], D, ANN) == "pod a cannot be scheduled: 0/7 nodes: Insufficient gpu"
-    assert pod_problem([pod("b", **pull)], D, ANN) == "pod b: container server ImagePullBackOff"
+    assert pod_problem([pod("a", **unsched)], D) == "pod a cannot be scheduled: 0/7 nodes: Insufficient gpu"
+    assert pod_problem([pod("b", **pull)], D) == "pod b: container server ImagePullBackOff"
     deleting = pod("d", **CRASHING_DOWNLOAD)
     deleting["metadata"]["deletionTimestamp"] = "2026-11-26T12:00:00Z"
     quiet = [pod("r", ready=True, **CRASHING_DOWNLOAD), pod("o", "b" * 64, **CRASHING_DOWNLOAD), deleting, pod("p")]
-    assert pod_problem(quiet, D, ANN) is None
+    assert pod_problem(quiet, D) is None
     # Running again after an old crash (an OOM kill, say) while it loads: nothing to report.
     recovered = {
         "containerStatuses": [
@@ -213,7 +208,7 @@ def test_pod_problem_reads_scheduling_image_and_ignores_ready_old_and_deleting_p
             }
         ]
     }
-    assert pod_problem([pod("loading", **recovered)], D, ANN) is None
+    assert pod_problem([pod("loading", **recovered)], D) is None
 
 
 def test_status_message_carries_the_pod_problem_while_rolling_out_and_when_degraded() -> None:
@@ -232,7 +227,7 @@ def test_status_message_carries_the_pod_problem_while_rolling_out_and_when_degra
 
 
 def test_building_message_carries_why_the_build_pod_does_not_run() -> None:
-    from llmengine.reconcile.decide import pod_problem
+    from llmengine.reconcile.views import pod_problem
 
     unsched = {"conditions": [{"type": "PodScheduled", "status": "False", "message": "0/7 nodes are available"}]}
     why = pod_problem([pod("llme-build-x-abcde", digest="", **unsched)])  # no digest given: any pod counts
@@ -298,31 +293,35 @@ def test_available_while_the_old_engine_serves_a_rebuild_and_ready_only_once_the
 def test_a_failed_benchmark_gate_keeps_the_old_engine_and_announces_no_rollout() -> None:
     """The gate's verdict is part of the one decision: no Normal "Deploying ... rolling out" event on every pass
     while the old engine keeps serving, and Deployed does not claim a rollout."""
-    from llmengine.reconcile.gate import GateStep
+    from llmengine.api.bench import BenchNumbers, BenchOutcome
+    from llmengine.api.v1alpha1 import BenchmarkSpec, BenchmarkThresholds
+    from tests.unit.passes import SPEC, bench
 
+    gated = SPEC.model_copy(
+        update={"benchmark": BenchmarkSpec(thresholds=BenchmarkThresholds(min_requests_per_second=10))}
+    )
     old = DeploymentView("b" * 64, 1, 1, replicas=2, updated=2, ready=2, available=2, total=2)
-    msg = "engine aaaaaaaaaaaa failed its benchmark: ttft p99 900 ms > 500 ms"
-    failed = GateStep(True, False, True, msg, ("False", "ThresholdsNotMet", msg), {"verdict": "Failed"})
-    prior = {"desiredEngine": {"digest": D}, "phase": "Failed"}
-    for _ in range(3):  # every resync
-        d = decide(obs(deployment=old, committed=True, status=prior, gate=failed))
-        assert d.status["phase"] == "Failed" and d.deploy_digest == "b" * 64
+    slow = BenchOutcome(
+        engine_digest=D, succeeded=True, numbers=BenchNumbers(requests_per_second=5.0), test_benchmark=True
+    )
+    done = bench(active=False, succeeded=True, outcome=slow)
+    prior: dict[str, Any] = {"desiredEngine": {"digest": D}, "phase": "Deploying"}
+    for i in range(3):  # every resync
+        d = decide(obs(deployment=old, committed=True, status=prior, spec=gated, bench=done))
+        assert d.status["phase"] == "Failed" and d.deploy_digest == "b" * 64 and not d.benchmarks
         assert not [e for e in d.events if e[1] == "Deploying"], d.events
+        assert len([e for e in d.events if e[1] == "BenchmarkFailed"]) == (1 if i == 0 else 0), d.events
         assert cond(d, "Deployed")["reason"] == "BenchmarkFailed" and cond(d, "Stalled")["status"] == "True"
         assert cond(d, "BenchmarkPassed")["status"] == "False" and cond(d, "Available")["status"] == "True"
-        prior = {**d.status}
-    running = GateStep(
-        True, True, False, "benchmarking", ("Unknown", "Running", "benchmarking"), {"verdict": "Running"}
+        prior = d.status
+    first = decide(
+        obs(deployment=old, committed=True, status={"desiredEngine": {"digest": D}, "phase": "Building"}, spec=gated)
     )
-    d = decide(
-        obs(deployment=old, committed=True, status={"desiredEngine": {"digest": D}, "phase": "Building"}, gate=running)
-    )
-    assert (
-        d.status["phase"] == "Deploying"
-        and d.deploy_digest == "b" * 64
-        and cond(d, "Deployed")["reason"] == "Benchmarking"
-    )
-    assert d.status["benchmark"] == {"verdict": "Running"}
+    assert first.benchmarks and first.status["benchmark"]["verdict"] == "Running"
+    assert first.status["phase"] == "Deploying" and first.deploy_digest == "b" * 64
+    assert cond(first, "Deployed")["reason"] == "Benchmarking"
+    running = decide(obs(deployment=old, committed=True, status=first.status, spec=gated, bench=bench()))
+    assert not running.benchmarks and running.status["phase"] == "Deploying" and not running.events
 
 
 def test_an_engine_moving_between_phases_moves_one_count() -> None:

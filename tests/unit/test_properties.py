@@ -38,7 +38,8 @@ from llmengine.builder.main import RESULT_LIMIT, fit_result, load_request
 from llmengine.builder.main import run as run_builder
 from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError, check_manifest_paths
 from llmengine.plan import plan_object
-from llmengine.reconcile.decide import JobView, failure_text, parse_build_result
+from llmengine.reconcile.decide import failure_text
+from llmengine.reconcile.views import JobView, parse_build_result
 
 try:
     from llmengine.plan import admission

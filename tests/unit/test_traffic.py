@@ -204,7 +204,7 @@ def test_recommended_patch_for_explicit_shapes_and_for_a_traffic_profile() -> No
 
 def _auto(env: dict[str, Any], now: datetime.datetime, fits: Any = lambda c: None) -> envelope.AutoStep:
     v = envelope.judge(_traffic(inputTokens={"p50": 600, "p99": 900, "max": 1024}), SHAPES, POLICY)
-    return envelope.auto_step(v, POLICY, env, now, fits)
+    return envelope.auto_step(v, POLICY, env.get("raised", {}), env.get("last"), now, fits)
 
 
 def test_auto_raises_once_then_waits_for_the_cooldown() -> None:
@@ -212,14 +212,18 @@ def test_auto_raises_once_then_waits_for_the_cooldown() -> None:
     assert (
         first.auto_shapes and first.auto_shapes["max_input_len"] == 1280 and first.rebuilt_at == "2026-11-26T12:00:00Z"
     )
-    env = {"autoShapes": first.auto_shapes, "lastAutoRebuild": first.rebuilt_at}
+    env = {"raised": first.auto_shapes, "last": first.rebuilt_at}
     # The same traffic again: nothing new to raise.
     assert _auto(env, NOW + datetime.timedelta(minutes=5)).auto_shapes is None
     # Traffic grew again inside the cool-down: recorded, not rebuilt.
     v = envelope.judge(_traffic(inputTokens={"p50": 600, "p99": 2000, "max": 2048}), SHAPES, POLICY)
-    held = envelope.auto_step(v, POLICY, env, NOW + datetime.timedelta(minutes=5), lambda c: None)
+    held = envelope.auto_step(
+        v, POLICY, first.auto_shapes, first.rebuilt_at, NOW + datetime.timedelta(minutes=5), lambda c: None
+    )
     assert held.auto_shapes is None and "13:00:00Z" in held.message
-    later = envelope.auto_step(v, POLICY, env, NOW + datetime.timedelta(hours=1, seconds=1), lambda c: None)
+    later = envelope.auto_step(
+        v, POLICY, first.auto_shapes, first.rebuilt_at, NOW + datetime.timedelta(hours=1, seconds=1), lambda c: None
+    )
     assert later.auto_shapes and later.auto_shapes["max_input_len"] == 2560
 
 
@@ -229,7 +233,7 @@ def test_auto_does_not_rebuild_what_would_not_fit() -> None:
 
 
 def test_auto_shapes_never_go_down() -> None:
-    step = _auto({"autoShapes": {"max_input_len": 4096}}, NOW)
+    step = _auto({"raised": {"max_input_len": 4096}}, NOW)
     assert step.auto_shapes is not None and step.auto_shapes["max_input_len"] == 4096
 
 

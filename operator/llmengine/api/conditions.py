@@ -2,48 +2,52 @@
 
 from __future__ import annotations
 
-import datetime
-from typing import Any
+from collections.abc import Sequence
+from typing import Literal
+
+from llmengine.api.v1alpha1 import Condition
 
 READY, RECONCILING, STALLED, ENGINE_BUILT, DEPLOYED = "Ready", "Reconciling", "Stalled", "EngineBuilt", "Deployed"
 # True while some engine (the desired one or the one still serving during a rebuild) serves the spec's replicas.
 AVAILABLE = "Available"
 ENVELOPE_EXCEEDED = "EnvelopeExceeded"
+BENCHMARK_PASSED = "BenchmarkPassed"
+ORDER = (READY, AVAILABLE, RECONCILING, STALLED, ENGINE_BUILT, DEPLOYED, BENCHMARK_PASSED, ENVELOPE_EXCEEDED)
+
+Status = Literal["True", "False", "Unknown"]
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+def status_of(value: bool | Status) -> Status:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    return value
 
 
 def set_condition(
-    conditions: list[dict[str, Any]],
+    conditions: Sequence[Condition],
     type_: str,
-    status: bool | str,
+    status: bool | Status,
     reason: str,
     message: str,
     generation: int | None,
-    now: str | None = None,
-) -> list[dict[str, Any]]:
-    """Return a new list with the condition set; keeps lastTransitionTime when the status value is unchanged."""
-    st = status if isinstance(status, str) else ("True" if status else "False")
-    old = next((c for c in conditions if c.get("type") == type_), None)
-    ltt = old["lastTransitionTime"] if old and old.get("status") == st and old.get("lastTransitionTime") else None
-    new = {
-        "type": type_,
-        "status": st,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": ltt or now or now_iso(),
-    }
-    if generation is not None:
-        new["observedGeneration"] = generation
-    out = [c for c in conditions if c.get("type") != type_]
-    out.append(new)
-    order = {
-        t: i for i, t in enumerate((READY, AVAILABLE, RECONCILING, STALLED, ENGINE_BUILT, DEPLOYED, ENVELOPE_EXCEEDED))
-    }
-    return sorted(out, key=lambda c: (order.get(c["type"], 99), c["type"]))
+    now: str,
+) -> list[Condition]:
+    """A new list with the condition set; lastTransitionTime is kept while the status value does not change."""
+    st = status_of(status)
+    old = get_condition(conditions, type_)
+    kept = old.last_transition_time if old is not None and old.status == st else None
+    new = Condition(
+        type=type_,
+        status=st,
+        reason=reason,
+        message=message,
+        last_transition_time=kept or now,
+        observed_generation=generation,
+    )
+    order = {t: i for i, t in enumerate(ORDER)}
+    out = [c for c in conditions if c.type != type_] + [new]
+    return sorted(out, key=lambda c: (order.get(c.type, 99), c.type))
 
 
-def get_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
-    return next((c for c in conditions or [] if c.get("type") == type_), None)
+def get_condition(conditions: Sequence[Condition] | None, type_: str) -> Condition | None:
+    return next((c for c in conditions or () if c.type == type_), None)

@@ -88,6 +88,9 @@ class OperatorConfig(BaseModel):
     # Where a pod's metrics are: {pod_ip}, {port} (spec.serving.port), {namespace}, {pod} are filled in.
     traffic_url_template: str = "http://{pod_ip}:{port}/llmengine/metrics"
     traffic_scrape_timeout_seconds: float = Field(default=3.0, gt=0)
+    # At most one scrape of an engine's pods per interval, however often its passes run (each status write, Job or
+    # Deployment event wakes a pass).
+    traffic_scrape_interval_seconds: float = Field(default=15.0, ge=0)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:

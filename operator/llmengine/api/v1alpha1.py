@@ -15,7 +15,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
@@ -816,11 +816,23 @@ class EnvelopeStatus(StatusModel):
     exceeded: list[str] | None = Field(default=None, description="Limits the observed traffic went past.")
     recommendation: Recommendation | None = Field(default=None, description="What to change (Manual and Auto).")
     auto_shapes: dict[str, int] | None = Field(
-        default=None, description="Shapes raised by rebuildPolicy Auto (never below the spec's); in the identity."
+        default=None,
+        description=(
+            "Shapes raised by rebuildPolicy Auto (never below the spec's), keyed like spec.build (maxInputLen, ...); "
+            "part of the identity."
+        ),
     )
     last_auto_rebuild: str | None = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When Auto last raised the shapes."
     )
+
+    @field_validator("auto_shapes", mode="before")
+    @classmethod
+    def _camel_keys(cls, value: Any) -> Any:
+        # Statuses written before the keys followed the camelCase convention held max_input_len etc.
+        if isinstance(value, dict):
+            return {to_camel(str(k)): v for k, v in value.items()}
+        return value
 
 
 class BenchmarkResult(StatusModel):
@@ -848,9 +860,6 @@ class BenchmarkStatus(StatusModel):
 
 class LLMEngineStatus(StatusModel):
     """Observed state, written by the operator."""
-
-    # Keep fields added by newer operators when an older client reads and writes the status.
-    model_config = ConfigDict(extra="allow")
 
     phase: Phase | None = Field(
         default=None, description="Pending, Queued, Building, Deploying, Ready, Degraded or Failed."

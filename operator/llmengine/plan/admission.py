@@ -80,6 +80,9 @@ def review(
         )
 
     p = plan(new)
+    if p.internal_error:
+        # No field is to blame: let the object in; its status says the operator failed (and it retries).
+        return Verdict(allowed=True, warnings=[f"the operator could not plan this engine: {p.internal_error}"])
     if not p.valid:
         return Verdict(allowed=False, message=rejection_message(new, p.errors), errors=list(p.errors))
     warnings = list(p.warnings)

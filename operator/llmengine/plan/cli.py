@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from llmengine import GROUP, KIND, PLURAL, VERSION
 from llmengine.api.artifacts import StoreLocation, first_problem
 from llmengine.api.config import DEFAULT_TRTLLM_VERSION, ImageCatalog
-from llmengine.api.v1alpha1 import FieldError, InvalidEngine, LLMEngine, parse_engine
+from llmengine.api.v1alpha1 import FieldError, InvalidEngine, LLMEngine, LLMEngineStatus, parse_engine
+from llmengine.plan import envelope
 from llmengine.plan.gpus import GIB
 from llmengine.plan.identity import shapes_dict
 from llmengine.plan.planner import COMPILERS, Plan, compare, differences, invalid_plan, make_plan
@@ -84,13 +85,13 @@ def _wrong_api_version(doc: dict[str, Any]) -> FieldError | None:
 
 def auto_floor(engine: LLMEngine | None, status: Mapping[str, Any] | None) -> dict[str, int] | None:
     """Shapes a live object's rebuildPolicy Auto raised (status.envelope.autoShapes): part of its identity."""
-    if engine is None or engine.spec.rebuild_policy.mode != "Auto" or not status:
+    if engine is None or not status:
         return None
-    env = status.get("envelope")
-    auto = env.get("autoShapes") if isinstance(env, Mapping) else None
-    if not isinstance(auto, Mapping):
+    try:
+        parsed = LLMEngineStatus.model_validate(dict(status))
+    except ValueError:  # a status we can not read raised nothing we can use
         return None
-    return {str(k): int(v) for k, v in auto.items() if isinstance(v, int)} or None
+    return envelope.shape_floor(engine.spec, parsed)
 
 
 def _entry(

@@ -23,7 +23,8 @@ from fractions import Fraction
 from typing import Any
 
 from llmengine.api.artifacts import BuildShapes
-from llmengine.api.v1alpha1 import LLMEngineSpec, RebuildPolicy
+from llmengine.api.v1alpha1 import LLMEngineSpec, LLMEngineStatus, RebuildPolicy
+from llmengine.clock import iso, parse_iso
 from llmengine.plan.sizing import round_batch_size
 
 LENGTH_STEP = 256
@@ -33,6 +34,7 @@ CAMEL = {
     "max_seq_len": "maxSeqLen",
     "max_num_tokens": "maxNumTokens",
 }
+SNAKE = {v: k for k, v in CAMEL.items()}
 
 
 @dataclass(frozen=True)
@@ -163,33 +165,44 @@ class AutoStep:
 def auto_step(
     verdict: Verdict,
     policy: RebuildPolicy,
-    envelope: Mapping[str, Any],
+    raised: Mapping[str, int],
+    last_rebuild: str | None,
     now: datetime.datetime,
     fits: Callable[[dict[str, int]], str | None],
 ) -> AutoStep:
-    """rebuildPolicy Auto: raise the shapes (at most once per cool-down) when they fit; else say why not."""
+    """rebuildPolicy Auto: raise the shapes (at most once per cool-down) when they fit; else say why not.
+
+    `raised` holds the shapes Auto raised so far (snake_case), `last_rebuild` when it last did."""
     if verdict.status != "True" or not verdict.target:
         return AutoStep(None, None, "")
-    current = {k: int(v) for k, v in (envelope.get("autoShapes") or {}).items()}
+    current = {k: int(v) for k, v in raised.items()}
     candidate = dict(current)
     for k, v in verdict.target.items():
         candidate[k] = max(candidate.get(k, 0), v)
     if candidate == current:
         return AutoStep(None, None, "")
-    last = envelope.get("lastAutoRebuild")
-    if last:
-        at = datetime.datetime.fromisoformat(str(last).replace("Z", "+00:00"))
+    at = parse_iso(last_rebuild)
+    if at is not None:
         nxt = at + datetime.timedelta(seconds=parse_duration(policy.cooldown))
         if now < nxt:
-            when = nxt.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+            when = iso(nxt)
             return AutoStep(None, None, f"next automatic rebuild allowed at {when} (rebuildPolicy.cooldown)")
     problem = fits(candidate)
     if problem:
         return AutoStep(None, None, f"an engine for this traffic would not be valid ({problem}): not rebuilding")
-    stamp = now.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    stamp = iso(now)
     shapes = ", ".join(f"{CAMEL[k]} {v}" for k, v in sorted(candidate.items()))
     return AutoStep(candidate, stamp, f"rebuilding for the observed traffic: {shapes}")
 
 
 def patch_text(patch: Mapping[str, Any]) -> str:
     return json.dumps(patch, separators=(",", ":"), sort_keys=True)
+
+
+def shape_floor(spec: LLMEngineSpec, status: LLMEngineStatus | None) -> dict[str, int] | None:
+    """The shapes Auto raised (status.envelope.autoShapes, snake_case as the planner takes them), when the policy is
+    (still) Auto: part of the engine's identity. Manual serves the spec's own shapes."""
+    if spec.rebuild_policy.mode != "Auto" or status is None or status.envelope is None:
+        return None
+    auto = status.envelope.auto_shapes or {}
+    return {SNAKE[k]: int(v) for k, v in auto.items() if k in SNAKE} or None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -62,6 +63,9 @@ class Plan:
     # Every engine-shaping setting TensorRT-LLM is handed, upstream's rules applied (None when it could not be
     # worked out). The identity is a digest of it.
     engine: EngineConfig | None = None
+    # The planner itself failed (a bug, not the spec's fault): what it raised. The plan is invalid, but no field is
+    # to blame, so admission lets the object in and the status reports an internal error.
+    internal_error: str | None = None
 
     @property
     def paged_context_fmha(self) -> bool:
@@ -109,7 +113,9 @@ def make_plan(
             engine, compiler, default_store, gpus_per_node, test_engine_bytes, shape_floor, images or ImageCatalog()
         )
     except Exception as exc:  # a planner bug must not crash the operator's reconcile loop
-        return invalid_plan([FieldError("spec", f"could not plan this engine ({type(exc).__name__}: {exc})")])
+        why = f"{type(exc).__name__}: {exc}"[:500]
+        plan = invalid_plan([FieldError("spec", f"the operator could not plan this engine ({why})")])
+        return dataclasses.replace(plan, internal_error=why)
 
 
 def plan_object(

@@ -1,16 +1,25 @@
-"""Pure policy: from what is observed, decide what to do and what the status says. No I/O here."""
+"""The one decision of a pass: from a snapshot, the new status, the events and the actions. Pure: no I/O, no clock.
+
+Plan, build and queue, rollout, the benchmark gate and the traffic envelope are judged here, in that order, on one
+status object; nothing edits the decision afterwards.
+"""
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from llmengine.api import conditions as cond
-from llmengine.api.artifacts import BuildResult
-from llmengine.reconcile.gate import BENCHMARK_PASSED, GateStep
-from llmengine.text import one_line
+from llmengine.api.conditions import Status
+from llmengine.api.v1alpha1 import BuildStatus, Condition, EngineRef, LLMEngineStatus
+from llmengine.clock import iso, parse_iso, seconds_between
+from llmengine.reconcile import traffic
+from llmengine.reconcile.actions import Action, AdoptBuildJob, DeleteBuildJob, Serve, StartBenchmark, StartBuild
+from llmengine.reconcile.gate import GateStep, gate
+from llmengine.reconcile.snapshot import Snapshot
+from llmengine.reconcile.views import DeploymentView, JobView, last_line, needs_a_person, parse_build_result
+from llmengine.render import common
+from llmengine.render.serving import image_for
 
 PENDING, QUEUED, BUILDING, DEPLOYING, READY, DEGRADED, FAILED = (
     "Pending",
@@ -22,167 +31,50 @@ PENDING, QUEUED, BUILDING, DEPLOYING, READY, DEGRADED, FAILED = (
     "Failed",
 )
 
-
-@dataclass(frozen=True)
-class JobView:
-    name: str
-    digest: str
-    attempt: int
-    active: bool
-    succeeded: bool
-    failed: bool
-    message: str | None  # the builder's termination message, when it ended
-    reason: str | None  # the Job controller's reason (DeadlineExceeded, BackoffLimitExceeded, ...)
-    started_at: str | None
-    completed_at: str | None
-    problem: str | None = None  # why its pod is not running yet (pod_problem), while the Job has not ended
+Event = tuple[str, str, str]  # (type, reason, message)
 
 
 @dataclass(frozen=True)
-class DeploymentView:
-    digest: str | None
-    generation: int
-    observed_generation: int
-    replicas: int
-    updated: int
-    ready: int
-    available: int
-    total: int | None = None  # status.replicas: pods of every ReplicaSet, old ones included
-    problem: str | None = None  # why a pod of the desired engine is not Ready (pod_problem), when one says
+class Decision:
+    status: LLMEngineStatus
+    actions: tuple[Action, ...] = ()
+    events: tuple[Event, ...] = ()
+    requeue_after: float | None = None  # seconds until the next pass is due; None: only on events
 
-    @property
-    def rolled_out(self) -> bool:
-        """Every pod runs the new template and no old pod is left (availability is judged on its own)."""
-        no_old = self.total is None or self.total <= self.updated
-        return self.observed_generation >= self.generation and self.updated >= self.replicas and no_old
+    def has(self, kind: type[Action]) -> bool:
+        return any(isinstance(a, kind) for a in self.actions)
 
-
-_WAITING_TROUBLE = frozenset(
-    {
-        "CrashLoopBackOff",
-        "ImagePullBackOff",
-        "ErrImagePull",
-        "InvalidImageName",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-        "RunContainerError",
-    }
-)
-
-
-def _last_line(text: str | None) -> str:
-    """The last non-blank line of a termination message. With FallbackToLogsOnError the message is the log's
-    tail, whose last line is the error (the builder's and the server's entrypoints end on a one-line summary)."""
-    lines = [ln for ln in str(text or "").splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else ""
-
-
-def _container_problem(cs: Mapping[str, Any], kind: str) -> str | None:
-    state, last = cs.get("state") or {}, cs.get("lastState") or {}
-    name, restarts = cs.get("name", "?"), int(cs.get("restartCount") or 0)
-    waiting = state.get("waiting") or {}
-    # The last run's end explains the state only while the container waits to run again (a crash loop); a container
-    # running again after an old crash has no problem to report.
-    term = state.get("terminated") or (last.get("terminated") if waiting else None) or {}
-    if term and int(term.get("exitCode") or 0) != 0:
-        detail = _last_line(term.get("message")) or term.get("reason") or ""
-        again = f", {restarts} restart(s)" if restarts else ""
-        return f"{kind} {name} failed (exit {term.get('exitCode')}{again}): {one_line(detail, 240)}".rstrip(": ")
-    if waiting.get("reason") in _WAITING_TROUBLE:
-        return f"{kind} {name} {waiting['reason']}: {one_line(waiting.get('message') or '', 240)}".rstrip(": ")
-    return None
-
-
-def pod_problem(
-    pods: Sequence[Mapping[str, Any]], digest: str | None = None, digest_annotation: str = ""
-) -> str | None:
-    """One line saying why a pod (of engine `digest`, when given) is not Ready, from what the kubelet and the
-    scheduler wrote in its status: a failed init container (the engine download or the GPU preflight) with its
-    termination message, a container that cannot start or keeps crashing, or a pod no node can take. None when no
-    pod says."""
-    for pod in sorted(pods, key=lambda p: str(p.get("metadata", {}).get("name", ""))):
-        md, st = pod.get("metadata") or {}, pod.get("status") or {}
-        if md.get("deletionTimestamp"):
-            continue
-        if digest is not None and (md.get("annotations") or {}).get(digest_annotation) != digest:
-            continue
-        conds = {c.get("type"): c for c in st.get("conditions") or []}
-        if (conds.get("Ready") or {}).get("status") == "True":
-            continue
-        name = md.get("name", "?")
-        sched = conds.get("PodScheduled") or {}
-        if sched.get("status") == "False":
-            why = sched.get("message") or sched.get("reason") or "not scheduled"
-            return f"pod {name} cannot be scheduled: {one_line(why, 240)}"
-        for kind, key in (("init container", "initContainerStatuses"), ("container", "containerStatuses")):
-            for cs in st.get(key) or []:
-                problem = _container_problem(cs, kind)
-                if problem:
-                    return f"pod {name}: {problem}"
-    return None
-
-
-@dataclass(frozen=True)
-class Observed:
-    generation: int
-    valid: bool
-    errors: list[tuple[str, str]]
-    desired_digest: str
-    desired_uri: str | None
-    gpu: str
-    replicas: int
-    committed: bool | None  # None: the store could not be asked
-    store_error: str | None
-    job: JobView | None
-    deployment: DeploymentView | None
-    queue_position: int  # 0: a build may start now
-    status: dict[str, Any]  # the status as it is now
-    now: datetime.datetime
-    max_attempts: int
-    backoff_base: float
-    backoff_max: float
-    url: str | None = None  # the Service's in-cluster base URL
-    selector: str | None = None  # label selector of the serving pods (scale subresource)
-    # The benchmark gate's verdict on the committed desired engine (gate.gate over this snapshot), None: no gate.
-    gate: GateStep | None = None
+    def serves(self) -> str | None:
+        """The engine the Deployment is to serve; None: no Deployment yet."""
+        return next((a.digest for a in self.actions if isinstance(a, Serve)), None)
 
 
 @dataclass
-class Decision:
-    status: dict[str, Any]
-    create_job: int | None = None  # attempt number of the Job to create
-    delete_job: bool = False
-    deploy_digest: str | None = None  # the engine the Deployment should serve; None: no Deployment yet
-    requeue_after: float | None = None
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+class _Pass:
+    """The decision being made: one status, the conditions, what to do. Local to decide()."""
+
+    snap: Snapshot
+    st: LLMEngineStatus
+    conditions: list[Condition]
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue: float | None = None
+    serve: str | None = None  # digest the Deployment serves after this pass
+
+    def setc(self, type_: str, status: bool | Status, reason: str, message: str) -> None:
+        self.conditions = cond.set_condition(
+            self.conditions, type_, status, reason, message[:2048], self.snap.generation, iso(self.snap.now)
+        )
+
+    def has(self, kind: type[Action]) -> bool:
+        return any(isinstance(a, kind) for a in self.actions)
+
+    def soon(self, seconds: float) -> None:
+        self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
 
 def backoff_seconds(attempts: int, base: float, cap: float) -> float:
     return float(min(cap, base * (2 ** max(0, attempts - 1))))
-
-
-def _iso(t: datetime.datetime) -> str:
-    return t.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def _parse_iso(s: str | None) -> datetime.datetime | None:
-    if not s:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def parse_build_result(message: str | None) -> BuildResult | None:
-    """The builder's termination message is a BuildResult; anything else (logs, garbage) yields None."""
-    if not message:
-        return None
-    try:
-        # Not json.loads: a deeply nested message would raise RecursionError out of the reconcile loop.
-        return BuildResult.model_validate_json(message)
-    except ValueError:
-        return None
 
 
 def failure_text(job: JobView) -> tuple[str, bool]:
@@ -194,136 +86,150 @@ def failure_text(job: JobView) -> tuple[str, bool]:
     if job.reason == "DeadlineExceeded":
         return "build exceeded its deadline (activeDeadlineSeconds)", False
     if job.message:
-        return (_last_line(job.message) or "build failed")[:1024], False
+        return (last_line(job.message) or "build failed")[:1024], False
     return f"build Job failed ({job.reason or 'no reason given'})", False
 
 
-def decide(o: Observed) -> Decision:
-    st: dict[str, Any] = {
-        k: v for k, v in o.status.items() if k not in ("phase", "message", "observedGeneration", "conditions")
-    }
-    conditions: list[dict[str, Any]] = list(o.status.get("conditions") or [])
-    gen = o.generation
-    dep = o.deployment
-    build: dict[str, Any] = dict(st.get("build") or {})
-    d = Decision(status=st)
-    st["gpu"] = o.gpu
-    st["replicas"] = o.replicas
-    st["readyReplicas"] = dep.ready if dep else 0
-    if dep is not None and o.url:
-        st["url"] = o.url
-    if o.selector:
-        st["selector"] = o.selector
+def decide(snap: Snapshot) -> Decision:
+    old = snap.status
+    st = old.model_copy(deep=True)
+    p = _Pass(snap, st, list(old.conditions or []))
+    dep = snap.deployment
+    st.gpu = _gpu_text(snap)
+    st.replicas = snap.replicas
+    st.ready_replicas = dep.ready if dep else 0
+    st.url = snap.url if dep is not None else old.url
+    st.selector = snap.selector
+    # The Deployment keeps whatever it serves unless the desired engine is committed (and the gate lets it go).
+    p.serve = dep.digest if dep else None
+    _set_available(p, dep)
 
-    def setc(t: str, s: bool | str, reason: str, msg: str) -> None:
-        nonlocal conditions
-        conditions = cond.set_condition(conditions, t, s, reason, msg, gen, _iso(o.now))
+    plan = snap.plan
+    if plan.internal_error:
+        msg = f"the operator could not plan this engine: {plan.internal_error} (an operator fault, not the spec's)"
+        p.setc(cond.STALLED, True, "InternalError", msg)
+        p.setc(cond.RECONCILING, False, "InternalError", "retrying with backoff")
+        p.setc(cond.READY, False, "InternalError", msg)
+        p.soon(300.0)
+        return _finish(p, PENDING, msg)
+    if not plan.valid or snap.store is None:
+        msg = "; ".join(f"{e.field}: {e.message}" for e in plan.errors)[:2048] or "spec: invalid"
+        p.setc(cond.STALLED, True, "InvalidSpec", msg)
+        p.setc(cond.RECONCILING, False, "InvalidSpec", "the spec can never build; fix it to continue")
+        p.setc(cond.READY, False, "InvalidSpec", msg)
+        return _finish(p, FAILED, msg)
 
-    # The Deployment keeps whatever it serves unless the desired engine is committed.
-    d.deploy_digest = dep.digest if dep else None
-    _set_available(dep, o.replicas, setc)
+    digest = plan.engine_digest
+    build = st.build.model_copy() if st.build is not None else BuildStatus()
+    if st.desired_engine is None or st.desired_engine.digest != digest:
+        build = BuildStatus()  # a new identity: its build history starts afresh
+    st.desired_engine = EngineRef(digest=digest, uri=snap.store.uri, short=digest[:12])
 
-    if not o.valid:
-        msg = "; ".join(f"{f}: {m}" for f, m in o.errors)[:2048]
-        setc(cond.STALLED, True, "InvalidSpec", msg)
-        setc(cond.RECONCILING, False, "InvalidSpec", "the spec can never build; fix it to continue")
-        setc(cond.READY, False, "InvalidSpec", msg)
-        return _finish(d, o, st, conditions, FAILED, msg)
-
-    digest = o.desired_digest
-    if st.get("desiredEngine", {}).get("digest") != digest:
-        # A new identity: its build history starts afresh.
-        build = {}
-    st["desiredEngine"] = {"digest": digest, "uri": o.desired_uri, "short": digest[:12]}
-
-    phase = PENDING
-    message = ""
-    if o.committed:
-        d.deploy_digest = digest
-        if o.job and o.job.digest == digest and o.job.succeeded and o.job.started_at and o.job.completed_at:
-            s, e = _parse_iso(o.job.started_at), _parse_iso(o.job.completed_at)
-            if s and e:
-                build["lastDurationSeconds"] = (e - s).total_seconds()
-        reason = "BuildSucceeded" if build.get("job") else "StoreHit"
-        setc(cond.ENGINE_BUILT, True, reason, f"engine {digest[:12]} is committed in the store")
-        build.pop("queuePosition", None)
-        build.pop("nextRetryAt", None)
-    elif o.committed is None:
-        setc(cond.ENGINE_BUILT, "Unknown", "StoreUnreachable", o.store_error or "store unreachable")
-        phase, message = (PENDING, f"cannot check the engine store: {o.store_error}")
-        d.requeue_after = 30.0
+    store = snap.store
+    phase, message = PENDING, ""
+    if store.committed:
+        p.serve = digest
+        job = snap.job
+        if job is not None and job.digest == digest and job.succeeded:
+            took = seconds_between(job.started_at, job.completed_at)
+            if took is not None:
+                build.last_duration_seconds = took
+        reason = "BuildSucceeded" if build.job else "StoreHit"
+        p.setc(cond.ENGINE_BUILT, True, reason, f"engine {digest[:12]} is committed in the store")
+        build.queue_position = None
+        build.next_retry_at = None
+    elif store.committed is None:
+        p.setc(cond.ENGINE_BUILT, "Unknown", "StoreUnreachable", store.error or "store unreachable")
+        phase, message = PENDING, f"cannot check the engine store: {store.error}"
+        p.soon(30.0)
     else:
-        phase, message = _build_step(o, d, build, setc)
+        phase, message = _build_step(p, build)
+    st.build = build if build.model_dump(exclude_none=True) else None
+    job = snap.job
+    if job is not None and snap.uid not in job.owners and not p.has(DeleteBuildJob):
+        p.actions.append(AdoptBuildJob(job.name))
 
-    st["build"] = {k: v for k, v in build.items() if v is not None}
-    if not st["build"]:
-        st.pop("build")
-
-    stalled = phase == FAILED
-    stall_reason = "BuildFailed"
-    # Rollout state of the Deployment.
-    deployed = bool(dep and dep.digest == digest and dep.rolled_out and dep.available >= o.replicas)
+    stalled, stall_reason = phase == FAILED, "BuildFailed"
     if dep and dep.rolled_out and dep.available >= dep.replicas and dep.digest:
-        st["servingEngine"] = {
-            "digest": dep.digest,
-            "uri": _uri_like(o.desired_uri, digest, dep.digest),
-            "short": dep.digest[:12],
-        }
-    if o.committed:
-        trouble = f"; {dep.problem}" if dep is not None and dep.digest == digest and dep.problem else ""
-        if _rolling_out(dep, digest):
-            phase, message = DEPLOYING, f"rolling out engine {digest[:12]}{trouble}"
-            setc(cond.DEPLOYED, False, "RollingOut", message)
-        elif dep is not None and (dep.available < o.replicas or not dep.rolled_out):
-            # Same template, fewer pods (one lost, being replaced): a loss, not a rollout.
-            # More replicas asked for than the last pass saw (kubectl scale, an autoscaler): a scale-up, not a loss.
-            seen = o.status.get("replicas")
-            scaling = isinstance(seen, int) and seen < o.replicas
-            was_ready = o.status.get("phase") in (READY, DEGRADED) and not scaling
-            phase = DEGRADED if was_ready else DEPLOYING
-            message = f"{dep.available}/{o.replicas} serving replicas available{trouble}"
-            reason = "Unavailable" if was_ready else ("ScalingUp" if scaling else "RollingOut")
-            setc(cond.DEPLOYED, False, reason, message)
-        else:
-            phase, message = READY, f"serving engine {digest[:12]} on {o.replicas} replica(s)"
-            setc(cond.DEPLOYED, True, "Available", message)
-        if phase in (DEPLOYING, DEGRADED) and dep is not None and dep.digest == digest and _needs_a_person(dep.problem):
+        uri = store.uri.replace(digest, dep.digest) if store.uri else None
+        st.serving_engine = EngineRef(digest=dep.digest, uri=uri, short=dep.digest[:12])
+    if store.committed:
+        phase, message = _rollout_step(p, dep, digest)
+        if phase in (DEPLOYING, DEGRADED) and dep is not None and dep.digest == digest and needs_a_person(dep.problem):
             # A crash loop or an engine that fails verification will not heal by waiting: kstatus Failed, as Argo
             # CD's Degraded already says.
             stalled, stall_reason = True, "ServingPodsFailing"
-        if not deployed:
-            d.requeue_after = d.requeue_after or 30.0
-        if o.gate is not None:
-            phase, message = _apply_gate(o.gate, d, st, setc, phase, message, dep.digest if dep else None)
+        step = _gate(snap, dep)
+        if step is not None:
+            phase, message = _apply_gate(p, step, phase, message, dep.digest if dep else None)
             if phase == FAILED:
                 stalled, stall_reason = True, "BenchmarkFailed"
     elif dep is not None:
-        setc(cond.DEPLOYED, False, "WaitingForEngine", f"serving the previous engine until {digest[:12]} is built")
+        p.setc(cond.DEPLOYED, False, "WaitingForEngine", f"serving the previous engine until {digest[:12]} is built")
 
-    setc(cond.STALLED, stalled, stall_reason if stalled else "Progressing", message if stalled else "")
-    setc(cond.RECONCILING, phase not in (READY, FAILED), phase, message if phase not in (READY, FAILED) else "")
-    setc(cond.READY, phase == READY, phase, message)
-    return _finish(d, o, st, conditions, phase, message)
+    if p.serve is not None:
+        current = dep.image if dep is not None else None
+        p.actions.append(Serve(p.serve, image_for(p.serve, digest, plan.server_image, current)))
+    p.setc(cond.STALLED, stalled, stall_reason if stalled else "Progressing", message if stalled else "")
+    p.setc(cond.RECONCILING, phase not in (READY, FAILED), phase, message if phase not in (READY, FAILED) else "")
+    p.setc(cond.READY, phase == READY, phase, message)
+    if phase == READY and snap.spec is not None and snap.traffic_on:
+        st.conditions = p.conditions
+        if traffic.judge(snap, st, p.events):
+            p.soon(0.05)  # plan again at once with the raised shapes
+        p.conditions = list(st.conditions or [])
+    return _finish(p, phase, message)
 
 
-def _apply_gate(
-    step: GateStep, d: Decision, st: dict[str, Any], setc: Any, phase: str, message: str, serving: str | None
-) -> tuple[str, str]:
+def _rollout_step(p: _Pass, dep: DeploymentView | None, digest: str) -> tuple[str, str]:
+    """The desired engine is committed: roll it out, or say how far the Deployment is from serving it."""
+    snap = p.snap
+    trouble = f"; {dep.problem}" if dep is not None and dep.digest == digest and dep.problem else ""
+    deployed = bool(dep and dep.digest == digest and dep.rolled_out and dep.available >= snap.replicas)
+    if not deployed:
+        p.soon(30.0)
+    if _rolling_out(dep, digest):
+        message = f"rolling out engine {digest[:12]}{trouble}"
+        p.setc(cond.DEPLOYED, False, "RollingOut", message)
+        return DEPLOYING, message
+    assert dep is not None
+    if dep.available < snap.replicas or not dep.rolled_out:
+        # Same template, fewer pods (one lost, being replaced): a loss, not a rollout.
+        # More replicas asked for than the last pass saw (kubectl scale, an autoscaler): a scale-up, not a loss.
+        seen = snap.status.replicas
+        scaling = seen is not None and seen < snap.replicas
+        was_ready = snap.status.phase in (READY, DEGRADED) and not scaling
+        message = f"{dep.available}/{snap.replicas} serving replicas available{trouble}"
+        reason = "Unavailable" if was_ready else ("ScalingUp" if scaling else "RollingOut")
+        p.setc(cond.DEPLOYED, False, reason, message)
+        return (DEGRADED if was_ready else DEPLOYING), message
+    message = f"serving engine {digest[:12]} on {snap.replicas} replica(s)"
+    p.setc(cond.DEPLOYED, True, "Available", message)
+    return READY, message
+
+
+def _gate(snap: Snapshot, dep: DeploymentView | None) -> GateStep | None:
+    bench = snap.spec.benchmark if snap.spec is not None else None
+    return gate(bench, snap.plan.engine_digest, dep.digest if dep else None, snap.status.benchmark, snap.bench)
+
+
+def _apply_gate(p: _Pass, step: GateStep, phase: str, message: str, serving: str | None) -> tuple[str, str]:
     """The benchmark gate on a committed engine: its status and condition, and while it holds, the serving engine
     stays (nothing new rolls out) and the phase says why: Deploying while it runs, Failed when it said no."""
-    st["benchmark"] = step.status
+    p.st.benchmark = step.status
     if step.event:
-        d.events.append(step.event)
+        p.events.append(step.event)
     if step.condition:
         status_, reason, msg = step.condition
-        setc(BENCHMARK_PASSED, status_, reason, msg[:2048])
+        p.setc(cond.BENCHMARK_PASSED, status_, reason, msg)
+    if step.create_job:
+        p.actions.append(StartBenchmark())
     if not step.hold:
         return phase, message
-    d.deploy_digest = serving
-    reason = "BenchmarkFailed" if step.failed else "Benchmarking"
-    setc(cond.DEPLOYED, False, reason, step.message[:2048])
+    p.serve = serving
+    p.setc(cond.DEPLOYED, False, "BenchmarkFailed" if step.failed else "Benchmarking", step.message)
     if not step.failed:
-        d.requeue_after = min(d.requeue_after or 10.0, 10.0)
+        p.soon(10.0)
     return (FAILED if step.failed else DEPLOYING), step.message[:2048]
 
 
@@ -335,93 +241,93 @@ def _rolling_out(dep: DeploymentView | None, digest: str) -> bool:
     return dep.observed_generation < dep.generation or (dep.total is not None and dep.total > dep.updated)
 
 
-def _needs_a_person(problem: str | None) -> bool:
-    """A pod problem that waiting does not fix: a container failing again and again, or one that cannot start."""
-    if not problem:
-        return False
-    return "restart(s)" in problem or any(reason in problem for reason in _WAITING_TROUBLE)
-
-
-def _set_available(dep: DeploymentView | None, replicas: int, setc: Any) -> None:
+def _set_available(p: _Pass, dep: DeploymentView | None) -> None:
     """Available: the spec's replicas are served, by whichever engine (a rebuild keeps the old one serving), as
     distinct from Ready (the desired engine rolled out)."""
+    replicas = p.snap.replicas
     if dep is None or not dep.digest:
-        setc(cond.AVAILABLE, False, "NoServingPods", "no serving Deployment yet")
+        p.setc(cond.AVAILABLE, False, "NoServingPods", "no serving Deployment yet")
     elif dep.available >= replicas:
-        setc(cond.AVAILABLE, True, "Serving", f"engine {dep.digest[:12]} serves {dep.available}/{replicas} replica(s)")
+        p.setc(
+            cond.AVAILABLE, True, "Serving", f"engine {dep.digest[:12]} serves {dep.available}/{replicas} replica(s)"
+        )
     else:
-        setc(cond.AVAILABLE, False, "Unavailable", f"{dep.available}/{replicas} serving replica(s) available")
+        p.setc(cond.AVAILABLE, False, "Unavailable", f"{dep.available}/{replicas} serving replica(s) available")
 
 
-def _build_step(o: Observed, d: Decision, build: dict[str, Any], setc: Any) -> tuple[str, str]:
+def _build_step(p: _Pass, build: BuildStatus) -> tuple[str, str]:
     """The desired engine is not in the store: queue, start, watch or retry its build."""
-    digest, job = o.desired_digest, o.job
-    attempts = int(build.get("attempts") or 0)
+    snap = p.snap
+    digest, job, now = snap.plan.engine_digest, snap.job, snap.now
+    attempts = build.attempts or 0
     if job is not None and job.digest == digest:
-        build["job"] = job.name
-        build["startedAt"] = job.started_at
+        build.job = job.name
+        build.started_at = job.started_at
         attempts = max(attempts, job.attempt)
-        build["attempts"] = attempts
-        if job.active or not (job.failed or job.succeeded):
-            build.pop("queuePosition", None)
+        build.attempts = attempts
+        if not job.ended:
+            build.queue_position = None
             trouble = f"; {job.problem}" if job.problem else ""
-            setc(cond.ENGINE_BUILT, False, "Building", f"build Job {job.name} is running (attempt {attempts}){trouble}")
+            p.setc(
+                cond.ENGINE_BUILT, False, "Building", f"build Job {job.name} is running (attempt {attempts}){trouble}"
+            )
             return BUILDING, f"building engine {digest[:12]} (attempt {attempts}){trouble}"
         text, permanent = (
             failure_text(job) if job.failed else ("the build finished but the store holds no committed manifest", False)
         )
-        if build.get("lastFailure") != text or build.get("failedAttempt") != attempts:
-            d.events.append(("Warning", "BuildFailed", f"attempt {attempts}: {text}"))
-        build["lastFailure"] = text
-        build["failedAttempt"] = attempts
-        if permanent or attempts >= o.max_attempts:
+        if build.last_failure != text or build.failed_attempt != attempts:
+            p.events.append(("Warning", "BuildFailed", f"attempt {attempts}: {text}"))
+        build.last_failure = text
+        build.failed_attempt = attempts
+        if permanent or attempts >= snap.limits.max_attempts:
             why = "not retried: the request can never build" if permanent else f"gave up after {attempts} attempts"
-            setc(cond.ENGINE_BUILT, False, "BuildFailed", f"{text} ({why})")
-            build.pop("nextRetryAt", None)
+            p.setc(cond.ENGINE_BUILT, False, "BuildFailed", f"{text} ({why})")
+            build.next_retry_at = None
             return FAILED, f"build failed: {text} ({why})"
-        retry_at = o.now + datetime.timedelta(seconds=backoff_seconds(attempts, o.backoff_base, o.backoff_max))
-        build.setdefault("nextRetryAt", _iso(retry_at))
-        d.delete_job = True
-        d.requeue_after = 1.0
-        setc(cond.ENGINE_BUILT, False, "BuildFailed", f"{text}; retry at {build['nextRetryAt']}")
-        return BUILDING, f"build attempt {attempts} failed: {text}; retrying at {build['nextRetryAt']}"
+        wait = backoff_seconds(attempts, snap.limits.backoff_base, snap.limits.backoff_max)
+        build.next_retry_at = build.next_retry_at or iso(now + datetime.timedelta(seconds=wait))
+        p.actions.append(DeleteBuildJob())
+        p.soon(1.0)
+        p.setc(cond.ENGINE_BUILT, False, "BuildFailed", f"{text}; retry at {build.next_retry_at}")
+        return BUILDING, f"build attempt {attempts} failed: {text}; retrying at {build.next_retry_at}"
 
-    if build.get("lastFailure") and build.get("failedAttempt") == attempts and not build.get("nextRetryAt"):
-        return FAILED, f"build failed: {build['lastFailure']}"
-    due = _parse_iso(build.get("nextRetryAt"))
-    if due and due > o.now:
-        d.requeue_after = (due - o.now).total_seconds()
-        setc(cond.ENGINE_BUILT, False, "BackingOff", f"{build.get('lastFailure')}; retry at {build['nextRetryAt']}")
-        return (
-            BUILDING,
-            f"build attempt {attempts} failed: {build.get('lastFailure')}; retrying at {build['nextRetryAt']}",
-        )
-    if o.queue_position > 0:
-        build["queuePosition"] = o.queue_position
-        d.requeue_after = 15.0
-        setc(cond.ENGINE_BUILT, False, "Queued", f"waiting for a build slot (position {o.queue_position})")
-        return QUEUED, f"build queued at position {o.queue_position}"
-    build.pop("queuePosition", None)
-    build.pop("nextRetryAt", None)
-    build["attempts"] = attempts + 1
-    d.create_job = attempts + 1
-    d.requeue_after = 5.0
-    setc(cond.ENGINE_BUILT, False, "Building", f"starting build attempt {attempts + 1}")
+    if build.last_failure and build.failed_attempt == attempts and not build.next_retry_at:
+        return FAILED, f"build failed: {build.last_failure}"
+    due = parse_iso(build.next_retry_at)
+    if due and due > now:
+        p.soon((due - now).total_seconds())
+        p.setc(cond.ENGINE_BUILT, False, "BackingOff", f"{build.last_failure}; retry at {build.next_retry_at}")
+        return BUILDING, f"build attempt {attempts} failed: {build.last_failure}; retrying at {build.next_retry_at}"
+    if snap.queue_position > 0:
+        build.queue_position = snap.queue_position
+        p.soon(15.0)
+        p.setc(cond.ENGINE_BUILT, False, "Queued", f"waiting for a build slot (position {snap.queue_position})")
+        return QUEUED, f"build queued at position {snap.queue_position}"
+    build.queue_position = None
+    build.next_retry_at = None
+    build.attempts = attempts + 1
+    p.actions.append(StartBuild(attempts + 1))
+    name = common.build_job_name(snap.plan.short_digest)
+    p.events.append(("Normal", "BuildStarted", f"build Job {name} (attempt {attempts + 1})"))
+    p.soon(5.0)
+    p.setc(cond.ENGINE_BUILT, False, "Building", f"starting build attempt {attempts + 1}")
     return BUILDING, f"building engine {digest[:12]} (attempt {attempts + 1})"
 
 
-def _uri_like(desired_uri: str | None, desired: str, digest: str) -> str | None:
-    return desired_uri.replace(desired, digest) if desired_uri else None
+def _gpu_text(snap: Snapshot) -> str:
+    plan = snap.plan
+    if plan.mig_profile:
+        return f"{plan.gpu.name}/{plan.mig_profile}"
+    return f"{plan.gpu.name} x{plan.gpu_count}"
 
 
-def _finish(
-    d: Decision, o: Observed, st: dict[str, Any], conditions: list[dict[str, Any]], phase: str, message: str
-) -> Decision:
-    st["phase"] = phase
-    st["message"] = message
-    st["observedGeneration"] = o.generation
-    st["conditions"] = conditions
-    if o.status.get("phase") != phase:
+def _finish(p: _Pass, phase: str, message: str) -> Decision:
+    st = p.st
+    st.phase = phase  # type: ignore[assignment]
+    st.message = message
+    st.observed_generation = p.snap.generation
+    st.conditions = p.conditions
+    if p.snap.status.phase != phase:
         kind = "Warning" if phase in (FAILED, DEGRADED) else "Normal"
-        d.events.append((kind, phase, message or phase))
-    return d
+        p.events.append((kind, phase, message or phase))
+    return Decision(status=st, actions=tuple(p.actions), events=tuple(p.events), requeue_after=p.requeue)

@@ -15,6 +15,8 @@ POOL_LABEL = f"{PREFIX}/pool"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 DIGEST_ANNOTATION = f"{PREFIX}/engine-digest"
 ATTEMPT_ANNOTATION = f"{PREFIX}/build-attempt"
+# A digest of what the operator last rendered into an object: an unchanged render is not written again.
+RENDER_HASH_ANNOTATION = f"{PREFIX}/render-hash"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 # Pods run non-root with nothing to escalate; the engine and scratch space are emptyDirs.

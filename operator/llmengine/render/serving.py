@@ -38,16 +38,21 @@ def runtime_args(runtime: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def image_for(deploy_digest: str, desired_digest: str, desired_image: str, current: Mapping[str, Any] | None) -> str:
+def image_for(deploy_digest: str, desired_digest: str, desired_image: str, current_image: str | None) -> str:
     """The server image for the engine the Deployment serves: the desired version's for the desired engine; for an
     older engine still serving during a rebuild, the image it already runs (an engine only loads with the release
     that built it, and the desired version's server may be another release)."""
-    if deploy_digest == desired_digest or current is None:
+    if deploy_digest == desired_digest or not current_image:
         return desired_image
-    for ctr in ((current.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []:
+    return current_image
+
+
+def server_image(deployment: Mapping[str, Any]) -> str | None:
+    """The image of a serving Deployment's server container."""
+    for ctr in ((deployment.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or []:
         if ctr.get("name") == "server" and ctr.get("image"):
             return str(ctr["image"])
-    return desired_image
+    return None
 
 
 def deployment(

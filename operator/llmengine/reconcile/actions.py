@@ -1,0 +1,40 @@
+"""What a decision asks the act step to do. Each is idempotent: doing it twice leaves what doing it once does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StartBuild:
+    """Create the build Job of the desired engine (and its request ConfigMap)."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class DeleteBuildJob:
+    """Remove the failed build Job, so that the retry can take its name."""
+
+
+@dataclass(frozen=True)
+class AdoptBuildJob:
+    """Another engine of the same identity made the build Job: join its owners (and its ConfigMap's)."""
+
+    job: str
+
+
+@dataclass(frozen=True)
+class Serve:
+    """The serving Deployment serves engine `digest` with server `image`; its Service exists."""
+
+    digest: str
+    image: str
+
+
+@dataclass(frozen=True)
+class StartBenchmark:
+    """Create the benchmark Job of the desired engine (and its request ConfigMap)."""
+
+
+Action = StartBuild | DeleteBuildJob | AdoptBuildJob | Serve | StartBenchmark

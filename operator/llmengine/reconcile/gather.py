@@ -1,0 +1,324 @@
+"""Gather: read everything one pass decides on into an immutable Snapshot. Reads only (the store, the API server,
+the serving pods' metrics); the only things kept are caches and the traffic series, which are observations."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmengine.api.artifacts import StoreLocation
+from llmengine.api.config import OperatorConfig
+from llmengine.api.v1alpha1 import InvalidEngine, LLMEngine, LLMEngineStatus, parse_engine
+from llmengine.clients import scrape
+from llmengine.clients.kube import Kube
+from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client, on_default_store
+from llmengine.clock import utcnow
+from llmengine.logging import register_secret
+from llmengine.plan import envelope, plan_object
+from llmengine.plan import traffic as tr
+from llmengine.plan.planner import Plan
+from llmengine.reconcile import metrics
+from llmengine.reconcile.queue import BuildQueue
+from llmengine.reconcile.snapshot import BuildLimits, Snapshot, StoreView, TrafficView
+from llmengine.reconcile.views import DeploymentView, bench_view, deployment_view, job_view
+from llmengine.render import bench as render_bench
+from llmengine.render import common, serving
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    location: StoreLocation
+    pod_secret: str | None  # Secret the build and serving pods read credentials from
+    explicit: bool  # the spec names its own credentials Secret
+    default: bool  # the engine has no spec.store: the operator's default store (the chart's values)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the act step needs besides the snapshot: the object to render from and where its engine lives."""
+
+    body: Mapping[str, Any]  # a copy of the LLMEngine as this pass read it
+    access: StoreAccess | None
+    pool: str = ""
+    build_key: str = ""  # namespace/name of the build Job (the queue's key)
+
+
+@dataclass
+class _Series:
+    digest: str
+    snapshots: list[tr.Snapshot] = field(default_factory=list)
+    last_scrape: float = float("-inf")
+
+
+class Memory:
+    """Everything the operator keeps per engine between passes. forget() drops all of it."""
+
+    def __init__(self) -> None:
+        # The status each engine's last write stored, by resourceVersion: Kopf's body may not have caught up yet.
+        self.written: dict[Key, tuple[str, dict[str, Any]]] = {}
+        self.series: dict[Key, _Series] = {}
+        self.phases: dict[Key, str] = {}  # last phase (llmengine_engines)
+        self.hits: dict[Key, str] = {}  # the identity a store hit was last counted for
+        self.finished: dict[Key, str] = {}  # the last build Job end counted (llmengine_builds_total)
+
+    def forget(self, key: Key) -> str | None:
+        """Drop every cache of the engine; returns its last phase."""
+        self.written.pop(key, None)
+        self.series.pop(key, None)
+        self.hits.pop(key, None)
+        self.finished.pop(key, None)
+        return self.phases.pop(key, None)
+
+
+class Gatherer:
+    def __init__(
+        self,
+        kube: Kube,
+        cfg: OperatorConfig,
+        queue: BuildQueue,
+        memory: Memory,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kube = kube
+        self.cfg = cfg
+        self.queue = queue
+        self.memory = memory
+        self.clock = clock
+        self._committed: set[tuple[str, str, str, str]] = set()
+        self._stores: dict[tuple[Any, ...], EngineStore] = {}
+
+    # ---- the snapshot ----
+    async def gather(self, body: Mapping[str, Any]) -> tuple[Snapshot, Target]:
+        md = body["metadata"]
+        ns, name = md["namespace"], md["name"]
+        # Kopf updates a daemon's body in place as watch events arrive: one copy, read once.
+        spec_raw: dict[str, Any] = copy.deepcopy(dict(common.spec_of(body)))
+        obj: dict[str, Any] = {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "metadata": copy.deepcopy(dict(md)),
+            "spec": spec_raw,
+        }
+        status = LLMEngineStatus.model_validate(self._freshest_status(body))
+        try:
+            engine: LLMEngine | None = parse_engine(obj)
+        except InvalidEngine:
+            engine = None
+        spec = engine.spec if engine is not None else None
+        floor = envelope.shape_floor(spec, status) if spec is not None else None
+        plan = self._plan(obj, floor)
+        replicas = int((spec_raw.get("serving") or {}).get("replicas", 1) or 0)
+        now = utcnow()
+        dep = await self.kube.get_deployment(ns, common.serving_name(name))
+        base = Snapshot(
+            namespace=ns,
+            name=name,
+            uid=str(md.get("uid", "")),
+            generation=int(md.get("generation") or 0),
+            spec=spec,
+            status=status,
+            plan=plan,
+            now=now,
+            replicas=replicas,
+            url=serving.service_url(obj),
+            selector=common.label_selector(serving.instance_labels(name)),
+            limits=BuildLimits(
+                self.cfg.build_max_attempts, self.cfg.build_backoff_base_seconds, self.cfg.build_backoff_max_seconds
+            ),
+            deployment=deployment_view(dep),
+            traffic_on=self.cfg.traffic_source != "off",
+            fits=lambda candidate: _fits(self._plan(obj, candidate)),
+        )
+        req = plan.build_request
+        if not plan.valid or req is None or plan.internal_error:
+            return base, Target(obj, None)
+
+        access = self._access(obj, req.store)
+        digest = plan.engine_digest
+        store = await self._store_view(ns, access, digest)
+        pool = common.pool_name(plan.gpu.name, plan.mig_profile)
+        job_name = common.build_job_name(plan.short_digest)
+        key = f"{ns}/{job_name}"
+        self.queue.join((ns, name), pool, key)
+        # The builder commits before its Job is marked Complete: keep reading our build Job until its duration is
+        # recorded (build metrics, status.build.lastDurationSeconds), not only while the engine is uncommitted.
+        build = status.build
+        ours = build is not None and build.job == job_name and build.last_duration_seconds is None
+        job = None
+        if not store.committed or ours:
+            raw = await self.kube.get_job(ns, job_name)
+            pods = await self.kube.list_pods(ns, f"job-name={job_name}") if raw is not None else []
+            job = job_view(raw, pods)
+        position = 0
+        if store.committed is False and job is None:
+            position = self.queue.position(pool, key, *await self._pool_builds(pool))
+        elif store.committed:
+            self.queue.forget(key)
+        metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
+        dview = await self._deployment_with_pods(ns, dep, plan, replicas)
+        bench = None
+        if (
+            store.committed
+            and spec is not None
+            and spec.benchmark is not None
+            and (dview is None or dview.digest != digest)
+        ):
+            bench_name = render_bench.bench_job_name(plan.short_digest)
+            raw_bench = await self.kube.get_job(ns, bench_name)
+            pods = await self.kube.list_pods(ns, f"job-name={bench_name}") if raw_bench is not None else []
+            bench = bench_view(raw_bench, pods)
+        traffic = None
+        if base.traffic_on and spec is not None and dview is not None and dview.digest == digest and dview.rolled_out:
+            traffic = await self._traffic(ns, name, plan, spec.serving.port, spec.rebuild_policy.window)
+        snap = dataclasses.replace(
+            base,
+            store=store,
+            job=job,
+            queue_position=position,
+            deployment=dview,
+            bench=bench,
+            traffic=traffic,
+        )
+        return snap, Target(obj, access, pool, key)
+
+    def _plan(self, obj: Mapping[str, Any], floor: Mapping[str, int] | None) -> Plan:
+        return plan_object(
+            obj,
+            compiler=self.cfg.compiler,
+            default_store=self.cfg.default_store,
+            test_engine_bytes=self.cfg.test_engine_bytes,
+            shape_floor=floor,
+            images=self.cfg.images,
+        )
+
+    def _freshest_status(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The body's status, or the one our last write stored when the body (a watch event behind) is older."""
+        md = body["metadata"]
+        status = copy.deepcopy(dict(body.get("status") or {}))
+        written = self.memory.written.get((md["namespace"], md["name"]))
+        if written is None:
+            return status
+        try:
+            newer = int(written[0]) > int(md.get("resourceVersion") or 0)
+        except ValueError:  # resourceVersions are opaque; etcd's are integers, anything else: trust the body
+            newer = False
+        return copy.deepcopy(written[1]) if newer else status
+
+    # ---- the store ----
+    def _access(self, obj: Mapping[str, Any], location: StoreLocation) -> StoreAccess:
+        store_spec = obj["spec"].get("store") or {}
+        secret = (store_spec.get("credentialsSecretRef") or {}).get("name")
+        if not store_spec:
+            return StoreAccess(location, self.cfg.default_store_secret, False, True)
+        return StoreAccess(location, secret, bool(secret), False)
+
+    async def _store_view(self, ns: str, access: StoreAccess, digest: str) -> StoreView:
+        loc = access.location
+        uri = loc.engine_uri(digest)
+        ck = (loc.endpoint or "", loc.bucket, loc.prefix, digest)
+        if ck in self._committed:
+            return StoreView(True, None, uri)
+        try:
+            store = await self._store(ns, access)
+            ok = await asyncio.to_thread(store.is_committed, digest)
+        except StoreError as e:
+            metrics.STORE_ERRORS.inc()
+            return StoreView(None, on_default_store(str(e)) if access.default else str(e), uri)
+        except Exception as e:  # a store outage must never crash the operator
+            metrics.STORE_ERRORS.inc()
+            return StoreView(None, f"{type(e).__name__}: {e}"[:300], uri)
+        if ok:
+            self._committed.add(ck)
+        return StoreView(ok, None, uri)
+
+    async def _store(self, ns: str, access: StoreAccess) -> EngineStore:
+        key: tuple[Any, ...] = (ns, access.pod_secret, access.location)
+        creds: dict[str, str] = {}
+        if access.explicit and access.pod_secret:
+            data = await self.kube.get_secret_data(ns, access.pod_secret)
+            if data is None:
+                raise StoreError(
+                    f"Secret {access.pod_secret!r} not found in namespace {ns!r}",
+                    setting="spec.store.credentialsSecretRef",
+                )
+            creds = {
+                "access_key_id": data.get("AWS_ACCESS_KEY_ID", ""),
+                "secret_access_key": data.get("AWS_SECRET_ACCESS_KEY", ""),
+            }
+            for value in creds.values():
+                register_secret(value)  # masked in every log line from now on
+            key = (*key, hashlib.sha256(json.dumps(creds, sort_keys=True).encode()).hexdigest())
+        if key not in self._stores:
+            cfg = S3Config.for_location(access.location, **creds)
+            self._stores[key] = EngineStore(make_s3_client(cfg), access.location)
+        return self._stores[key]
+
+    # ---- Jobs, pods ----
+    async def _pool_builds(self, pool: str) -> tuple[set[str], set[str]]:
+        """The keys of the pool's build Jobs still running, and of all of them (ended ones included)."""
+        sel = common.label_selector({"app.kubernetes.io/managed-by": common.MANAGED_BY, common.POOL_LABEL: pool})
+        jobs = await self.kube.list_jobs(sel)
+        keys = {f"{j['metadata']['namespace']}/{j['metadata']['name']}": j for j in jobs}
+        return {k for k, j in keys.items() if not common.job_ended(j)}, set(keys)
+
+    async def _deployment_with_pods(
+        self, ns: str, dep: Mapping[str, Any] | None, plan: Plan, replicas: int
+    ) -> DeploymentView | None:
+        """While pods of the desired engine are not all available, what their status says is wrong (the status
+        message carries it: a failed download, an unschedulable pod), at the cost of one pod list."""
+        view = deployment_view(dep)
+        if dep is None or view is None or view.digest != plan.engine_digest:
+            return view
+        if view.rolled_out and view.available >= replicas:  # the spec's replicas, as decide() judges them
+            return view
+        match = (dep["spec"].get("selector") or {}).get("matchLabels") or {}
+        if not match:
+            return view
+        pods = await self.kube.list_pods(ns, common.label_selector(match))
+        return deployment_view(dep, pods, plan.engine_digest)
+
+    # ---- traffic ----
+    async def _traffic(self, ns: str, name: str, plan: Plan, port: int, window_text: str) -> TrafficView | None:
+        """Scrape the desired engine's ready pods (at most once per scrape interval) into the engine's series."""
+        key = (ns, name)
+        series = self.memory.series.get(key)
+        if series is None or series.digest != plan.engine_digest:
+            series = self.memory.series[key] = _Series(plan.engine_digest)
+        window = envelope.parse_duration(window_text)
+        at = self.clock()
+        asked: tuple[str, ...] = ()
+        answered = False
+        scraped_now = at - series.last_scrape >= self.cfg.traffic_scrape_interval_seconds
+        if scraped_now:
+            series.last_scrape = at
+            labels = {**serving.instance_labels(name), common.DIGEST_LABEL: plan.engine_digest[:12]}
+            pods = await self.kube.list_pods(ns, common.label_selector(labels))
+            urls = {
+                p["metadata"]["name"]: u
+                for p in pods
+                if scrape.ready(p) and (u := scrape.pod_url(self.cfg.traffic_url_template, p, port))
+            }
+            asked = tuple(sorted(urls.values()))
+            scraped = await scrape.scrape(urls, self.cfg.traffic_scrape_timeout_seconds)
+            if scraped:
+                answered = True
+                series.snapshots.append(tr.snapshot(at, scraped))
+                series.snapshots = tr.prune(series.snapshots, at, window)
+        newest = series.snapshots[-1] if series.snapshots else None
+        start = tr.window_start(series.snapshots[:-1], at, window) if newest else None
+        if not scraped_now:
+            return None  # nothing new: the status keeps what the last scrape said
+        return TrafficView(newest, start, asked, answered)
+
+
+def _fits(plan: Plan) -> str | None:
+    return None if plan.valid else "; ".join(str(e) for e in plan.errors)
