@@ -228,3 +228,49 @@ def test_mig_engine_builds_and_serves_on_mig_slice_only(env: Any, api: Any) -> N
             assert limits.get("nvidia.com/mig-3g.40gb") == "1"
             assert "nvidia.com/gpu" not in limits
             assert core.read_node(pod.spec.node_name).metadata.labels[POOL_LABEL] == "h100-mig"
+
+
+def test_autoscaler_and_ingress_are_rendered_never_fought_and_removed_with_the_spec(env: Any, api: Any) -> None:
+    apps, autoscaling = client.AppsV1Api(api), client.AutoscalingV2Api(api)
+    net, core = client.NetworkingV1Api(api), client.CoreV1Api(api)
+    metric = {"type": "Pods", "pods": {"metric": {"name": "llmengine_requests_in_flight"}}}
+    metric["pods"]["target"] = {"type": "AverageValue", "averageValue": "8"}
+    serving = {
+        "replicas": 1,
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 3, "metrics": [metric]},
+        "ingress": {"host": "tiny.example.com", "className": "nginx"},
+        # No Gateway API in this cluster: the route can not be written, and nothing else may suffer for it.
+        "httpRoute": {"parentRefs": [{"name": "public"}]},
+    }
+    with run_operator(env.info, env.ns, env.logs):
+        env.engines.create(env.body("tiny", serving=serving))
+        env.engines.wait_phase("tiny", "Ready", timeout=180)
+        hpa = autoscaling.read_namespaced_horizontal_pod_autoscaler("llme-tiny", env.ns)
+        assert hpa.spec.scale_target_ref.name == "llme-tiny" and hpa.spec.max_replicas == 3
+        ing = net.read_namespaced_ingress("llme-tiny", env.ns)
+        assert ing.spec.rules[0].host == "tiny.example.com"
+        assert all(o.controller for o in (*hpa.metadata.owner_references, *ing.metadata.owner_references))
+        events = core.list_namespaced_event(env.ns, field_selector="reason=AttachFailed").items
+        assert events and "gateway.networking.k8s.io/v1" in events[0].message
+
+        # The autoscaler scales the Deployment: the operator keeps its count and judges availability by it.
+        apps.patch_namespaced_deployment_scale("llme-tiny", env.ns, {"spec": {"replicas": 2}})
+        wait_for("2 replicas", lambda: deployment(api, env.ns, "tiny").status.available_replicas == 2, 60)
+        wait_for("status follows", lambda: env.engines.get("tiny")["status"].get("replicas") == 2, 30)
+        assert env.engines.get("tiny")["status"]["phase"] == "Ready"
+        assert deployment(api, env.ns, "tiny").spec.replicas == 2
+
+        # Autoscaling and the routes taken out of the spec: the HPA and the Ingress go, spec.serving.replicas rules.
+        plain = {"replicas": 1, "autoscaling": None, "ingress": None, "httpRoute": None}
+        env.engines.patch_spec("tiny", {"serving": plain})
+
+        def gone() -> bool:
+            try:
+                autoscaling.read_namespaced_horizontal_pod_autoscaler("llme-tiny", env.ns)
+            except client.ApiException as e:
+                return e.status == 404
+            return False
+
+        wait_for("HPA deleted", gone, 60)
+        wait_for("Ingress deleted", lambda: not net.list_namespaced_ingress(env.ns).items, 60)
+        wait_for("spec's replicas", lambda: deployment(api, env.ns, "tiny").spec.replicas == 1, 60)

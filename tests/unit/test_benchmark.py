@@ -19,7 +19,7 @@ from llmengine import cli
 from llmengine.api.artifacts import BuildRequest, BuildShapes, Manifest, ManifestFile, Provenance
 from llmengine.api.bench import BenchDataset, BenchNumbers, BenchOutcome, BenchRequest, parse_bench_outcome
 from llmengine.api.config import OperatorConfig
-from llmengine.api.v1alpha1 import BenchmarkResult, BenchmarkThresholds, LLMEngineSpec, parse_engine
+from llmengine.api.v1alpha1 import BenchmarkResult, BenchmarkThresholds, LLMEngineSpec, SecretKeySelector, parse_engine
 from llmengine.builder import benchmark as bm
 from llmengine.builder.main import RESULT_LIMIT, write_result
 from llmengine.builder.testcompiler import TestCompiler
@@ -787,8 +787,9 @@ def render() -> tuple[dict[str, Any], dict[str, Any], BenchRequest]:
     body = engine_body()
     plan = plan_object(body)
     assert plan.valid, plan.errors
-    req = bench_request(parse_engine(body).spec, plan)
-    owners = [common.owner_reference(body, controller=False)]
+    engine = parse_engine(body)
+    req = bench_request(engine.spec, plan)
+    owners = [common.owner_reference(engine, controller=False)]
     pool = common.pool_name(plan.gpu.name, plan.mig_profile)
     job = render_bench.bench_job(
         request=req,
@@ -799,9 +800,9 @@ def render() -> tuple[dict[str, Any], dict[str, Any], BenchRequest]:
         product_labels=list(plan.gpu.product_labels),
         gpu_resource=plan.gpu_resource,
         gpu_count=plan.gpu_count,
-        target=body["spec"]["target"],
+        target=engine.spec.target,
         store_secret="s3",
-        hf_token={"name": "hf", "key": "token"},
+        hf_token=SecretKeySelector(name="hf", key="token"),
         image="reg/builder:1",
         cfg=OperatorConfig(),
         active_deadline_seconds=3600,

@@ -32,7 +32,7 @@ def test_a_new_engine_builds_rolls_out_and_settles_with_one_event_per_transition
     running = p(job=job())
     assert running.decision.actions == () and running.events == [] and running.status["phase"] == "Building"
     done = p(store=StoreView(True, None, f"s3://b/engines/{D}/"), job=job(active=False, succeeded=True))
-    assert done.decision.actions == (Serve(D, SERVER_IMAGE),)
+    assert done.decision.actions == (Serve(D, SERVER_IMAGE, 2),)
     assert done.status["phase"] == "Deploying" and reasons(done) == ["Deploying"]
     assert done.condition("EngineBuilt")["reason"] == "BuildSucceeded"
     rolling = p(committed=True, deployment=deployment(observed_generation=0, updated=0, available=0, ready=0))
@@ -43,7 +43,7 @@ def test_a_new_engine_builds_rolls_out_and_settles_with_one_event_per_transition
     assert ready.condition("Available")["status"] == "True" and ready.condition("Stalled")["status"] == "False"
     quiet = p(committed=True, deployment=deployment(), now=LATER)
     assert quiet.events == [] and quiet.status == ready.status  # nothing to write
-    assert quiet.decision.actions == (Serve(D, SERVER_IMAGE),)  # idempotent: an unchanged render writes nothing
+    assert quiet.decision.actions == (Serve(D, SERVER_IMAGE, 2),)  # idempotent: an unchanged render writes nothing
 
 
 def test_a_full_pool_queues_then_starts_when_a_slot_frees() -> None:
@@ -87,13 +87,13 @@ def test_a_rebuild_keeps_the_old_engine_serving_and_available_until_the_new_one_
     serving_old = deployment(image=old_image)
     # The spec changed: another identity, not in the store yet.
     building = p(digest=D2, deployment=serving_old)
-    assert building.decision.actions == (StartBuild(1), Serve(D, old_image))  # the old engine keeps its image
+    assert building.decision.actions == (StartBuild(1), Serve(D, old_image, 2))  # the old engine keeps its image
     assert building.status["phase"] == "Building" and building.condition("Ready")["status"] == "False"
     assert building.condition("Available")["status"] == "True"
     assert building.condition("Deployed")["reason"] == "WaitingForEngine"
     assert building.status["servingEngine"]["digest"] == D and building.status["desiredEngine"]["digest"] == D2
     rolling = p(digest=D2, committed=True, deployment=serving_old)
-    assert rolling.decision.actions == (Serve(D2, SERVER_IMAGE),) and reasons(rolling) == ["Deploying"]
+    assert rolling.decision.actions == (Serve(D2, SERVER_IMAGE, 2),) and reasons(rolling) == ["Deploying"]
     ready = p(digest=D2, committed=True, deployment=deployment(D2))
     assert ready.status["phase"] == "Ready" and ready.status["servingEngine"]["digest"] == D2
 
@@ -158,7 +158,7 @@ def test_the_benchmark_gate_holds_the_rollout_until_the_numbers_pass() -> None:
     p = Passes(spec=gated)
     p(committed=True, deployment=deployment())
     start = p(digest=D2, committed=True, deployment=deployment())
-    assert start.decision.actions == (StartBenchmark(), Serve(D, SERVER_IMAGE))
+    assert start.decision.actions == (StartBenchmark(), Serve(D, SERVER_IMAGE, 2))
     assert reasons(start) == ["BenchmarkStarted", "Deploying"]
     fast = BenchOutcome(
         engine_digest=D2, succeeded=True, numbers=BenchNumbers(requests_per_second=20.0), test_benchmark=True
@@ -166,7 +166,7 @@ def test_the_benchmark_gate_holds_the_rollout_until_the_numbers_pass() -> None:
     passed = p(
         digest=D2, committed=True, deployment=deployment(), bench=bench(active=False, succeeded=True, outcome=fast)
     )
-    assert passed.decision.actions == (Serve(D2, SERVER_IMAGE),) and reasons(passed) == ["BenchmarkPassed"]
+    assert passed.decision.actions == (Serve(D2, SERVER_IMAGE, 2),) and reasons(passed) == ["BenchmarkPassed"]
     ready = p(digest=D2, committed=True, deployment=deployment(D2))
     assert ready.status["phase"] == "Ready" and ready.status["benchmark"]["serving"]["requestsPerSecond"] == 20.0
 
@@ -209,3 +209,36 @@ def test_statuses_written_from_stored_snake_case_auto_shapes_read_as_camel_case(
 
 def test_plan_helper_is_what_the_passes_use() -> None:
     assert plan().engine_digest == D and plan(D2).short_digest == f"e-{D2[:12]}"
+
+
+def test_an_autoscaled_engine_serves_the_autoscalers_count_and_drops_what_the_spec_no_longer_asks_for() -> None:
+    from llmengine.api.v1alpha1 import Autoscaling, IngressRoute
+    from llmengine.reconcile.actions import Attach, Detach
+    from llmengine.reconcile.views import AttachmentView
+
+    metric = {"type": "Pods", "pods": {"metric": {"name": "llmengine_requests_in_flight"}}}
+    serving = SPEC.serving.model_copy(
+        update={
+            "autoscaling": Autoscaling(min_replicas=1, max_replicas=4, metrics=[metric]),
+            "ingress": IngressRoute(host="llama.example.com"),
+        }
+    )
+    auto = SPEC.model_copy(update={"serving": serving})
+    # The autoscaler set 3 replicas on the Deployment: gather hands that count to the decision.
+    scaled = deployment(replicas=3, updated=3, ready=3, available=3, total=3)
+    p = Passes(spec=auto, committed=True)
+    ready = p(deployment=scaled, replicas=3)
+    assert ready.status["phase"] == "Ready" and ready.status["replicas"] == 3
+    assert ready.decision.actions == (Serve(D, SERVER_IMAGE, 3), Attach("HorizontalPodAutoscaler"), Attach("Ingress"))
+    # One of the autoscaler's pods is lost: judged against its count, not spec.serving.replicas (2).
+    short = p(deployment=replace(scaled, available=2, ready=2, updated=2, total=2), replicas=3)
+    assert short.status["phase"] == "Degraded" and short.status["message"].startswith("2/3 serving replicas")
+    # Autoscaling and the Ingress taken out of the spec: both are removed, the spec's count comes back.
+    hpa = AttachmentView("HorizontalPodAutoscaler", "h1", "10")
+    ing = AttachmentView("Ingress", "h2", "11")
+    plain = p(spec=SPEC, deployment=scaled, attachments={"HorizontalPodAutoscaler": hpa, "Ingress": ing})
+    assert plain.decision.actions == (
+        Serve(D, SERVER_IMAGE, 2),
+        Detach("HorizontalPodAutoscaler"),
+        Detach("Ingress"),
+    )

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from llmengine.api.config import ImageCatalog, ImagePair, OperatorConfig
+from llmengine.api.v1alpha1 import SecretKeySelector, parse_engine
 from llmengine.plan import plan_object
 from llmengine.render import build, common, serving
 
@@ -43,24 +44,25 @@ def _engine(**spec: Any) -> dict[str, Any]:
 def _render(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     plan = plan_object(body, images=CFG.images)
     assert plan.valid, plan.errors
+    engine = parse_engine(body)
     assert plan.build_request is not None
     job = build.build_job(
         request=plan.build_request,
         short_digest=plan.short_digest,
         pool=common.pool_name(plan.gpu.name, plan.mig_profile),
         namespace="ml",
-        owners=[common.owner_reference(body, controller=False)],
+        owners=[common.owner_reference(engine, controller=False)],
         product_labels=list(plan.gpu.product_labels),
         gpu_resource=plan.gpu_resource,
         gpu_count=plan.gpu_count,
-        target=body["spec"]["target"],
+        target=engine.spec.target,
         store_secret="s3",
-        hf_token={"name": "hf", "key": "token"},
+        hf_token=SecretKeySelector(name="hf", key="token"),
         attempt=1,
         cfg=CFG,
     )
     dep = serving.deployment(
-        body=body,
+        engine=engine,
         digest=plan.engine_digest,
         short_digest=plan.short_digest,
         backend="tensorrt",
@@ -150,3 +152,57 @@ def test_runtime_only_change_keeps_digest_but_changes_deployment() -> None:
     (ja, da), (jb, db) = _render(a), _render(b)
     assert ja == jb
     assert da != db and db["spec"]["replicas"] == 5
+
+
+def test_autoscaler_and_routes_golden_and_only_when_asked() -> None:
+    from llmengine.render import attachments, autoscale, routes
+
+    metric = {
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": "llmengine_requests_in_flight"},
+            "target": {"type": "AverageValue", "averageValue": "8"},
+        },
+    }
+    body = _engine(
+        serving={
+            "autoscaling": {"minReplicas": 2, "maxReplicas": 6, "metrics": [metric]},
+            "ingress": {"host": "llama.example.com", "className": "nginx", "tlsSecretName": "llama-tls"},
+            "httpRoute": {
+                "parentRefs": [{"name": "public", "namespace": "gateways"}],
+                "hostnames": ["llama.example.com"],
+            },
+        }
+    )
+    engine = parse_engine(body)
+    assert attachments.wanted(engine.spec) == ("HorizontalPodAutoscaler", "Ingress", "HTTPRoute")
+    hpa, ing, route = autoscale.autoscaler(engine), routes.ingress(engine), routes.http_route(engine)
+    assert hpa and ing and route
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llme-llama"}
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] == {
+        "name": "llme-llama",
+        "port": {"name": "http"},
+    }
+    assert route["spec"]["rules"][0]["backendRefs"] == [{"name": "llme-llama", "port": 8000}]
+    for obj in (hpa, ing, route):
+        assert obj["metadata"]["ownerReferences"][0]["controller"] is True
+    _golden("autoscaler", hpa)
+    _golden("ingress", ing)
+    _golden("httproute", route)
+    plain = parse_engine(_engine())
+    assert attachments.wanted(plain.spec) == ()
+    assert autoscale.autoscaler(plain) is None and routes.ingress(plain) is None and routes.http_route(plain) is None
+    # The count rendered: the spec's without an autoscaler; with one, its count kept within its bounds.
+    assert autoscale.replicas(plain.spec, 5) == 2
+    assert [autoscale.replicas(engine.spec, n) for n in (None, 1, 4, 9)] == [2, 2, 4, 6]
+
+
+def test_autoscaling_bounds_are_checked_with_the_field_named() -> None:
+    from llmengine.api.v1alpha1 import InvalidEngine
+
+    body = _engine(serving={"autoscaling": {"minReplicas": 5, "maxReplicas": 2, "metrics": [{"type": "Resource"}]}})
+    with pytest.raises(InvalidEngine) as exc:
+        parse_engine(body)
+    assert "spec.serving.autoscaling" in str(exc.value) and "minReplicas (5) must be at most maxReplicas (2)" in str(
+        exc.value
+    )

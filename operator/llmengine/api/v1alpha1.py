@@ -563,6 +563,62 @@ class EnvVar(SpecModel):
     value: str = Field(default="", description="Variable value.")
 
 
+class Autoscaling(SpecModel):
+    """A HorizontalPodAutoscaler (autoscaling/v2) on the serving Deployment. While set, it owns the replica count:
+    spec.serving.replicas is not applied, a rollout keeps the autoscaler's count, and the operator judges
+    availability against what the autoscaler wants. Nothing here rebuilds."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.minReplicas <= self.maxReplicas",
+                    "spec.serving.autoscaling: minReplicas must be at most maxReplicas",
+                )
+            ]
+        }
+    )
+
+    min_replicas: int = Field(default=1, ge=1, description="Fewest serving pods. Default 1.")
+    max_replicas: int = Field(ge=1, description="Most serving pods (each takes the GPUs of one replica).")
+    metrics: list[dict[str, Any]] = Field(
+        min_length=1,
+        description=(
+            "autoscaling/v2 MetricSpec objects, as in a HorizontalPodAutoscaler, e.g. a Pods metric "
+            "llmengine_requests_in_flight (through a metrics adapter) with target averageValue 8."
+        ),
+    )
+    behavior: dict[str, Any] | None = Field(
+        default=None, description="autoscaling/v2 HorizontalPodAutoscalerBehavior (scale-up/down policies)."
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) must be at most maxReplicas ({self.max_replicas})")
+        return self
+
+
+class IngressRoute(SpecModel):
+    """A networking.k8s.io/v1 Ingress to the engine's Service."""
+
+    host: str = Field(min_length=1, description="Host name the Ingress answers, e.g. llama.models.example.com.")
+    class_name: str | None = Field(default=None, description="IngressClass name (ingressClassName).")
+    path: str = Field(default="/", pattern=r"^/", description="Path prefix routed to the engine. Default /.")
+    tls_secret_name: str | None = Field(default=None, description="Secret with the certificate for host (TLS).")
+    annotations: dict[str, str] | None = Field(default=None, description="Annotations (controller settings).")
+
+
+class GatewayRoute(SpecModel):
+    """A Gateway API HTTPRoute (gateway.networking.k8s.io/v1) to the engine's Service."""
+
+    parent_refs: list[dict[str, Any]] = Field(
+        min_length=1, description="The Gateways the route attaches to (ParentReference objects: name, namespace...)."
+    )
+    hostnames: list[str] | None = Field(default=None, description="Host names the route matches.")
+    path: str = Field(default="/", pattern=r"^/", description="Path prefix routed to the engine. Default /.")
+
+
 class Serving(SpecModel):
     """The Deployment that serves the engine with trtllm-serve. Every field here rolls out without a rebuild."""
 
@@ -579,6 +635,13 @@ class Serving(SpecModel):
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API. Default 8000.")
     env: list[EnvVar] | None = Field(default=None, description="Extra environment variables of the server.")
     pod_annotations: dict[str, str] | None = Field(default=None, description="Annotations on the serving pods.")
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Scale the serving pods with a HorizontalPodAutoscaler (replaces replicas)."
+    )
+    ingress: IngressRoute | None = Field(default=None, description="Expose the engine through an Ingress.")
+    http_route: GatewayRoute | None = Field(
+        default=None, description="Expose the engine through a Gateway API HTTPRoute."
+    )
 
 
 class RebuildPolicy(SpecModel):

@@ -28,6 +28,15 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
     return patch
 
 
+class ApiError(Exception):
+    """A write the API server refused, with its HTTP status and reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
 class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
@@ -55,8 +64,45 @@ class Kube:
     async def get_deployment(self, ns: str, name: str) -> dict[str, Any] | None:
         return await self._get(self.apps.read_namespaced_deployment, name, ns)
 
-    async def get_service(self, ns: str, name: str) -> dict[str, Any] | None:
-        return await self._get(self.core.read_namespaced_service, name, ns)
+    # ---- any namespaced object of a named API group (HPAs, Ingresses, HTTPRoutes) ----------------------------
+    async def get_object(self, group: str, version: str, plural: str, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = await self._call(self.custom.get_namespaced_custom_object, group, version, ns, plural, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return dict(obj)
+
+    async def create_object(self, group: str, version: str, plural: str, obj: Mapping[str, Any]) -> bool:
+        """Create; False when it already exists."""
+        ns = obj["metadata"]["namespace"]
+        try:
+            await self._call(self.custom.create_namespaced_custom_object, group, version, ns, plural, obj)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+        return True
+
+    async def replace_object(
+        self, group: str, version: str, plural: str, obj: Mapping[str, Any], resource_version: str
+    ) -> None:
+        md = obj["metadata"]
+        body = {**obj, "metadata": {**md, "resourceVersion": resource_version}}
+        try:
+            await self._call(
+                self.custom.replace_namespaced_custom_object, group, version, md["namespace"], plural, md["name"], body
+            )
+        except ApiException as e:
+            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+
+    async def delete_object(self, group: str, version: str, plural: str, ns: str, name: str) -> None:
+        try:
+            await self._call(self.custom.delete_namespaced_custom_object, group, version, ns, plural, name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     async def get_secret_data(self, ns: str, name: str) -> dict[str, str] | None:
         import base64

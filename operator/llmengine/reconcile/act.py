@@ -5,25 +5,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from llmengine import KIND
 from llmengine.api.config import OperatorConfig
-from llmengine.api.v1alpha1 import LLMEngineStatus
-from llmengine.clients.kube import Kube, merge_patch
+from llmengine.api.v1alpha1 import API_VERSION, LLMEngine, LLMEngineStatus
+from llmengine.clients.kube import ApiError, Kube, merge_patch
 from llmengine.clock import seconds_between
 from llmengine.plan.benchgate import bench_request
 from llmengine.reconcile import metrics
-from llmengine.reconcile.actions import AdoptBuildJob, DeleteBuildJob, Serve, StartBenchmark, StartBuild
+from llmengine.reconcile.actions import AdoptBuildJob, Attach, DeleteBuildJob, Detach, Serve, StartBenchmark, StartBuild
 from llmengine.reconcile.decide import Decision
 from llmengine.reconcile.gather import Memory, Target
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.snapshot import Snapshot
+from llmengine.render import attachments, common, serving
 from llmengine.render import bench as render_bench
 from llmengine.render import build as render_build
-from llmengine.render import common, serving
+
+log = logging.getLogger("llmengine.operator")
 
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+def render_hash(obj: Mapping[str, Any], without_replicas: bool = False) -> str:
+    """A digest of what the operator renders into an object, kept on it: an unchanged render is not written."""
+    if without_replicas:
+        obj = {**obj, "spec": {k: v for k, v in obj["spec"].items() if k != "replicas"}}
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def status_document(status: LLMEngineStatus) -> dict[str, Any]:
@@ -40,18 +51,23 @@ class Actor:
         self.events = events
 
     async def act(self, snap: Snapshot, target: Target, d: Decision) -> None:
-        body, ns = target.body, snap.namespace
-        for action in d.actions:
+        engine, ns = target.engine, snap.namespace
+        for action in d.actions if engine is not None else ():
             if isinstance(action, DeleteBuildJob):
                 await self.kube.delete_job(ns, common.build_job_name(snap.plan.short_digest))
             elif isinstance(action, StartBuild):
                 await self._start_build(snap, target, action.attempt)
-            elif isinstance(action, AdoptBuildJob):
-                owner = common.owner_reference(body, controller=False)
+            elif isinstance(action, AdoptBuildJob) and engine is not None:
+                owner = common.owner_reference(engine, controller=False)
                 await self.kube.add_owner("Job", ns, action.job, [], owner)
                 await self.kube.add_owner("ConfigMap", ns, action.job, [], owner)
             elif isinstance(action, Serve):
                 await self._serve(snap, target, action)
+            elif isinstance(action, Attach) and engine is not None:
+                await self._attach(snap, engine, action.kind)
+            elif isinstance(action, Detach):
+                k = common.ATTACHMENT_KINDS[action.kind]
+                await self.kube.delete_object(k.group, k.version, k.plural, ns, common.serving_name(snap.name))
             elif isinstance(action, StartBenchmark):
                 await self._start_bench(snap, target)
         patch = merge_patch(status_document(snap.status), status_document(d.status))
@@ -60,8 +76,13 @@ class Actor:
             rv = (stored.get("metadata") or {}).get("resourceVersion")
             if rv and isinstance(stored.get("status"), dict):
                 self.memory.written[(ns, snap.name)] = (str(rv), stored["status"])
+        ref = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {"namespace": ns, "name": snap.name, "uid": snap.uid},
+        }
         for type_, reason, message in d.events:
-            self.events(body, type_, reason, message)
+            self.events(ref, type_, reason, message)
         self._count(snap, d)
 
     def _count(self, snap: Snapshot, d: Decision) -> None:
@@ -86,17 +107,38 @@ class Actor:
                 if took is not None:
                     metrics.BUILD_SECONDS.observe(took)
 
+    async def _attach(self, snap: Snapshot, engine: LLMEngine, kind: str) -> None:
+        desired = attachments.render(engine, kind)
+        if desired is None:
+            return
+        h = render_hash(desired)
+        desired["metadata"].setdefault("annotations", {})[common.RENDER_HASH_ANNOTATION] = h
+        k = common.ATTACHMENT_KINDS[kind]
+        current = snap.attachments.get(kind)
+        try:
+            if current is None:
+                await self.kube.create_object(k.group, k.version, k.plural, desired)
+            elif current.render_hash != h and current.resource_version:
+                await self.kube.replace_object(k.group, k.version, k.plural, desired, current.resource_version)
+        except ApiError as e:
+            # An API the cluster does not serve (no Gateway API installed) must not stop the rest of the pass.
+            why = f"{kind} {desired['metadata']['name']} could not be written ({e.status} {e.reason})"
+            if e.status == 404:
+                why += f": does this cluster serve {k.api_version}?"
+            log.warning("%s/%s: %s", snap.namespace, snap.name, why)
+            self.events(_ref(snap), "Warning", "AttachFailed", why)
+
     async def _ensure_configmap(self, cm: dict[str, Any], owner: dict[str, Any]) -> None:
         """Create the request ConfigMap, or join it as an owner when another engine of the same identity made it."""
         if not await self.kube.create(cm):
             await self.kube.add_owner("ConfigMap", cm["metadata"]["namespace"], cm["metadata"]["name"], [], owner)
 
     async def _start_build(self, snap: Snapshot, target: Target, attempt: int) -> None:
-        plan, access = snap.plan, target.access
-        if plan.build_request is None or access is None:
+        plan, access, engine = snap.plan, target.access, target.engine
+        if plan.build_request is None or access is None or engine is None:
             return
-        body, ns = target.body, snap.namespace
-        owner = common.owner_reference(body, controller=False)
+        ns = snap.namespace
+        owner = common.owner_reference(engine, controller=False)
         await self._ensure_configmap(
             render_build.request_configmap(plan.build_request, plan.short_digest, target.pool, ns, [owner]), owner
         )
@@ -109,9 +151,9 @@ class Actor:
             product_labels=list(plan.gpu.product_labels),
             gpu_resource=plan.gpu_resource,
             gpu_count=plan.gpu_count,
-            target=dict(common.spec_of(body).get("target") or {}),
+            target=engine.spec.target,
             store_secret=access.pod_secret,
-            hf_token=_hf_token(common.spec_of(body)),
+            hf_token=common.hf_token_ref(engine.spec),
             attempt=attempt,
             cfg=self.cfg,
         )
@@ -120,13 +162,12 @@ class Actor:
         self.queue.started(target.pool, target.build_key)
 
     async def _start_bench(self, snap: Snapshot, target: Target) -> None:
-        plan, access, spec = snap.plan, target.access, snap.spec
-        if access is None or spec is None:
+        plan, access, engine = snap.plan, target.access, target.engine
+        if access is None or engine is None:
             return
-        body, ns = target.body, snap.namespace
-        raw = common.spec_of(body)
-        owner = common.owner_reference(body, controller=False)
-        request = bench_request(spec, plan)
+        ns = snap.namespace
+        owner = common.owner_reference(engine, controller=False)
+        request = bench_request(engine.spec, plan)
         await self._ensure_configmap(
             render_bench.bench_request_configmap(request, plan.short_digest, target.pool, ns, [owner]), owner
         )
@@ -139,23 +180,23 @@ class Actor:
             product_labels=list(plan.gpu.product_labels),
             gpu_resource=plan.gpu_resource,
             gpu_count=plan.gpu_count,
-            target=dict(raw.get("target") or {}),
+            target=engine.spec.target,
             store_secret=access.pod_secret,
-            hf_token=_hf_token(raw),
+            hf_token=common.hf_token_ref(engine.spec),
             image=plan.builder_image,
             cfg=self.cfg,
         )
         await self.kube.create(job)
 
     async def _serve(self, snap: Snapshot, target: Target, action: Serve) -> None:
-        plan, access, body = snap.plan, target.access, target.body
-        if access is None:
+        plan, access, engine = snap.plan, target.access, target.engine
+        if access is None or engine is None:
             return
         desired = serving.deployment(
-            body=body,
+            engine=engine,
             digest=action.digest,
             short_digest=action.digest[:12],
-            backend=str(common.spec_of(body).get("backend") or "tensorrt"),
+            backend=engine.spec.backend,
             store=access.location,
             store_secret=access.pod_secret,
             product_labels=list(plan.gpu.product_labels),
@@ -163,8 +204,11 @@ class Actor:
             gpu_count=plan.gpu_count,
             image=action.image,
             cfg=self.cfg,
+            replicas=action.replicas,
+            attachments=attachments.wanted(engine.spec),
         )
-        h = hashlib.sha256(json.dumps(desired, sort_keys=True).encode()).hexdigest()[:16]
+        # Under an autoscaler the replica count is its to change: a scale is not a new render.
+        h = render_hash(desired, without_replicas=engine.spec.serving.autoscaling is not None)
         desired["metadata"]["annotations"][common.RENDER_HASH_ANNOTATION] = h
         current = snap.deployment
         changed = current is None or current.render_hash != h
@@ -174,11 +218,10 @@ class Actor:
             await self.kube.replace_deployment(desired, current.resource_version)
         if changed or snap.status.url is None:
             # With the Deployment it fronts; not looked up on every pass (a create of an existing one is a no-op).
-            await self.kube.create(serving.service(body))
+            await self.kube.create(serving.service(engine))
 
 
-def _hf_token(spec: Mapping[str, Any]) -> dict[str, str] | None:
-    """The Secret key of the Hugging Face token the spec references, if any (never its value)."""
-    hf = ((spec.get("model") or {}).get("source") or {}).get("huggingFace") or {}
-    ref = hf.get("tokenSecretRef")
-    return {"name": ref["name"], "key": ref.get("key", "token")} if ref else None
+def _ref(snap: Snapshot) -> dict[str, Any]:
+    """What Events are about: the object reference kopf.event builds from a body."""
+    meta = {"namespace": snap.namespace, "name": snap.name, "uid": snap.uid}
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta}

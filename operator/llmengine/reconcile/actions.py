@@ -26,10 +26,27 @@ class AdoptBuildJob:
 
 @dataclass(frozen=True)
 class Serve:
-    """The serving Deployment serves engine `digest` with server `image`; its Service exists."""
+    """The serving Deployment serves engine `digest` with server `image` on `replicas` pods (None: the spec's);
+    its Service exists."""
 
     digest: str
     image: str
+    replicas: int | None = None
+
+
+@dataclass(frozen=True)
+class Attach:
+    """The object of `kind` the spec asks for next to the Deployment (an HPA, an Ingress, an HTTPRoute) is as
+    rendered."""
+
+    kind: str
+
+
+@dataclass(frozen=True)
+class Detach:
+    """The spec no longer asks for the object of `kind`: delete it."""
+
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -37,4 +54,4 @@ class StartBenchmark:
     """Create the benchmark Job of the desired engine (and its request ConfigMap)."""
 
 
-Action = StartBuild | DeleteBuildJob | AdoptBuildJob | Serve | StartBenchmark
+Action = StartBuild | DeleteBuildJob | AdoptBuildJob | Serve | Attach | Detach | StartBenchmark

@@ -14,11 +14,20 @@ from llmengine.api.conditions import Status
 from llmengine.api.v1alpha1 import BuildStatus, Condition, EngineRef, LLMEngineStatus
 from llmengine.clock import iso, parse_iso, seconds_between
 from llmengine.reconcile import traffic
-from llmengine.reconcile.actions import Action, AdoptBuildJob, DeleteBuildJob, Serve, StartBenchmark, StartBuild
+from llmengine.reconcile.actions import (
+    Action,
+    AdoptBuildJob,
+    Attach,
+    DeleteBuildJob,
+    Detach,
+    Serve,
+    StartBenchmark,
+    StartBuild,
+)
 from llmengine.reconcile.gate import GateStep, gate
 from llmengine.reconcile.snapshot import Snapshot
 from llmengine.reconcile.views import DeploymentView, JobView, last_line, needs_a_person, parse_build_result
-from llmengine.render import common
+from llmengine.render import attachments, common
 from llmengine.render.serving import image_for
 
 PENDING, QUEUED, BUILDING, DEPLOYING, READY, DEGRADED, FAILED = (
@@ -169,7 +178,8 @@ def decide(snap: Snapshot) -> Decision:
 
     if p.serve is not None:
         current = dep.image if dep is not None else None
-        p.actions.append(Serve(p.serve, image_for(p.serve, digest, plan.server_image, current)))
+        p.actions.append(Serve(p.serve, image_for(p.serve, digest, plan.server_image, current), snap.replicas))
+        _attachments(p)
     p.setc(cond.STALLED, stalled, stall_reason if stalled else "Progressing", message if stalled else "")
     p.setc(cond.RECONCILING, phase not in (READY, FAILED), phase, message if phase not in (READY, FAILED) else "")
     p.setc(cond.READY, phase == READY, phase, message)
@@ -179,6 +189,13 @@ def decide(snap: Snapshot) -> Decision:
             p.soon(0.05)  # plan again at once with the raised shapes
         p.conditions = list(st.conditions or [])
     return _finish(p, phase, message)
+
+
+def _attachments(p: _Pass) -> None:
+    """Next to a served Deployment: what the spec asks for (HPA, Ingress, HTTPRoute) as rendered, nothing else."""
+    wanted = attachments.wanted(p.snap.spec) if p.snap.spec is not None else ()
+    p.actions += [Attach(kind) for kind in wanted]
+    p.actions += [Detach(kind) for kind, view in sorted(p.snap.attachments.items()) if view and kind not in wanted]
 
 
 def _rollout_step(p: _Pass, dep: DeploymentView | None, digest: str) -> tuple[str, str]:

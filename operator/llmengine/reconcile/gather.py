@@ -15,7 +15,7 @@ from typing import Any
 
 from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import OperatorConfig
-from llmengine.api.v1alpha1 import InvalidEngine, LLMEngine, LLMEngineStatus, parse_engine
+from llmengine.api.v1alpha1 import InvalidEngine, LLMEngine, LLMEngineSpec, LLMEngineStatus, parse_engine
 from llmengine.clients import scrape
 from llmengine.clients.kube import Kube
 from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client, on_default_store
@@ -27,9 +27,16 @@ from llmengine.plan.planner import Plan
 from llmengine.reconcile import metrics
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.snapshot import BuildLimits, Snapshot, StoreView, TrafficView
-from llmengine.reconcile.views import DeploymentView, bench_view, deployment_view, job_view
+from llmengine.reconcile.views import (
+    AttachmentView,
+    DeploymentView,
+    attachment_view,
+    bench_view,
+    deployment_view,
+    job_view,
+)
+from llmengine.render import attachments, autoscale, common, serving
 from llmengine.render import bench as render_bench
-from llmengine.render import common, serving
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -46,7 +53,7 @@ class StoreAccess:
 class Target:
     """What the act step needs besides the snapshot: the object to render from and where its engine lives."""
 
-    body: Mapping[str, Any]  # a copy of the LLMEngine as this pass read it
+    engine: LLMEngine | None  # the LLMEngine as this pass read it (None: it does not parse)
     access: StoreAccess | None
     pool: str = ""
     build_key: str = ""  # namespace/name of the build Job (the queue's key)
@@ -101,7 +108,8 @@ class Gatherer:
         md = body["metadata"]
         ns, name = md["namespace"], md["name"]
         # Kopf updates a daemon's body in place as watch events arrive: one copy, read once.
-        spec_raw: dict[str, Any] = copy.deepcopy(dict(common.spec_of(body)))
+        raw = body.get("spec")
+        spec_raw: dict[str, Any] = copy.deepcopy(dict(raw)) if isinstance(raw, Mapping) else {}
         obj: dict[str, Any] = {
             "apiVersion": body.get("apiVersion"),
             "kind": body.get("kind"),
@@ -116,9 +124,10 @@ class Gatherer:
         spec = engine.spec if engine is not None else None
         floor = envelope.shape_floor(spec, status) if spec is not None else None
         plan = self._plan(obj, floor)
-        replicas = int((spec_raw.get("serving") or {}).get("replicas", 1) or 0)
         now = utcnow()
         dep = await self.kube.get_deployment(ns, common.serving_name(name))
+        current = deployment_view(dep)
+        replicas = autoscale.replicas(spec, current.replicas if current else None) if spec is not None else 0
         base = Snapshot(
             namespace=ns,
             name=name,
@@ -129,20 +138,20 @@ class Gatherer:
             plan=plan,
             now=now,
             replicas=replicas,
-            url=serving.service_url(obj),
+            url=serving.service_url(engine) if engine is not None else None,
             selector=common.label_selector(serving.instance_labels(name)),
             limits=BuildLimits(
                 self.cfg.build_max_attempts, self.cfg.build_backoff_base_seconds, self.cfg.build_backoff_max_seconds
             ),
-            deployment=deployment_view(dep),
+            deployment=current,
             traffic_on=self.cfg.traffic_source != "off",
             fits=lambda candidate: _fits(self._plan(obj, candidate)),
         )
         req = plan.build_request
-        if not plan.valid or req is None or plan.internal_error:
-            return base, Target(obj, None)
+        if engine is None or spec is None or not plan.valid or req is None or plan.internal_error:
+            return base, Target(engine, None)
 
-        access = self._access(obj, req.store)
+        access = self._access(spec, req.store)
         digest = plan.engine_digest
         store = await self._store_view(ns, access, digest)
         pool = common.pool_name(plan.gpu.name, plan.mig_profile)
@@ -155,9 +164,9 @@ class Gatherer:
         ours = build is not None and build.job == job_name and build.last_duration_seconds is None
         job = None
         if not store.committed or ours:
-            raw = await self.kube.get_job(ns, job_name)
-            pods = await self.kube.list_pods(ns, f"job-name={job_name}") if raw is not None else []
-            job = job_view(raw, pods)
+            raw_job = await self.kube.get_job(ns, job_name)
+            pods = await self.kube.list_pods(ns, f"job-name={job_name}") if raw_job is not None else []
+            job = job_view(raw_job, pods)
         position = 0
         if store.committed is False and job is None:
             position = self.queue.position(pool, key, *await self._pool_builds(pool))
@@ -177,10 +186,21 @@ class Gatherer:
             pods = await self.kube.list_pods(ns, f"job-name={bench_name}") if raw_bench is not None else []
             bench = bench_view(raw_bench, pods)
         traffic = None
-        if base.traffic_on and spec is not None and dview is not None and dview.digest == digest and dview.rolled_out:
+        # Traffic is read (and the scrape interval spent) only when the desired engine serves every replica, as the
+        # decision needs it for a Ready engine.
+        serves = dview is not None and dview.digest == digest and dview.rolled_out and dview.available >= replicas
+        if base.traffic_on and serves:
             traffic = await self._traffic(ns, name, plan, spec.serving.port, spec.rebuild_policy.window)
+        kinds = sorted({*attachments.wanted(spec), *(current.attachments if current else ())})
+        found: dict[str, AttachmentView | None] = {}
+        for kind in kinds:
+            k = common.ATTACHMENT_KINDS.get(kind)
+            if k is not None:
+                got = await self.kube.get_object(k.group, k.version, k.plural, ns, common.serving_name(name))
+                found[kind] = attachment_view(kind, got)
         snap = dataclasses.replace(
             base,
+            attachments=found,
             store=store,
             job=job,
             queue_position=position,
@@ -188,7 +208,7 @@ class Gatherer:
             bench=bench,
             traffic=traffic,
         )
-        return snap, Target(obj, access, pool, key)
+        return snap, Target(engine, access, pool, key)
 
     def _plan(self, obj: Mapping[str, Any], floor: Mapping[str, int] | None) -> Plan:
         return plan_object(
@@ -214,12 +234,11 @@ class Gatherer:
         return copy.deepcopy(written[1]) if newer else status
 
     # ---- the store ----
-    def _access(self, obj: Mapping[str, Any], location: StoreLocation) -> StoreAccess:
-        store_spec = obj["spec"].get("store") or {}
-        secret = (store_spec.get("credentialsSecretRef") or {}).get("name")
-        if not store_spec:
+    def _access(self, spec: LLMEngineSpec, location: StoreLocation) -> StoreAccess:
+        if spec.store is None:
             return StoreAccess(location, self.cfg.default_store_secret, False, True)
-        return StoreAccess(location, secret, bool(secret), False)
+        ref = spec.store.credentials_secret_ref
+        return StoreAccess(location, ref.name if ref else None, ref is not None, False)
 
     async def _store_view(self, ns: str, access: StoreAccess, digest: str) -> StoreView:
         loc = access.location

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from llmengine.api.v1alpha1 import LLMEngineSpec, LLMEngineStatus
 from llmengine.plan import traffic
 from llmengine.plan.planner import Plan
-from llmengine.reconcile.views import BenchView, DeploymentView, JobView
+from llmengine.reconcile.views import AttachmentView, BenchView, DeploymentView, JobView
 
 # Would an engine with these shapes (snake_case floor) be valid? None when yes, else why not. Pure (the planner).
 Fits = Callable[[dict[str, int]], str | None]
@@ -55,7 +55,7 @@ class Snapshot:
     status: LLMEngineStatus  # as stored (or as our last write left it, when the watch is behind)
     plan: Plan
     now: datetime.datetime
-    replicas: int  # spec.serving.replicas
+    replicas: int  # serving pods wanted: spec.serving.replicas, or under an autoscaler the count it set
     url: str | None  # the Service's in-cluster base URL
     selector: str  # label selector of the serving pods (scale subresource)
     limits: BuildLimits = field(default_factory=BuildLimits)
@@ -66,4 +66,7 @@ class Snapshot:
     bench: BenchView | None = None  # the desired engine's benchmark Job
     traffic: TrafficView | None = None  # None: not read this pass (source off, or no engine of the spec serves)
     traffic_on: bool = True  # the operator reads traffic at all
+    # What is rendered next to the Deployment, by kind, for the kinds the spec asks for or the Deployment lists
+    # (None: absent).
+    attachments: Mapping[str, AttachmentView | None] = field(default_factory=dict)
     fits: Fits = _never

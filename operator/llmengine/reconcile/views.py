@@ -52,6 +52,7 @@ class DeploymentView:
     render_hash: str | None = None  # what the operator last rendered into it
     resource_version: str | None = None
     image: str | None = None  # the server image it runs
+    attachments: tuple[str, ...] = ()  # kinds rendered next to it at its last render (HPA, Ingress, HTTPRoute)
 
     @property
     def rolled_out(self) -> bool:
@@ -205,6 +206,27 @@ def deployment_view(dep: Obj | None, pods: Sequence[Obj] = (), desired: str | No
         render_hash=(md.get("annotations") or {}).get(common.RENDER_HASH_ANNOTATION),
         resource_version=md.get("resourceVersion"),
         image=serving.server_image(dep),
+        attachments=tuple(
+            k for k in str((md.get("annotations") or {}).get(common.ATTACHMENTS_ANNOTATION, "")).split(",") if k
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class AttachmentView:
+    """An object the operator rendered next to the serving Deployment (an HPA, an Ingress, an HTTPRoute)."""
+
+    kind: str
+    render_hash: str | None
+    resource_version: str | None
+
+
+def attachment_view(kind: str, obj: Obj | None) -> AttachmentView | None:
+    if obj is None:
+        return None
+    md = obj.get("metadata") or {}
+    return AttachmentView(
+        kind, (md.get("annotations") or {}).get(common.RENDER_HASH_ANNOTATION), md.get("resourceVersion")
     )
 
 

@@ -6,11 +6,11 @@ get: same product affinity, tolerations, GPU resource and count.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from llmengine.api.bench import BenchRequest
 from llmengine.api.config import OperatorConfig
+from llmengine.api.v1alpha1 import SecretKeySelector, Target
 from llmengine.render import common as c
 
 REQUEST_DIR = "/etc/llmengine/bench"
@@ -46,9 +46,9 @@ def bench_job(
     product_labels: list[str],
     gpu_resource: str,
     gpu_count: int,
-    target: Mapping[str, Any],
+    target: Target,
     store_secret: str | None,
-    hf_token: Mapping[str, str] | None,
+    hf_token: SecretKeySelector | None,
     image: str,
     cfg: OperatorConfig,
     active_deadline_seconds: int = DEFAULT_ACTIVE_DEADLINE_SECONDS,

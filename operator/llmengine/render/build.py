@@ -6,6 +6,7 @@ from typing import Any
 
 from llmengine.api.artifacts import BuildRequest
 from llmengine.api.config import OperatorConfig
+from llmengine.api.v1alpha1 import SecretKeySelector, Target
 from llmengine.render import common as c
 
 REQUEST_DIR = "/etc/llmengine/build"
@@ -33,9 +34,9 @@ def build_job(
     product_labels: list[str],
     gpu_resource: str,
     gpu_count: int,
-    target: dict[str, Any],
+    target: Target,
     store_secret: str | None,
-    hf_token: dict[str, str] | None,
+    hf_token: SecretKeySelector | None,
     attempt: int,
     cfg: OperatorConfig,
 ) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from llmengine import GROUP, KIND, PREFIX, VERSION
 from llmengine.api.config import OperatorConfig
+from llmengine.api.v1alpha1 import LLMEngine, LLMEngineSpec, SecretKeySelector, Target
 
 MANAGED_BY = "llmengine-operator"
 DIGEST_LABEL = f"{PREFIX}/engine-digest"
@@ -17,6 +19,9 @@ DIGEST_ANNOTATION = f"{PREFIX}/engine-digest"
 ATTEMPT_ANNOTATION = f"{PREFIX}/build-attempt"
 # A digest of what the operator last rendered into an object: an unchanged render is not written again.
 RENDER_HASH_ANNOTATION = f"{PREFIX}/render-hash"
+# The kinds of what the operator renders the serving Deployment, besides the Service, listed on the Deployment
+# (so that one the spec no longer asks for is found and removed).
+ATTACHMENTS_ANNOTATION = f"{PREFIX}/attachments"
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 # Pods run non-root with nothing to escalate; the engine and scratch space are emptyDirs.
@@ -27,6 +32,26 @@ CONTAINER_SECURITY = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A namespaced resource of a named API group, as the API paths name it."""
+
+    kind: str
+    group: str
+    version: str
+    plural: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+
+HPA = Kind("HorizontalPodAutoscaler", "autoscaling", "v2", "horizontalpodautoscalers")
+INGRESS = Kind("Ingress", "networking.k8s.io", "v1", "ingresses")
+HTTP_ROUTE = Kind("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes")
+ATTACHMENT_KINDS = {k.kind: k for k in (HPA, INGRESS, HTTP_ROUTE)}
 
 
 def build_job_name(short_digest: str) -> str:
@@ -41,13 +66,12 @@ def pool_name(gpu_class: str, mig_profile: str | None) -> str:
     return (gpu_class + (f"-mig-{mig_profile}" if mig_profile else "")).lower().replace(".", "-")
 
 
-def owner_reference(body: Mapping[str, Any], controller: bool) -> dict[str, Any]:
-    md = body["metadata"]
+def owner_reference(engine: LLMEngine, controller: bool) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "name": md["name"],
-        "uid": md["uid"],
+        "name": engine.name,
+        "uid": str(engine.metadata.get("uid", "")),
         "controller": controller,
         "blockOwnerDeletion": controller,
     }
@@ -74,11 +98,6 @@ def job_ended(job: Mapping[str, Any]) -> bool:
     )
 
 
-def spec_of(body: Mapping[str, Any]) -> Mapping[str, Any]:
-    spec = body.get("spec")
-    return spec if isinstance(spec, Mapping) else {}
-
-
 def node_affinity(product_labels: list[str], user_affinity: Mapping[str, Any] | None) -> dict[str, Any]:
     """Required affinity on the GPU product, merged into the user's affinity (their terms are AND-ed in)."""
     product = {"key": "nvidia.com/gpu.product", "operator": "In", "values": sorted(product_labels)}
@@ -95,7 +114,7 @@ def node_affinity(product_labels: list[str], user_affinity: Mapping[str, Any] | 
     return affinity
 
 
-def tolerations(user: list[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+def tolerations(user: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
     out = [GPU_TOLERATION]
     out += [dict(t) for t in user or [] if dict(t) != GPU_TOLERATION]
     return out
@@ -128,11 +147,17 @@ TOOL_REQUEST_FILE = "request.json"
 TERMINATION_LOG = "/dev/termination-log"
 
 
-def hf_token_env(hf_token: Mapping[str, str] | None) -> list[dict[str, Any]]:
+def hf_token_ref(spec: LLMEngineSpec) -> SecretKeySelector | None:
+    """The Secret key of the Hugging Face token the spec references, if any (never its value)."""
+    hf = spec.model.source.hugging_face
+    return hf.token_secret_ref if hf is not None else None
+
+
+def hf_token_env(ref: SecretKeySelector | None) -> list[dict[str, Any]]:
     """HF_TOKEN from the Secret the spec names (gated repositories); by reference only."""
-    if not hf_token:
+    if ref is None:
         return []
-    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf_token["name"], "key": hf_token["key"]}}}]
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
 
 
 def request_configmap(
@@ -161,7 +186,7 @@ def tool_job(
     product_labels: list[str],
     gpu_resource: str,
     gpu_count: int,
-    target: Mapping[str, Any],
+    target: Target,
     image: str,
     cfg: OperatorConfig,
     active_deadline_seconds: int,
@@ -189,8 +214,8 @@ def tool_job(
         "restartPolicy": "Never",
         "securityContext": POD_SECURITY,
         "automountServiceAccountToken": False,
-        "affinity": node_affinity(product_labels, target.get("affinity")),
-        "tolerations": tolerations(target.get("tolerations")),
+        "affinity": node_affinity(product_labels, target.affinity),
+        "tolerations": tolerations(target.tolerations),
         "containers": [
             {
                 "name": container,
@@ -222,8 +247,8 @@ def tool_job(
         ],
         "volumes": volumes,
     }
-    if target.get("nodeSelector"):
-        spec["nodeSelector"] = dict(target["nodeSelector"])
+    if target.node_selector:
+        spec["nodeSelector"] = dict(target.node_selector)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

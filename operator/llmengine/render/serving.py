@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import OperatorConfig
+from llmengine.api.v1alpha1 import LLMEngine, RuntimeLimits
 from llmengine.render import common as c
 
 ENGINE_DIR = "/engine"
@@ -30,11 +31,13 @@ def _store_args(store: StoreLocation) -> list[str]:
     return args
 
 
-def runtime_args(runtime: Mapping[str, Any]) -> list[str]:
+def runtime_args(runtime: RuntimeLimits) -> list[str]:
+    """The server flags of the limits the spec sets (a default left unset is the server's default too)."""
+    given = runtime.model_dump(by_alias=True, exclude_unset=True, exclude_none=True)
     out: list[str] = []
     for key, flag in RUNTIME_FLAGS.items():
-        if runtime.get(key) is not None:
-            out += [flag, str(runtime[key])]
+        if key in given:
+            out += [flag, str(given[key])]
     return out
 
 
@@ -57,7 +60,7 @@ def server_image(deployment: Mapping[str, Any]) -> str | None:
 
 def deployment(
     *,
-    body: Mapping[str, Any],
+    engine: LLMEngine,
     digest: str,
     short_digest: str,
     backend: str,
@@ -68,16 +71,19 @@ def deployment(
     gpu_count: int,
     image: str,
     cfg: OperatorConfig,
+    replicas: int | None = None,
+    attachments: Sequence[str] = (),
 ) -> dict[str, Any]:
-    md, spec = body["metadata"], c.spec_of(body)
-    serving: Mapping[str, Any] = spec.get("serving") or {}
-    target: Mapping[str, Any] = spec.get("target") or {}
-    port = int(serving.get("port") or 8000)
-    name = c.serving_name(md["name"])
-    selector = instance_labels(md["name"])
+    """The serving Deployment of engine `digest`. `replicas` overrides the spec's (an autoscaler's count);
+    `attachments` lists the kinds rendered next to it (an HPA, an Ingress, an HTTPRoute)."""
+    serving, target = engine.spec.serving, engine.spec.target
+    port = serving.port
+    name = c.serving_name(engine.name)
+    selector = instance_labels(engine.name)
     labels = {**c.base_labels("server"), **selector}
     env = c.store_env(store_secret, store.endpoint, store.region)
-    user_env = [dict(e) for e in serving.get("env") or []]
+    user_env = [e.model_dump(by_alias=True, exclude_unset=True) for e in serving.env or []]
+    resources = serving.resources.model_dump(exclude_none=True) if serving.resources is not None else None
     mounts = [{"name": "engine", "mountPath": ENGINE_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
     fetch = {
         "name": "fetch-engine",
@@ -104,11 +110,11 @@ def deployment(
             backend,
             "--port",
             str(port),
-            *runtime_args(serving.get("runtime") or {}),
+            *runtime_args(serving.runtime),
         ],
         "env": user_env,
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
-        "resources": c.gpu_resources(gpu_resource, gpu_count, serving.get("resources")),
+        "resources": c.gpu_resources(gpu_resource, gpu_count, resources),
         "readinessProbe": {
             "httpGet": {"path": "/health", "port": "http"},
             "periodSeconds": 5,
@@ -128,8 +134,8 @@ def deployment(
     pod_spec: dict[str, Any] = {
         "securityContext": c.POD_SECURITY,
         "automountServiceAccountToken": False,
-        "affinity": c.node_affinity(product_labels, target.get("affinity")),
-        "tolerations": c.tolerations(target.get("tolerations")),
+        "affinity": c.node_affinity(product_labels, target.affinity),
+        "tolerations": c.tolerations(target.tolerations),
         "initContainers": [fetch],
         "containers": [server],
         "volumes": [
@@ -138,26 +144,29 @@ def deployment(
             {"name": "shm", "emptyDir": {"medium": "Memory"}},
         ],
     }
-    if target.get("nodeSelector"):
-        pod_spec["nodeSelector"] = dict(target["nodeSelector"])
-    annotations = {**(serving.get("podAnnotations") or {}), c.DIGEST_ANNOTATION: digest}
+    if target.node_selector:
+        pod_spec["nodeSelector"] = dict(target.node_selector)
+    annotations = {**(serving.pod_annotations or {}), c.DIGEST_ANNOTATION: digest}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
             "name": name,
-            "namespace": md["namespace"],
+            "namespace": engine.namespace,
             "labels": {**labels, c.DIGEST_LABEL: short_digest},
-            "annotations": {c.DIGEST_ANNOTATION: digest},
-            "ownerReferences": [c.owner_reference(body, controller=True)],
+            "annotations": {
+                c.DIGEST_ANNOTATION: digest,
+                **({c.ATTACHMENTS_ANNOTATION: ",".join(attachments)} if attachments else {}),
+            },
+            "ownerReferences": [c.owner_reference(engine, controller=True)],
         },
         "spec": {
-            "replicas": int(serving.get("replicas", 1)),
+            "replicas": serving.replicas if replicas is None else replicas,
             "selector": {"matchLabels": selector},
             # Old pods keep serving until new ones are Ready: never below the desired count.
             "strategy": {
                 "type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": serving.get("maxSurge", 1)},
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": serving.max_surge},
             },
             "revisionHistoryLimit": 3,
             "template": {
@@ -168,27 +177,23 @@ def deployment(
     }
 
 
-def service_url(body: Mapping[str, Any]) -> str:
+def service_url(engine: LLMEngine) -> str:
     """The in-cluster base URL of an engine's Service (OpenAI paths under it)."""
-    md, spec = body["metadata"], c.spec_of(body)
-    port = int((spec.get("serving") or {}).get("port") or 8000)
-    return f"http://{c.serving_name(md['name'])}.{md['namespace']}.svc:{port}"
+    return f"http://{c.serving_name(engine.name)}.{engine.namespace}.svc:{engine.spec.serving.port}"
 
 
-def service(body: Mapping[str, Any]) -> dict[str, Any]:
-    md, spec = body["metadata"], c.spec_of(body)
-    port = int((spec.get("serving") or {}).get("port") or 8000)
+def service(engine: LLMEngine) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": c.serving_name(md["name"]),
-            "namespace": md["namespace"],
-            "labels": {**c.base_labels("server"), **instance_labels(md["name"])},
-            "ownerReferences": [c.owner_reference(body, controller=True)],
+            "name": c.serving_name(engine.name),
+            "namespace": engine.namespace,
+            "labels": {**c.base_labels("server"), **instance_labels(engine.name)},
+            "ownerReferences": [c.owner_reference(engine, controller=True)],
         },
         "spec": {
-            "selector": instance_labels(md["name"]),
-            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+            "selector": instance_labels(engine.name),
+            "ports": [{"name": "http", "port": engine.spec.serving.port, "targetPort": "http", "protocol": "TCP"}],
         },
     }
