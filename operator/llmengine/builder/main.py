@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmengine.api.artifacts import BuildRequest, BuildResult, Provenance, StoreLocation, first_problem
+from llmengine.api.artifacts import RESULT_LIMIT, BuildRequest, BuildResult, Provenance, StoreLocation, first_problem
 from llmengine.builder.compiler import BuildFailure, Compiler, check_request
 from llmengine.builder.fetch import (
     HfDownload,
@@ -35,7 +35,6 @@ from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid
 from llmengine.logging import configure_logging, get_logger
 
 TERMINATION_LOG = Path("/dev/termination-log")
-RESULT_LIMIT = 4096  # Kubernetes keeps at most 4 KiB of a termination message
 MiB = 1024 * 1024
 
 
@@ -201,12 +200,7 @@ def failure_result(digest: str, failure: BuildFailure, seconds: float | None = N
 
 def fit_result(result: BuildResult, limit: int = RESULT_LIMIT) -> str:
     """The result as JSON under `limit` bytes, shortening the message if it must."""
-    text = result.to_json()
-    if len(text.encode()) <= limit or not result.message:
-        return text
-    over = len(text.encode()) - limit
-    msg = result.message.encode()[: max(0, len(result.message.encode()) - over - 16)].decode(errors="ignore")
-    return result.model_copy(update={"message": msg + "...[cut]"}).to_json()
+    return result.fit_json(limit)
 
 
 def write_result(text: str, path: Path | None) -> None:

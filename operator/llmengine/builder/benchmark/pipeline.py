@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmengine.api.artifacts import Manifest, first_problem
+from llmengine.api.artifacts import RESULT_LIMIT, Manifest, first_problem
 from llmengine.api.bench import BenchNumbers, BenchOutcome, BenchRequest
 from llmengine.builder.benchmark.command import bench_argv, model_name
 from llmengine.builder.benchmark.dataset import vocab_size, write_dataset
@@ -33,7 +33,7 @@ from llmengine.builder.benchmark.failures import BenchFailure, classify_failure
 from llmengine.builder.benchmark.report import read_report
 from llmengine.builder.benchmark.seams import Seams
 from llmengine.builder.compiler import BuildFailure
-from llmengine.builder.main import RESULT_LIMIT, write_result
+from llmengine.builder.main import write_result
 from llmengine.clients.store import StoreError
 from llmengine.logging import configure_logging, get_logger
 
@@ -167,12 +167,7 @@ def failure_outcome(
 
 def fit_outcome(outcome: BenchOutcome, limit: int = RESULT_LIMIT) -> str:
     """The outcome as JSON under `limit` bytes, shortening the message if it must."""
-    text = outcome.to_json()
-    if len(text.encode()) <= limit or not outcome.message:
-        return text
-    over = len(text.encode()) - limit
-    msg = outcome.message.encode()[: max(0, len(outcome.message.encode()) - over - 16)].decode(errors="ignore")
-    return outcome.model_copy(update={"message": msg + "...[cut]"}).to_json()
+    return outcome.fit_json(limit)
 
 
 @contextlib.contextmanager
