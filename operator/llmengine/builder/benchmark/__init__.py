@@ -33,7 +33,6 @@ from llmengine.builder.benchmark.pipeline import (
     fit_outcome,
     load_request,
     main,
-    parse_args,
     run,
 )
 from llmengine.builder.benchmark.report import ReportUnreadable, parse_report_console, parse_report_json, read_report
@@ -66,7 +65,6 @@ __all__ = [
     "load_request",
     "main",
     "model_name",
-    "parse_args",
     "parse_report_console",
     "parse_report_json",
     "read_report",

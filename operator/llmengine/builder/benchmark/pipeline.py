@@ -13,12 +13,7 @@ in trtllm-bench's JSON format with numbers derived from the request, and that re
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +21,7 @@ from pydantic import ValidationError
 
 from llmengine.api.artifacts import RESULT_LIMIT, Manifest, first_problem
 from llmengine.api.bench import BenchNumbers, BenchOutcome, BenchRequest
+from llmengine.builder import shell
 from llmengine.builder.benchmark.command import bench_argv, model_name
 from llmengine.builder.benchmark.dataset import vocab_size, write_dataset
 from llmengine.builder.benchmark.download import download_engine, fetch_model_files
@@ -33,9 +29,8 @@ from llmengine.builder.benchmark.failures import BenchFailure, classify_failure
 from llmengine.builder.benchmark.report import read_report
 from llmengine.builder.benchmark.seams import Seams
 from llmengine.builder.compiler import BuildFailure
-from llmengine.builder.main import write_result
 from llmengine.clients.store import StoreError
-from llmengine.logging import configure_logging, get_logger
+from llmengine.logging import get_logger
 
 
 def load_request(path: Path) -> BenchRequest:
@@ -153,13 +148,10 @@ def benchmark(request: BenchRequest, work_dir: Path, seams: Seams, log: Any) -> 
 def failure_outcome(
     digest: str, failure: BuildFailure, seconds: float | None = None, test_benchmark: bool = False
 ) -> BenchOutcome:
-    return BenchOutcome(
-        engine_digest=digest,
-        succeeded=False,
-        stage=failure.stage,
-        reason=failure.reason,
-        message=failure.message,
-        permanent=failure.permanent,
+    return shell.failed(
+        BenchOutcome,
+        digest,
+        failure,
         test_benchmark=test_benchmark,
         bench_seconds=round(seconds, 3) if seconds is not None else None,
     )
@@ -170,29 +162,18 @@ def fit_outcome(outcome: BenchOutcome, limit: int = RESULT_LIMIT) -> str:
     return outcome.fit_json(limit)
 
 
-@contextlib.contextmanager
-def _work_dir(path: Path | None) -> Iterator[Path]:
-    """The given scratch directory (kept, for debugging), or a temporary one removed afterwards."""
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="llmengine-bench-") as tmp:
-        yield Path(tmp)
-
-
 def run(request_path: Path, work_dir: Path | None, seams: Seams | None = None) -> BenchOutcome:
     """Load, benchmark, and always come back with a BenchOutcome (never raises for a failed run)."""
     seams = seams or Seams()
-    t0 = time.monotonic()
-    digest = "unknown"
+    job = shell.Attempt(get_logger(component="benchmark"))
     test = False
-    log = get_logger(component="benchmark")
-    try:
+
+    def work() -> BenchOutcome:
+        nonlocal test
         request = load_request(request_path)
-        digest, test = request.engine_digest, request.compiler == "test"
-        log = log.bind(engine_digest=digest)
-        log.info(
+        test = request.compiler == "test"
+        job.begin(
+            request.engine_digest,
             "benchmark started",
             compiler=request.compiler,
             backend=request.backend,
@@ -201,43 +182,20 @@ def run(request_path: Path, work_dir: Path | None, seams: Seams | None = None) -
             pp_size=request.pp_size,
             **request.dataset.model_dump(),
         )
-        with _work_dir(work_dir) as wd:
-            outcome = benchmark(request, wd, seams, log)
-        log.info("benchmark succeeded", message=outcome.message, seconds=outcome.bench_seconds)
+        with shell.work_dir(work_dir, "llmengine-bench-") as wd:
+            outcome = benchmark(request, wd, seams, job.log)
+        job.log.info("benchmark succeeded", message=outcome.message, seconds=outcome.bench_seconds)
         return outcome
-    except BuildFailure as failure:
-        log.error(
-            "benchmark failed",
-            stage=failure.stage,
-            reason=failure.reason,
-            permanent=failure.permanent,
-            error=failure.message,
-        )
-        return failure_outcome(digest, failure, time.monotonic() - t0, test)
-    except Exception as exc:  # a bug or an unexpected environment: report it as a (retryable) failure
-        log.exception("benchmark crashed")
-        crash = BenchFailure("internal", "InternalError", f"{type(exc).__name__}: {exc}")
-        return failure_outcome(digest, crash, time.monotonic() - t0, test)
 
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="llmengine bench-engine", description=__doc__.splitlines()[0])
-    p.add_argument("--request", type=Path, required=True, help="BenchRequest JSON file")
-    p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
-    p.add_argument(
-        "--result",
-        type=Path,
-        default=None,
-        help="where to write the BenchResult (default: /dev/termination-log when writable; always stdout)",
-    )
-    p.add_argument("--log-format", choices=("json", "console"), default="json")
-    p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    return job.run("benchmark", work, lambda failure: failure_outcome(job.digest, failure, job.seconds(), test))
 
 
 def main(argv: list[str] | None = None, seams: Seams | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(json=args.log_format == "json", level=args.log_level)
-    outcome = run(args.request, args.work_dir, seams)
-    write_result(fit_outcome(outcome), args.result)
-    return 0 if outcome.succeeded else 1
+    return shell.main(
+        argv,
+        lambda request, work_dir: run(request, work_dir, seams),
+        prog="llmengine bench-engine",
+        description=__doc__.splitlines()[0],
+        request="BenchRequest",
+        result="BenchResult",
+    )
