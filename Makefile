@@ -34,8 +34,8 @@ verify: venv
 	$(BIN)/llmengine generate --check || { echo "generated files drifted from the API models: run 'make generate' and commit"; exit 1; }
 
 lint: venv
-	$(BIN)/ruff format --check operator tests
-	$(BIN)/ruff check operator tests
+	$(BIN)/ruff format --check operator tests scripts
+	$(BIN)/ruff check operator tests scripts
 	$(BIN)/lint-imports
 	$(BIN)/hadolint builder-image/Dockerfile server-image/Dockerfile operator-image/Dockerfile
 

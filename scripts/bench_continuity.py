@@ -21,9 +21,9 @@ import threading
 import time
 from typing import Any
 
-import benchlib as bl
 from kubernetes import client
 
+import benchlib as bl
 from llmengine.render.common import DIGEST_ANNOTATION
 
 

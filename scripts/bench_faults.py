@@ -26,7 +26,7 @@ docs/reliability.md explains the counts.
 
 from __future__ import annotations
 
-# ruff: noqa: E402 - the repository root goes on sys.path first, for the operator test harness in tests/
+# ruff: noqa: E402 - this file's folder goes on sys.path first, for benchlib (tests load this file by path)
 import argparse
 import contextlib
 import datetime
@@ -46,16 +46,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "scripts"):  # the operator test harness in tests/, benchlib next to this file
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+SCRIPTS = Path(__file__).resolve().parent
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
 
-import benchlib as bl
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from tests.integration.operator_harness import engine, run_operator
 
+import benchlib as bl
 from llmengine import GROUP, PLURAL, VERSION
 from llmengine.api.artifacts import StoreLocation
 from llmengine.clients.store import (
@@ -69,9 +67,10 @@ from llmengine.clients.store import (
 )
 from llmengine.dev import proc
 from llmengine.dev.cluster import ClusterInfo, DevCluster
+from llmengine.dev.harness import run_operator
 from llmengine.dev.runner import API_RETRY
 from llmengine.dev.runner import RESTARTS as RUNNER_RESTARTS
-from llmengine.dev.seed import apply_crd, create_store_secret, upload_tiny_checkpoint
+from llmengine.dev.seed import apply_crd, create_store_secret, engine, upload_tiny_checkpoint
 from llmengine.render.common import ATTEMPT_ANNOTATION, DIGEST_ANNOTATION, ENGINE_LABEL
 
 FAULTS = ("operator-kill9", "s3-mid-upload", "s3-mid-download", "apiserver-restart", "etcd-restart")

@@ -25,9 +25,9 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import benchlib as bl
 from kubernetes import client
 
+import benchlib as bl
 from llmengine.render.common import DIGEST_ANNOTATION
 
 

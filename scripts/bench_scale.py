@@ -30,9 +30,9 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import benchlib as bl
 from kubernetes import client
 
+import benchlib as bl
 from llmengine.render.common import DIGEST_ANNOTATION, POOL_LABEL, job_ended
 
 
@@ -228,7 +228,9 @@ def run_store_hits(bench: bl.Bench, model: str, args: argparse.Namespace) -> tup
     objs = client.CustomObjectsApi(api).list_namespaced_custom_object(bl.GROUP, bl.VERSION, ns, bl.PLURAL)["items"]
     reasons: dict[str, int] = defaultdict(int)
     for o in objs:
-        built = next((c for c in (o.get("status") or {}).get("conditions") or [] if c["type"] == "EngineBuilt"), {})
+        built: dict[str, Any] = next(
+            (c for c in (o.get("status") or {}).get("conditions") or [] if c["type"] == "EngineBuilt"), {}
+        )
         reasons[str(built.get("reason"))] += 1
     jobs = client.BatchV1Api(api).list_namespaced_job(ns).items
     if not ok:

@@ -1,7 +1,7 @@
 """Shared pieces of the operator benchmarks (bench_scale.py, bench_latency.py, bench_continuity.py).
 
 A fresh dev cluster with a fleet sized for the run, the CRD, a tiny checkpoint and the store Secret, and
-`llmengine operator` as a subprocess configured like tests/integration/operator_harness.run_operator (test compiler,
+`llmengine operator` as a subprocess configured like llmengine.dev.harness.run_operator (test compiler,
 short resync) but under its own client certificate. The API server classifies that user's requests into a FlowSchema
 of their own, so `apiserver_flowcontrol_dispatched_requests_total{flow_schema="llmengine-bench-operator"}` counts
 exactly the operator's requests, apart from every other client of the dev cluster (controllers, kwok, the pod runner,
@@ -28,17 +28,18 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from llmengine import GROUP, PLURAL, VERSION
+from llmengine.dev import certs, proc, tools
+from llmengine.dev.cluster import ClusterInfo, DevCluster, state_home
+from llmengine.dev.harness import operator_command
+from llmengine.dev.seed import (
+    apply_crd,
+    create_store_secret,
+    engine,
+    upload_tiny_checkpoint,
+)
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tests.integration.operator_harness import engine, operator_command  # noqa: E402
-
-from llmengine import GROUP, PLURAL, VERSION  # noqa: E402
-from llmengine.dev import certs, proc, tools  # noqa: E402
-from llmengine.dev.cluster import ClusterInfo, DevCluster, state_home  # noqa: E402
-from llmengine.dev.seed import apply_crd, create_store_secret, upload_tiny_checkpoint  # noqa: E402
-
 OPERATOR_USER = "llmengine-bench-operator"
 FLOW_SCHEMA = "llmengine-bench-operator"
 
@@ -255,7 +256,7 @@ def counts_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any
 # ---- the operator -------------------------------------------------------------------------------------------
 class Operator:
     """`llmengine operator` as a subprocess watching the given namespaces: the environment of
-    operator_harness.run_operator, with known metrics and liveness ports and its own kubeconfig."""
+    llmengine.dev.harness.run_operator, with known metrics and liveness ports and its own kubeconfig."""
 
     def __init__(self, bench: Bench, namespaces: list[str], extra_env: dict[str, str] | None = None) -> None:
         self.bench = bench

@@ -7,7 +7,7 @@ import sys
 
 # name -> (module, function, one-line help). The function takes argv (after the subcommand) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "plan": ("llmengine.plan.cli", "main", "validate LLMEngine manifests offline and say what applying would do"),
+    "plan": ("llmengine.plan_cli", "main", "validate LLMEngine manifests offline and say what applying would do"),
     "operator": ("llmengine.handlers", "main", "run the operator (Kopf)"),
     "build-engine": ("llmengine.builder.main", "main", "build one engine from a build request and commit it"),
     "bench-engine": (

@@ -21,8 +21,9 @@ from kubernetes.client.exceptions import ApiException
 
 from llmengine.dev import proc
 from llmengine.dev.cluster import ClusterInfo, wait_for
+from llmengine.dev.harness import Engines
 from llmengine.dev.seed import create_store_secret as store_secret
-from llmengine.dev.seed import upload_tiny_checkpoint
+from llmengine.dev.seed import engine, upload_tiny_checkpoint
 from tests.e2e import argocd
 from tests.e2e.chart_harness import (
     Release,
@@ -33,7 +34,6 @@ from tests.e2e.chart_harness import (
     save_fixture,
     service_account_kubeconfig,
 )
-from tests.integration.operator_harness import Engines, engine
 
 pytestmark = pytest.mark.cluster
 

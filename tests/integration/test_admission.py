@@ -13,7 +13,8 @@ from kubernetes import client
 
 from llmengine.dev import certs, proc, tools
 from llmengine.dev.cluster import ClusterInfo, wait_for
-from tests.integration.operator_harness import engine, run_operator
+from llmengine.dev.harness import run_operator
+from llmengine.dev.seed import engine
 
 pytestmark = pytest.mark.usefixtures("crd")
 

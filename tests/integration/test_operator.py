@@ -12,17 +12,10 @@ import pytest
 from kubernetes import client
 
 from llmengine.dev.cluster import ClusterInfo, wait_for
+from llmengine.dev.harness import Engines, deployment, jobs, run_operator, served_digest
 from llmengine.dev.nodes import POOL_LABEL
 from llmengine.dev.seed import create_store_secret as store_secret
-from llmengine.dev.seed import upload_tiny_checkpoint
-from tests.integration.operator_harness import (
-    Engines,
-    deployment,
-    engine,
-    jobs,
-    run_operator,
-    served_digest,
-)
+from llmengine.dev.seed import engine, upload_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("crd")
 

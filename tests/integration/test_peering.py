@@ -20,10 +20,10 @@ import pytest
 from kubernetes import client
 
 from llmengine.dev.cluster import ClusterInfo, wait_for
+from llmengine.dev.harness import Engines, deployment, jobs, run_operator
 from llmengine.dev.proc import free_port
-from llmengine.dev.seed import apply_crd, upload_tiny_checkpoint
+from llmengine.dev.seed import apply_crd, engine, upload_tiny_checkpoint
 from llmengine.dev.seed import create_store_secret as store_secret
-from tests.integration.operator_harness import Engines, deployment, engine, jobs, run_operator
 
 pytestmark = pytest.mark.usefixtures("crd")
 

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from llmengine.dev.cluster import ClusterInfo, wait_for
-from llmengine.dev.seed import create_store_secret, upload_tiny_checkpoint
-from tests.integration.operator_harness import Engines, engine, jobs, run_operator
+from llmengine.dev.harness import Engines, jobs, run_operator
+from llmengine.dev.seed import create_store_secret, engine, upload_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("crd")
 

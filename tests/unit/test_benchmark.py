@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmengine import cli
-from llmengine.api.artifacts import BuildRequest, BuildShapes, Manifest, ManifestFile, Provenance
+from llmengine.api.artifacts import RESULT_LIMIT, BuildRequest, BuildShapes, Manifest, ManifestFile, Provenance
 from llmengine.api.bench import BenchDataset, BenchNumbers, BenchOutcome, BenchRequest, parse_bench_outcome
 from llmengine.api.config import OperatorConfig
 from llmengine.api.v1alpha1 import BenchmarkResult, BenchmarkThresholds, LLMEngineSpec, SecretKeySelector, parse_engine
 from llmengine.builder import benchmark as bm
-from llmengine.builder.main import RESULT_LIMIT, write_result
+from llmengine.builder.shell import write_result
 from llmengine.builder.testcompiler import TestCompiler
 from llmengine.dev import seed
 from llmengine.plan import plan_object

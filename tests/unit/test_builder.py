@@ -12,6 +12,7 @@ import structlog
 
 from llmengine.api.artifacts import BuildRequest, BuildResult
 from llmengine.builder import main as builder_main
+from llmengine.builder import shell
 from llmengine.builder.compiler import BuildFailure, check_request
 from llmengine.builder.fetch import HF_IGNORE_PATTERNS, fetch_hf, split_s3_uri
 from llmengine.builder.main import RESULT_LIMIT, Seams, failure_result, fit_result, run
@@ -276,7 +277,7 @@ def test_result_json_stays_under_4_kib() -> None:
 
 
 def test_result_is_written_to_the_given_path_and_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    builder_main.write_result('{"a":1}', tmp_path / "termination-log")
+    shell.write_result('{"a":1}', tmp_path / "termination-log")
     assert (tmp_path / "termination-log").read_text() == '{"a":1}'
     assert capsys.readouterr().out.strip() == '{"a":1}'
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llmengine.plan.cli import main
+from llmengine.plan_cli import main
 
 
 def engine(name: str, namespace: str = "ml", **spec: Any) -> dict[str, Any]:
@@ -193,7 +193,7 @@ def test_against_cluster_without_kubeconfig_exits_2(tmp_path: Path, monkeypatch:
 
 
 def test_against_cluster_reads_live_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmengine.plan import cli
+    from llmengine import plan_cli as cli
 
     live = engine("a")
     calls: list[tuple[str | None, str | None]] = []

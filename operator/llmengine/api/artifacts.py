@@ -2,12 +2,13 @@
 
 The build request is what the operator mounts into a build Job; the build result is what the builder writes
 into its termination message and next to the engine; the manifest is the commit record of an engine in the
-store. All three are versioned JSON documents with camelCase keys.
+store. All three are versioned JSON documents with camelCase keys. JobResult is the envelope the build result
+shares with the benchmark's (bench.py).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
@@ -155,19 +156,52 @@ class Manifest(Doc):
         return sum(f.size for f in self.files)
 
 
-class BuildResult(Doc):
-    """The builder's structured outcome; also its container termination message (kept under 4 KiB)."""
+# Kubernetes keeps at most 4 KiB of a termination message.
+RESULT_LIMIT = 4096
+
+
+class JobResult(Doc):
+    """What a build or benchmark Job reports when it ends: its container termination message (kept under 4 KiB),
+    which the operator reads back. BuildResult and BenchOutcome (bench.py) add what their work produced."""
 
     api_version: Literal["llmengine.io/v1alpha1"] = "llmengine.io/v1alpha1"
-    kind: Literal["BuildResult"] = "BuildResult"
+    kind: str
     engine_digest: str
     succeeded: bool
-    # Stage that failed (fetch, compile, verify, upload) and why, in one line.
+    # Stage that failed and why, in one line.
     stage: str | None = None
     reason: str | None = None
     message: str | None = None
-    # A failure the same request can never recover from (bad request, unsupported combination).
+    # A failure the same request can never recover from.
     permanent: bool = False
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> Self | None:
+        """A termination message as this document, or None when it is not one. Never raises.
+
+        pydantic's JSON parser bounds nesting (json.loads would raise RecursionError on `[[[[...`), so garbage of any
+        shape comes back as None.
+        """
+        try:
+            return cls.model_validate_json(text)
+        except (ValidationError, ValueError, TypeError):
+            return None
+
+    def fit_json(self, limit: int = RESULT_LIMIT) -> str:
+        """The document as JSON under `limit` bytes, shortening the message if it must."""
+        text = self.to_json()
+        if len(text.encode()) <= limit or not self.message:
+            return text
+        over = len(text.encode()) - limit
+        msg = self.message.encode()[: max(0, len(self.message.encode()) - over - 16)].decode(errors="ignore")
+        return self.model_copy(update={"message": msg + "...[cut]"}).to_json()
+
+
+class BuildResult(JobResult):
+    """The builder's structured outcome: its termination message, also stored next to the engine. A failed stage is
+    one of validate, fetch, compile, verify, upload; permanent for a bad request or an unsupported combination."""
+
+    kind: Literal["BuildResult"] = "BuildResult"
     engine_uri: str | None = None
     total_bytes: int | None = None
     build_seconds: float | None = None

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from llmengine.api.artifacts import Doc, ModelSource, StoreLocation
+from llmengine.api.artifacts import Doc, JobResult, ModelSource, StoreLocation
 from llmengine.api.v1alpha1 import BenchmarkResult
 
 
@@ -85,19 +85,12 @@ class BenchNumbers(Doc):
     itl_p99_ms: float | None = Field(default=None, ge=0)
 
 
-class BenchOutcome(Doc):
-    """The benchmark Job's structured outcome: its container termination message (kept under 4 KiB)."""
+class BenchOutcome(JobResult):
+    """The benchmark Job's structured outcome: its termination message. A failed stage is one of validate,
+    download, fetch, dataset, benchmark, report; permanent for, e.g., a dataset longer than the engine or an
+    incompatible engine."""
 
-    api_version: Literal["llmengine.io/v1alpha1"] = "llmengine.io/v1alpha1"
     kind: Literal["BenchResult"] = "BenchResult"
-    engine_digest: str
-    succeeded: bool
-    # Stage that failed (validate, download, fetch, dataset, benchmark, report) and why, in one line.
-    stage: str | None = None
-    reason: str | None = None
-    message: str | None = None
-    # A failure the same request can never recover from (dataset longer than the engine, incompatible engine).
-    permanent: bool = False
     numbers: BenchNumbers | None = None
     test_benchmark: bool = False
     bench_seconds: float | None = Field(default=None, ge=0)
@@ -109,12 +102,5 @@ class BenchOutcome(Doc):
 
 
 def parse_bench_outcome(text: str | bytes) -> BenchOutcome | None:
-    """A termination message as a BenchOutcome, or None when it is not one. Never raises.
-
-    pydantic's JSON parser bounds nesting (json.loads would raise RecursionError on `[[[[...`), so garbage of any
-    shape comes back as None.
-    """
-    try:
-        return BenchOutcome.model_validate_json(text)
-    except (ValidationError, ValueError, TypeError):
-        return None
+    """A termination message as a BenchOutcome, or None when it is not one. Never raises."""
+    return BenchOutcome.parse(text)

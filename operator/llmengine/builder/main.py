@@ -7,13 +7,9 @@ engine in the store. Exit 0 on success or when the engine is already committed, 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmengine.api.artifacts import BuildRequest, BuildResult, Provenance, StoreLocation, first_problem
+from llmengine.api.artifacts import RESULT_LIMIT, BuildRequest, BuildResult, Provenance, StoreLocation, first_problem
+from llmengine.builder import shell
 from llmengine.builder.compiler import BuildFailure, Compiler, check_request
 from llmengine.builder.fetch import (
     HfDownload,
@@ -32,10 +29,8 @@ from llmengine.builder.fetch import (
 )
 from llmengine.builder.verify import verify_engine
 from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError
-from llmengine.logging import configure_logging, get_logger
+from llmengine.logging import get_logger
 
-TERMINATION_LOG = Path("/dev/termination-log")
-RESULT_LIMIT = 4096  # Kubernetes keeps at most 4 KiB of a termination message
 MiB = 1024 * 1024
 
 
@@ -188,50 +183,25 @@ def _store(seams: Seams, location: StoreLocation) -> EngineStore:
 
 
 def failure_result(digest: str, failure: BuildFailure, seconds: float | None = None) -> BuildResult:
-    return BuildResult(
-        engine_digest=digest,
-        succeeded=False,
-        stage=failure.stage,
-        reason=failure.reason,
-        message=failure.message,
-        permanent=failure.permanent,
-        build_seconds=round(seconds, 3) if seconds is not None else None,
-    )
+    return shell.failed(BuildResult, digest, failure, build_seconds=round(seconds, 3) if seconds is not None else None)
 
 
 def fit_result(result: BuildResult, limit: int = RESULT_LIMIT) -> str:
     """The result as JSON under `limit` bytes, shortening the message if it must."""
-    text = result.to_json()
-    if len(text.encode()) <= limit or not result.message:
-        return text
-    over = len(text.encode()) - limit
-    msg = result.message.encode()[: max(0, len(result.message.encode()) - over - 16)].decode(errors="ignore")
-    return result.model_copy(update={"message": msg + "...[cut]"}).to_json()
-
-
-def write_result(text: str, path: Path | None) -> None:
-    """stdout always; the termination message path too when it is writable."""
-    print(text, flush=True)
-    target = path if path is not None else (TERMINATION_LOG if os.access(TERMINATION_LOG, os.W_OK) else None)
-    if target is not None:
-        try:
-            target.write_text(text)
-        except OSError as exc:
-            get_logger().warning("could not write the build result", path=str(target), error=str(exc))
+    return result.fit_json(limit)
 
 
 def run(request_path: Path, work_dir: Path | None, seams: Seams | None = None) -> BuildResult:
     """Load, build, and always come back with a BuildResult (never raises for a build failure)."""
     seams = seams or Seams()
-    t0 = time.monotonic()
-    digest = "unknown"
-    log = get_logger(component="builder")
+    job = shell.Attempt(get_logger(component="builder"))
     request: BuildRequest | None = None
-    try:
+
+    def work() -> BuildResult:
+        nonlocal request
         request = load_request(request_path)
-        digest = request.engine_digest
-        log = log.bind(engine_digest=digest)
-        log.info(
+        job.begin(
+            request.engine_digest,
             "build started",
             compiler=request.compiler,
             backend=request.backend,
@@ -241,25 +211,20 @@ def run(request_path: Path, work_dir: Path | None, seams: Seams | None = None) -
             quantization=request.quantization,
             gpu_class=request.gpu_class,
         )
-        with _work_dir(work_dir) as wd:
-            result = build(request, wd, seams, log)
-        log.info("build succeeded", message=result.message, seconds=round(time.monotonic() - t0, 3))
+        with shell.work_dir(work_dir, "llmengine-build-") as wd:
+            result = build(request, wd, seams, job.log)
+        job.log.info("build succeeded", message=result.message, seconds=round(job.seconds(), 3))
         return result
-    except BuildFailure as failure:
-        log.error(
-            "build failed",
-            stage=failure.stage,
-            reason=failure.reason,
-            permanent=failure.permanent,
-            error=failure.message,
-        )
-        result = failure_result(digest, failure, time.monotonic() - t0)
-    except Exception as exc:  # a bug or an unexpected environment: report it as a (retryable) failure
-        log.exception("build crashed")
-        result = failure_result(digest, BuildFailure("internal", "InternalError", f"{type(exc).__name__}: {exc}"))
-    if request is not None:
-        _store_failure(request, result, seams, log)
-    return result
+
+    def failed(failure: BuildFailure) -> BuildResult:
+        # The result of a crash carries no build time.
+        seconds = None if isinstance(failure, shell.InternalError) else job.seconds()
+        result = failure_result(job.digest, failure, seconds)
+        if request is not None:
+            _store_failure(request, result, seams, job.log)
+        return result
+
+    return job.run("build", work, failed)
 
 
 def _store_failure(request: BuildRequest, result: BuildResult, seams: Seams, log: Any) -> None:
@@ -272,35 +237,12 @@ def _store_failure(request: BuildRequest, result: BuildResult, seams: Seams, log
         log.warning("could not store the failed build result", error=str(exc))
 
 
-@contextlib.contextmanager
-def _work_dir(path: Path | None) -> Iterator[Path]:
-    """The given scratch directory (kept, for debugging), or a temporary one removed afterwards."""
-    if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="llmengine-build-") as tmp:
-        yield Path(tmp)
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="llmengine build-engine", description=__doc__.splitlines()[0])
-    p.add_argument("--request", type=Path, required=True, help="BuildRequest JSON file")
-    p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
-    p.add_argument(
-        "--result",
-        type=Path,
-        default=None,
-        help="where to write the BuildResult (default: /dev/termination-log when writable; always stdout)",
-    )
-    p.add_argument("--log-format", choices=("json", "console"), default="json")
-    p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(json=args.log_format == "json", level=args.log_level)
-    result = run(args.request, args.work_dir)
-    write_result(fit_result(result), args.result)
-    return 0 if result.succeeded else 1
+    return shell.main(
+        argv,
+        run,
+        prog="llmengine build-engine",
+        description=__doc__.splitlines()[0],
+        request="BuildRequest",
+        result="BuildResult",
+    )

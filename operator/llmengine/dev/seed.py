@@ -1,4 +1,5 @@
-"""Objects the demo and the tests put into a dev cluster: a tiny checkpoint in S3 and the store Secret."""
+"""Objects the demo, the tests and the benchmarks put into a dev cluster: a tiny checkpoint in S3, the store Secret
+and LLMEngines for them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,40 @@ import os
 from typing import Any
 
 from llmengine.dev.cluster import ClusterInfo
+
+# The model facts engine() declares for the tiny checkpoint (a two-layer Llama, as upload_tiny_checkpoint writes it).
+TINY_ARCH = {
+    "architecture": "LlamaForCausalLM",
+    "numLayers": 2,
+    "hiddenSize": 256,
+    "numAttentionHeads": 4,
+    "numKeyValueHeads": 4,
+    "headDim": 64,
+    "vocabSize": 32000,
+    "parameterCount": 20_000_000,
+    "maxPositionEmbeddings": 4096,
+}
+
+
+def engine(name: str, info: ClusterInfo, model_uri: str, store_prefix: str, **overrides: Any) -> dict[str, Any]:
+    """An LLMEngine for the tiny checkpoint at `model_uri`, stored in the dev S3 under `store_prefix`; `overrides`
+    merge into its spec (a dict into the section of that name, anything else replacing it)."""
+    spec: dict[str, Any] = {
+        "model": {"source": {"s3": {"uri": model_uri}}, "architecture": dict(TINY_ARCH)},
+        "precision": {"dtype": "bfloat16"},
+        "build": {"maxBatchSize": 8, "maxInputLen": 512, "maxSeqLen": 1024, "maxNumTokens": 2048},
+        "target": {"gpu": "H100-80GB"},
+        "store": {
+            "bucket": info.s3_bucket,
+            "prefix": store_prefix,
+            "endpoint": info.s3_endpoint,
+            "credentialsSecretRef": {"name": "s3-creds"},
+        },
+        "serving": {"replicas": 2},
+    }
+    for k, v in overrides.items():
+        spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) and isinstance(spec.get(k), dict) else v
+    return {"apiVersion": "llmengine.io/v1alpha1", "kind": "LLMEngine", "metadata": {"name": name}, "spec": spec}
 
 
 def upload_tiny_checkpoint(info: ClusterInfo, prefix: str, num_layers: int = 2, weight_bytes: int = 64 * 1024) -> str:

@@ -1,4 +1,5 @@
-"""Helpers for operator tests: the operator as a real subprocess, engines, waiting, a tiny checkpoint in S3."""
+"""The operator as the tests and the benchmarks run it: a real subprocess with the test compiler, and reading back
+the LLMEngines, Jobs and Deployments it makes."""
 
 from __future__ import annotations
 
@@ -17,40 +18,10 @@ from kubernetes import client
 from llmengine.dev.cluster import ClusterInfo, wait_for
 from llmengine.dev.proc import free_port
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_ARCH = {
-    "architecture": "LlamaForCausalLM",
-    "numLayers": 2,
-    "hiddenSize": 256,
-    "numAttentionHeads": 4,
-    "numKeyValueHeads": 4,
-    "headDim": 64,
-    "vocabSize": 32000,
-    "parameterCount": 20_000_000,
-    "maxPositionEmbeddings": 4096,
-}
-
-
-def engine(name: str, info: ClusterInfo, model_uri: str, store_prefix: str, **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "model": {"source": {"s3": {"uri": model_uri}}, "architecture": dict(TINY_ARCH)},
-        "precision": {"dtype": "bfloat16"},
-        "build": {"maxBatchSize": 8, "maxInputLen": 512, "maxSeqLen": 1024, "maxNumTokens": 2048},
-        "target": {"gpu": "H100-80GB"},
-        "store": {
-            "bucket": info.s3_bucket,
-            "prefix": store_prefix,
-            "endpoint": info.s3_endpoint,
-            "credentialsSecretRef": {"name": "s3-creds"},
-        },
-        "serving": {"replicas": 2},
-    }
-    for k, v in overrides.items():
-        spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) and isinstance(spec.get(k), dict) else v
-    return {"apiVersion": "llmengine.io/v1alpha1", "kind": "LLMEngine", "metadata": {"name": name}, "spec": spec}
-
 
 class Engines:
+    """The LLMEngines of one namespace: create, read, patch, delete, and wait for a phase."""
+
     def __init__(self, api: Any, ns: str) -> None:
         self.co = client.CustomObjectsApi(api)
         self.ns = ns

@@ -1,0 +1,148 @@
+"""What can go wrong talking to the store, as one-line errors that name the setting to fix, and which failures
+another attempt may get past."""
+
+from __future__ import annotations
+
+from botocore import exceptions as bx
+from urllib3 import exceptions as u3
+
+from llmengine.text import one_line
+
+# Settings the one-line errors point at (the LLMEngine fields a user edits).
+SETTING_CREDENTIALS = "spec.store.credentialsSecretRef"
+SETTING_BUCKET = "spec.store.bucket"
+SETTING_ENDPOINT = "spec.store.endpoint"
+# The same settings when an engine uses the operator's default store: the chart's values, not the spec's.
+DEFAULT_STORE_SETTINGS = {
+    SETTING_CREDENTIALS: "the operator's default store credentials (chart values store.credentialsSecret and "
+    "store.engineSecret)",
+    SETTING_BUCKET: "the operator's default store (chart value store.bucket)",
+    SETTING_ENDPOINT: "the operator's default store (chart value store.endpoint)",
+}
+
+
+def on_default_store(message: str) -> str:
+    """A store error for an engine without spec.store names the chart values actually in use."""
+    for spec_field, chart_value in DEFAULT_STORE_SETTINGS.items():
+        message = message.replace(spec_field, chart_value)
+    return message
+
+
+class StoreError(Exception):
+    """A store operation failed. The message is one line; ``setting`` names what the user should fix, if any."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+class CredentialsError(StoreError):
+    pass
+
+
+class AccessDenied(StoreError):
+    pass
+
+
+class BucketNotFound(StoreError):
+    pass
+
+
+class EndpointUnreachable(StoreError):
+    pass
+
+
+class ManifestInvalid(StoreError):
+    """A manifest.json exists but does not parse as a Manifest: a broken commit, rebuilt over by the builder."""
+
+
+class IntegrityError(StoreError):
+    """The stored engine does not match its manifest (or has none). ``path`` names the file when one is at fault."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message, setting=None)
+        self.path = path
+
+
+# AWS codes, plus versitygw's answer for an unknown access key.
+_CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "InvalidClientTokenId",
+        "XAdminUserNotFound",
+    }
+)
+
+
+def translate_error(exc: BaseException, endpoint: str, bucket: str) -> StoreError:
+    """Map a botocore/s3transfer exception to a one-line StoreError naming the setting to fix."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return CredentialsError(
+            "no S3 credentials found: set spec.store.credentialsSecretRef or configure workload identity",
+            SETTING_CREDENTIALS,
+        )
+    if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ConnectionClosedError):
+        return EndpointUnreachable(f"cannot reach S3 endpoint {endpoint}: check {SETTING_ENDPOINT}", SETTING_ENDPOINT)
+    if isinstance(exc, bx.ReadTimeoutError):
+        return EndpointUnreachable(f"S3 endpoint {endpoint} timed out: check {SETTING_ENDPOINT}", SETTING_ENDPOINT)
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        if code in _CREDENTIAL_CODES:
+            return CredentialsError(
+                f"S3 rejected the credentials ({code}): check the secret named in {SETTING_CREDENTIALS}",
+                SETTING_CREDENTIALS,
+            )
+        if code == "NoSuchBucket":
+            return BucketNotFound(
+                f"bucket '{bucket}' does not exist at {endpoint}: create it or fix {SETTING_BUCKET}", SETTING_BUCKET
+            )
+        if code in ("AccessDenied", "403", "Forbidden"):
+            return AccessDenied(
+                f"S3 denied access to bucket '{bucket}' ({code}): grant the credentials in "
+                f"{SETTING_CREDENTIALS} read/write on it",
+                SETTING_CREDENTIALS,
+            )
+        msg = str(err.get("Message", "")) or str(exc)
+        return StoreError(f"S3 error {code or 'unknown'} at {endpoint}: {one_line(msg)}")
+    if isinstance(exc, bx.BotoCoreError):
+        return StoreError(f"S3 client error at {endpoint}: {one_line(str(exc))}")
+    return StoreError(f"S3 operation failed at {endpoint}: {type(exc).__name__}: {one_line(str(exc))}")
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, bx.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+# Worth waiting out: the server is restarting or overloaded, a connection was refused or cut mid-body.
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException", "Throttling"}
+)
+_TRANSIENT_EXCEPTIONS = (
+    bx.ConnectionError,  # refused, reset, closed, connect timeout
+    bx.HTTPClientError,  # read timeout, protocol errors
+    bx.ResponseStreamingError,  # the body was cut
+    bx.IncompleteReadError,
+    u3.ProtocolError,
+    u3.ReadTimeoutError,
+    ConnectionError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that another attempt may get past: not credentials, not a missing bucket or object."""
+    if isinstance(exc, bx.SSLError):
+        return False  # a certificate problem stays one
+    if isinstance(exc, (EndpointUnreachable, *_TRANSIENT_EXCEPTIONS)):
+        return True
+    if isinstance(exc, bx.ClientError):
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return error_code(exc) in _TRANSIENT_CODES or status >= 500
+    return False

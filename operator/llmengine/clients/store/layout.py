@@ -1,0 +1,52 @@
+"""Where an engine's files lie: the store's own documents next to them, and which paths may be engine files.
+
+An engine directory holds its files plus ``build-result.json`` and, written last, ``manifest.json``; a download in
+progress writes ``<file>.llmengine-partial``. None of those is ever an engine file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from llmengine.api.artifacts import ManifestFile
+from llmengine.clients.store.errors import IntegrityError
+
+MANIFEST_NAME = "manifest.json"
+RESULT_NAME = "build-result.json"
+RESERVED_NAMES = frozenset({MANIFEST_NAME, RESULT_NAME})
+PARTIAL_SUFFIX = ".llmengine-partial"
+MiB = 1024 * 1024
+
+
+def local_files(root: Path) -> list[tuple[str, Path]]:
+    out: list[tuple[str, Path]] = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(root).as_posix()
+            if rel in RESERVED_NAMES or rel.endswith(PARTIAL_SUFFIX):
+                continue
+            out.append((rel, p))
+    return out
+
+
+def check_manifest_paths(files: list[ManifestFile]) -> None:
+    """Every entry must be a unique, relative, normalised path that is not one of the store's own documents."""
+    seen: set[str] = set()
+    for f in files:
+        p = PurePosixPath(f.path)
+        if (
+            not f.path
+            or p.is_absolute()
+            or ".." in p.parts
+            or str(p) != f.path
+            or f.path in RESERVED_NAMES
+            or f.path.endswith(PARTIAL_SUFFIX)
+        ):
+            raise IntegrityError(
+                f"manifest lists an unexpected entry '{f.path}' (not a plain relative file path)", f.path
+            )
+        if f.path in seen:
+            raise IntegrityError(f"manifest lists '{f.path}' twice", f.path)
+        if f.size < 0 or len(f.sha256) != 64:
+            raise IntegrityError(f"manifest entry '{f.path}' has an invalid size or sha256", f.path)
+        seen.add(f.path)
