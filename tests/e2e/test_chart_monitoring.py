@@ -562,3 +562,16 @@ def test_dashboard_and_alerts_name_only_metrics_that_exist() -> None:
     shown = {re.sub(r"_(bucket|count|sum)$", "", n) for n in ours}
     assert set(metrics) <= shown, set(metrics) - shown
     assert {n for n in named - ours if not n.startswith(("trtllm_", "kube_"))} == {"up"}
+
+
+def test_the_example_queries_of_the_metrics_page_pass_promtool(tmp_path: Path) -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    examples = [
+        row.rsplit("|", 2)[1].strip().strip("`")
+        for row in page.splitlines()
+        if re.match(r"\|\s*`(llmengine|trtllm)_", row)
+    ]
+    assert len(examples) >= len(defined_metrics())
+    rules = [{"record": f"doc:example_{i}", "expr": e} for i, e in enumerate(examples)]
+    res = _promtool("check", "rules", str(_write_rules(tmp_path, {"groups": [{"name": "doc", "rules": rules}]})))
+    assert res.returncode == 0, res.stdout + res.stderr
