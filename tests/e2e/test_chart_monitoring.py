@@ -195,6 +195,19 @@ def test_rule_switches() -> None:
     assert 'namespace=~"team-a|team-b"' in alerts["LLMEngineUnavailable"]["expr"]
 
 
+def test_the_schema_names_exactly_the_alerts_the_chart_has() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    rule = schema["properties"]["metrics"]["properties"]["prometheusRule"]["properties"]
+    assert set(rule["disabled"]["items"]["enum"]) == ALERTS
+
+
+def test_dashboard_labels_can_be_emptied() -> None:
+    # Helm merges maps with the defaults: a default label goes with null, leaving an empty map.
+    objs = render("--set", "metrics.dashboard.enabled=true", "--set", "metrics.dashboard.labels.grafana_dashboard=null")
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    assert "grafana_dashboard" not in cm["metadata"]["labels"]
+
+
 def test_only_available_pages_and_nothing_reads_ready() -> None:
     alerts = _alerts(_rule_spec())
     assert {n for n, a in alerts.items() if a["labels"]["severity"] == "critical"} == {"LLMEngineUnavailable"}
