@@ -97,19 +97,51 @@ build_kubernetes() {
   touch "$(done_stamp $d)"
 }
 
+build_promtool() {
+  local d="promtool-$PROMETHEUS_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
+  echo "devcluster: building promtool $PROMETHEUS_VERSION" >&2
+  check_proxy "github.com/prometheus/prometheus@$PROMETHEUS_VERSION"
+  # A wrapper module, as for etcd: `go install pkg@version` refuses a main module with replace/exclude directives.
+  # remove_all_sd leaves out the cloud service-discovery plugins (most of the build): only rule checks are used.
+  local w="$CACHE/$d/src"; new_module "$w" llmengine.dev/promtool
+  local m="${PROMETHEUS_VERSION#v0.}" v; v="${m:0:1}.${m:1}"
+  (cd "$w" && go get "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION" >/dev/null \
+    && go build -trimpath -tags remove_all_sd -ldflags "-s -w -X github.com/prometheus/common/version.Version=$v" \
+      -o "$CACHE/$d/bin/promtool" github.com/prometheus/prometheus/cmd/promtool)
+  rm -rf "$w"
+  touch "$(done_stamp $d)"
+}
+
+# Not a binary: the CustomResourceDefinitions of the prometheus-operator, from its module's example/ directory.
+build_monitoring-crds() {
+  local d="monitoring-crds-$PROMETHEUS_OPERATOR_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
+  check_proxy "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION"
+  local src
+  src=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  [ -d "$src/example/prometheus-operator-crd" ] || die "no example/prometheus-operator-crd in $src"
+  mkdir -p "$CACHE/$d/crds"
+  for k in servicemonitors podmonitors prometheusrules; do
+    cp "$src/example/prometheus-operator-crd/monitoring.coreos.com_$k.yaml" "$CACHE/$d/crds/"
+    chmod u+w "$CACHE/$d/crds/monitoring.coreos.com_$k.yaml"
+  done
+  touch "$(done_stamp $d)"
+}
+
 version_of() {
   case $1 in
     etcd) echo "$ETCD_VERSION" ;; kwok) echo "$KWOK_VERSION" ;; helm) echo "$HELM_VERSION" ;;
     versitygw) echo "$VERSITYGW_VERSION" ;; kubernetes) echo "$KUBERNETES_VERSION" ;;
+    promtool) echo "$PROMETHEUS_VERSION" ;; monitoring-crds) echo "$PROMETHEUS_OPERATOR_VERSION" ;;
   esac
 }
 
 # One progress line per component; the Go tool's own output goes to a log, shown (its end) only on failure.
-all="etcd kwok helm versitygw kubernetes"
+all="etcd kwok helm versitygw kubernetes promtool monitoring-crds"
 logs="$CACHE/logs"; mkdir -p "$logs"
 for c in ${*:-$all}; do
   case $c in
-    etcd|kwok|helm|versitygw|kubernetes) ;;
+    etcd|kwok|helm|versitygw|kubernetes|promtool|monitoring-crds) ;;
     *) die "unknown component '$c' (choose from: $all)" ;;
   esac
   v=$(version_of "$c")

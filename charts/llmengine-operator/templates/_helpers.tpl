@@ -78,3 +78,18 @@ llmengine-operator
 {{- define "llmengine-operator.webhookUrlHost" -}}
 {{- with .Values.webhook.url }}{{ (urlParse .).host | splitList ":" | first }}{{ end }}
 {{- end }}
+
+{{/* The Prometheus job of the operator's metrics, as the chart's ServiceMonitor scrapes them (the Service name). */}}
+{{- define "llmengine-operator.operatorSelector" -}}
+job="{{ include "llmengine-operator.fullname" . }}-metrics",namespace="{{ .Release.Namespace }}"
+{{- end }}
+
+{{/* The Prometheus job of the serving pods, as the chart's PodMonitor scrapes them ("<namespace>/<name>"). */}}
+{{- define "llmengine-operator.servingSelector" -}}
+job="{{ .Release.Namespace }}/{{ include "llmengine-operator.fullname" . }}-serving"
+{{- end }}
+
+{{/* kube-state-metrics series of the serving Deployments and pods: named llme-<engine>, in the watched namespaces. */}}
+{{- define "llmengine-operator.servingObjectsSelector" -}}
+{{- if .Values.watchNamespaces }}namespace=~"{{ join "|" .Values.watchNamespaces }}",{{ end -}}
+{{- end }}

@@ -37,6 +37,7 @@ _COMPONENT_OF = {
     "kube-controller-manager": ("kubernetes", "KUBERNETES_VERSION"),
     "kube-scheduler": ("kubernetes", "KUBERNETES_VERSION"),
     "kubectl": ("kubernetes", "KUBERNETES_VERSION"),
+    "promtool": ("promtool", "PROMETHEUS_VERSION"),
 }
 
 
@@ -50,6 +51,15 @@ def binary(name: str) -> Path:
     if not path.exists():
         raise ToolMissing(f"{name} is not built yet: run `devcluster/build-tools.sh {component}` (or `make tools`)")
     return path
+
+
+def monitoring_crds() -> list[Path]:
+    """The prometheus-operator CRDs of the kinds the chart can create (ServiceMonitor, PodMonitor, PrometheusRule)."""
+    d = cache_root() / f"monitoring-crds-{versions()['PROMETHEUS_OPERATOR_VERSION']}" / "crds"
+    files = sorted(d.glob("monitoring.coreos.com_*.yaml"))
+    if not files:
+        raise ToolMissing("the monitoring CRDs are not fetched yet: run `devcluster/build-tools.sh monitoring-crds`")
+    return files
 
 
 def ensure_built(*components: str) -> None:

@@ -1,0 +1,590 @@
+"""The chart's monitoring objects, rendered offline: the serving PodMonitor selects exactly the pods the operator
+renders, the alerts pass promtool's rule checks and its rule unit tests (they page on Available and Stalled, never on
+Ready), and the dashboard's queries parse as PromQL and its JSON keeps to Grafana's dashboard schema models."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llmengine.dev import tools
+from llmengine.render import common
+from llmengine.server.meter import METRICS_PATH
+from tests.e2e.chart_harness import CHART, KUBE_VERSION, by_kind, helm, render
+from tests.metrics_catalog import defined_metrics
+
+try:
+    tools.binary("helm")
+    PROMTOOL = str(tools.binary("promtool"))
+except tools.ToolMissing as e:
+    pytest.skip(str(e), allow_module_level=True)
+
+GOLDEN = Path(__file__).resolve().parents[1] / "unit" / "golden"
+DASHBOARD = CHART / "dashboards" / "llmengine.json"
+ALL_ON = (
+    "--set",
+    "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "metrics.servingPodMonitor.enabled=true",
+    "--set",
+    "metrics.prometheusRule.enabled=true",
+    "--set",
+    "metrics.dashboard.enabled=true",
+)
+RULES_ON = ("--set", "metrics.prometheusRule.enabled=true")
+# What the chart's selectors come to for release "llmengine-operator" in namespace "llmengine-system".
+OPERATOR = 'job="llmengine-operator-metrics",namespace="llmengine-system"'
+SERVING = 'job="llmengine-system/llmengine-operator-serving"'
+ALERTS = {
+    "LLMEngineUnavailable",
+    "LLMEngineStalled",
+    "LLMEngineServingPodsFailing",
+    "LLMEngineOperatorDown",
+    "LLMEngineReconcileErrors",
+    "LLMEngineStoreErrors",
+    "LLMEngineBuildsFailing",
+    "LLMEngineBuildQueueStuck",
+    "LLMEngineRequestsTooLong",
+    "LLMEngineRequestErrors",
+    "LLMEngineServingMetricsDown",
+}
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=120)
+
+
+def _rule_spec(*sets: str) -> dict[str, Any]:
+    (rule,) = by_kind(render(*RULES_ON, *sets), "PrometheusRule")
+    return dict(rule["spec"])
+
+
+def _alerts(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["alert"]: r for g in spec["groups"] for r in g["rules"]}
+
+
+def _write_rules(tmp_path: Path, spec: dict[str, Any]) -> Path:
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Switches
+
+
+def test_default_install_renders_no_monitoring_objects() -> None:
+    objs = render()
+    assert not by_kind(objs, "PodMonitor") and not by_kind(objs, "PrometheusRule")
+    assert not [o for o in by_kind(objs, "ConfigMap") if "grafana_dashboard" in o["metadata"].get("labels", {})]
+
+
+@pytest.mark.parametrize("sets", [ALL_ON, (*ALL_ON, "--set", "watchNamespaces={team-a,team-b}")])
+def test_lint_strict_with_every_monitoring_object(sets: tuple[str, ...]) -> None:
+    out = helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *sets)
+    assert "0 chart(s) failed" in out and "[WARNING]" not in out and "[ERROR]" not in out
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "metrics.servingPodMonitor.path=llmengine/metrics",
+        "metrics.servingPodMonitor.interval=30",
+        "metrics.prometheusRule.unavailableFor=soon",
+        "metrics.prometheusRule.disabled={LLMEngineReady}",
+        "metrics.dashboard.namespace=Grafana",
+        "metrics.dashboard.folder=x",
+    ],
+)
+def test_schema_rejects_bad_monitoring_values(bad: str) -> None:
+    res = subprocess.run(
+        [tools.binary("helm"), "template", "x", str(CHART), "--kube-version", KUBE_VERSION, "--set", bad],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0 and "values don't meet the specifications of the schema" in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The serving PodMonitor
+
+
+def _sanitized(label: str) -> str:
+    """A pod label as Kubernetes service discovery names it."""
+    return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
+
+
+def test_serving_pod_monitor_selects_the_serving_pods_the_operator_renders() -> None:
+    (pm,) = by_kind(render("--set", "metrics.servingPodMonitor.enabled=true"), "PodMonitor")
+    serving = yaml.safe_load((GOLDEN / "deployment.yaml").read_text())["spec"]["template"]
+    labels = serving["metadata"]["labels"]
+    selector = pm["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    # Not the build or benchmark pods, which carry the operator's labels too.
+    for job in ("build-job.yaml", "bench-job.yaml"):
+        pod_labels = yaml.safe_load((GOLDEN / job).read_text())["spec"]["template"]["metadata"]["labels"]
+        assert not selector.items() <= pod_labels.items(), job
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    ports = {p["name"] for c in serving["spec"]["containers"] for p in c.get("ports", [])}
+    assert ep["port"] in ports and ep["path"] == METRICS_PATH
+    relabel = {r["targetLabel"]: r["sourceLabels"] for r in ep["relabelings"]}
+    assert relabel == {
+        "engine": [_sanitized(common.ENGINE_LABEL)],
+        "engine_digest": [_sanitized(common.DIGEST_LABEL)],
+    }
+    assert common.ENGINE_LABEL in labels and common.DIGEST_LABEL in labels
+
+
+def test_serving_pod_monitor_in_namespaced_mode_watches_only_those_namespaces() -> None:
+    objs = render("--set", "metrics.servingPodMonitor.enabled=true", "--set", "watchNamespaces={team-a,team-b}")
+    (pm,) = by_kind(objs, "PodMonitor")
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+    objs = render(
+        "--set",
+        "metrics.servingPodMonitor.enabled=true",
+        "--set",
+        "metrics.servingPodMonitor.path=/prometheus/metrics",
+        "--set",
+        "metrics.servingPodMonitor.labels.release=kps",
+    )
+    (pm,) = by_kind(objs, "PodMonitor")
+    assert pm["spec"]["podMetricsEndpoints"][0]["path"] == "/prometheus/metrics"
+    assert pm["metadata"]["labels"]["release"] == "kps"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The alerts
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [(), ("--set", "watchNamespaces={team-a,team-b}", "--set", "metrics.prometheusRule.alertLabels.team=ml")],
+    ids=["default", "namespaced"],
+)
+def test_rules_pass_promtool_check(tmp_path: Path, sets: tuple[str, ...]) -> None:
+    spec = _rule_spec(*sets)
+    assert set(_alerts(spec)) == ALERTS
+    res = _promtool("check", "rules", str(_write_rules(tmp_path, spec)))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"SUCCESS: {len(ALERTS)} rules found" in res.stdout
+
+
+def test_rule_switches() -> None:
+    spec = _rule_spec("--set", "metrics.prometheusRule.kubeStateMetrics=false")
+    assert set(_alerts(spec)) == ALERTS - {"LLMEngineUnavailable", "LLMEngineServingPodsFailing"}
+    spec = _rule_spec("--set", "metrics.prometheusRule.disabled={LLMEngineBuildQueueStuck,LLMEngineStoreErrors}")
+    assert set(_alerts(spec)) == ALERTS - {"LLMEngineBuildQueueStuck", "LLMEngineStoreErrors"}
+    spec = _rule_spec(
+        "--set",
+        "metrics.prometheusRule.alertLabels.team=ml",
+        "--set",
+        "metrics.prometheusRule.unavailableFor=30m",
+        "--set",
+        "watchNamespaces={team-a,team-b}",
+    )
+    alerts = _alerts(spec)
+    assert all(a["labels"]["team"] == "ml" and a["labels"]["severity"] for a in alerts.values())
+    assert alerts["LLMEngineUnavailable"]["for"] == "30m"
+    assert 'namespace=~"team-a|team-b"' in alerts["LLMEngineUnavailable"]["expr"]
+
+
+def test_the_schema_names_exactly_the_alerts_the_chart_has() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    rule = schema["properties"]["metrics"]["properties"]["prometheusRule"]["properties"]
+    assert set(rule["disabled"]["items"]["enum"]) == ALERTS
+
+
+def test_dashboard_labels_can_be_emptied() -> None:
+    # Helm merges maps with the defaults: a default label goes with null, leaving an empty map.
+    objs = render("--set", "metrics.dashboard.enabled=true", "--set", "metrics.dashboard.labels.grafana_dashboard=null")
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    assert "grafana_dashboard" not in cm["metadata"]["labels"]
+
+
+def test_only_available_pages_and_nothing_reads_ready() -> None:
+    alerts = _alerts(_rule_spec())
+    assert {n for n, a in alerts.items() if a["labels"]["severity"] == "critical"} == {"LLMEngineUnavailable"}
+    for a in alerts.values():
+        assert 'phase="Ready"' not in a["expr"] and "Deploying" not in a["expr"] and "Building" not in a["expr"]
+
+
+def _ksm(namespace: str, deployment: str, spec: str, available: str) -> list[dict[str, str]]:
+    sel = f'namespace="{namespace}",deployment="{deployment}",job="kube-state-metrics"'
+    return [
+        {"series": f"kube_deployment_spec_replicas{{{sel}}}", "values": spec},
+        {"series": f"kube_deployment_status_replicas_available{{{sel}}}", "values": available},
+    ]
+
+
+def _operator(phases: dict[str, str], extra: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    series = [{"series": f"up{{{OPERATOR}}}", "values": "1x180"}]
+    for phase, values in phases.items():
+        series.append({"series": f'llmengine_engines{{{OPERATOR},phase="{phase}"}}', "values": values})
+    return series + (extra or [])
+
+
+def _quiet(at: str) -> list[dict[str, Any]]:
+    return [{"eval_time": at, "alertname": name, "exp_alerts": []} for name in sorted(ALERTS)]
+
+
+def _serving(result: str, values: str) -> dict[str, str]:
+    return {
+        "series": f'llmengine_requests_total{{{SERVING},namespace="ml",engine="chat",pod="llme-chat-1",'
+        f'result="{result}"}}',
+        "values": values,
+    }
+
+
+def test_alerts_fire_on_available_and_stalled_and_stay_quiet_through_a_rebuild(tmp_path: Path) -> None:
+    spec = _rule_spec()
+    rules = _write_rules(tmp_path, spec)
+    alerts = _alerts(spec)
+
+    def firing(name: str, value: str, **labels: str) -> list[dict[str, Any]]:
+        """The one alert expected: its labels, and its annotations with the labels and the value filled in."""
+
+        def fill(text: str) -> str:
+            text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels[m.group(1)], text)
+            return re.sub(r"\{\{ \$value[^}]*\}\}", value, text)
+
+        severity = alerts[name]["labels"]["severity"]
+        annotations = {k: fill(v) for k, v in alerts[name]["annotations"].items()}
+        return [{"exp_labels": {"severity": severity, **labels}, "exp_annotations": annotations}]
+
+    tests = [
+        {
+            # A rebuild: the desired engine builds for two hours (Ready is False throughout) while the old engine
+            # keeps serving every replica. Nothing may fire.
+            "name": "rebuild",
+            "interval": "1m",
+            "input_series": _operator({"Building": "1x180", "Ready": "0x180"})
+            + _ksm("ml", "llme-chat", "2x180", "2x60 3x60 2x60")
+            + [
+                {"series": f'up{{{SERVING},namespace="ml",engine="chat",pod="llme-chat-1"}}', "values": "1x180"},
+                _serving("stop", "0+10x180"),
+                _serving("error", "0x180"),
+                _serving("too_long", "0x180"),
+            ],
+            "alert_rule_test": _quiet("2h"),
+        },
+        {
+            # A replica lost for good: LLMEngineUnavailable after unavailableFor (15m), naming the engine.
+            "name": "replica lost",
+            "interval": "1m",
+            "input_series": _operator({"Degraded": "0x5 1x60"}) + _ksm("ml", "llme-chat", "2x65", "2x5 1x60"),
+            "alert_rule_test": [
+                {"eval_time": "15m", "alertname": "LLMEngineUnavailable", "exp_alerts": []},
+                {
+                    "eval_time": "25m",
+                    "alertname": "LLMEngineUnavailable",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "critical",
+                                "namespace": "ml",
+                                "deployment": "llme-chat",
+                                "engine": "chat",
+                            },
+                            "exp_annotations": {
+                                "summary": "LLMEngine ml/chat serves fewer replicas than its spec asks for.",
+                                "description": "1 serving replica(s) of Deployment llme-chat are not available (the "
+                                "engine's Available condition is False). `kubectl -n ml get llmengine chat` shows why "
+                                "in its message: a pod that cannot be scheduled, a failed engine download or GPU "
+                                "preflight, a crash loop.",
+                            },
+                        }
+                    ],
+                },
+            ],
+        },
+        {
+            # A build that failed for good: Stalled (phase Failed) needs a person.
+            "name": "build failed",
+            "interval": "1m",
+            "input_series": _operator({"Building": "1x10 0x30", "Failed": "0x10 1x30"}),
+            "alert_rule_test": [
+                {"eval_time": "12m", "alertname": "LLMEngineStalled", "exp_alerts": []},
+                {
+                    "eval_time": "20m",
+                    "alertname": "LLMEngineStalled",
+                    "exp_alerts": firing("LLMEngineStalled", "1"),
+                },
+            ],
+        },
+        {
+            "name": "serving pod crash-looping",
+            "interval": "1m",
+            "input_series": _operator(
+                {},
+                [
+                    {
+                        "series": 'kube_pod_init_container_status_waiting_reason{namespace="ml",'
+                        'pod="llme-chat-7d9c-x2f",container="fetch-engine",reason="CrashLoopBackOff"}',
+                        "values": "1 0 1x40",
+                    },
+                ],
+            ),
+            "alert_rule_test": [
+                {
+                    "eval_time": "30m",
+                    "alertname": "LLMEngineServingPodsFailing",
+                    "exp_alerts": firing(
+                        "LLMEngineServingPodsFailing",
+                        "1",
+                        namespace="ml",
+                        pod="llme-chat-7d9c-x2f",
+                        container="fetch-engine",
+                        reason="CrashLoopBackOff",
+                    ),
+                }
+            ],
+        },
+        {
+            # Prompts refused as too long (traffic beyond the envelope) and failing completions, per engine.
+            "name": "serving traffic",
+            "interval": "1m",
+            "input_series": _operator(
+                {}, [_serving("stop", "0+10x60"), _serving("too_long", "0+1x60"), _serving("error", "0+2x60")]
+            ),
+            "alert_rule_test": [
+                {
+                    "eval_time": "40m",
+                    "alertname": "LLMEngineRequestsTooLong",
+                    "exp_alerts": firing("LLMEngineRequestsTooLong", "0.017", namespace="ml", engine="chat"),
+                },
+                {
+                    "eval_time": "40m",
+                    "alertname": "LLMEngineRequestErrors",
+                    "exp_alerts": firing("LLMEngineRequestErrors", "15.38%", namespace="ml", engine="chat"),
+                },
+            ],
+        },
+        {
+            "name": "operator not scraped",
+            "interval": "1m",
+            "input_series": [{"series": f'llmengine_engines{{{OPERATOR},phase="Ready"}}', "values": "1x5"}],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": "LLMEngineOperatorDown", "exp_alerts": []},
+                {
+                    "eval_time": "20m",
+                    "alertname": "LLMEngineOperatorDown",
+                    "exp_alerts": firing("LLMEngineOperatorDown", "1"),
+                },
+            ],
+        },
+        {
+            "name": "store unreachable and builds failing",
+            "interval": "1m",
+            "input_series": _operator(
+                {},
+                [
+                    {"series": f"llmengine_store_errors_total{{{OPERATOR}}}", "values": "0+1x60"},
+                    {"series": f'llmengine_builds_total{{{OPERATOR},result="failed"}}', "values": "0 1 2 3 4 5x55"},
+                    {"series": f'llmengine_build_queue_depth{{{OPERATOR},pool="h100-80gb"}}', "values": "2x180"},
+                ],
+            ),
+            "alert_rule_test": [
+                {
+                    "eval_time": "30m",
+                    "alertname": "LLMEngineStoreErrors",
+                    "exp_alerts": firing("LLMEngineStoreErrors", "1"),
+                },
+                {
+                    "eval_time": "10m",
+                    "alertname": "LLMEngineBuildsFailing",
+                    "exp_alerts": firing("LLMEngineBuildsFailing", "5"),
+                },
+                {"eval_time": "1h", "alertname": "LLMEngineBuildQueueStuck", "exp_alerts": []},
+                {
+                    "eval_time": "2h30m",
+                    "alertname": "LLMEngineBuildQueueStuck",
+                    "exp_alerts": firing("LLMEngineBuildQueueStuck", "2", pool="h100-80gb"),
+                },
+            ],
+        },
+    ]
+    spec = tmp_path / "tests.yaml"
+    spec.write_text(yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": tests}))
+    res = _promtool("test", "rules", str(spec))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dashboard
+
+
+def _dashboard() -> dict[str, Any]:
+    return dict(json.loads(DASHBOARD.read_text()))
+
+
+def _queries(dash: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target, and the selector of every label_values() variable query."""
+    out = [
+        (f"panel {p['id']} {p['title']!r} {t['refId']}", t["expr"])
+        for p in dash["panels"]
+        for t in p.get("targets", [])
+    ]
+    for v in dash["templating"]["list"]:
+        if v["type"] == "query":
+            m = re.fullmatch(r"label_values\((.+), *(\w+)\)", v["query"]["query"])
+            assert m, v["query"]
+            out.append((f"variable {v['name']}", m.group(1)))
+    return out
+
+
+def _as_promql(expr: str) -> str:
+    """Grafana's variables replaced by what they expand to."""
+    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m").replace("$__range", "6h")
+    return re.sub(r"\$\{?(\w+)\}?", ".*", expr)
+
+
+def test_dashboard_configmap_for_the_grafana_sidecar() -> None:
+    objs = render("--set", "metrics.dashboard.enabled=true")
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "llmengine-system"
+    assert json.loads(cm["data"]["llmengine.json"]) == _dashboard()
+    objs = render(
+        "--set",
+        "metrics.dashboard.enabled=true",
+        "--set",
+        "metrics.dashboard.namespace=monitoring",
+        "--set",
+        "metrics.dashboard.annotations.grafana_folder=LLM",
+    )
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+
+
+def test_dashboard_queries_pass_promtool(tmp_path: Path) -> None:
+    queries = _queries(_dashboard())
+    assert len(queries) > 20
+    rules = [{"record": f"dashboard:query_{i}", "expr": _as_promql(q)} for i, (_, q) in enumerate(queries)]
+    path = _write_rules(tmp_path, {"groups": [{"name": "dashboard", "rules": rules}]})
+    res = _promtool("check", "rules", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr + "\n".join(f"{i}: {w}" for i, (w, _) in enumerate(queries))
+
+
+def test_a_broken_query_fails_the_promtool_check(tmp_path: Path) -> None:
+    """The check above can fail: promtool parses the expressions."""
+    path = _write_rules(tmp_path, {"groups": [{"name": "d", "rules": [{"record": "x:y", "expr": "sum(rate(a[5m])"}]}]})
+    assert _promtool("check", "rules", str(path)).returncode != 0
+
+
+def _dropped_keys(ours: Any, theirs: Any, path: str = "") -> list[str]:
+    """Keys of ours that the round trip through Grafana's models lost (defaults it added are not counted)."""
+    if isinstance(ours, dict):
+        return [
+            p
+            for k, v in ours.items()
+            for p in ([f"{path}/{k}"] if k not in theirs else _dropped_keys(v, theirs[k], f"{path}/{k}"))
+        ]
+    if isinstance(ours, list):
+        if len(ours) != len(theirs):
+            return [f"{path}[] ({len(ours)} -> {len(theirs)} items)"]
+        return [
+            p for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) for p in _dropped_keys(a, b, f"{path}[{i}]")
+        ]
+    return [] if ours == theirs else [f"{path} ({ours!r} -> {theirs!r})"]
+
+
+def test_dashboard_keeps_to_grafanas_dashboard_schema() -> None:
+    """Grafana's foundation SDK models are generated from Grafana's own dashboard schema: a key they do not know is
+    lost in the round trip, a value of a wrong enum raises. (They check keys and enums, not every value's type.)"""
+    models = pytest.importorskip("grafana_foundation_sdk.models.dashboard")
+    encoder = pytest.importorskip("grafana_foundation_sdk.cog.encoder")
+    ours = _dashboard()
+    theirs = json.loads(json.dumps(models.Dashboard.from_json(ours), cls=encoder.JSONEncoder))
+    assert _dropped_keys(ours, theirs) == []
+    # And the comparison sees a key that is not Grafana's.
+    bad = {**ours, "panels": [{**ours["panels"][1], "querries": []}]}
+    back = json.loads(json.dumps(models.Dashboard.from_json(bad), cls=encoder.JSONEncoder))
+    assert _dropped_keys(bad, back) == ["/panels[0]/querries"]
+
+
+def _overlap(a: dict[str, int], b: dict[str, int]) -> bool:
+    return (
+        a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+    )
+
+
+def test_dashboard_structure() -> None:
+    dash = _dashboard()
+    assert dash["uid"] and len(dash["uid"]) <= 40 and dash["title"] and dash["schemaVersion"] >= 36
+    panels = dash["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    assert variables == {"datasource", "namespace", "engine"}
+    for i, p in enumerate(panels):
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        assert not [q["title"] for q in panels[:i] if _overlap(q["gridPos"], g)], p["title"]
+        if p["type"] == "row":
+            continue
+        assert p["type"] in ("timeseries", "stat") and p["description"], p["title"]
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        refs = [t["refId"] for t in p["targets"]]
+        assert refs and len(refs) == len(set(refs)), p["title"]
+        for t in p["targets"]:
+            used = set(re.findall(r"\$\{?(\w+)", t["expr"])) - {"__rate_interval", "__interval", "__range"}
+            assert used <= variables, (p["title"], used)
+            assert t["datasource"] == p["datasource"]
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The series a PromQL expression names: identifiers left once strings, label matchers, grouping clauses and
+    function calls are taken out."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    return set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()", re.sub(r"\[[^]]*\]", "", expr))) - {
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+    }
+
+
+def test_metric_names_are_read_from_queries() -> None:
+    assert _metric_names(
+        'sum by (le, engine) (rate(llmengine_x_bucket{a="b",c=~"$d"}[5m])) / on(engine) max(up{e="f(g)"}) > 0'
+    ) == {"llmengine_x_bucket", "up"}
+
+
+def test_dashboard_and_alerts_name_only_metrics_that_exist() -> None:
+    """Every llmengine_* series a query names is exported by the code; the others come from trtllm-serve
+    (trtllm_*), kube-state-metrics (kube_*) or Prometheus itself (up)."""
+    metrics = defined_metrics()
+    exported = {s for m in metrics.values() for s in m.series()}
+    exprs = [q for _, q in _queries(_dashboard())] + [a["expr"] for a in _alerts(_rule_spec()).values()]
+    named = {n for e in exprs for n in _metric_names(e)} - {"0", "1"}
+    named = {n for n in named if not re.fullmatch(r"[0-9.e+-]+", n)}
+    ours = {n for n in named if n.startswith("llmengine_")}
+    assert ours and ours <= exported, ours - exported
+    # Every metric the code exports is on the dashboard.
+    shown = {re.sub(r"_(bucket|count|sum)$", "", n) for n in ours}
+    assert set(metrics) <= shown, set(metrics) - shown
+    assert {n for n in named - ours if not n.startswith(("trtllm_", "kube_"))} == {"up"}
+
+
+def test_the_example_queries_of_the_metrics_page_pass_promtool(tmp_path: Path) -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    examples = [
+        row.rsplit("|", 2)[1].strip().strip("`")
+        for row in page.splitlines()
+        if re.match(r"\|\s*`(llmengine|trtllm)_", row)
+    ]
+    assert len(examples) >= len(defined_metrics())
+    rules = [{"record": f"doc:example_{i}", "expr": e} for i, e in enumerate(examples)]
+    res = _promtool("check", "rules", str(_write_rules(tmp_path, {"groups": [{"name": "doc", "rules": rules}]})))
+    assert res.returncode == 0, res.stdout + res.stderr
