@@ -152,6 +152,23 @@ async def engine_daemon(
     reconciler: Reconciler = memo.reconciler
     cfg: OperatorConfig = memo.cfg
     wake = memo.wakeups.get(namespace or "", name)
+    try:
+        await _passes(reconciler, cfg, body, namespace or "", name, wake, stopped)
+    finally:
+        # Deleted, or this replica paused by a peer of higher priority (Kopf stops its daemons) or stopping: what it
+        # exports about the engine goes, so that summing over replicas counts each engine once.
+        reconciler.forget(namespace or "", name)
+
+
+async def _passes(
+    reconciler: Reconciler,
+    cfg: OperatorConfig,
+    body: kopf.Body,
+    namespace: str,
+    name: str,
+    wake: asyncio.Event,
+    stopped: kopf.DaemonStopped,
+) -> None:
     failures = 0
     while not stopped:
         wake.clear()

@@ -242,3 +242,26 @@ def test_an_autoscaled_engine_serves_the_autoscalers_count_and_drops_what_the_sp
         Detach("HorizontalPodAutoscaler"),
         Detach("Ingress"),
     )
+
+
+def test_per_engine_state_series_move_with_the_engine_and_go_with_it() -> None:
+    from prometheus_client import REGISTRY
+
+    from llmengine.reconcile import metrics
+
+    def value(phase: str) -> float | None:
+        return REGISTRY.get_sample_value("llmengine_engine_phase", {"namespace": "ml", "name": "m1", "phase": phase})
+
+    def cond(type_: str, status: str) -> float | None:
+        labels = {"namespace": "ml", "name": "m1", "type": type_, "status": status}
+        return REGISTRY.get_sample_value("llmengine_engine_condition", labels)
+
+    building = {"phase": "Building", "Ready": "False", "Available": "False"}
+    metrics.engine_state("ml", "m1", {}, building)
+    assert value("Building") == 1 and cond("Available", "False") == 1
+    ready = {"phase": "Ready", "Ready": "True", "Available": "True"}
+    metrics.engine_state("ml", "m1", building, ready)
+    assert value("Building") is None and value("Ready") == 1
+    assert cond("Available", "False") is None and cond("Available", "True") == 1
+    metrics.engine_state("ml", "m1", ready, {})
+    assert value("Ready") is None and cond("Ready", "True") is None

@@ -39,7 +39,7 @@ from llmengine.builder.main import run as run_builder
 from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError, check_manifest_paths
 from llmengine.plan import plan_object
 from llmengine.reconcile.decide import failure_text
-from llmengine.reconcile.views import JobView, parse_build_result
+from llmengine.reconcile.views import JobView
 
 try:
     from llmengine.plan import admission
@@ -572,7 +572,7 @@ TERMINATION_MESSAGES = st.one_of(
 )
 def test_termination_messages_never_crash_the_reconcile(message: str | None, reason: str | None) -> None:
     with no_tracebacks():
-        result = parse_build_result(message)
+        result = BuildResult.parse(message)
         text, permanent = failure_text(JobView("j", DIGEST, 1, False, False, True, message, reason, None, None))
     assert result is None or isinstance(result, BuildResult)
     assert isinstance(text, str) and text.strip() and len(text) <= 1024
@@ -587,7 +587,7 @@ def test_build_results_survive_the_termination_message(result: BuildResult) -> N
     assume(len(result.model_copy(update={"message": None}).to_json().encode()) < RESULT_LIMIT - 64)
     text = fit_result(result)
     assert len(text.encode()) <= RESULT_LIMIT
-    parsed = parse_build_result(text)
+    parsed = BuildResult.parse(text)
     assert parsed is not None
     assert parsed.model_copy(update={"message": result.message}) == result
 

@@ -187,6 +187,11 @@ class JobResult(Doc):
         except (ValidationError, ValueError, TypeError):
             return None
 
+    def failure_line(self) -> str:
+        """Why it failed, in one line: stage, reason and message, those that are set."""
+        parts = [p.strip() for p in (self.stage, self.reason, self.message) if p and p.strip()]
+        return ": ".join(parts)
+
     def fit_json(self, limit: int = RESULT_LIMIT) -> str:
         """The document as JSON under `limit` bytes, shortening the message if it must."""
         text = self.to_json()

@@ -91,6 +91,9 @@ class Actor:
         phase = d.status.phase or "Pending"
         metrics.move_engine(self.memory.phases.get(key), phase)
         self.memory.phases[key] = phase
+        state: dict[str, str] = {"phase": phase, **{c.type: str(c.status) for c in d.status.conditions or []}}
+        metrics.engine_state(snap.namespace, snap.name, self.memory.state.get(key, {}), state)
+        self.memory.state[key] = state
         digest = snap.plan.engine_digest
         build = d.status.build
         hit = snap.store is not None and snap.store.committed and (build is None or not build.job)

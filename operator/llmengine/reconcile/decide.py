@@ -10,6 +10,7 @@ import datetime
 from dataclasses import dataclass, field
 
 from llmengine.api import conditions as cond
+from llmengine.api.artifacts import BuildResult
 from llmengine.api.conditions import Status
 from llmengine.api.v1alpha1 import BuildStatus, Condition, EngineRef, LLMEngineStatus
 from llmengine.clock import iso, parse_iso, seconds_between
@@ -26,7 +27,7 @@ from llmengine.reconcile.actions import (
 )
 from llmengine.reconcile.gate import GateStep, gate
 from llmengine.reconcile.snapshot import Snapshot
-from llmengine.reconcile.views import DeploymentView, JobView, last_line, needs_a_person, parse_build_result
+from llmengine.reconcile.views import DeploymentView, JobView, last_line, needs_a_person
 from llmengine.render import attachments, common
 from llmengine.render.serving import image_for
 
@@ -88,10 +89,9 @@ def backoff_seconds(attempts: int, base: float, cap: float) -> float:
 
 def failure_text(job: JobView) -> tuple[str, bool]:
     """One line saying why a build failed, and whether retrying the same request can never help."""
-    result = parse_build_result(job.message)
+    result = BuildResult.parse(job.message) if job.message else None
     if result is not None and not result.succeeded:
-        parts = [p.strip() for p in (result.stage, result.reason, result.message) if p and p.strip()]
-        return (": ".join(parts) or "build failed")[:1024], result.permanent
+        return (result.failure_line() or "build failed")[:1024], result.permanent
     if job.reason == "DeadlineExceeded":
         return "build exceeded its deadline (activeDeadlineSeconds)", False
     if job.message:

@@ -83,8 +83,7 @@ def gate(
         msg = f"benchmarking engine {short} before rollout"
         return GateStep(True, True, False, msg, ("Unknown", "Running", msg), st, ("Normal", "BenchmarkStarted", msg))
     if view.failed or (view.succeeded and (view.outcome is None or not view.outcome.succeeded)):
-        o = view.outcome
-        why = ": ".join(p for p in ((o.stage, o.reason, o.message) if o else ()) if p) or "no result"
+        why = (view.outcome.failure_line() if view.outcome else "") or "no result"
         st.verdict, st.reasons = "Failed", [f"benchmark Job {view.name} failed: {why}"]
         msg = f"engine {short} could not be benchmarked: {why}"
         ev = ("Warning", "BenchmarkFailed", msg) if announce != "Failed" else None

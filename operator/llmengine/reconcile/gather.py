@@ -76,6 +76,7 @@ class Memory:
         self.phases: dict[Key, str] = {}  # last phase (llmengine_engines)
         self.hits: dict[Key, str] = {}  # the identity a store hit was last counted for
         self.finished: dict[Key, str] = {}  # the last build Job end counted (llmengine_builds_total)
+        self.state: dict[Key, dict[str, str]] = {}  # phase and condition statuses exported per engine
 
     def forget(self, key: Key) -> str | None:
         """Drop every cache of the engine; returns its last phase."""
@@ -83,6 +84,7 @@ class Memory:
         self.series.pop(key, None)
         self.hits.pop(key, None)
         self.finished.pop(key, None)
+        metrics.engine_state(*key, self.state.pop(key, {}), {})
         return self.phases.pop(key, None)
 
 

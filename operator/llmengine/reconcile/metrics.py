@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Gauge, Histogram
 
 BUILDS = Counter("llmengine_builds_total", "Build Jobs by result", ["result"])
@@ -37,3 +40,37 @@ def move_engine(before: str | None, after: str | None) -> None:
         ENGINES.labels(before).dec()
     if after is not None:
         ENGINES.labels(after).inc()
+
+
+# Per engine: one series per condition type, labelled with its current status (1), and one for the phase. A change
+# moves the series (the old label set is removed), so `== 1` selects exactly the engines in that state.
+ENGINE_CONDITION = Gauge(
+    "llmengine_engine_condition",
+    "Each LLMEngine's conditions: 1 on the series of its current status",
+    ["namespace", "name", "type", "status"],
+)
+ENGINE_PHASE = Gauge(
+    "llmengine_engine_phase",
+    "Each LLMEngine's phase: 1 on the series of its current phase",
+    ["namespace", "name", "phase"],
+)
+
+
+def _series(namespace: str, name: str, key: str, value: str) -> tuple[Gauge, tuple[str, ...]]:
+    if key == "phase":
+        return ENGINE_PHASE, (namespace, name, value)
+    return ENGINE_CONDITION, (namespace, name, key, value)
+
+
+def engine_state(namespace: str, name: str, before: Mapping[str, str], after: Mapping[str, str]) -> None:
+    """Move an engine's state series from `before` to `after` ({"phase": ..., "<condition type>": status}); an
+    empty `after` removes them all (the engine is gone)."""
+    for key, old in before.items():
+        if after.get(key) != old:
+            gauge, labels = _series(namespace, name, key, old)
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+    for key, new in after.items():
+        if before.get(key) != new:
+            gauge, labels = _series(namespace, name, key, new)
+            gauge.labels(*labels).set(1)

@@ -10,8 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmengine.api.artifacts import BuildResult
-from llmengine.api.bench import BenchOutcome, parse_bench_outcome
+from llmengine.api.bench import BenchOutcome
 from llmengine.render import common, serving
 from llmengine.text import one_line
 
@@ -241,16 +240,5 @@ def bench_view(job: Obj | None, pods: Sequence[Obj] = ()) -> BenchView | None:
         active=bool((job.get("status") or {}).get("active")),
         succeeded="Complete" in conds,
         failed="Failed" in conds,
-        outcome=parse_bench_outcome(message) if message else None,
+        outcome=BenchOutcome.parse(message) if message else None,
     )
-
-
-def parse_build_result(message: str | None) -> BuildResult | None:
-    """The builder's termination message is a BuildResult; anything else (logs, garbage) yields None."""
-    if not message:
-        return None
-    try:
-        # Not json.loads: a deeply nested message would raise RecursionError out of the reconcile loop.
-        return BuildResult.model_validate_json(message)
-    except ValueError:
-        return None
