@@ -189,7 +189,10 @@ async def _passes(
 
 # Async on purpose: Kopf runs sync handlers in a thread pool, and asyncio.Event.set() is only safe on the loop.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def engine_changed(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def engine_changed(name: str, namespace: str | None, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler | None = memo.get("reconciler")
+    if reconciler is not None and reconciler.wrote(namespace or "", name, meta.get("resourceVersion")):
+        return  # the echo of our own status write: nothing new to look at
     memo.wakeups.wake(namespace or "", name)
 
 

@@ -130,6 +130,10 @@ def test_build_from_an_s3_checkpoint_commits_and_the_server_verifies_it(
     for f in manifest.files:
         assert f.sha256 == file_sha256(engine / f.path) and f.size == (engine / f.path).stat().st_size
     assert store.get_result(req.engine_digest) == result
+    # Where the build was, for status.build.stage: its last stage, next to the files and never one of them.
+    progress = store.get_progress(req.engine_digest)
+    assert progress is not None and progress.stage == "upload" and progress.engine_digest == req.engine_digest
+    assert "build-progress.json" not in names
 
     dl = llmengine(
         "serve-engine",

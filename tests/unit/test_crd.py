@@ -159,11 +159,13 @@ def test_names_columns_and_subresources(crd: dict[str, Any]) -> None:
         "Engine": ".status.servingEngine.short",
         "Replicas": ".status.readyReplicas",
         "URL": ".status.url",
+        "Build-Stage": ".status.build.stage",
+        "Build-Started": ".status.build.startedAt",
         "Reason": '.status.conditions[?(@.type=="Ready")].reason',
         "Age": ".metadata.creationTimestamp",
     }
     wide = {c["name"] for c in version["additionalPrinterColumns"] if c.get("priority")}
-    assert wide == {"URL", "Reason"}  # kubectl get -o wide
+    assert wide == {"URL", "Build-Stage", "Build-Started", "Reason"}  # kubectl get -o wide
 
 
 def _rules(node: dict[str, Any]) -> list[str]:

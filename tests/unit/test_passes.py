@@ -265,3 +265,20 @@ def test_per_engine_state_series_move_with_the_engine_and_go_with_it() -> None:
     assert cond("Available", "False") is None and cond("Available", "True") == 1
     metrics.engine_state("ml", "m1", ready, {})
     assert value("Ready") is None and cond("Ready", "True") is None
+
+
+def test_a_running_build_shows_its_stage_and_a_committed_one_none() -> None:
+    from llmengine.api.artifacts import BuildProgress
+
+    p = Passes()
+    p()
+    at = BuildProgress(engine_digest=D, stage="compile", since="2026-11-26T11:05:00Z")
+    compiling = p(job=job(), progress=at)
+    build = compiling.status["build"]
+    assert (build["stage"], build["stageStartedAt"]) == ("compile", "2026-11-26T11:05:00Z")
+    assert compiling.status["message"].endswith("(attempt 1): compile") and compiling.events == []
+    # Another identity's note (a stale one under a reused Job name) is not this build's.
+    other = BuildProgress(engine_digest="f" * 64, stage="upload", since="2026-11-26T11:06:00Z")
+    assert p(job=job(), progress=other).status["build"]["stage"] == "compile"
+    done = p(committed=True, job=job(active=False, succeeded=True))
+    assert "stage" not in done.status["build"] and "stageStartedAt" not in done.status["build"]

@@ -202,6 +202,17 @@ class JobResult(Doc):
         return self.model_copy(update={"message": msg + "...[cut]"}).to_json()
 
 
+class BuildProgress(Doc):
+    """Where a running build is: written by the builder next to the engine's files as each stage starts, read by the
+    operator while the build Job runs (status.build.stage). Never an engine file, never part of the manifest."""
+
+    api_version: Literal["llmengine.io/v1alpha1"] = "llmengine.io/v1alpha1"
+    kind: Literal["BuildProgress"] = "BuildProgress"
+    engine_digest: str
+    stage: str
+    since: str  # RFC 3339, UTC
+
+
 class BuildResult(JobResult):
     """The builder's structured outcome: its termination message, also stored next to the engine. A failed stage is
     one of validate, fetch, compile, verify, upload; permanent for a bad request or an unsupported combination."""

@@ -143,6 +143,8 @@ def crd() -> dict[str, Any]:
         {"jsonPath": ".status.servingEngine.short", "name": "Engine", "type": "string"},
         {"jsonPath": ".status.readyReplicas", "name": "Replicas", "type": "integer"},
         {"jsonPath": ".status.url", "name": "URL", "type": "string", "priority": 1},
+        {"jsonPath": ".status.build.stage", "name": "Build-Stage", "type": "string", "priority": 1},
+        {"jsonPath": ".status.build.startedAt", "name": "Build-Started", "type": "date", "priority": 1},
         {
             "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
             "name": "Reason",

@@ -837,6 +837,13 @@ class BuildStatus(StatusModel):
     started_at: str | None = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When the current build started."
     )
+    stage: str | None = Field(
+        default=None,
+        description="Stage the running build is in, as its builder reports it: fetch, compile, verify or upload.",
+    )
+    stage_started_at: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="When the running build entered stage."
+    )
     last_duration_seconds: float | None = Field(default=None, description="How long the last build took.")
     next_retry_at: str | None = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When a failed build is retried."

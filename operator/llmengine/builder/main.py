@@ -17,7 +17,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmengine.api.artifacts import RESULT_LIMIT, BuildRequest, BuildResult, Provenance, StoreLocation, first_problem
+from llmengine.api.artifacts import (
+    RESULT_LIMIT,
+    BuildProgress,
+    BuildRequest,
+    BuildResult,
+    Provenance,
+    StoreLocation,
+    first_problem,
+)
 from llmengine.builder import shell
 from llmengine.builder.compiler import BuildFailure, Compiler, check_request
 from llmengine.builder.fetch import (
@@ -111,6 +119,7 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
         raise BuildFailure("upload", "StoreUnavailable", str(exc)) from exc
 
     t = time.monotonic()
+    _progress(store, request.engine_digest, "fetch", log)
     fetched = fetch_model(request, work_dir / "model", seams.store_factory, seams.hf_download)
     _stage_done(log.bind(stage="fetch"), "fetch", t, fetched.bytes)
 
@@ -119,6 +128,7 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
         _stage_done(log.bind(stage="fetch"), "fetch-calibration", t, calibration.bytes)
 
     t = time.monotonic()
+    _progress(store, request.engine_digest, "compile", log)
     engine_dir = work_dir / "engine"
     out = compiler.compile(
         request,
@@ -130,10 +140,12 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
     _stage_done(log, "compile", t, _tree_bytes(out.engine_dir), compiler=compiler.name, test_build=out.test_build)
 
     t = time.monotonic()
+    _progress(store, request.engine_digest, "verify", log)
     files = verify_engine(request, out.engine_dir)
     _stage_done(log, "verify", t, files=len(files))
 
     t = time.monotonic()
+    _progress(store, request.engine_digest, "upload", log)
     gpu_name, driver = (seams.gpu_info or gpu_name_and_driver)()
     build_seconds = round(time.monotonic() - t0, 3)
     provenance = Provenance(
@@ -173,6 +185,15 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
         raise BuildFailure("upload", "UploadFailed", str(exc)) from exc
     _stage_done(log, "upload", t, total)
     return result
+
+
+def _progress(store: EngineStore, digest: str, stage: str, log: Any) -> None:
+    """Say where the build is (status.build.stage). Best effort: a store that refuses it fails no build."""
+    since = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        store.put_progress(BuildProgress(engine_digest=digest, stage=stage, since=since))
+    except Exception as exc:  # a note on where the build is: never a reason for the build to fail
+        log.warning("could not record the build stage", stage=stage, error=f"{type(exc).__name__}: {exc}")
 
 
 def _store(seams: Seams, location: StoreLocation) -> EngineStore:

@@ -147,6 +147,7 @@ def decide(snap: Snapshot) -> Decision:
         p.setc(cond.ENGINE_BUILT, True, reason, f"engine {digest[:12]} is committed in the store")
         build.queue_position = None
         build.next_retry_at = None
+        build.stage = build.stage_started_at = None
     elif store.committed is None:
         p.setc(cond.ENGINE_BUILT, "Unknown", "StoreUnreachable", store.error or "store unreachable")
         phase, message = PENDING, f"cannot check the engine store: {store.error}"
@@ -204,7 +205,9 @@ def _rollout_step(p: _Pass, dep: DeploymentView | None, digest: str) -> tuple[st
     trouble = f"; {dep.problem}" if dep is not None and dep.digest == digest and dep.problem else ""
     deployed = bool(dep and dep.digest == digest and dep.rolled_out and dep.available >= snap.replicas)
     if not deployed:
-        p.soon(30.0)
+        # A pod that can not start changes nothing the Deployment reports: look again soon, so that its problem
+        # (a crash loop, a failed download, no node) reaches the status within seconds.
+        p.soon(5.0)
     if _rolling_out(dep, digest):
         message = f"rolling out engine {digest[:12]}{trouble}"
         p.setc(cond.DEPLOYED, False, "RollingOut", message)
@@ -284,11 +287,16 @@ def _build_step(p: _Pass, build: BuildStatus) -> tuple[str, str]:
         build.attempts = attempts
         if not job.ended:
             build.queue_position = None
+            progress = snap.progress if snap.progress and snap.progress.engine_digest == digest else None
+            if progress is not None:
+                build.stage, build.stage_started_at = progress.stage, progress.since
+            stage = f": {build.stage}" if build.stage else ""
             trouble = f"; {job.problem}" if job.problem else ""
-            p.setc(
-                cond.ENGINE_BUILT, False, "Building", f"build Job {job.name} is running (attempt {attempts}){trouble}"
-            )
-            return BUILDING, f"building engine {digest[:12]} (attempt {attempts}){trouble}"
+            running = f"build Job {job.name} is running (attempt {attempts}){stage}{trouble}"
+            p.setc(cond.ENGINE_BUILT, False, "Building", running)
+            p.soon(15.0)  # the stage moves and a build pod's trouble shows without any Job event
+            return BUILDING, f"building engine {digest[:12]} (attempt {attempts}){stage}{trouble}"
+        build.stage = build.stage_started_at = None
         text, permanent = (
             failure_text(job) if job.failed else ("the build finished but the store holds no committed manifest", False)
         )

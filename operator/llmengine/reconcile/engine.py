@@ -41,6 +41,11 @@ class Reconciler:
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - t0)
 
+    def wrote(self, ns: str, name: str, resource_version: str | None) -> bool:
+        """Whether this version of the engine is the one our last status write made."""
+        written = self.memory.written.get((ns, name))
+        return written is not None and resource_version is not None and written[0] == resource_version
+
     def forget(self, ns: str, name: str) -> None:
         """The engine is gone: drop every per-engine cache, its place in the build queue and its phase count."""
         metrics.move_engine(self.memory.forget((ns, name)), None)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmengine.api.artifacts import StoreLocation
+from llmengine.api.artifacts import BuildProgress, StoreLocation
 from llmengine.api.config import OperatorConfig
 from llmengine.api.v1alpha1 import InvalidEngine, LLMEngine, LLMEngineSpec, LLMEngineStatus, parse_engine
 from llmengine.clients import scrape
@@ -169,6 +169,9 @@ class Gatherer:
             raw_job = await self.kube.get_job(ns, job_name)
             pods = await self.kube.list_pods(ns, f"job-name={job_name}") if raw_job is not None else []
             job = job_view(raw_job, pods)
+        progress = None
+        if job is not None and not job.ended and store.committed is False:
+            progress = await self._progress(ns, access, digest)
         position = 0
         if store.committed is False and job is None:
             position = self.queue.position(pool, key, *await self._pool_builds(pool))
@@ -205,6 +208,7 @@ class Gatherer:
             attachments=found,
             store=store,
             job=job,
+            progress=progress,
             queue_position=position,
             deployment=dview,
             bench=bench,
@@ -260,6 +264,14 @@ class Gatherer:
         if ok:
             self._committed.add(ck)
         return StoreView(ok, None, uri)
+
+    async def _progress(self, ns: str, access: StoreAccess, digest: str) -> BuildProgress | None:
+        """Where the running build is, as its builder last wrote; None when it can not be read (it is only a note)."""
+        try:
+            store = await self._store(ns, access)
+            return await asyncio.to_thread(store.get_progress, digest)
+        except Exception:  # the store's look-up above reports outages; a missing note changes no decision
+            return None
 
     async def _store(self, ns: str, access: StoreAccess) -> EngineStore:
         key: tuple[Any, ...] = (ns, access.pod_secret, access.location)

@@ -6,6 +6,7 @@ import datetime
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from llmengine.api.artifacts import BuildProgress
 from llmengine.api.v1alpha1 import LLMEngineSpec, LLMEngineStatus
 from llmengine.plan import traffic
 from llmengine.plan.planner import Plan
@@ -61,6 +62,7 @@ class Snapshot:
     limits: BuildLimits = field(default_factory=BuildLimits)
     store: StoreView | None = None  # None when the plan is invalid (nothing to look up)
     job: JobView | None = None  # the desired engine's build Job
+    progress: BuildProgress | None = None  # where that build is, as its builder last wrote (while it runs)
     queue_position: int = 0  # 0: a build may start now
     deployment: DeploymentView | None = None
     bench: BenchView | None = None  # the desired engine's benchmark Job

@@ -14,6 +14,7 @@ from botocore import exceptions as bx
 from pydantic import ValidationError
 
 from llmengine.api.artifacts import (
+    BuildProgress,
     BuildResult,
     BuildShapes,
     Manifest,
@@ -28,6 +29,7 @@ from llmengine.clients.store.files import FileJob, already_present, byte_ranges,
 from llmengine.clients.store.layout import (
     MANIFEST_NAME,
     PARTIAL_SUFFIX,
+    PROGRESS_NAME,
     RESERVED_NAMES,
     RESULT_NAME,
     MiB,
@@ -139,6 +141,23 @@ class EngineStore:
 
     def put_result(self, digest: str, result: BuildResult) -> None:
         self._put_bytes(digest, RESULT_NAME, result.to_json().encode())
+
+    def put_progress(self, progress: BuildProgress) -> None:
+        """One try, no patience: a note on where a build is must never hold the build up."""
+        key = self.key(progress.engine_digest, PROGRESS_NAME)
+        body = progress.to_json().encode()
+        with self._s3():
+            self.client.put_object(Bucket=self.location.bucket, Key=key, Body=body, ContentType="application/json")
+
+    def get_progress(self, digest: str) -> BuildProgress | None:
+        """Where the running build of `digest` is; None when no builder said, or what it wrote does not parse."""
+        raw = self._get_json(digest, PROGRESS_NAME)
+        if raw is None:
+            return None
+        try:
+            return BuildProgress.model_validate_json(raw)
+        except ValidationError:
+            return None
 
     def list_objects(self, prefix: str) -> dict[str, int]:
         """key -> size for every object under the prefix."""

@@ -1,6 +1,7 @@
 """Where an engine's files lie: the store's own documents next to them, and which paths may be engine files.
 
-An engine directory holds its files plus ``build-result.json`` and, written last, ``manifest.json``; a download in
+An engine directory holds its files plus ``build-result.json``, ``build-progress.json`` (where a running build is)
+and, written last, ``manifest.json``; a download in
 progress writes ``<file>.llmengine-partial``. None of those is ever an engine file.
 """
 
@@ -13,7 +14,8 @@ from llmengine.clients.store.errors import IntegrityError
 
 MANIFEST_NAME = "manifest.json"
 RESULT_NAME = "build-result.json"
-RESERVED_NAMES = frozenset({MANIFEST_NAME, RESULT_NAME})
+PROGRESS_NAME = "build-progress.json"
+RESERVED_NAMES = frozenset({MANIFEST_NAME, RESULT_NAME, PROGRESS_NAME})
 PARTIAL_SUFFIX = ".llmengine-partial"
 MiB = 1024 * 1024
 
