@@ -789,25 +789,22 @@ def render() -> tuple[dict[str, Any], dict[str, Any], BenchRequest]:
     assert plan.valid, plan.errors
     engine = parse_engine(body)
     req = bench_request(engine.spec, plan)
-    owners = [common.owner_reference(engine, controller=False)]
-    pool = common.pool_name(plan.gpu.name, plan.mig_profile)
-    job = render_bench.bench_job(
-        request=req,
-        short_digest=plan.short_digest,
-        pool=pool,
+    where = common.Placement(
         namespace="ml",
-        owners=owners,
+        owners=[common.owner_reference(engine, controller=False)],
+        short_digest=plan.short_digest,
+        pool=common.pool_name(plan.gpu.name, plan.mig_profile),
         product_labels=list(plan.gpu.product_labels),
         gpu_resource=plan.gpu_resource,
         gpu_count=plan.gpu_count,
         target=engine.spec.target,
         store_secret="s3",
         hf_token=SecretKeySelector(name="hf", key="token"),
-        image="reg/builder:1",
-        cfg=OperatorConfig(),
-        active_deadline_seconds=3600,
     )
-    cm = render_bench.bench_request_configmap(req, plan.short_digest, pool, "ml", owners)
+    job = render_bench.bench_job(
+        request=req, where=where, image="reg/builder:1", cfg=OperatorConfig(), active_deadline_seconds=3600
+    )
+    cm = render_bench.bench_request_configmap(req, where)
     return job, cm, req
 
 

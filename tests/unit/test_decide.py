@@ -10,7 +10,7 @@ from typing import Any
 from llmengine.plan.planner import invalid_plan
 from llmengine.reconcile.decide import backoff_seconds
 from llmengine.reconcile.views import DeploymentView, JobView
-from tests.unit.passes import NOW, Effects, run, snapshot
+from tests.unit.passes import NOW, Effects, prune, run, snapshot, status_schema
 from tests.unit.passes import job as job_view
 
 D = "a" * 64
@@ -239,35 +239,11 @@ def test_building_message_carries_why_the_build_pod_does_not_run() -> None:
     assert decide(obs(job=job())).status["message"] == f"building engine {D[:12]} (attempt 1)"
 
 
-def _prune(value: Any, schema: dict[str, Any]) -> Any:
-    """What the API server keeps of a status under the CRD's structural schema: unknown fields are dropped, except
-    where x-kubernetes-preserve-unknown-fields keeps them (which does not carry into the properties it lists)."""
-    if isinstance(value, dict):
-        props = schema.get("properties")
-        keep = bool(schema.get("x-kubernetes-preserve-unknown-fields"))
-        if props is None:
-            extra = schema.get("additionalProperties")
-            return {k: _prune(v, extra) for k, v in value.items()} if isinstance(extra, dict) else value
-        return {k: _prune(v, props[k]) if k in props else v for k, v in value.items() if k in props or keep}
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        return [_prune(v, schema["items"]) for v in value]
-    return value
-
-
-def _status_schema() -> dict[str, Any]:
-    from pathlib import Path
-
-    import yaml
-
-    crd = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "llmengine.io_llmengines.yaml").read_text())
-    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
-
-
 def test_a_permanent_failure_stays_failed_after_the_api_server_prunes_the_status_and_the_job_expires() -> None:
     result = {"engineDigest": D, "succeeded": False, "stage": "fetch", "reason": "no such model", "permanent": True}
     j = job(active=False, failed=True, message=json.dumps(result), reason="BackoffLimitExceeded")
     first = decide(obs(job=j, status={"desiredEngine": {"digest": D}, "build": {"attempts": 1}}))
-    stored = _prune(first.status, _status_schema())
+    stored = prune(first.status, status_schema())
     assert stored["build"] == first.status["build"], "the status schema drops build fields decide() relies on"
     # The failed Job is gone (its TTL): the engine stays Failed, no new build, no repeated warning.
     again = decide(obs(job=None, status=stored))

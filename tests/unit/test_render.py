@@ -41,26 +41,28 @@ def _engine(**spec: Any) -> dict[str, Any]:
     return body
 
 
-def _render(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    plan = plan_object(body, images=CFG.images)
-    assert plan.valid, plan.errors
-    engine = parse_engine(body)
-    assert plan.build_request is not None
-    job = build.build_job(
-        request=plan.build_request,
-        short_digest=plan.short_digest,
-        pool=common.pool_name(plan.gpu.name, plan.mig_profile),
+def _where(body: dict[str, Any]) -> common.Placement:
+    plan, engine = plan_object(body, images=CFG.images), parse_engine(body)
+    return common.Placement(
         namespace="ml",
         owners=[common.owner_reference(engine, controller=False)],
+        short_digest=plan.short_digest,
+        pool=common.pool_name(plan.gpu.name, plan.mig_profile),
         product_labels=list(plan.gpu.product_labels),
         gpu_resource=plan.gpu_resource,
         gpu_count=plan.gpu_count,
         target=engine.spec.target,
         store_secret="s3",
         hf_token=SecretKeySelector(name="hf", key="token"),
-        attempt=1,
-        cfg=CFG,
     )
+
+
+def _render(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    plan = plan_object(body, images=CFG.images)
+    assert plan.valid, plan.errors
+    engine = parse_engine(body)
+    assert plan.build_request is not None
+    job = build.build_job(request=plan.build_request, where=_where(body), attempt=1, cfg=CFG)
     dep = serving.deployment(
         engine=engine,
         digest=plan.engine_digest,
@@ -135,9 +137,9 @@ def test_job_identity_naming_and_rollout_strategy() -> None:
     assert job["spec"]["ttlSecondsAfterFinished"] > 0
     assert all(o["controller"] is False for o in job["metadata"]["ownerReferences"])
     assert (
-        json.loads(
-            build.request_configmap(plan.build_request, plan.short_digest, "p", "ml", [])["data"]["request.json"]
-        )["engineDigest"]
+        json.loads(build.request_configmap(plan.build_request, _where(_engine()))["data"]["request.json"])[
+            "engineDigest"
+        ]
         == plan.engine_digest
     )
     strategy = dep["spec"]["strategy"]["rollingUpdate"]

@@ -18,12 +18,13 @@ from llmengine.plan.benchgate import bench_request
 from llmengine.reconcile import metrics
 from llmengine.reconcile.actions import AdoptBuildJob, Attach, DeleteBuildJob, Detach, Serve, StartBenchmark, StartBuild
 from llmengine.reconcile.decide import Decision
-from llmengine.reconcile.gather import Memory, Target
+from llmengine.reconcile.gather import Memory, StoreAccess, Target
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.snapshot import Snapshot
 from llmengine.render import attachments, common, serving
 from llmengine.render import bench as render_bench
 from llmengine.render import build as render_build
+from llmengine.render.common import Placement
 
 log = logging.getLogger("llmengine.operator")
 
@@ -136,59 +137,40 @@ class Actor:
         if not await self.kube.create(cm):
             await self.kube.add_owner("ConfigMap", cm["metadata"]["namespace"], cm["metadata"]["name"], [], owner)
 
-    async def _start_build(self, snap: Snapshot, target: Target, attempt: int) -> None:
-        plan, access, engine = snap.plan, target.access, target.engine
-        if plan.build_request is None or access is None or engine is None:
-            return
-        ns = snap.namespace
-        owner = common.owner_reference(engine, controller=False)
-        await self._ensure_configmap(
-            render_build.request_configmap(plan.build_request, plan.short_digest, target.pool, ns, [owner]), owner
-        )
-        job = render_build.build_job(
-            request=plan.build_request,
+    def _placement(self, snap: Snapshot, target: Target, engine: LLMEngine, access: StoreAccess) -> Placement:
+        plan = snap.plan
+        return Placement(
+            namespace=snap.namespace,
+            owners=[common.owner_reference(engine, controller=False)],
             short_digest=plan.short_digest,
             pool=target.pool,
-            namespace=ns,
-            owners=[owner],
             product_labels=list(plan.gpu.product_labels),
             gpu_resource=plan.gpu_resource,
             gpu_count=plan.gpu_count,
             target=engine.spec.target,
             store_secret=access.pod_secret,
             hf_token=common.hf_token_ref(engine.spec),
-            attempt=attempt,
-            cfg=self.cfg,
         )
+
+    async def _start_build(self, snap: Snapshot, target: Target, attempt: int) -> None:
+        request, access, engine = snap.plan.build_request, target.access, target.engine
+        if request is None or access is None or engine is None:
+            return
+        where = self._placement(snap, target, engine, access)
+        await self._ensure_configmap(render_build.request_configmap(request, where), where.owners[0])
+        job = render_build.build_job(request=request, where=where, attempt=attempt, cfg=self.cfg)
         self.queue.reserve(target.pool, target.build_key)
         await self.kube.create(job)
         self.queue.started(target.pool, target.build_key)
 
     async def _start_bench(self, snap: Snapshot, target: Target) -> None:
-        plan, access, engine = snap.plan, target.access, target.engine
+        access, engine = target.access, target.engine
         if access is None or engine is None:
             return
-        ns = snap.namespace
-        owner = common.owner_reference(engine, controller=False)
-        request = bench_request(engine.spec, plan)
-        await self._ensure_configmap(
-            render_bench.bench_request_configmap(request, plan.short_digest, target.pool, ns, [owner]), owner
-        )
-        job = render_bench.bench_job(
-            request=request,
-            short_digest=plan.short_digest,
-            pool=target.pool,
-            namespace=ns,
-            owners=[owner],
-            product_labels=list(plan.gpu.product_labels),
-            gpu_resource=plan.gpu_resource,
-            gpu_count=plan.gpu_count,
-            target=engine.spec.target,
-            store_secret=access.pod_secret,
-            hf_token=common.hf_token_ref(engine.spec),
-            image=plan.builder_image,
-            cfg=self.cfg,
-        )
+        where = self._placement(snap, target, engine, access)
+        request = bench_request(engine.spec, snap.plan)
+        await self._ensure_configmap(render_bench.bench_request_configmap(request, where), where.owners[0])
+        job = render_bench.bench_job(request=request, where=where, image=snap.plan.builder_image, cfg=self.cfg)
         await self.kube.create(job)
 
     async def _serve(self, snap: Snapshot, target: Target, action: Serve) -> None:

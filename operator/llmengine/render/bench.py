@@ -10,7 +10,6 @@ from typing import Any
 
 from llmengine.api.bench import BenchRequest
 from llmengine.api.config import OperatorConfig
-from llmengine.api.v1alpha1 import SecretKeySelector, Target
 from llmengine.render import common as c
 
 REQUEST_DIR = "/etc/llmengine/bench"
@@ -28,27 +27,17 @@ def bench_labels(short_digest: str, pool: str) -> dict[str, str]:
     return {**c.base_labels(COMPONENT), c.DIGEST_LABEL: short_digest, c.POOL_LABEL: pool}
 
 
-def bench_request_configmap(
-    request: BenchRequest, short_digest: str, pool: str, namespace: str, owners: list[dict[str, Any]]
-) -> dict[str, Any]:
+def bench_request_configmap(request: BenchRequest, where: c.Placement) -> dict[str, Any]:
+    labels = bench_labels(where.short_digest, where.pool)
     return c.request_configmap(
-        bench_job_name(short_digest), namespace, bench_labels(short_digest, pool), owners, request.to_json()
+        bench_job_name(where.short_digest), where.namespace, labels, where.owners, request.to_json()
     )
 
 
 def bench_job(
     *,
     request: BenchRequest,
-    short_digest: str,
-    pool: str,
-    namespace: str,
-    owners: list[dict[str, Any]],
-    product_labels: list[str],
-    gpu_resource: str,
-    gpu_count: int,
-    target: Target,
-    store_secret: str | None,
-    hf_token: SecretKeySelector | None,
+    where: c.Placement,
     image: str,
     cfg: OperatorConfig,
     active_deadline_seconds: int = DEFAULT_ACTIVE_DEADLINE_SECONDS,
@@ -56,21 +45,16 @@ def bench_job(
 ) -> dict[str, Any]:
     """One Job per engine identity, like the build Job; every resource that wants the engine is an owner.
     The tokenizer and config.json of a gated repository need the token the build used."""
-    env = c.store_env(store_secret, request.store.endpoint, request.store.region) + c.hf_token_env(hf_token)
+    env = c.store_env(where.store_secret, request.store.endpoint, request.store.region) + c.hf_token_env(where.hf_token)
     return c.tool_job(
-        name=bench_job_name(short_digest),
-        namespace=namespace,
+        name=bench_job_name(where.short_digest),
         container=COMPONENT,
         subcommand="bench-engine",
         request_dir=REQUEST_DIR,
-        labels=bench_labels(short_digest, pool),
+        labels=bench_labels(where.short_digest, where.pool),
         annotations={c.DIGEST_ANNOTATION: request.engine_digest},
-        owners=owners,
         env=env,
-        product_labels=product_labels,
-        gpu_resource=gpu_resource,
-        gpu_count=gpu_count,
-        target=target,
+        where=where,
         image=image,
         cfg=cfg,
         active_deadline_seconds=active_deadline_seconds,

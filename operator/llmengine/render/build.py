@@ -6,7 +6,6 @@ from typing import Any
 
 from llmengine.api.artifacts import BuildRequest
 from llmengine.api.config import OperatorConfig
-from llmengine.api.v1alpha1 import SecretKeySelector, Target
 from llmengine.render import common as c
 
 REQUEST_DIR = "/etc/llmengine/build"
@@ -16,48 +15,27 @@ def build_labels(short_digest: str, pool: str) -> dict[str, str]:
     return {**c.base_labels("build"), c.DIGEST_LABEL: short_digest, c.POOL_LABEL: pool}
 
 
-def request_configmap(
-    request: BuildRequest, short_digest: str, pool: str, namespace: str, owners: list[dict[str, Any]]
-) -> dict[str, Any]:
+def request_configmap(request: BuildRequest, where: c.Placement) -> dict[str, Any]:
+    labels = build_labels(where.short_digest, where.pool)
     return c.request_configmap(
-        c.build_job_name(short_digest), namespace, build_labels(short_digest, pool), owners, request.to_json()
+        c.build_job_name(where.short_digest), where.namespace, labels, where.owners, request.to_json()
     )
 
 
-def build_job(
-    *,
-    request: BuildRequest,
-    short_digest: str,
-    pool: str,
-    namespace: str,
-    owners: list[dict[str, Any]],
-    product_labels: list[str],
-    gpu_resource: str,
-    gpu_count: int,
-    target: Target,
-    store_secret: str | None,
-    hf_token: SecretKeySelector | None,
-    attempt: int,
-    cfg: OperatorConfig,
-) -> dict[str, Any]:
+def build_job(*, request: BuildRequest, where: c.Placement, attempt: int, cfg: OperatorConfig) -> dict[str, Any]:
     """One Job per engine identity; every resource that wants this engine is an owner (none is the controller)."""
-    env = c.store_env(store_secret, request.store.endpoint, request.store.region)
+    env = c.store_env(where.store_secret, request.store.endpoint, request.store.region)
     env.append({"name": "LLMENGINE_BUILDER_IMAGE", "value": request.image})
-    env += c.hf_token_env(hf_token)
+    env += c.hf_token_env(where.hf_token)
     return c.tool_job(
-        name=c.build_job_name(short_digest),
-        namespace=namespace,
+        name=c.build_job_name(where.short_digest),
         container="build",
         subcommand="build-engine",
         request_dir=REQUEST_DIR,
-        labels=build_labels(short_digest, pool),
+        labels=build_labels(where.short_digest, where.pool),
         annotations={c.ATTEMPT_ANNOTATION: str(attempt), c.DIGEST_ANNOTATION: request.engine_digest},
-        owners=owners,
         env=env,
-        product_labels=product_labels,
-        gpu_resource=gpu_resource,
-        gpu_count=gpu_count,
-        target=target,
+        where=where,
         image=request.image,
         cfg=cfg,
         active_deadline_seconds=cfg.build_active_deadline_seconds,

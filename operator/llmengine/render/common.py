@@ -172,21 +172,32 @@ def request_configmap(
     }
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and for whom a GPU tool Job (build, benchmark) of one engine identity runs."""
+
+    namespace: str
+    owners: list[dict[str, Any]]  # every engine that wants the identity (none is the controller)
+    short_digest: str
+    pool: str  # GPU pool (class, or class + MIG profile)
+    product_labels: list[str]
+    gpu_resource: str
+    gpu_count: int
+    target: Target  # the engine's scheduling settings
+    store_secret: str | None  # Secret with the store credentials, by reference
+    hf_token: SecretKeySelector | None  # Secret key of a Hugging Face token, by reference
+
+
 def tool_job(
     *,
     name: str,
-    namespace: str,
     container: str,
     subcommand: str,
     request_dir: str,
     labels: dict[str, str],
     annotations: dict[str, str],
-    owners: list[dict[str, Any]],
     env: list[dict[str, Any]],
-    product_labels: list[str],
-    gpu_resource: str,
-    gpu_count: int,
-    target: Target,
+    where: Placement,
     image: str,
     cfg: OperatorConfig,
     active_deadline_seconds: int,
@@ -214,8 +225,8 @@ def tool_job(
         "restartPolicy": "Never",
         "securityContext": POD_SECURITY,
         "automountServiceAccountToken": False,
-        "affinity": node_affinity(product_labels, target.affinity),
-        "tolerations": tolerations(target.tolerations),
+        "affinity": node_affinity(where.product_labels, where.target.affinity),
+        "tolerations": tolerations(where.target.tolerations),
         "containers": [
             {
                 "name": container,
@@ -232,8 +243,8 @@ def tool_job(
                 ],
                 "env": env,
                 "resources": gpu_resources(
-                    gpu_resource,
-                    gpu_count,
+                    where.gpu_resource,
+                    where.gpu_count,
                     {
                         "requests": {"cpu": cfg.build_cpu, "memory": cfg.build_memory},
                         "limits": {"memory": cfg.build_memory},
@@ -247,17 +258,17 @@ def tool_job(
         ],
         "volumes": volumes,
     }
-    if target.node_selector:
-        spec["nodeSelector"] = dict(target.node_selector)
+    if where.target.node_selector:
+        spec["nodeSelector"] = dict(where.target.node_selector)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": name,
-            "namespace": namespace,
+            "namespace": where.namespace,
             "labels": labels,
             "annotations": annotations,
-            "ownerReferences": owners,
+            "ownerReferences": where.owners,
         },
         "spec": {
             "backoffLimit": 0,
