@@ -89,7 +89,12 @@ job="{{ include "llmengine-operator.fullname" . }}-metrics",namespace="{{ .Relea
 job="{{ .Release.Namespace }}/{{ include "llmengine-operator.fullname" . }}-serving"
 {{- end }}
 
-{{/* kube-state-metrics series of the serving Deployments and pods: named llme-<engine>, in the watched namespaces. */}}
-{{- define "llmengine-operator.servingObjectsSelector" -}}
-{{- if .Values.watchNamespaces }}namespace=~"{{ join "|" .Values.watchNamespaces }}",{{ end -}}
+{{/*
+The operator's per-engine series (llmengine_engine_condition, llmengine_engine_phase). Their namespace label is the
+engine's, which the ServiceMonitor keeps (honorLabels), so they are selected by job alone, and by the watched
+namespaces where the operator watches only some.
+*/}}
+{{- define "llmengine-operator.engineSelector" -}}
+job="{{ include "llmengine-operator.fullname" . }}-metrics"
+{{- if .Values.watchNamespaces }},namespace=~"{{ join "|" .Values.watchNamespaces }}"{{ end }}
 {{- end }}
