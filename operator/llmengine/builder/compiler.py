@@ -7,8 +7,6 @@ one (runs only inside NVIDIA's image) and a test compiler that writes a realisti
 from __future__ import annotations
 
 import shutil
-import subprocess
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any, Protocol
 
 from llmengine.api.artifacts import BuildRequest
 from llmengine.api.engine import EngineConfig
+from llmengine.builder.toolrun import relay
 from llmengine.plan.trtllm_rules import apply_build_rules
 from llmengine.plan.upstream import check_options
 
@@ -180,29 +179,11 @@ def run_command(
     argv: list[str], log: Any, stage: str = "compile", env: Mapping[str, str] | None = None, cwd: Path | None = None
 ) -> None:
     """Run a tool, relaying its output line by line into the structured log; a failure keeps the last lines."""
-    log.info("running", argv=argv)
-    tail: deque[str] = deque(maxlen=8)
+    tool = Path(argv[1] if argv[0].startswith("python") and len(argv) > 1 else argv[0]).name
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            errors="replace",
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-        )
+        run = relay(argv, log, tail_lines=8, tool=tool, env=env, cwd=cwd)
     except FileNotFoundError as exc:
         raise BuildFailure(stage, "ToolMissing", f"{argv[0]} is not in this image: {exc}", permanent=True) from exc
-    with proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                tail.append(line)
-                log.info(line, tool=Path(argv[1] if argv[0].startswith("python") else argv[0]).name)
-        rc = proc.wait()
-    if rc != 0:
-        last = " | ".join(t[-200:] for t in list(tail)[-3:])
-        raise BuildFailure(stage, "CompileFailed", f"{Path(argv[0]).name} exited with {rc}: {last}")
+    if run.returncode != 0:
+        last = " | ".join(t[-200:] for t in run.output.splitlines()[-3:])
+        raise BuildFailure(stage, "CompileFailed", f"{Path(argv[0]).name} exited with {run.returncode}: {last}")

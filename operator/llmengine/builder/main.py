@@ -15,8 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from llmengine.api.artifacts import (
     RESULT_LIMIT,
     BuildProgress,
@@ -24,7 +22,6 @@ from llmengine.api.artifacts import (
     BuildResult,
     Provenance,
     StoreLocation,
-    first_problem,
 )
 from llmengine.builder import shell
 from llmengine.builder.compiler import BuildFailure, Compiler, check_request
@@ -71,13 +68,7 @@ def gpu_name_and_driver() -> tuple[str | None, str | None]:
 
 
 def load_request(path: Path) -> BuildRequest:
-    try:
-        return BuildRequest.model_validate_json(path.read_bytes())
-    except FileNotFoundError as exc:
-        raise BuildFailure("validate", "InvalidRequest", f"build request {path} does not exist", True) from exc
-    except ValidationError as exc:
-        where = "field " if exc.errors()[0]["loc"] else f"{path}: "
-        raise BuildFailure("validate", "InvalidRequest", f"build request {where}{first_problem(exc)}", True) from exc
+    return shell.load_request(path, BuildRequest, "build request")
 
 
 def _stage_done(log: Any, stage: str, start: float, nbytes: int | None = None, **extra: Any) -> None:

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from llmengine.api.artifacts import JobResult
+from pydantic import BaseModel, ValidationError
+
+from llmengine.api.artifacts import JobResult, first_problem
 from llmengine.builder.compiler import BuildFailure
 from llmengine.logging import configure_logging, get_logger
 
@@ -95,6 +97,20 @@ def work_dir(path: Path | None, prefix: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_request(path: Path, model: type[M], what: str, failure: type[BuildFailure] = BuildFailure) -> M:
+    """The request file as `model`, or a permanent validate failure naming the file or the field at fault."""
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise failure("validate", "InvalidRequest", f"{what} {path} does not exist", True) from exc
+    except ValidationError as exc:
+        where = "field " if exc.errors()[0]["loc"] else f"{path}: "
+        raise failure("validate", "InvalidRequest", f"{what} {where}{first_problem(exc)}", True) from exc
 
 
 def write_result(text: str, path: Path | None) -> None:

@@ -10,7 +10,6 @@ from llmengine.builder.benchmark.command import (
     OUTPUT_TAIL,
     TRTLLM_BENCH,
     Runner,
-    ToolRun,
     bench_argv,
     model_name,
     run_tool,
@@ -38,6 +37,7 @@ from llmengine.builder.benchmark.pipeline import (
 from llmengine.builder.benchmark.report import ReportUnreadable, parse_report_console, parse_report_json, read_report
 from llmengine.builder.benchmark.seams import Seams, default_runners
 from llmengine.builder.benchmark.testbenchmarker import TestBenchmarker
+from llmengine.builder.toolrun import ToolRun
 
 __all__ = [
     "LOW_TOKEN_ID",

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmengine.api.bench import BenchRequest
 from llmengine.builder.benchmark.failures import BenchFailure
+from llmengine.builder.toolrun import ToolRun, relay
 
 TRTLLM_BENCH = "trtllm-bench"
 # Output lines kept for failure classification and the console-report fallback (the report is ~110 lines).
 OUTPUT_TAIL = 400
-
-
-@dataclass(frozen=True)
-class ToolRun:
-    returncode: int
-    output: str  # the tail of stdout and stderr together
 
 
 # argv, log -> what the benchmark tool did. The real one runs trtllm-bench; the test one is the TEST BENCHMARKER.
@@ -89,25 +81,7 @@ def bench_argv(
 
 def run_tool(argv: list[str], log: Any) -> ToolRun:
     """Run trtllm-bench, relaying its output line by line into the log and keeping the tail."""
-    log.info("running", argv=argv)
-    tail: deque[str] = deque(maxlen=OUTPUT_TAIL)
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            errors="replace",
-        )
+        return relay(argv, log, tail_lines=OUTPUT_TAIL, tool=argv[0])
     except FileNotFoundError as exc:
         raise BenchFailure("benchmark", "ToolMissing", f"{argv[0]} is not in this image: {exc}", True) from exc
-    with proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            if line:
-                tail.append(line)
-                log.info(line, tool=argv[0])
-        rc = proc.wait()
-    return ToolRun(rc, "\n".join(tail))

@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from llmengine.api.artifacts import RESULT_LIMIT, Manifest, first_problem
+from llmengine.api.artifacts import RESULT_LIMIT, Manifest
 from llmengine.api.bench import BenchNumbers, BenchOutcome, BenchRequest
 from llmengine.builder import shell
 from llmengine.builder.benchmark.command import bench_argv, model_name
@@ -34,12 +32,7 @@ from llmengine.logging import get_logger
 
 
 def load_request(path: Path) -> BenchRequest:
-    try:
-        return BenchRequest.model_validate_json(path.read_bytes())
-    except FileNotFoundError as exc:
-        raise BenchFailure("validate", "InvalidRequest", f"bench request {path} does not exist", True) from exc
-    except ValidationError as exc:
-        raise BenchFailure("validate", "InvalidRequest", f"bench request {path}: {first_problem(exc)}", True) from exc
+    return shell.load_request(path, BenchRequest, "bench request", BenchFailure)
 
 
 def _stage_done(log: Any, stage: str, start: float, **extra: Any) -> None:

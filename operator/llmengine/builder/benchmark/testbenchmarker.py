@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmengine.builder.benchmark.command import ToolRun
+from llmengine.builder.toolrun import ToolRun
 
 
 def _options(argv: list[str]) -> dict[str, str | None]:
