@@ -129,7 +129,7 @@ def test_build_from_an_s3_checkpoint_commits_and_the_server_verifies_it(
     assert {"config.json", "rank0.engine", "rank1.engine", "tokenizer.json", "tokenizer_config.json"} <= names
     for f in manifest.files:
         assert f.sha256 == file_sha256(engine / f.path) and f.size == (engine / f.path).stat().st_size
-    assert store.get_result(req.engine_digest) == result
+    assert store.get_result(req.engine_digest, manifest.files_prefix) == result
     # Where the build was, for status.build.stage: its last stage, next to the files and never one of them.
     progress = store.get_progress(req.engine_digest)
     assert progress is not None and progress.stage == "upload" and progress.engine_digest == req.engine_digest

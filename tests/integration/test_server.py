@@ -64,22 +64,28 @@ def download(ep: S3Endpoint, bucket: str, dest: Path) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
+def _key(store: EngineStore, name: str) -> str:
+    """Where a file of the committed engine is (the manifest itself sits at the engine's top)."""
+    manifest = store.get_manifest(DIGEST) if name != "manifest.json" else None
+    return store.file_key(manifest, name) if manifest is not None else store.key(DIGEST, name)
+
+
 def _corrupt(store: EngineStore) -> None:
-    key = store.key(DIGEST, "rank0.engine")
+    key = _key(store, "rank0.engine")
     data = bytearray(store.client.get_object(Bucket=store.location.bucket, Key=key)["Body"].read())
     data[12345] ^= 0x01
     store.client.put_object(Bucket=store.location.bucket, Key=key, Body=bytes(data))
 
 
 def _truncate(store: EngineStore) -> None:
-    key = store.key(DIGEST, "rank0.engine")
+    key = _key(store, "rank0.engine")
     data = store.client.get_object(Bucket=store.location.bucket, Key=key)["Body"].read()
     store.client.put_object(Bucket=store.location.bucket, Key=key, Body=data[: len(data) // 2])
 
 
 def _drop(name: str) -> Any:
     def f(store: EngineStore) -> None:
-        store.client.delete_object(Bucket=store.location.bucket, Key=store.key(DIGEST, name))
+        store.client.delete_object(Bucket=store.location.bucket, Key=_key(store, name))
 
     return f
 

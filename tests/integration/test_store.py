@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from llmengine.api.artifacts import BuildShapes, Provenance, StoreLocation
+from llmengine.api.artifacts import BuildResult, BuildShapes, Provenance, StoreLocation
 from llmengine.clients.store import (
     BucketNotFound,
     CredentialsError,
@@ -101,7 +101,7 @@ def test_round_trip_of_a_multi_gib_engine_uses_multipart_and_ranged_reads(
     assert manifest.total_bytes == 2 * rank_bytes + 2
     for f in manifest.files:
         assert f.sha256 == file_sha256(src / f.path)
-    head = store.client.head_object(Bucket=s3_bucket, Key=store.key("big", "rank0.engine"))
+    head = store.client.head_object(Bucket=s3_bucket, Key=store.file_key(manifest, "rank0.engine"))
     assert head["ETag"].strip('"').endswith(f"-{parts}"), head["ETag"]  # a multipart object of `parts` parts
 
     t = time.monotonic()
@@ -125,8 +125,14 @@ def committed(s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path) -> Engine
     return store
 
 
+def _file(store: EngineStore, path: str) -> str:
+    manifest = store.get_manifest("eng")
+    assert manifest is not None
+    return store.file_key(manifest, path)
+
+
 def test_a_corrupted_byte_is_refused_naming_the_file(committed: EngineStore, tmp_path: Path) -> None:
-    key = committed.key("eng", "rank1.engine")
+    key = _file(committed, "rank1.engine")
     data = bytearray(committed.client.get_object(Bucket=committed.location.bucket, Key=key)["Body"].read())
     data[len(data) // 2] ^= 0xFF
     committed.client.put_object(Bucket=committed.location.bucket, Key=key, Body=bytes(data))
@@ -138,7 +144,7 @@ def test_a_corrupted_byte_is_refused_naming_the_file(committed: EngineStore, tmp
 
 
 def test_a_truncated_object_is_refused(committed: EngineStore, tmp_path: Path) -> None:
-    key = committed.key("eng", "rank0.engine")
+    key = _file(committed, "rank0.engine")
     data = committed.client.get_object(Bucket=committed.location.bucket, Key=key)["Body"].read()
     committed.client.put_object(Bucket=committed.location.bucket, Key=key, Body=data[:-1000])
     with pytest.raises(IntegrityError, match="truncated or replaced") as exc:
@@ -154,7 +160,7 @@ def test_a_missing_manifest_means_not_committed(committed: EngineStore, tmp_path
 
 
 def test_a_manifest_listing_an_absent_file_is_refused(committed: EngineStore, tmp_path: Path) -> None:
-    committed.client.delete_object(Bucket=committed.location.bucket, Key=committed.key("eng", "tokenizer.json"))
+    committed.client.delete_object(Bucket=committed.location.bucket, Key=_file(committed, "tokenizer.json"))
     with pytest.raises(IntegrityError, match=r"'tokenizer.json' is listed in the manifest but missing") as exc:
         committed.download_engine("eng", tmp_path / "out")
     assert exc.value.path == "tokenizer.json"
@@ -181,13 +187,85 @@ def test_a_foreign_file_in_the_engine_dir_is_refused_and_good_files_are_kept(
 
 
 def test_delete_uncommits_first(committed: EngineStore) -> None:
-    committed.put_result(
-        "eng", __import__("llmengine.api.artifacts").api.artifacts.BuildResult(engine_digest="eng", succeeded=True)
-    )
-    assert committed.get_result("eng") is not None
+    manifest = committed.get_manifest("eng")
+    assert manifest is not None and manifest.files_prefix.startswith("builds/")
+    committed.put_result("eng", BuildResult(engine_digest="eng", succeeded=True), manifest.files_prefix)
+    assert committed.get_result("eng", manifest.files_prefix) is not None
     assert committed.delete_engine("eng") >= 5
     assert not committed.is_committed("eng")
     assert committed.list_objects(committed.location.engine_prefix("eng")) == {}
+
+
+# -- two builds of one engine at once ----------------------------------------------------------------------------------
+
+
+def test_racing_builds_commit_one_engine_and_never_touch_its_files(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Two builders of the same identity (two namespaces, two clusters on one bucket) with different bytes, as
+    trtllm-build writes: both upload at once, one commits, the other's files go, the committed files stay intact."""
+    import threading
+
+    stores = [make_store(s3_endpoint, s3_bucket) for _ in range(2)]
+    sources = [small_engine(tmp_path / f"src{i}", size=2 * MiB + i) for i in range(2)]
+    go = threading.Barrier(2)
+    got: list[Any] = [None, None]
+
+    def build(i: int) -> None:
+        go.wait()
+        got[i] = upload(stores[i], "race", sources[i])
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] == got[1], "both builders must end with the one committed manifest"
+    manifest = stores[0].get_manifest("race")
+    assert manifest == got[0] and manifest.build_id
+    winner = next(i for i in range(2) if (sources[i] / "rank0.engine").stat().st_size == manifest.files[-2].size)
+    listed = stores[0].list_objects(stores[0].location.engine_prefix("race"))
+    assert all(k.startswith(stores[0].key("race", manifest.files_prefix)) or k.endswith(".json") for k in listed)
+    out = tmp_path / "out"
+    stores[1].download_engine("race", out)
+    for f in manifest.files:
+        assert file_sha256(out / f.path) == file_sha256(sources[winner] / f.path) == f.sha256
+
+    # The server enforces conditional writes (so the first commit won, not the last): a second one is refused.
+    import botocore.exceptions
+
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        stores[0].client.put_object(
+            Bucket=s3_bucket, Key=stores[0].key("race", "manifest.json"), Body=b"{}", IfNoneMatch="*"
+        )
+    assert refused.value.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict")
+
+    # A late builder (the commit is long there) uploads and finds it: the committed engine is not modified.
+    late = upload(stores[1], "race", small_engine(tmp_path / "late", size=2 * MiB + 5))
+    assert late == manifest and stores[0].get_manifest("race") == manifest
+    assert stores[0].list_objects(stores[0].location.engine_prefix("race")) == listed
+
+
+def test_a_store_without_conditional_writes_still_commits_whole_engines(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The documented fallback: a store that answers NotImplemented to If-None-Match gets a plain write."""
+    import botocore.exceptions
+
+    store = make_store(s3_endpoint, s3_bucket)
+    refused: list[str] = []
+
+    def no_conditions(params: dict[str, Any], **_: Any) -> None:
+        if params.get("headers", {}).get("If-None-Match"):
+            refused.append(params["url_path"])
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "NotImplemented", "Message": "conditional writes"}}, "PutObject"
+            )
+
+    store.client.meta.events.register("before-call.s3.PutObject", no_conditions)
+    manifest = upload(store, "plain", small_engine(tmp_path / "src"))
+    assert refused and store.get_manifest("plain") == manifest
+    store.download_engine("plain", tmp_path / "out")
 
 
 def test_download_prefix_fetches_a_checkpoint(s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path) -> None:

@@ -150,6 +150,10 @@ class Manifest(Doc):
     shapes: BuildShapes
     files: list[ManifestFile]
     provenance: Provenance
+    # Where under the engine's directory the files lie: builds/<build id>/ (each build uploads to a place of its own,
+    # so a racing second build never touches committed files); "" for engines committed before builds had one.
+    files_prefix: str = ""
+    build_id: str | None = None
 
     @property
     def total_bytes(self) -> int:

@@ -27,14 +27,18 @@ from llmengine.clients.store.client import S3Client, S3Config, TransferTuning, m
 from llmengine.clients.store.errors import IntegrityError, ManifestInvalid, StoreError, error_code, translate_error
 from llmengine.clients.store.files import FileJob, already_present, byte_ranges, hash_range
 from llmengine.clients.store.layout import (
+    BUILDS_DIR,
     MANIFEST_NAME,
     PARTIAL_SUFFIX,
     PROGRESS_NAME,
     RESERVED_NAMES,
     RESULT_NAME,
     MiB,
+    build_prefix,
+    check_files_prefix,
     check_manifest_paths,
     local_files,
+    new_build_id,
 )
 from llmengine.clients.store.progress import Progress
 from llmengine.clients.store.retry import Patience
@@ -59,6 +63,10 @@ class EngineStore:
 
     def key(self, digest: str, name: str) -> str:
         return self.location.engine_prefix(digest) + name
+
+    def file_key(self, manifest: Manifest, path: str) -> str:
+        """The key of one file of a committed engine (under the directory of the build that committed it)."""
+        return self.key(manifest.engine_digest, manifest.files_prefix + path)
 
     def uri(self, digest: str) -> str:
         return self.location.engine_uri(digest)
@@ -114,13 +122,16 @@ class EngineStore:
             ) from exc
         if manifest.engine_digest != digest:
             raise IntegrityError(f"manifest at {where} is for engine {manifest.engine_digest}, not {digest}")
+        check_files_prefix(manifest.files_prefix)
         return manifest
 
     def is_committed(self, digest: str) -> bool:
         return self.get_manifest(digest) is not None
 
-    def get_result(self, digest: str) -> BuildResult | None:
-        raw = self._get_json(digest, RESULT_NAME)
+    def get_result(self, digest: str, files_prefix: str = "") -> BuildResult | None:
+        """A build's result: the committing build's under its directory (the manifest's files_prefix), a failed
+        build's at the top."""
+        raw = self._get_json(digest, files_prefix + RESULT_NAME)
         if raw is None:
             return None
         try:
@@ -139,8 +150,8 @@ class EngineStore:
                 ),
             )
 
-    def put_result(self, digest: str, result: BuildResult) -> None:
-        self._put_bytes(digest, RESULT_NAME, result.to_json().encode())
+    def put_result(self, digest: str, result: BuildResult, files_prefix: str = "") -> None:
+        self._put_bytes(digest, files_prefix + RESULT_NAME, result.to_json().encode())
 
     def put_progress(self, progress: BuildProgress) -> None:
         """One try, no patience: a note on where a build is must never hold the build up."""
@@ -271,23 +282,30 @@ class EngineStore:
         shapes: BuildShapes,
         provenance: Provenance,
         result: BuildResult | None = None,
+        build_id: str | None = None,
     ) -> Manifest:
-        """Upload every file of an engine directory, then the build result, then (last) the manifest.
+        """Upload an engine directory into a build directory of its own, then its build result, then commit: the
+        manifest, written only if no build committed the engine first. Returns the committed manifest, which is
+        another build's when that one won (our files are then removed: nobody references them).
 
-        A crash before the final PUT leaves no manifest, so the engine stays uncommitted and a retry re-uploads.
+        A crash before the commit leaves no manifest, so the engine stays uncommitted and a retry uploads afresh; a
+        second build racing this one (another namespace, another cluster on the same bucket) writes only under its
+        own directory, so a committed engine's files are never touched.
         """
-        log = get_logger(engine_digest=digest, stage="upload")
+        build_id = build_id or new_build_id()
+        base = build_prefix(build_id)
+        log = get_logger(engine_digest=digest, stage="upload", build_id=build_id)
         files = local_files(local_dir)
         if not files:
             raise StoreError(f"nothing to upload: {local_dir} has no files")
         total = sum(p.stat().st_size for _, p in files)
         prog = Progress(log, "upload", total, self.tuning.progress_interval_s)
-        log.info("upload started", uri=self.uri(digest), files=len(files), total_bytes=total)
+        log.info("upload started", uri=self.uri(digest) + base, files=len(files), total_bytes=total)
         entries: list[ManifestFile] = []
         for rel, path in files:
-            sha, size = self.upload_file(path, self.key(digest, rel), prog)
+            sha, size = self.upload_file(path, self.key(digest, base + rel), prog)
             entries.append(ManifestFile(path=rel, sha256=sha, size=size))
-        self._check_uploaded(digest, entries)
+        self._check_uploaded(digest, base, entries)
         manifest = Manifest(
             engine_digest=digest,
             backend=backend,
@@ -296,18 +314,69 @@ class EngineStore:
             shapes=shapes,
             files=entries,
             provenance=provenance,
+            files_prefix=base,
+            build_id=build_id,
         )
         if result is not None:
-            self.put_result(digest, result)
-        self._put_bytes(digest, MANIFEST_NAME, manifest.to_json().encode())
+            self.put_result(digest, result, base)
+        committed = self._commit(manifest, log)
+        if committed.build_id != build_id:
+            log.info("another build committed this engine first; keeping it", winner=committed.build_id)
+            self._delete_prefix(self.key(digest, base))
+            return committed
         log.info("upload committed", uri=self.uri(digest), files=len(entries), **prog.summary())
         return manifest
 
-    def _check_uploaded(self, digest: str, entries: list[ManifestFile]) -> None:
+    def _commit(self, manifest: Manifest, log: Any) -> Manifest:
+        """Write the manifest unless one is there; the manifest that stands afterwards.
+
+        The write is conditional (If-None-Match: *), so of two builds racing, exactly one commits. A store that
+        does not implement conditional writes gets a plain write after a look: two builds finishing within that
+        window both write, the last one stands, and both reference complete, verified files of their own, so an
+        engine is never torn (a replica that read the first manifest verifies the first build's files)."""
+        digest = manifest.engine_digest
+        key, body = self.key(digest, MANIFEST_NAME), manifest.to_json().encode()
+        bucket = self.location.bucket
+        try:
+            existing = self.get_manifest(digest)
+        except (ManifestInvalid, IntegrityError) as exc:
+            # Not a committed engine: what stands there commits nothing. Remove it; the conditional write below
+            # still lets exactly one of several builds replace it.
+            log.warning("the stored manifest is broken; replacing it", error=str(exc))
+            with self._s3():
+                self.client.delete_object(Bucket=bucket, Key=key)
+            existing = None
+        if existing is not None:
+            return existing
+
+        def put(conditional: bool) -> Any:
+            extra: dict[str, Any] = {"IfNoneMatch": "*"} if conditional else {}
+            return self.client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", **extra)
+
+        try:
+            with self._s3():
+                self._patient("commit manifest.json", lambda: put(True))
+        except StoreError as exc:
+            cause = exc.__cause__
+            code = error_code(cause) if cause is not None else ""
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                pass  # another build committed between our look and our write (or our own retried write did)
+            elif code in ("NotImplemented", "NotImplementedError"):
+                log.warning("the store does not implement conditional writes; committing with a plain write")
+                with self._s3():
+                    self._patient("commit manifest.json", lambda: put(False))
+            else:
+                raise
+        stands = self.get_manifest(digest)
+        if stands is None:
+            raise StoreError(f"the manifest of engine {digest} is not readable right after it was written")
+        return stands
+
+    def _check_uploaded(self, digest: str, base: str, entries: list[ManifestFile]) -> None:
         """Read back the sizes the store reports before committing: a silently short object must not commit."""
-        listed = self.list_objects(self.location.engine_prefix(digest))
+        listed = self.list_objects(self.key(digest, base))
         for e in entries:
-            got = listed.get(self.key(digest, e.path))
+            got = listed.get(self.key(digest, base + e.path))
             if got != e.size:
                 raise StoreError(f"after upload the store reports {got} bytes for '{e.path}', expected {e.size}")
 
@@ -327,9 +396,10 @@ class EngineStore:
                 "(the build never finished or its upload was interrupted)"
             )
         check_manifest_paths(manifest.files)
-        listed = self.list_objects(self.location.engine_prefix(digest))
+        base = manifest.files_prefix
+        listed = self.list_objects(self.key(digest, base))
         for f in manifest.files:
-            got = listed.get(self.key(digest, f.path))
+            got = listed.get(self.key(digest, base + f.path))
             if got is None:
                 raise IntegrityError(
                     f"'{f.path}' is listed in the manifest but missing from {self.uri(digest)}", f.path
@@ -339,8 +409,10 @@ class EngineStore:
                     f"'{f.path}' is {got} bytes in the store but the manifest says {f.size} (truncated or replaced)",
                     f.path,
                 )
-        expected = {self.key(digest, f.path) for f in manifest.files} | {self.key(digest, n) for n in RESERVED_NAMES}
-        extra = sorted(k for k in listed if k not in expected)
+        expected = {self.key(digest, base + f.path) for f in manifest.files}
+        expected |= {self.key(digest, base + n) for n in RESERVED_NAMES}
+        builds = self.key(digest, BUILDS_DIR)
+        extra = sorted(k for k in listed if k not in expected and (base or not k.startswith(builds)))
         if extra:
             log.warning("store has objects the manifest does not list; ignoring them", objects=extra[:10])
         dest_dir.mkdir(parents=True, exist_ok=True)
@@ -348,7 +420,9 @@ class EngineStore:
         prog = Progress(log, "download", manifest.total_bytes, self.tuning.progress_interval_s)
         log.info("download started", uri=self.uri(digest), files=len(manifest.files), total_bytes=manifest.total_bytes)
         jobs = [
-            FileJob(key=self.key(digest, f.path), dest=dest_dir / f.path, size=f.size, sha256=f.sha256, name=f.path)
+            FileJob(
+                key=self.key(digest, base + f.path), dest=dest_dir / f.path, size=f.size, sha256=f.sha256, name=f.path
+            )
             for f in manifest.files
         ]
         self._download_files(jobs, parallelism or self.tuning.concurrency, prog)
@@ -497,14 +571,19 @@ class EngineStore:
 
     def delete_engine(self, digest: str) -> int:
         """Remove an engine: the manifest first (uncommit), then everything else. Returns objects deleted."""
+        with self._s3():
+            self.client.delete_object(Bucket=self.location.bucket, Key=self.key(digest, MANIFEST_NAME))
+        return self._delete_prefix(self.location.engine_prefix(digest)) + 1
+
+    def _delete_prefix(self, prefix: str) -> int:
+        """Delete every object under a key prefix; returns how many."""
         bucket = self.location.bucket
         with self._s3():
-            self.client.delete_object(Bucket=bucket, Key=self.key(digest, MANIFEST_NAME))
-            keys = list(self.list_objects(self.location.engine_prefix(digest)))
+            keys = list(self.list_objects(prefix))
             for i in range(0, len(keys), 1000):
                 batch: list[Any] = [{"Key": k} for k in keys[i : i + 1000]]
                 self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-        return len(keys) + 1
+        return len(keys)
 
 
 def store_for(location: StoreLocation, tuning: TransferTuning | None = None, **client_overrides: Any) -> EngineStore:

@@ -1,12 +1,16 @@
 """Where an engine's files lie: the store's own documents next to them, and which paths may be engine files.
 
-An engine directory holds its files plus ``build-result.json``, ``build-progress.json`` (where a running build is)
-and, written last, ``manifest.json``; a download in
-progress writes ``<file>.llmengine-partial``. None of those is ever an engine file.
+An engine directory <prefix>/<digest>/ holds ``manifest.json`` (the commit: written once, by the first build to
+finish), ``build-progress.json`` (where a running build is), a failed build's ``build-result.json``, and one
+directory per build, ``builds/<build id>/``, with that build's files and its ``build-result.json``. The manifest
+names the build directory it commits; engines committed before builds had directories hold their files at the top.
+A download in progress writes ``<file>.llmengine-partial``. None of the store's documents is ever an engine file.
 """
 
 from __future__ import annotations
 
+import re
+import uuid
 from pathlib import Path, PurePosixPath
 
 from llmengine.api.artifacts import ManifestFile
@@ -17,6 +21,9 @@ RESULT_NAME = "build-result.json"
 PROGRESS_NAME = "build-progress.json"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, RESULT_NAME, PROGRESS_NAME})
 PARTIAL_SUFFIX = ".llmengine-partial"
+# Each build uploads under <engine>/builds/<build id>/; the manifest names the one that committed.
+BUILDS_DIR = "builds/"
+_BUILD_PREFIX = re.compile(r"^builds/[0-9a-z-]{8,64}/$")
 MiB = 1024 * 1024
 
 
@@ -52,3 +59,18 @@ def check_manifest_paths(files: list[ManifestFile]) -> None:
         if f.size < 0 or len(f.sha256) != 64:
             raise IntegrityError(f"manifest entry '{f.path}' has an invalid size or sha256", f.path)
         seen.add(f.path)
+
+
+def new_build_id() -> str:
+    return uuid.uuid4().hex
+
+
+def build_prefix(build_id: str) -> str:
+    return f"{BUILDS_DIR}{build_id}/"
+
+
+def check_files_prefix(prefix: str) -> None:
+    """A manifest's files prefix is empty (engines committed before builds had a place of their own) or one build's
+    directory: never a path that leaves the engine's directory."""
+    if prefix and not _BUILD_PREFIX.match(prefix):
+        raise IntegrityError(f"manifest names an unexpected files prefix '{prefix}'", prefix)
