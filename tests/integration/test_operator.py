@@ -131,6 +131,28 @@ def test_same_identity_joins_one_build_and_store_hit_skips_build(env: Any, api: 
         assert len(jobs(api, env.ns)) == 1
 
 
+def test_one_identity_in_two_namespaces_is_built_once(env: Any, api: Any) -> None:
+    """Two LLMEngines of one identity into one store, in two namespaces, applied together: one build Job in the
+    whole cluster; the other engine waits for its commit and serves the same engine."""
+    core = client.CoreV1Api(api)
+    other = f"{env.ns}-b"
+    core.create_namespace({"metadata": {"name": other}})
+    try:
+        store_secret(api, env.info, other)
+        there = Engines(api, other)
+        with run_operator(env.info, env.ns, env.logs, extra_args=["--namespace", other]):
+            body = env.body("a", serving={"replicas": 1}, build={"maxSeqLen": 768})
+            env.engines.create(body)
+            there.create({**body, "metadata": {"name": "a", "namespace": other}})
+            a = env.engines.wait_phase("a", "Ready", timeout=180)
+            b = there.wait_phase("a", "Ready", timeout=180)
+            assert a["status"]["desiredEngine"]["digest"] == b["status"]["desiredEngine"]["digest"]
+            built = jobs(api, env.ns) + jobs(api, other)
+            assert len(built) == 1, f"the identity was built {len(built)} times"
+    finally:
+        core.delete_namespace(other, propagation_policy="Background")
+
+
 def test_a_download_that_keeps_failing_is_named_in_the_status_and_heals(env: Any) -> None:
     """A committed engine whose bytes no longer match its manifest: the serving pod's download refuses it and its
     init container crash-loops; the engine's message says so (from the pod's status), and once the object is good

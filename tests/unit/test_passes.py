@@ -282,3 +282,14 @@ def test_a_running_build_shows_its_stage_and_a_committed_one_none() -> None:
     assert p(job=job(), progress=other).status["build"]["stage"] == "compile"
     done = p(committed=True, job=job(active=False, succeeded=True))
     assert "stage" not in done.status["build"] and "stageStartedAt" not in done.status["build"]
+
+
+def test_an_identity_built_in_another_namespace_is_waited_for_not_built_again() -> None:
+    p = Passes()
+    waiting = p(building_elsewhere="team-b/llme-build-aaaaaaaaaaaa")
+    assert waiting.decision.actions == () and waiting.status["phase"] == "Building"
+    assert "being built by Job team-b/llme-build-aaaaaaaaaaaa" in waiting.status["message"]
+    assert waiting.condition("EngineBuilt")["reason"] == "BuildingElsewhere" and waiting.requeue_after == 15.0
+    # That build commits: a store hit here, rolled out like any other.
+    hit = p(committed=True)
+    assert hit.condition("EngineBuilt")["reason"] == "StoreHit" and Serve(D, SERVER_IMAGE, 2) in hit.decision.actions

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llmengine.reconcile.queue import BuildQueue
 
 
@@ -61,3 +63,17 @@ def test_next_in_line_names_the_engines_whose_builds_lead_their_pool() -> None:
     assert q.next_in_line("h100") == [("ns", "twin")]
     q.join(("ns", "twin"), "h100", "ns/llme-build-4")  # its identity moved: the build nobody wants leaves
     assert q.next_in_line("h100") == [("ns", "second")]
+
+
+def test_one_claim_per_identity_until_it_goes_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmengine.reconcile import queue as q
+
+    now = [100.0]
+    monkeypatch.setattr(q.time, "monotonic", lambda: now[0])
+    line = q.BuildQueue(2)
+    assert line.claim("llme-build-x|store", "ns-a/llme-build-x") is None
+    assert line.claim("llme-build-x|store", "ns-b/llme-build-x") == "ns-a/llme-build-x"
+    assert line.claim("llme-build-x|store", "ns-a/llme-build-x") is None  # the holder renews
+    assert line.claim("llme-build-x|other-store", "ns-b/llme-build-x") is None  # another store: another build
+    now[0] += q.RESERVATION_SECONDS + 1
+    assert line.claim("llme-build-x|store", "ns-b/llme-build-x") is None  # the holder went quiet

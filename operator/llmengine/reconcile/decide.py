@@ -323,6 +323,12 @@ def _build_step(p: _Pass, build: BuildStatus) -> tuple[str, str]:
         p.soon((due - now).total_seconds())
         p.setc(cond.ENGINE_BUILT, False, "BackingOff", f"{build.last_failure}; retry at {build.next_retry_at}")
         return BUILDING, f"build attempt {attempts} failed: {build.last_failure}; retrying at {build.next_retry_at}"
+    if snap.building_elsewhere:
+        build.queue_position = None
+        p.soon(15.0)
+        why = f"engine {digest[:12]} is being built by Job {snap.building_elsewhere} (another engine of this identity)"
+        p.setc(cond.ENGINE_BUILT, False, "BuildingElsewhere", why)
+        return BUILDING, why
     if snap.queue_position > 0:
         build.queue_position = snap.queue_position
         p.soon(15.0)

@@ -172,9 +172,15 @@ class Gatherer:
         progress = None
         if job is not None and not job.ended and store.committed is False:
             progress = await self._progress(ns, access, digest)
-        position = 0
+        position, elsewhere = 0, None
         if store.committed is False and job is None:
-            position = self.queue.position(pool, key, *await self._pool_builds(pool))
+            store_key = common.store_key(req.store)
+            active, listed, elsewhere = await self._pool_builds(pool, ns, job_name, store_key)
+            if elsewhere is None:
+                claimed = self.queue.claim(f"{job_name}|{store_key}", key)
+                elsewhere = f"{claimed} (starting)" if claimed else None
+            if elsewhere is None:
+                position = self.queue.position(pool, key, active, listed)
         elif store.committed:
             self.queue.forget(key)
         metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
@@ -208,6 +214,7 @@ class Gatherer:
             attachments=found,
             store=store,
             job=job,
+            building_elsewhere=elsewhere,
             progress=progress,
             queue_position=position,
             deployment=dview,
@@ -296,12 +303,27 @@ class Gatherer:
         return self._stores[key]
 
     # ---- Jobs, pods ----
-    async def _pool_builds(self, pool: str) -> tuple[set[str], set[str]]:
-        """The keys of the pool's build Jobs still running, and of all of them (ended ones included)."""
+    async def _pool_builds(
+        self, pool: str, ns: str, job_name: str, store: str
+    ) -> tuple[set[str], set[str], str | None]:
+        """The keys of the pool's build Jobs still running and of all of them (ended ones included), and a running
+        Job of the same identity into the same store in another namespace ("namespace/name"), if any: one build per
+        identity and store in the whole cluster."""
         sel = common.label_selector({"app.kubernetes.io/managed-by": common.MANAGED_BY, common.POOL_LABEL: pool})
         jobs = await self.kube.list_jobs(sel)
         keys = {f"{j['metadata']['namespace']}/{j['metadata']['name']}": j for j in jobs}
-        return {k for k, j in keys.items() if not common.job_ended(j)}, set(keys)
+        active = {k for k, j in keys.items() if not common.job_ended(j)}
+        elsewhere = next(
+            (
+                k
+                for k in sorted(active)
+                if k != f"{ns}/{job_name}"
+                and k.endswith(f"/{job_name}")
+                and (keys[k]["metadata"].get("annotations") or {}).get(common.STORE_ANNOTATION) == store
+            ),
+            None,
+        )
+        return active, set(keys), elsewhere
 
     async def _deployment_with_pods(
         self, ns: str, dep: Mapping[str, Any] | None, plan: Plan, replicas: int

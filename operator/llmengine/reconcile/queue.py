@@ -21,6 +21,8 @@ class BuildQueue:
         self.reserved: dict[str, dict[str, float]] = {}
         # engine -> (pool, build key) of the build it wants; engines of one identity share a build
         self.engines: dict[Engine, tuple[str, str]] = {}
+        # identity (Job name and store) -> (build key, when last claimed): which namespace builds it
+        self.claims: dict[str, tuple[str, float]] = {}
 
     def position(self, pool: str, key: str, active: Set[str], listed: Set[str] = frozenset()) -> int:
         """0 when `key` may start now; otherwise its 1-based place in the line.
@@ -42,6 +44,17 @@ class BuildQueue:
         order = sorted(line, key=lambda k: line[k])
         idx = order.index(key)
         return 0 if idx < free else idx - max(free, 0) + 1
+
+    def claim(self, identity: str, key: str) -> str | None:
+        """Claim the build of `identity` (an engine identity into one store) for build key `key`: None when it is
+        ours to build, else the key that holds a fresh claim. Closes the window in which engines of one identity in
+        two namespaces both see no Job and both create one; the Jobs themselves say the rest."""
+        now = time.monotonic()
+        held = self.claims.get(identity)
+        if held is not None and held[0] != key and now - held[1] < RESERVATION_SECONDS:
+            return held[0]
+        self.claims[identity] = (key, now)
+        return None
 
     def reserve(self, pool: str, key: str) -> None:
         """The build's Job is being created: it holds a slot from now on."""

@@ -64,6 +64,9 @@ class Snapshot:
     job: JobView | None = None  # the desired engine's build Job
     progress: BuildProgress | None = None  # where that build is, as its builder last wrote (while it runs)
     queue_position: int = 0  # 0: a build may start now
+    # A running build Job of the same identity into the same store in another namespace ("namespace/name"): this
+    # engine waits for its commit instead of building the same engine again.
+    building_elsewhere: str | None = None
     deployment: DeploymentView | None = None
     bench: BenchView | None = None  # the desired engine's benchmark Job
     traffic: TrafficView | None = None  # None: not read this pass (source off, or no engine of the spec serves)

@@ -33,7 +33,11 @@ def build_job(*, request: BuildRequest, where: c.Placement, attempt: int, cfg: O
         subcommand="build-engine",
         request_dir=REQUEST_DIR,
         labels=build_labels(where.short_digest, where.pool),
-        annotations={c.ATTEMPT_ANNOTATION: str(attempt), c.DIGEST_ANNOTATION: request.engine_digest},
+        annotations={
+            c.ATTEMPT_ANNOTATION: str(attempt),
+            c.DIGEST_ANNOTATION: request.engine_digest,
+            c.STORE_ANNOTATION: c.store_key(request.store),
+        },
         env=env,
         where=where,
         image=request.image,

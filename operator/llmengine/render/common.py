@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from llmengine import GROUP, KIND, PREFIX, VERSION
+from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import OperatorConfig
 from llmengine.api.v1alpha1 import LLMEngine, LLMEngineSpec, SecretKeySelector, Target
 
@@ -17,6 +19,8 @@ POOL_LABEL = f"{PREFIX}/pool"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 DIGEST_ANNOTATION = f"{PREFIX}/engine-digest"
 ATTEMPT_ANNOTATION = f"{PREFIX}/build-attempt"
+# Which store a build Job commits to (store_key): builds of one identity into one store are one build, cluster-wide.
+STORE_ANNOTATION = f"{PREFIX}/store"
 # A digest of what the operator last rendered into an object: an unchanged render is not written again.
 RENDER_HASH_ANNOTATION = f"{PREFIX}/render-hash"
 # The kinds of what the operator renders the serving Deployment, besides the Service, listed on the Deployment
@@ -52,6 +56,12 @@ HPA = Kind("HorizontalPodAutoscaler", "autoscaling", "v2", "horizontalpodautosca
 INGRESS = Kind("Ingress", "networking.k8s.io", "v1", "ingresses")
 HTTP_ROUTE = Kind("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes")
 ATTACHMENT_KINDS = {k.kind: k for k in (HPA, INGRESS, HTTP_ROUTE)}
+
+
+def store_key(location: StoreLocation) -> str:
+    """A short name for a store location (endpoint, bucket, prefix): equal for builds that commit to one place."""
+    text = f"{location.endpoint or ''}|{location.bucket}|{location.prefix}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_job_name(short_digest: str) -> str:
