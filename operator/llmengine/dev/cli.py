@@ -1,15 +1,17 @@
-"""`llmengine dev up | down | status | env | logs`: the local simulated GPU cluster."""
+"""`llmengine dev up | down | status | env | logs | traffic`: the local simulated GPU cluster."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from llmengine.dev import proc, tools
+from llmengine.dev import proc, tools, traffic
 from llmengine.dev.cluster import DevCluster
+from llmengine.dev.servingpath import ServingPathInfo, serving_paths
 
 
 def main(argv: list[str]) -> int:
@@ -26,6 +28,17 @@ def main(argv: list[str]) -> int:
     sub.add_parser("env", help="print the shell exports to use the cluster")
     lg = sub.add_parser("logs", help="print a component's log")
     lg.add_argument("component")
+    tr = sub.add_parser(
+        "traffic",
+        help="send prompts through an engine's metering proxy (the demo's serving path, in front of a test stand-in)",
+    )
+    tr.add_argument("--tokens", type=int, required=True, help="prompt length (the stand-in counts words as tokens)")
+    tr.add_argument("--requests", type=int, default=30, help="prompts to send (default 30)")
+    tr.add_argument("--concurrency", type=int, default=4, help="prompts in flight at once (default 4)")
+    tr.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request (default 16)")
+    tr.add_argument("--chat", action="store_true", help="use /v1/chat/completions instead of /v1/completions")
+    tr.add_argument("--engine", help="the LLMEngine (default: the only one with a serving path)")
+    tr.add_argument("-n", "--namespace", help="its namespace")
     args = ap.parse_args(argv)
     cluster = DevCluster(args.name, args.state_dir, getattr(args, "fleet", None))
 
@@ -63,6 +76,8 @@ def main(argv: list[str]) -> int:
         for k, v in current.env().items():
             print(f"export {k}={shlex.quote(v)}")
         return 0
+    if args.cmd == "traffic":
+        return _traffic(cluster, args)
     if args.cmd == "logs":
         logs = cluster.logs()
         if args.component not in logs:
@@ -71,3 +86,28 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(logs[args.component].read_text(errors="replace"))
         return 0
     return 2
+
+
+def _traffic(cluster: DevCluster, args: argparse.Namespace) -> int:
+    paths = serving_paths(cluster.dir)
+    found = [
+        p
+        for p in paths
+        if (args.engine is None or p.engine == args.engine)
+        and (args.namespace is None or p.namespace == args.namespace)
+    ]
+    if len(found) != 1:
+        have = ", ".join(f"{p.namespace}/{p.engine}" for p in paths) or "none"
+        what = "no" if not found else "more than one"
+        print(
+            f"llmengine dev traffic: {what} serving path matches in cluster {cluster.name!r} (have: {have}); "
+            "`make demo` starts one, --engine / -n pick one",
+            file=sys.stderr,
+        )
+        return 1
+    path: ServingPathInfo = found[0]
+    result = asyncio.run(
+        traffic.send(path.url, args.tokens, args.requests, args.concurrency, args.max_tokens, chat=args.chat)
+    )
+    print(f"{path.namespace}/{path.engine}: " + traffic.summary(result, args.tokens, path.url))
+    return 0 if result.failed == 0 else 1

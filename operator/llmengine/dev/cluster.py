@@ -108,12 +108,17 @@ class DevCluster:
             return None
         return ClusterInfo(**json.loads(self.info_file.read_text()))
 
+    def extras(self) -> list[str]:
+        """Processes started next to the cluster that are none of its components (the demo's serving paths)."""
+        pids = self.dir / "pids"
+        return sorted(p.name for p in pids.iterdir() if p.name not in COMPONENTS) if pids.is_dir() else []
+
     def status(self) -> dict[str, int | None]:
-        """PID of each component, or None when it is not running."""
-        return {c: proc.running(self.dir, c) for c in reversed(COMPONENTS)}
+        """PID of each component (and of each process started next to it), or None when it is not running."""
+        return {c: proc.running(self.dir, c) for c in [*reversed(COMPONENTS), *self.extras()]}
 
     def healthy(self) -> bool:
-        return all(pid for comp, pid in self.status().items() if comp != "operator")
+        return all(proc.running(self.dir, c) for c in COMPONENTS if c != "operator")
 
     def logs(self) -> dict[str, Path]:
         logs = self.dir / "logs"
@@ -403,7 +408,7 @@ class DevCluster:
 
     # ---- down -------------------------------------------------------------------------------------------
     def down(self, quiet: bool = False, purge: bool = False) -> list[str]:
-        stopped = [c for c in COMPONENTS if proc.stop_named(self.dir, c)]
+        stopped = [c for c in [*self.extras(), *COMPONENTS] if proc.stop_named(self.dir, c)]
         data = self.dir / "etcd-data-dir"
         if data.exists():
             shutil.rmtree(data.read_text().strip(), ignore_errors=True)

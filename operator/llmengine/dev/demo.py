@@ -1,11 +1,17 @@
 """`make demo`: the local simulated GPU cluster and S3, the chart installed, the operator running with the chart's
-ServiceAccount, an example engine built (test compiler) and served to Ready. The cluster is left up."""
+ServiceAccount, an example engine built (test compiler) and served to Ready, and one request answered through its
+serving path: the real metering proxy in front of a local test stand-in (llmengine.dev.servingpath; simulated pods run
+no containers, so no trtllm-serve runs). The operator reads that proxy's metrics, so traffic sent with
+`llmengine dev traffic` drives the example's rebuildPolicy (Auto). The cluster is left up."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +20,7 @@ import yaml
 from llmengine.dev import proc, tools
 from llmengine.dev.cluster import ClusterInfo, DevCluster, wait_for
 from llmengine.dev.seed import create_store_secret, upload_tiny_checkpoint
+from llmengine.dev.servingpath import metrics_template
 
 NAME = "demo"
 SYSTEM_NS = "llmengine-system"
@@ -92,6 +99,30 @@ def operator_kubeconfig(info: ClusterInfo, api: Any, cluster: DevCluster) -> Pat
     return path
 
 
+def start_serving_path(cluster: DevCluster, name: str, port: int) -> str:
+    """The example engine's serving path (metering proxy + test stand-in) on `port`; returns its base URL."""
+    component = f"serving-{DEMO_NS}-{name}"
+    proc.stop_named(cluster.dir, component)
+    argv = [sys.executable, "-m", "llmengine.dev.servingpath", "--cluster-dir", str(cluster.dir)]
+    proc.start(component, [*argv, "--namespace", DEMO_NS, "--engine", name, "--port", str(port)], cluster.dir)
+    return f"http://127.0.0.1:{port}"
+
+
+def serving_path_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=3) as r:
+            return int(r.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def one_request(url: str) -> str:
+    body = json.dumps({"prompt": "Hello from the demo", "max_tokens": 16}).encode()
+    req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return str(r.read().decode())
+
+
 def main() -> int:
     from kubernetes import client, config
 
@@ -129,6 +160,13 @@ def main() -> int:
         f"webhook.url=https://127.0.0.1:{webhook_port}",
         "--wait=false",
     )
+    name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
+    meter_port = proc.free_port()
+    say(
+        f"starting {name}'s serving path on 127.0.0.1:{meter_port}: the real metering proxy in front of a local "
+        "TEST SERVER stand-in (not trtllm-serve), answering for the engine's simulated serving pod"
+    )
+    url = start_serving_path(cluster, name, meter_port)
     say("running the operator locally with the chart's ServiceAccount token (simulated nodes run no containers)")
     kcfg = operator_kubeconfig(info, api, cluster)
     certs = webhook_certs(core, cluster.dir / "webhook-certs")
@@ -162,6 +200,11 @@ def main() -> int:
             "AWS_ACCESS_KEY_ID": info.s3_access_key,
             "AWS_SECRET_ACCESS_KEY": info.s3_secret_key,
             "LLMENGINE_JSON_LOGS": "false",
+            # Traffic is read from the serving path's proxy. Scrapes happen on reconcile passes: a pass and a scrape
+            # every 5 s (defaults 60 s and 15 s) make a verdict show within seconds of the traffic.
+            "LLMENGINE_TRAFFIC_URL_TEMPLATE": metrics_template(meter_port),
+            "LLMENGINE_TRAFFIC_SCRAPE_INTERVAL_SECONDS": "5",
+            "LLMENGINE_RESYNC_SECONDS": "5",
         },
     )
 
@@ -175,7 +218,6 @@ def main() -> int:
             raise
     create_store_secret(api, info, DEMO_NS)
     kubectl(info, "apply", "-n", DEMO_NS, "-f", str(EXAMPLE))
-    name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
     co = client.CustomObjectsApi(api)
     last = ""
 
@@ -190,6 +232,20 @@ def main() -> int:
         return st.get("phase") == "Ready"
 
     wait_for(f"{name} Ready", ready, timeout=600, interval=0.5)
+    say(f"one request through {name}'s metering proxy ({url}); the TEST SERVER stand-in answers, no model runs")
+    wait_for(f"{name}'s serving path", lambda: serving_path_answers(url), timeout=60, interval=0.5)
+    print("    " + one_request(url))
+
+    def envelope_observed() -> str | None:
+        # The operator's first answered scrape is the baseline: traffic counts from there on.
+        obj = co.get_namespaced_custom_object("llmengine.io", "v1alpha1", DEMO_NS, "llmengines", name)
+        conds = (obj.get("status") or {}).get("conditions") or []
+        c: dict[str, Any] = next((c for c in conds if c.get("type") == "EnvelopeExceeded"), {})
+        seen = c.get("reason") not in (None, "NoMetrics")
+        return f"EnvelopeExceeded={c.get('status')} ({c.get('reason')}: {c.get('message')})" if seen else None
+
+    say("the operator reads that proxy's /llmengine/metrics for the engine's traffic")
+    print("    " + wait_for("the operator's first traffic snapshot", envelope_observed, timeout=60, interval=0.5))
     say("the same engine quantized to FP8 on an A100 (SM 8.0, no FP8): the webhook refuses it")
     print("    " + refused_fp8_on_a100(info).replace("\n", "\n    "))
     say("kubectl get llme -A")
@@ -197,6 +253,21 @@ def main() -> int:
     print(kubectl(info, "get", "deploy,job,pods", "-n", DEMO_NS))
     say(f"Ready in {time.monotonic() - t0:.0f}s. Try:")
     kc = f"kubectl --kubeconfig {info.kubeconfig} -n {DEMO_NS}"
+    traffic = f".venv/bin/llmengine dev --name {NAME} traffic"
+    envelope = (
+        "PHASE:.status.phase,ENVELOPE:'.status.conditions[?(@.type==\"EnvelopeExceeded\")].reason',"
+        "ENGINE:.status.servingEngine.short,MAX_INPUT:.status.envelope.maxInputLen,AUTO:.status.envelope.autoShapes"
+    )
+    print(f"  call it:       curl -s {url}/v1/completions -H 'content-type: application/json' \\")
+    print('                   -d \'{"prompt": "Hello there", "max_tokens": 16}\'   # through the metering proxy')
+    print(f"  metered:       curl -s {url}/llmengine/metrics | grep '^llmengine_requests_total'")
+    print(f"  within:        {traffic} --tokens 200 --requests 30   # maxInputLen 512: answered")
+    print(f"  beyond:        {traffic} --tokens 800 --requests 30   # refused as too long: EnvelopeExceeded, then")
+    print(
+        "                 AutoRebuild -> Building -> Deploying -> Ready with a larger maxInputLen (run it again after)"
+    )
+    print(f"  watch that:    {kc} get llme {name} -w -o custom-columns={envelope}")
+    print(f"  explain it:    {kc} describe llme {name}   # conditions, events, status.envelope.autoShapes")
     print(f'  rebuild:       {kc} patch llme {name} --type merge -p \'{{"spec":{{"build":{{"maxSeqLen":2048}}}}}}\'')
     print(f'  rollout only:  {kc} patch llme {name} --type merge -p \'{{"spec":{{"serving":{{"replicas":3}}}}}}\'')
     print(f"  watch:         {kc} get llme -w")

@@ -17,6 +17,7 @@ from kubernetes import client
 
 from llmengine.dev.cluster import ClusterInfo, wait_for
 from llmengine.dev.proc import free_port
+from llmengine.dev.servingpath import ServingPathInfo, serving_paths
 
 
 class Engines:
@@ -138,3 +139,28 @@ def deployment(api: Any, ns: str, name: str) -> Any:
 
 def served_digest(api: Any, ns: str, name: str) -> str:
     return str(deployment(api, ns, name).spec.template.metadata.annotations["llmengine.io/engine-digest"])
+
+
+@contextmanager
+def run_serving_path(info: ClusterInfo, ns: str, engine: str, log_dir: Path) -> Iterator[ServingPathInfo]:
+    """The serving path of one engine (llmengine.dev.servingpath: the metering proxy in front of the test stand-in)
+    as a subprocess, as the demo runs it; yields where it answers once it does."""
+    log = log_dir / f"serving-path-{ns}-{engine}.log"
+    cmd = [sys.executable, "-m", "llmengine.dev.servingpath", "--cluster-dir", info.state_dir]
+    cmd += ["--namespace", ns, "--engine", engine, "--port", str(free_port()), "--interval", "0.5"]
+    with open(log, "ab") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up() -> ServingPathInfo | None:
+        if p.poll() is not None:
+            raise RuntimeError(f"the serving path exited ({p.returncode}): {log.read_text(errors='replace')}")
+        return next((s for s in serving_paths(Path(info.state_dir)) if (s.namespace, s.engine) == (ns, engine)), None)
+
+    try:
+        yield wait_for(f"the serving path of {ns}/{engine}", up, timeout=30, interval=0.2)
+    finally:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -55,6 +55,18 @@ API_RETRY = "API call retried"  # in the runner's log once per repeated call (sc
 log = logging.getLogger("llmengine.dev.runner")
 
 
+def work_dir(cluster_dir: Path) -> Path:
+    """Where the runner materialises the pods of the cluster in `cluster_dir`."""
+    return cluster_dir / "pods"
+
+
+def pod_dir(work: Path, pod: dict[str, Any]) -> Path:
+    """One pod's scratch directory under `work`: its volumes (volumes/<name>), container logs and termination
+    messages."""
+    md = pod["metadata"]
+    return work / f"{md['namespace']}_{md['name']}_{md['uid'][:8]}"
+
+
 def is_runnable(pod: dict[str, Any], container: dict[str, Any]) -> bool:
     cmd = list(container.get("command") or [])
     if cmd and os.path.basename(cmd[0]) == "llmengine":
@@ -311,7 +323,7 @@ class Runner:
     # ---- per pod ----------------------------------------------------------------------------------------
     def handle(self, pod: dict[str, Any]) -> None:
         md = pod["metadata"]
-        root = self.work / f"{md['namespace']}_{md['name']}_{md['uid'][:8]}"
+        root = pod_dir(self.work, pod)
         root.mkdir(parents=True, exist_ok=True)
         try:
             if is_job_pod(pod):
@@ -483,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = json.loads((args.cluster_dir / "cluster.json").read_text())
     api = config.new_client_from_config(config_file=info["kubeconfig"])
-    work = args.cluster_dir / "pods"
+    work = work_dir(args.cluster_dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     exe = Path(sys.executable).parent / "llmengine"
