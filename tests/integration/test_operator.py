@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -153,31 +154,56 @@ def test_one_identity_in_two_namespaces_is_built_once(env: Any, api: Any) -> Non
         core.delete_namespace(other, propagation_policy="Background")
 
 
-def test_a_download_that_keeps_failing_is_named_in_the_status_and_heals(env: Any) -> None:
+def test_an_engine_failing_verification_is_quarantined_rebuilt_once_then_stalls(env: Any, api: Any) -> None:
     """A committed engine whose bytes no longer match its manifest: the serving pod's download refuses it and its
-    init container crash-loops; the engine's message says so (from the pod's status), and once the object is good
-    again the next restart serves it."""
+    init container crash-loops. The operator takes the store's copy out of service (kept under quarantine/, with a
+    Warning), builds the identity once more, and the pod serves the new commit; nobody touches the store. The same
+    damage again stalls the engine instead of rebuilding in a loop."""
+    core = client.CoreV1Api(api)
+    s3, bucket = env.info.s3().client(), env.info.s3_bucket
+
+    def damage(digest: str) -> str:
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{env.prefix}/{digest}/manifest.json")["Body"].read())
+        biggest = max(manifest["files"], key=lambda f: f["size"])
+        key = f"{env.prefix}/{digest}/{manifest.get('filesPrefix', '')}{biggest['path']}"
+        good = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        s3.put_object(Bucket=bucket, Key=key, Body=bytes(b ^ 0xFF for b in good[:4096]) + good[4096:])
+        return str(manifest["buildId"])
+
     with run_operator(env.info, env.ns, env.logs):
         env.engines.create(env.body("rot", serving={"replicas": 0}))
         digest = env.engines.wait_phase("rot", "Ready", timeout=180)["status"]["desiredEngine"]["digest"]
-        s3, bucket = env.info.s3().client(), env.info.s3_bucket
-        listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{env.prefix}/{digest}/")["Contents"]
-        big = max(listed, key=lambda o: o["Size"])
-        good = s3.get_object(Bucket=bucket, Key=big["Key"])["Body"].read()
-        s3.put_object(Bucket=bucket, Key=big["Key"], Body=bytes(b ^ 0xFF for b in good[:4096]) + good[4096:])
+        first = damage(digest)
         env.engines.patch_spec("rot", {"serving": {"replicas": 1}})
-        name = big["Key"].rsplit("/", 1)[1]
 
-        def explained() -> Any:
-            msg = env.engines.get("rot")["status"].get("message", "")
-            return msg if "failed verification" in msg else None
+        def quarantined() -> Any:
+            st = env.engines.get("rot")["status"]
+            return st if (st.get("build") or {}).get("quarantinedAt") else None
 
-        msg = wait_for("the status names the failed download", explained, timeout=120)
-        assert msg.startswith("0/1 serving replicas available; pod llme-rot-"), msg
-        assert "init container fetch-engine failed (exit 1" in msg and f"'{name}' failed verification" in msg, msg
-        s3.put_object(Bucket=bucket, Key=big["Key"], Body=good)
-        ready = env.engines.wait_phase("rot", "Ready", timeout=120)
-        assert ready["status"]["message"] == f"serving engine {digest[:12]} on 1 replica(s)"
+        st = wait_for("the engine quarantined", quarantined, timeout=120)
+        assert "failed verification" in st["build"]["quarantineReason"], st
+        events = core.list_namespaced_event(env.ns, field_selector="reason=EngineQuarantined").items
+        assert events and "quarantined" in events[0].message
+        ready = env.engines.wait_phase("rot", "Ready", timeout=180)
+        assert ready["status"]["desiredEngine"]["digest"] == digest and ready["status"]["build"]["quarantinedAt"]
+        second = json.loads(s3.get_object(Bucket=bucket, Key=f"{env.prefix}/{digest}/manifest.json")["Body"].read())
+        assert second["buildId"] != first, "the same (damaged) build was committed again"
+        kept = s3.list_objects_v2(Bucket=bucket, Prefix=f"{env.prefix}/{digest}/quarantine/")["Contents"]
+        assert any(o["Key"].endswith(f"{first}-manifest.json") for o in kept)
+
+        # The rebuilt engine damaged too, and a pod restarts: stalled with the reason, not quarantined again.
+        damage(digest)
+        for pod in core.list_namespaced_pod(env.ns, label_selector="app.kubernetes.io/instance=rot").items:
+            core.delete_namespaced_pod(pod.metadata.name, env.ns)
+
+        def stalled() -> Any:
+            st = env.engines.get("rot")["status"]
+            c = next((c for c in st.get("conditions") or [] if c["type"] == "Stalled"), {})
+            return st if c.get("status") == "True" and c.get("reason") == "ServingPodsFailing" else None
+
+        st = wait_for("stalled on the second damage", stalled, timeout=120)
+        assert "failed verification" in st["message"]
+        assert len(core.list_namespaced_event(env.ns, field_selector="reason=EngineQuarantined").items) == 1
 
 
 def test_builder_failure_reports_reason_and_fixed_spec_recovers(env: Any, api: Any) -> None:

@@ -293,3 +293,29 @@ def test_an_identity_built_in_another_namespace_is_waited_for_not_built_again() 
     # That build commits: a store hit here, rolled out like any other.
     hit = p(committed=True)
     assert hit.condition("EngineBuilt")["reason"] == "StoreHit" and Serve(D, SERVER_IMAGE, 2) in hit.decision.actions
+
+
+def test_a_committed_engine_failing_verification_is_quarantined_and_rebuilt_once() -> None:
+    from llmengine.reconcile.actions import DeleteBuildJob, Quarantine
+
+    damaged = (
+        "pod llme-llama-1: init container fetch-engine failed (exit 1, 2 restart(s)): "
+        "serve-engine: 'rank0.engine' failed verification: sha256 12ab... does not match the manifest's 34cd..."
+    )
+    p = Passes()
+    p(committed=True, deployment=deployment())
+    rolling = deployment(available=1, ready=1, problem=damaged)
+    q = p(committed=True, deployment=rolling, job=job(active=False, succeeded=True))
+    assert Quarantine(D, damaged) in q.decision.actions and DeleteBuildJob() in q.decision.actions
+    assert Serve(D, SERVER_IMAGE, 2) in q.decision.actions  # the Deployment is left alone: its pods retry
+    assert reasons(q)[0] == "EngineQuarantined" and q.status["build"]["quarantinedAt"] == "2026-11-26T12:00:00Z"
+    assert q.status["phase"] == "Building" and "attempts" not in q.status["build"]
+    rebuild = p(deployment=rolling)  # the manifest is gone: not committed
+    assert StartBuild(1) in rebuild.decision.actions
+    assert rebuild.condition("Stalled")["reason"] == "EngineQuarantined" and "quarantined" in rebuild.status["message"]
+    healed = p(committed=True, deployment=deployment())
+    assert healed.status["phase"] == "Ready" and healed.condition("Stalled")["status"] == "False"
+    # Damaged again: no second quarantine, a person is needed.
+    again = p(committed=True, deployment=rolling)
+    assert not again.decision.has(Quarantine) and again.condition("Stalled")["reason"] == "ServingPodsFailing"
+    assert again.status["build"]["quarantinedAt"] == "2026-11-26T12:00:00Z"

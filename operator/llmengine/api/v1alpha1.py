@@ -837,6 +837,15 @@ class BuildStatus(StatusModel):
     started_at: str | None = Field(
         default=None, json_schema_extra={"format": "date-time"}, description="When the current build started."
     )
+    quarantined_at: str | None = Field(
+        default=None,
+        json_schema_extra={"format": "date-time"},
+        description=(
+            "When the committed engine of this identity was quarantined because its files failed verification "
+            "(kept in the store under quarantine/, rebuilt once; a second failure stalls instead)."
+        ),
+    )
+    quarantine_reason: str | None = Field(default=None, description="What failed verification.")
     stage: str | None = Field(
         default=None,
         description="Stage the running build is in, as its builder reports it: fetch, compile, verify or upload.",

@@ -16,11 +16,21 @@ from llmengine.clients.kube import ApiError, Kube, merge_patch
 from llmengine.clock import seconds_between
 from llmengine.plan.benchgate import bench_request
 from llmengine.reconcile import metrics
-from llmengine.reconcile.actions import AdoptBuildJob, Attach, DeleteBuildJob, Detach, Serve, StartBenchmark, StartBuild
+from llmengine.reconcile.actions import (
+    AdoptBuildJob,
+    Attach,
+    DeleteBuildJob,
+    Detach,
+    Quarantine,
+    Serve,
+    StartBenchmark,
+    StartBuild,
+)
 from llmengine.reconcile.decide import Decision
-from llmengine.reconcile.gather import Memory, StoreAccess, Target
+from llmengine.reconcile.gather import Memory, Target
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.snapshot import Snapshot
+from llmengine.reconcile.stores import StoreAccess, Stores
 from llmengine.render import attachments, common, serving
 from llmengine.render import bench as render_bench
 from llmengine.render import build as render_build
@@ -44,11 +54,14 @@ def status_document(status: LLMEngineStatus) -> dict[str, Any]:
 
 
 class Actor:
-    def __init__(self, kube: Kube, cfg: OperatorConfig, queue: BuildQueue, memory: Memory, events: EventSink) -> None:
+    def __init__(
+        self, kube: Kube, cfg: OperatorConfig, queue: BuildQueue, memory: Memory, stores: Stores, events: EventSink
+    ) -> None:
         self.kube = kube
         self.cfg = cfg
         self.queue = queue
         self.memory = memory
+        self.stores = stores
         self.events = events
 
     async def act(self, snap: Snapshot, target: Target, d: Decision) -> None:
@@ -69,6 +82,8 @@ class Actor:
             elif isinstance(action, Detach):
                 k = common.ATTACHMENT_KINDS[action.kind]
                 await self.kube.delete_object(k.group, k.version, k.plural, ns, common.serving_name(snap.name))
+            elif isinstance(action, Quarantine) and target.access is not None:
+                await self.stores.quarantine(ns, target.access, action.digest, action.reason)
             elif isinstance(action, StartBenchmark):
                 await self._start_bench(snap, target)
         patch = merge_patch(status_document(snap.status), status_document(d.status))

@@ -50,8 +50,16 @@ class Detach:
 
 
 @dataclass(frozen=True)
+class Quarantine:
+    """The committed desired engine fails verification: uncommit it in the store (kept for inspection)."""
+
+    digest: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class StartBenchmark:
     """Create the benchmark Job of the desired engine (and its request ConfigMap)."""
 
 
-Action = StartBuild | DeleteBuildJob | AdoptBuildJob | Serve | Attach | Detach | StartBenchmark
+Action = StartBuild | DeleteBuildJob | AdoptBuildJob | Serve | Attach | Detach | Quarantine | StartBenchmark

@@ -21,13 +21,14 @@ from llmengine.reconcile.actions import (
     Attach,
     DeleteBuildJob,
     Detach,
+    Quarantine,
     Serve,
     StartBenchmark,
     StartBuild,
 )
 from llmengine.reconcile.gate import GateStep, gate
 from llmengine.reconcile.snapshot import Snapshot
-from llmengine.reconcile.views import DeploymentView, JobView, last_line, needs_a_person
+from llmengine.reconcile.views import DeploymentView, JobView, corrupt_engine, last_line, needs_a_person
 from llmengine.render import attachments, common
 from llmengine.render.serving import image_for
 
@@ -166,9 +167,15 @@ def decide(snap: Snapshot) -> Decision:
     if store.committed:
         phase, message = _rollout_step(p, dep, digest)
         if phase in (DEPLOYING, DEGRADED) and dep is not None and dep.digest == digest and needs_a_person(dep.problem):
-            # A crash loop or an engine that fails verification will not heal by waiting: kstatus Failed, as Argo
-            # CD's Degraded already says.
-            stalled, stall_reason = True, "ServingPodsFailing"
+            if corrupt_engine(dep.problem) and not build.quarantined_at:
+                # The store's copy is damaged: take it out of service (kept for inspection) and build it again,
+                # once. The pods' downloads retry and take the new commit of the same identity.
+                phase, message = _quarantine(p, build, digest, dep.problem or "")
+                st.build = build
+            else:
+                # A crash loop, or an engine that failed verification again after its rebuild, will not heal by
+                # waiting: kstatus Failed, as Argo CD's Degraded already says.
+                stalled, stall_reason = True, "ServingPodsFailing"
         step = _gate(snap, dep)
         if step is not None:
             phase, message = _apply_gate(p, step, phase, message, dep.digest if dep else None)
@@ -176,6 +183,10 @@ def decide(snap: Snapshot) -> Decision:
                 stalled, stall_reason = True, "BenchmarkFailed"
     elif dep is not None:
         p.setc(cond.DEPLOYED, False, "WaitingForEngine", f"serving the previous engine until {digest[:12]} is built")
+    if build.quarantined_at and not store.committed and not stalled:
+        # Rebuilding a quarantined engine needs a person's attention until the new one commits.
+        stalled, stall_reason = True, "EngineQuarantined"
+        message = f"{message}; engine {digest[:12]} was quarantined ({build.quarantine_reason}): rebuilding it once"
 
     if p.serve is not None:
         current = dep.image if dep is not None else None
@@ -197,6 +208,21 @@ def _attachments(p: _Pass) -> None:
     wanted = attachments.wanted(p.snap.spec) if p.snap.spec is not None else ()
     p.actions += [Attach(kind) for kind in wanted]
     p.actions += [Detach(kind) for kind, view in sorted(p.snap.attachments.items()) if view and kind not in wanted]
+
+
+def _quarantine(p: _Pass, build: BuildStatus, digest: str, problem: str) -> tuple[str, str]:
+    reason = problem[:512]
+    p.actions.append(Quarantine(digest, reason))
+    if p.snap.job is not None:
+        p.actions.append(DeleteBuildJob())  # the build that made it: the rebuild takes the name
+    build.quarantined_at, build.quarantine_reason = iso(p.snap.now), reason
+    build.attempts = build.failed_attempt = build.last_failure = build.job = build.next_retry_at = None
+    build.last_duration_seconds = build.stage = build.stage_started_at = None
+    message = f"engine {digest[:12]} failed verification in the store and was quarantined; rebuilding it: {reason}"
+    p.events.append(("Warning", "EngineQuarantined", message))
+    p.setc(cond.ENGINE_BUILT, False, "Quarantined", message)
+    p.soon(1.0)
+    return BUILDING, message
 
 
 def _rollout_step(p: _Pass, dep: DeploymentView | None, digest: str) -> tuple[str, str]:

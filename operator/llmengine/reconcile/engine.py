@@ -13,6 +13,7 @@ from llmengine.reconcile.act import Actor, EventSink
 from llmengine.reconcile.decide import decide
 from llmengine.reconcile.gather import Gatherer, Memory
 from llmengine.reconcile.queue import BuildQueue
+from llmengine.reconcile.stores import Stores
 
 
 def _no_events(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
@@ -24,8 +25,9 @@ class Reconciler:
         self.cfg = cfg
         self.queue = BuildQueue(cfg.build_concurrency_per_pool)
         self.memory = Memory()
-        self.gatherer = Gatherer(kube, cfg, self.queue, self.memory)
-        self.actor = Actor(kube, cfg, self.queue, self.memory, events or _no_events)
+        stores = Stores(kube)
+        self.gatherer = Gatherer(kube, cfg, self.queue, self.memory, stores)
+        self.actor = Actor(kube, cfg, self.queue, self.memory, stores, events or _no_events)
 
     async def reconcile(self, body: Mapping[str, Any]) -> float | None:
         """One level-based pass; returns seconds until the next pass is due (None: only on events)."""

@@ -3,30 +3,26 @@ the serving pods' metrics); the only things kept are caches and the traffic seri
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import dataclasses
-import hashlib
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmengine.api.artifacts import BuildProgress, StoreLocation
+from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import OperatorConfig
 from llmengine.api.v1alpha1 import InvalidEngine, LLMEngine, LLMEngineSpec, LLMEngineStatus, parse_engine
 from llmengine.clients import scrape
 from llmengine.clients.kube import Kube
-from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client, on_default_store
 from llmengine.clock import utcnow
-from llmengine.logging import register_secret
 from llmengine.plan import envelope, plan_object
 from llmengine.plan import traffic as tr
 from llmengine.plan.planner import Plan
 from llmengine.reconcile import metrics
 from llmengine.reconcile.queue import BuildQueue
-from llmengine.reconcile.snapshot import BuildLimits, Snapshot, StoreView, TrafficView
+from llmengine.reconcile.snapshot import BuildLimits, Snapshot, TrafficView
+from llmengine.reconcile.stores import StoreAccess, Stores
 from llmengine.reconcile.views import (
     AttachmentView,
     DeploymentView,
@@ -39,14 +35,6 @@ from llmengine.render import attachments, autoscale, common, serving
 from llmengine.render import bench as render_bench
 
 Key = tuple[str, str]  # (namespace, name)
-
-
-@dataclass(frozen=True)
-class StoreAccess:
-    location: StoreLocation
-    pod_secret: str | None  # Secret the build and serving pods read credentials from
-    explicit: bool  # the spec names its own credentials Secret
-    default: bool  # the engine has no spec.store: the operator's default store (the chart's values)
 
 
 @dataclass(frozen=True)
@@ -95,6 +83,7 @@ class Gatherer:
         cfg: OperatorConfig,
         queue: BuildQueue,
         memory: Memory,
+        stores: Stores,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube = kube
@@ -102,8 +91,7 @@ class Gatherer:
         self.queue = queue
         self.memory = memory
         self.clock = clock
-        self._committed: set[tuple[str, str, str, str]] = set()
-        self._stores: dict[tuple[Any, ...], EngineStore] = {}
+        self.stores = stores
 
     # ---- the snapshot ----
     async def gather(self, body: Mapping[str, Any]) -> tuple[Snapshot, Target]:
@@ -155,7 +143,7 @@ class Gatherer:
 
         access = self._access(spec, req.store)
         digest = plan.engine_digest
-        store = await self._store_view(ns, access, digest)
+        store = await self.stores.view(ns, access, digest)
         pool = common.pool_name(plan.gpu.name, plan.mig_profile)
         job_name = common.build_job_name(plan.short_digest)
         key = f"{ns}/{job_name}"
@@ -171,7 +159,7 @@ class Gatherer:
             job = job_view(raw_job, pods)
         progress = None
         if job is not None and not job.ended and store.committed is False:
-            progress = await self._progress(ns, access, digest)
+            progress = await self.stores.progress(ns, access, digest)
         position, elsewhere = 0, None
         if store.committed is False and job is None:
             store_key = common.store_key(req.store)
@@ -252,55 +240,6 @@ class Gatherer:
             return StoreAccess(location, self.cfg.default_store_secret, False, True)
         ref = spec.store.credentials_secret_ref
         return StoreAccess(location, ref.name if ref else None, ref is not None, False)
-
-    async def _store_view(self, ns: str, access: StoreAccess, digest: str) -> StoreView:
-        loc = access.location
-        uri = loc.engine_uri(digest)
-        ck = (loc.endpoint or "", loc.bucket, loc.prefix, digest)
-        if ck in self._committed:
-            return StoreView(True, None, uri)
-        try:
-            store = await self._store(ns, access)
-            ok = await asyncio.to_thread(store.is_committed, digest)
-        except StoreError as e:
-            metrics.STORE_ERRORS.inc()
-            return StoreView(None, on_default_store(str(e)) if access.default else str(e), uri)
-        except Exception as e:  # a store outage must never crash the operator
-            metrics.STORE_ERRORS.inc()
-            return StoreView(None, f"{type(e).__name__}: {e}"[:300], uri)
-        if ok:
-            self._committed.add(ck)
-        return StoreView(ok, None, uri)
-
-    async def _progress(self, ns: str, access: StoreAccess, digest: str) -> BuildProgress | None:
-        """Where the running build is, as its builder last wrote; None when it can not be read (it is only a note)."""
-        try:
-            store = await self._store(ns, access)
-            return await asyncio.to_thread(store.get_progress, digest)
-        except Exception:  # the store's look-up above reports outages; a missing note changes no decision
-            return None
-
-    async def _store(self, ns: str, access: StoreAccess) -> EngineStore:
-        key: tuple[Any, ...] = (ns, access.pod_secret, access.location)
-        creds: dict[str, str] = {}
-        if access.explicit and access.pod_secret:
-            data = await self.kube.get_secret_data(ns, access.pod_secret)
-            if data is None:
-                raise StoreError(
-                    f"Secret {access.pod_secret!r} not found in namespace {ns!r}",
-                    setting="spec.store.credentialsSecretRef",
-                )
-            creds = {
-                "access_key_id": data.get("AWS_ACCESS_KEY_ID", ""),
-                "secret_access_key": data.get("AWS_SECRET_ACCESS_KEY", ""),
-            }
-            for value in creds.values():
-                register_secret(value)  # masked in every log line from now on
-            key = (*key, hashlib.sha256(json.dumps(creds, sort_keys=True).encode()).hexdigest())
-        if key not in self._stores:
-            cfg = S3Config.for_location(access.location, **creds)
-            self._stores[key] = EngineStore(make_s3_client(cfg), access.location)
-        return self._stores[key]
 
     # ---- Jobs, pods ----
     async def _pool_builds(

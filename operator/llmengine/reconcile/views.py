@@ -141,6 +141,15 @@ def needs_a_person(problem: str | None) -> bool:
     return "restart(s)" in problem or any(reason in problem for reason in _WAITING_TROUBLE)
 
 
+# What the serving pods' download says when the store's bytes do not match the manifest (clients/store).
+_CORRUPTION = ("failed verification", "truncated or replaced", "is listed in the manifest but missing")
+
+
+def corrupt_engine(problem: str | None) -> bool:
+    """A pod problem that says the committed engine in the store is damaged, not the pod or its node."""
+    return bool(problem) and any(text in str(problem) for text in _CORRUPTION)
+
+
 def termination_message(pods: Sequence[Obj]) -> str | None:
     """The first termination message a container of these pods left (a Job's result envelope)."""
     for pod in pods:

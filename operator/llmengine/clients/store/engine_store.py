@@ -7,6 +7,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, TypeVar
 
@@ -31,6 +32,7 @@ from llmengine.clients.store.layout import (
     MANIFEST_NAME,
     PARTIAL_SUFFIX,
     PROGRESS_NAME,
+    QUARANTINE_DIR,
     RESERVED_NAMES,
     RESULT_NAME,
     MiB,
@@ -566,6 +568,24 @@ class EngineStore:
                 job.name,
             )
         os.replace(job.partial, job.dest)
+
+    # -- quarantine -------------------------------------------------------------------------------------------------
+
+    def quarantine_engine(self, digest: str, reason: str) -> str:
+        """Uncommit an engine whose files fail verification, keeping everything for inspection: the manifest is
+        copied to quarantine/<time>-<build id>-manifest.json with the reason next to it, then deleted, so that the
+        next build commits afresh (into a directory of its own). Returns the key of the copy."""
+        manifest = self.get_manifest(digest)
+        if manifest is None:
+            return ""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        base = f"{QUARANTINE_DIR}{stamp}-{manifest.build_id or 'top'}-"
+        self._put_bytes(digest, base + MANIFEST_NAME, manifest.to_json().encode())
+        self._put_bytes(digest, base + "reason.txt", reason.encode())
+        with self._s3():
+            self.client.delete_object(Bucket=self.location.bucket, Key=self.key(digest, MANIFEST_NAME))
+        get_logger(engine_digest=digest).warning("engine quarantined", reason=reason, record=self.key(digest, base))
+        return self.key(digest, base + MANIFEST_NAME)
 
     # -- delete (tests and garbage collection only) ----------------------------------------------------------------
 

@@ -4,6 +4,7 @@ An engine directory <prefix>/<digest>/ holds ``manifest.json`` (the commit: writ
 finish), ``build-progress.json`` (where a running build is), a failed build's ``build-result.json``, and one
 directory per build, ``builds/<build id>/``, with that build's files and its ``build-result.json``. The manifest
 names the build directory it commits; engines committed before builds had directories hold their files at the top.
+``quarantine/`` keeps the manifests of engines taken out of service because their files failed verification.
 A download in progress writes ``<file>.llmengine-partial``. None of the store's documents is ever an engine file.
 """
 
@@ -23,6 +24,8 @@ RESERVED_NAMES = frozenset({MANIFEST_NAME, RESULT_NAME, PROGRESS_NAME})
 PARTIAL_SUFFIX = ".llmengine-partial"
 # Each build uploads under <engine>/builds/<build id>/; the manifest names the one that committed.
 BUILDS_DIR = "builds/"
+# Manifests of engines taken out of service because their files failed verification, with the reason.
+QUARANTINE_DIR = "quarantine/"
 _BUILD_PREFIX = re.compile(r"^builds/[0-9a-z-]{8,64}/$")
 MiB = 1024 * 1024
 

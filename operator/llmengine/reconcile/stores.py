@@ -1,0 +1,92 @@
+"""The engine stores the operator talks to: one client per location and credentials, what is known committed, and
+the few writes the operator makes to a store (quarantining an engine that fails verification)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from llmengine.api.artifacts import BuildProgress, StoreLocation
+from llmengine.clients.kube import Kube
+from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client, on_default_store
+from llmengine.logging import register_secret
+from llmengine.reconcile import metrics
+from llmengine.reconcile.snapshot import StoreView
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    location: StoreLocation
+    pod_secret: str | None  # Secret the build and serving pods read credentials from
+    explicit: bool  # the spec names its own credentials Secret
+    default: bool  # the engine has no spec.store: the operator's default store (the chart's values)
+
+
+class Stores:
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self._committed: set[tuple[str, str, str, str]] = set()
+        self._clients: dict[tuple[Any, ...], EngineStore] = {}
+
+    @staticmethod
+    def _commit_key(access: StoreAccess, digest: str) -> tuple[str, str, str, str]:
+        loc = access.location
+        return (loc.endpoint or "", loc.bucket, loc.prefix, digest)
+
+    async def view(self, ns: str, access: StoreAccess, digest: str) -> StoreView:
+        """Whether the engine is committed (a commit, once seen, is remembered: it is never modified)."""
+        uri = access.location.engine_uri(digest)
+        ck = self._commit_key(access, digest)
+        if ck in self._committed:
+            return StoreView(True, None, uri)
+        try:
+            store = await self.client(ns, access)
+            ok = await asyncio.to_thread(store.is_committed, digest)
+        except StoreError as e:
+            metrics.STORE_ERRORS.inc()
+            return StoreView(None, on_default_store(str(e)) if access.default else str(e), uri)
+        except Exception as e:  # a store outage must never crash the operator
+            metrics.STORE_ERRORS.inc()
+            return StoreView(None, f"{type(e).__name__}: {e}"[:300], uri)
+        if ok:
+            self._committed.add(ck)
+        return StoreView(ok, None, uri)
+
+    async def progress(self, ns: str, access: StoreAccess, digest: str) -> BuildProgress | None:
+        """Where the running build is, as its builder last wrote; None when it can not be read (it is only a note)."""
+        try:
+            store = await self.client(ns, access)
+            return await asyncio.to_thread(store.get_progress, digest)
+        except Exception:  # the commit look-up reports outages; a missing note changes no decision
+            return None
+
+    async def quarantine(self, ns: str, access: StoreAccess, digest: str, reason: str) -> str:
+        """Uncommit an engine that fails verification, keeping it for inspection; where its record went."""
+        self._committed.discard(self._commit_key(access, digest))
+        store = await self.client(ns, access)
+        return await asyncio.to_thread(store.quarantine_engine, digest, reason)
+
+    async def client(self, ns: str, access: StoreAccess) -> EngineStore:
+        key: tuple[Any, ...] = (ns, access.pod_secret, access.location)
+        creds: dict[str, str] = {}
+        if access.explicit and access.pod_secret:
+            data = await self.kube.get_secret_data(ns, access.pod_secret)
+            if data is None:
+                raise StoreError(
+                    f"Secret {access.pod_secret!r} not found in namespace {ns!r}",
+                    setting="spec.store.credentialsSecretRef",
+                )
+            creds = {
+                "access_key_id": data.get("AWS_ACCESS_KEY_ID", ""),
+                "secret_access_key": data.get("AWS_SECRET_ACCESS_KEY", ""),
+            }
+            for value in creds.values():
+                register_secret(value)  # masked in every log line from now on
+            key = (*key, hashlib.sha256(json.dumps(creds, sort_keys=True).encode()).hexdigest())
+        if key not in self._clients:
+            cfg = S3Config.for_location(access.location, **creds)
+            self._clients[key] = EngineStore(make_s3_client(cfg), access.location)
+        return self._clients[key]
