@@ -160,11 +160,21 @@ def test_long_prompts_raise_input_and_sequence_with_headroom() -> None:
     assert v.target["max_seq_len"] % 256 == 0
 
 
-def test_refused_prompts_size_from_the_largest_seen() -> None:
-    v = envelope.judge(_traffic(rejectedTooLong=3, inputTokens={"p50": 200, "p99": 500, "max": 3072}), SHAPES, POLICY)
-    assert v.status == "True" and "3 prompts refused" in v.message
+def test_sustained_refusals_size_from_the_largest_seen() -> None:
+    v = envelope.judge(_traffic(rejectedTooLong=12, inputTokens={"p50": 200, "p99": 500, "max": 3072}), SHAPES, POLICY)
+    assert v.status == "True" and "12 of 500 prompts refused" in v.message
     assert v.target["max_input_len"] == 3840  # 3072 x 1.2 = 3686.4 -> 3840
     assert v.target["max_num_tokens"] == 3840
+
+
+def test_a_handful_of_refusals_is_reported_not_acted_on() -> None:
+    # 500 requests: sustained from max(minRefused 10, 2 % of 500 = 10) refusals.
+    assert envelope.refusals_to_act(POLICY, 500) == 10 and envelope.refusals_to_act(POLICY, 2000) == 40
+    v = envelope.judge(_traffic(rejectedTooLong=3, inputTokens={"p50": 200, "p99": 500, "max": 3072}), SHAPES, POLICY)
+    assert v.status == "False" and not v.target
+    assert "3 prompts refused as too long, 10 count as sustained" in v.message
+    stricter = POLICY.model_copy(update={"min_refused": 2, "min_refused_percent": 0.5})
+    assert envelope.judge(_traffic(rejectedTooLong=3), SHAPES, stricter).status == "True"
 
 
 def test_concurrency_above_batch_size_raises_it_in_trtllm_bench_steps() -> None:

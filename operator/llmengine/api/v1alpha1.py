@@ -680,6 +680,21 @@ class RebuildPolicy(SpecModel):
             "Default 2."
         ),
     )
+    min_refused: int = Field(
+        default=10,
+        ge=1,
+        description=(
+            "Prompts refused as too long that count as a sustained excess: at least this many in the window, and at "
+            "least minRefusedPercent of its requests. Fewer are reported, not acted on. Default 10."
+        ),
+    )
+    min_refused_percent: float = Field(
+        default=2.0,
+        ge=0,
+        le=100,
+        description="Share of the window's requests that must be refused as too long to count (with minRefused). "
+        "Default 2.",
+    )
 
 
 class BenchmarkThresholds(SpecModel):
@@ -894,6 +909,14 @@ class EnvelopeStatus(StatusModel):
     max_num_tokens: int | None = Field(default=None, description="Built max tokens per iteration.")
     exceeded: list[str] | None = Field(default=None, description="Limits the observed traffic went past.")
     recommendation: Recommendation | None = Field(default=None, description="What to change (Manual and Auto).")
+    refused_too_long: int | None = Field(
+        default=None, description="Prompts refused as too long in the window (status.traffic.rejectedTooLong)."
+    )
+    refused_to_act: int | None = Field(
+        default=None,
+        description="Refusals in the window at which they count as sustained (rebuildPolicy.minRefused and "
+        "minRefusedPercent): how close the traffic is to an excess.",
+    )
     auto_shapes: dict[str, int] | None = Field(
         default=None,
         description=(

@@ -77,6 +77,11 @@ def _round_len(n: float) -> int:
     return max(LENGTH_STEP, math.ceil(n / LENGTH_STEP) * LENGTH_STEP)
 
 
+def refusals_to_act(policy: RebuildPolicy, requests: int) -> int:
+    """How many too-long refusals in a window of `requests` make a sustained excess (a handful never does)."""
+    return max(policy.min_refused, math.ceil(policy.min_refused_percent / 100 * requests))
+
+
 def judge(traffic: Mapping[str, Any], shapes: BuildShapes, policy: RebuildPolicy) -> Verdict:
     """Compare status.traffic with the built shapes."""
     n = int(traffic.get("requests") or 0)
@@ -93,9 +98,11 @@ def judge(traffic: Mapping[str, Any], shapes: BuildShapes, policy: RebuildPolicy
     target: dict[str, int] = {}
     advice = ""
 
-    obs_in = int((inp.get("max") if rejected else inp.get("p99")) or 0)
-    if rejected or obs_in > shapes.max_input_len:
-        why = f"{rejected} prompts refused as too long" if rejected else f"p99 prompt {obs_in} tokens"
+    needed = refusals_to_act(policy, n)
+    sustained = rejected >= needed
+    obs_in = int((inp.get("max") if sustained else inp.get("p99")) or 0)
+    if sustained or obs_in > shapes.max_input_len:
+        why = f"{rejected} of {n} prompts refused as too long" if sustained else f"p99 prompt {obs_in} tokens"
         excess.append(Excess("max_input_len", obs_in, shapes.max_input_len, why))
         target["max_input_len"] = max(shapes.max_input_len, _round_len(max(obs_in, shapes.max_input_len + 1) * h))
     obs_seq = obs_in + int(out.get("p99") or 0)
@@ -129,6 +136,8 @@ def judge(traffic: Mapping[str, Any], shapes: BuildShapes, policy: RebuildPolicy
             f"within the engine: p99 prompt {inp.get('p99', '-')}/{shapes.max_input_len}, prompt+output "
             f"{obs_seq}/{shapes.max_seq_len}, p99 in flight {obs_bs}/{shapes.max_batch_size} per pod"
         )
+        if rejected:
+            msg += f"; {rejected} prompts refused as too long, {needed} count as sustained (rebuildPolicy.minRefused)"
         if advice:
             return Verdict("False", "Saturated", f"{msg}; {advice}", advice=advice)
         return Verdict("False", "WithinEnvelope", msg)

@@ -58,6 +58,8 @@ def judge(snap: Snapshot, st: LLMEngineStatus, events: list[Event]) -> bool:
     profile = tr.profile(tr.window_delta(newest, start), newest.at - start.at, stamp)
     st.traffic = TrafficStatus.model_validate(profile)
     verdict = envelope.judge(profile, shapes, spec.rebuild_policy)
+    env.refused_too_long = st.traffic.rejected_too_long or 0
+    env.refused_to_act = envelope.refusals_to_act(spec.rebuild_policy, st.traffic.requests or 0)
     env.exceeded = [envelope.CAMEL[e.limit] for e in verdict.exceeded] or None
     message, raised = verdict.message, False
     if verdict.status == "True":
