@@ -298,7 +298,8 @@ def test_autoscaler_and_ingress_are_rendered_never_fought_and_removed_with_the_s
         apps.patch_namespaced_deployment_scale("llme-tiny", env.ns, {"spec": {"replicas": 2}})
         wait_for("2 replicas", lambda: deployment(api, env.ns, "tiny").status.available_replicas == 2, 60)
         wait_for("status follows", lambda: env.engines.get("tiny")["status"].get("replicas") == 2, 30)
-        assert env.engines.get("tiny")["status"]["phase"] == "Ready"
+        # The pass that saw the scale-up may have come before the new pod was available (ScalingUp): then Ready.
+        env.engines.wait_phase("tiny", "Ready", timeout=30)
         assert deployment(api, env.ns, "tiny").spec.replicas == 2
 
         # Autoscaling and the routes taken out of the spec: the HPA and the Ingress go, spec.serving.replicas rules.

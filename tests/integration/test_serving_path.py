@@ -49,11 +49,16 @@ def _wait_envelope(
 
 
 def _healthy(url: str) -> bool:
+    """Whether the serving path answers; not yet (refused, reset: it is still starting) is False, not an error."""
+
     async def get() -> int:
         async with aiohttp.ClientSession() as s, s.get(url + "/health") as r:
             return r.status
 
-    return asyncio.run(get()) == 200
+    try:
+        return asyncio.run(get()) == 200
+    except (aiohttp.ClientError, OSError):
+        return False
 
 
 def test_prompts_beyond_max_input_len_through_the_meter_rebuild_and_roll_out_a_larger_engine(
