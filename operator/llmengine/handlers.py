@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,13 +148,19 @@ def login(**kwargs: Any) -> Any:
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0, initial_delay=0)
 async def engine_daemon(
-    body: kopf.Body, name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any
+    body: kopf.Body,
+    name: str,
+    namespace: str | None,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    **kwargs: Any,
 ) -> None:
     reconciler: Reconciler = memo.reconciler
+    serving_deployments: kopf.Index[Any, Any] = kwargs["serving_deployments"]  # Kopf passes indices by name
     cfg: OperatorConfig = memo.cfg
     wake = memo.wakeups.get(namespace or "", name)
     try:
-        await _passes(reconciler, cfg, body, namespace or "", name, wake, stopped)
+        await _passes(reconciler, cfg, body, namespace or "", name, wake, stopped, _lookup(serving_deployments))
     finally:
         # Deleted, or this replica paused by a peer of higher priority (Kopf stops its daemons) or stopping: what it
         # exports about the engine goes, so that summing over replicas counts each engine once.
@@ -168,12 +175,13 @@ async def _passes(
     name: str,
     wake: asyncio.Event,
     stopped: kopf.DaemonStopped,
+    deployments: Callable[[str, str], dict[str, Any] | None],
 ) -> None:
     failures = 0
     while not stopped:
         wake.clear()
         try:
-            delay = await reconciler.reconcile(body)
+            delay = await reconciler.reconcile(body, deployments)
             failures = 0
         except Exception as e:
             # Anything unexpected: log it with its traceback, keep serving what runs, retry with backoff. Never crash.
@@ -218,6 +226,21 @@ async def job_changed(
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 async def deployment_changed(meta: kopf.Meta, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     _wake_owners(memo, meta, namespace)
+
+
+# The serving Deployments as the watch sees them: a reconcile pass reads its engine's from here, not from the API.
+@kopf.index("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+def serving_deployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace or "", name): dict(body)}
+
+
+def _lookup(index: kopf.Index[Any, Any]) -> Callable[[str, str], dict[str, Any] | None]:
+    def lookup(namespace: str, name: str) -> dict[str, Any] | None:
+        for obj in index.get((namespace, name), []):
+            return dict(obj)
+        return None
+
+    return lookup
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

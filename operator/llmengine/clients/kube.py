@@ -138,10 +138,22 @@ class Kube:
             raise
         return True
 
-    async def replace_deployment(self, obj: Mapping[str, Any], resource_version: str) -> None:
+    async def replace_deployment(self, obj: Mapping[str, Any], resource_version: str) -> dict[str, Any]:
+        """Replace; returns the Deployment as stored."""
         body = {**obj, "metadata": {**obj["metadata"], "resourceVersion": resource_version}}
         md = obj["metadata"]
-        await self._call(self.apps.replace_namespaced_deployment, md["name"], md["namespace"], body)
+        got = await self._call(self.apps.replace_namespaced_deployment, md["name"], md["namespace"], body)
+        return dict(self.api.sanitize_for_serialization(got))
+
+    async def create_deployment(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create; returns the Deployment as stored, None when it already exists."""
+        try:
+            got = await self._call(self.apps.create_namespaced_deployment, obj["metadata"]["namespace"], obj)
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+        return dict(self.api.sanitize_for_serialization(got))
 
     async def add_owner(
         self, kind: str, ns: str, name: str, known_owners: list[dict[str, Any]], owner: dict[str, Any]

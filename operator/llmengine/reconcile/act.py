@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -212,10 +213,14 @@ class Actor:
         desired["metadata"]["annotations"][common.RENDER_HASH_ANNOTATION] = h
         current = snap.deployment
         changed = current is None or current.render_hash != h
+        stored = None
         if current is None:
-            await self.kube.create(desired)
+            stored = await self.kube.create_deployment(desired)
         elif changed and current.resource_version:
-            await self.kube.replace_deployment(desired, current.resource_version)
+            stored = await self.kube.replace_deployment(desired, current.resource_version)
+        if stored is not None:
+            # What the next pass reads until the watch (the operator's cache of Deployments) has caught up.
+            self.memory.deployments[(snap.namespace, snap.name)] = (time.monotonic(), stored)
         if changed or snap.status.url is None:
             # With the Deployment it fronts; not looked up on every pass (a create of an existing one is a no-op).
             await self.kube.create(serving.service(engine))

@@ -11,7 +11,7 @@ from llmengine.clients.kube import Kube
 from llmengine.reconcile import metrics
 from llmengine.reconcile.act import Actor, EventSink
 from llmengine.reconcile.decide import decide
-from llmengine.reconcile.gather import Gatherer, Memory
+from llmengine.reconcile.gather import DeploymentLookup, Gatherer, Memory
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.stores import Stores
 
@@ -29,11 +29,11 @@ class Reconciler:
         self.gatherer = Gatherer(kube, cfg, self.queue, self.memory, stores)
         self.actor = Actor(kube, cfg, self.queue, self.memory, stores, events or _no_events)
 
-    async def reconcile(self, body: Mapping[str, Any]) -> float | None:
+    async def reconcile(self, body: Mapping[str, Any], deployments: DeploymentLookup | None = None) -> float | None:
         """One level-based pass; returns seconds until the next pass is due (None: only on events)."""
         t0 = time.perf_counter()
         try:
-            snap, target = await self.gatherer.gather(body)
+            snap, target = await self.gatherer.gather(body, deployments)
             decision = decide(snap)
             await self.actor.act(snap, target, decision)
             return decision.requeue_after

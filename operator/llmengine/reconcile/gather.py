@@ -35,6 +35,10 @@ from llmengine.render import attachments, autoscale, common, serving
 from llmengine.render import bench as render_bench
 
 Key = tuple[str, str]  # (namespace, name)
+# How long a Deployment we wrote is preferred to the watch's older copy (its echo takes well under a second).
+WRITE_ECHO_SECONDS = 30.0
+# (namespace, Deployment name) -> the Deployment as the operator's watch last saw it, or None.
+DeploymentLookup = Callable[[str, str], Mapping[str, Any] | None]
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class Memory:
         self.hits: dict[Key, str] = {}  # the identity a store hit was last counted for
         self.finished: dict[Key, str] = {}  # the last build Job end counted (llmengine_builds_total)
         self.state: dict[Key, dict[str, str]] = {}  # phase and condition statuses exported per engine
+        # The serving Deployment each engine's last write stored: newer than the watch's copy until it catches up.
+        self.deployments: dict[Key, tuple[float, dict[str, Any]]] = {}
 
     def forget(self, key: Key) -> str | None:
         """Drop every cache of the engine; returns its last phase."""
@@ -72,6 +78,7 @@ class Memory:
         self.series.pop(key, None)
         self.hits.pop(key, None)
         self.finished.pop(key, None)
+        self.deployments.pop(key, None)
         metrics.engine_state(*key, self.state.pop(key, {}), {})
         return self.phases.pop(key, None)
 
@@ -94,7 +101,10 @@ class Gatherer:
         self.stores = stores
 
     # ---- the snapshot ----
-    async def gather(self, body: Mapping[str, Any]) -> tuple[Snapshot, Target]:
+    async def gather(
+        self, body: Mapping[str, Any], deployments: DeploymentLookup | None = None
+    ) -> tuple[Snapshot, Target]:
+        """`deployments` reads the serving Deployment from the operator's watch (no API call); without it, a GET."""
         md = body["metadata"]
         ns, name = md["namespace"], md["name"]
         # Kopf updates a daemon's body in place as watch events arrive: one copy, read once.
@@ -115,7 +125,7 @@ class Gatherer:
         floor = envelope.shape_floor(spec, status) if spec is not None else None
         plan = self._plan(obj, floor)
         now = utcnow()
-        dep = await self.kube.get_deployment(ns, common.serving_name(name))
+        dep = await self._deployment(ns, name, deployments)
         current = deployment_view(dep)
         replicas = autoscale.replicas(spec, current.replicas if current else None) if spec is not None else 0
         base = Snapshot(
@@ -210,6 +220,24 @@ class Gatherer:
             traffic=traffic,
         )
         return snap, Target(engine, access, pool, key)
+
+    async def _deployment(self, ns: str, name: str, lookup: DeploymentLookup | None) -> Mapping[str, Any] | None:
+        """The serving Deployment: from the watch when there is one, else read; our own last write when it is newer
+        than what the watch has delivered (a write's echo arrives a moment later)."""
+        dep_name = common.serving_name(name)
+        seen = lookup(ns, dep_name) if lookup is not None else await self.kube.get_deployment(ns, dep_name)
+        written = self.memory.deployments.get((ns, name))
+        if written is None or self.clock() - written[0] > WRITE_ECHO_SECONDS:
+            self.memory.deployments.pop((ns, name), None)  # long enough for any echo: the watch has the truth
+            return seen
+        ours = written[1]
+        if seen is None and lookup is None:
+            self.memory.deployments.pop((ns, name), None)  # read from the API server: it is gone
+            return None
+        if seen is not None and _rv(seen) >= _rv(ours):
+            self.memory.deployments.pop((ns, name), None)  # the watch caught up
+            return seen
+        return ours
 
     def _plan(self, obj: Mapping[str, Any], floor: Mapping[str, int] | None) -> Plan:
         return plan_object(
@@ -312,6 +340,13 @@ class Gatherer:
         if not scraped_now:
             return None  # nothing new: the status keeps what the last scrape said
         return TrafficView(newest, start, asked, answered)
+
+
+def _rv(obj: Mapping[str, Any]) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:  # resourceVersions are opaque; etcd's are integers
+        return 0
 
 
 def _fits(plan: Plan) -> str | None:
