@@ -291,7 +291,7 @@ class Gatherer:
                 register_secret(value)  # masked in every log line from now on
             key = (*key, hashlib.sha256(json.dumps(creds, sort_keys=True).encode()).hexdigest())
         if key not in self._stores:
-            cfg = S3Config.for_location(access.location, **creds)
+            cfg = S3Config.for_location(access.location, ca_bundle=self.cfg.ca_bundle, **creds)
             self._stores[key] = EngineStore(make_s3_client(cfg), access.location)
         return self._stores[key]
 
