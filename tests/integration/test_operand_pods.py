@@ -254,3 +254,23 @@ def test_an_engine_shaped_by_chart_defaults_and_its_spec_builds_and_serves_throu
         ]
         assert {v.name: v for v in other_pod.spec.volumes}["llmengine-ca"].config_map.name == "other-ca"
         assert other_pod.spec.runtime_class_name == runtime  # the chart's settings still apply
+
+
+@pytest.mark.parametrize(
+    ("pods", "message"),
+    [
+        ({"caBundle": {}}, "caBundle: set exactly one of configMapKeyRef or secretKeyRef"),
+        ({"serving": {"volumes": [{"name": "engine", "emptyDir": {}}]}}, "the names engine, llmengine-ca"),
+        ({"volumeMounts": [{"name": "x", "mountPath": "/etc/llmengine/ca"}]}, "set another mountPath"),
+        ({"env": [{"name": "A", "value": "x", "valueFrom": {"fieldRef": {"fieldPath": "a"}}}]}, "not both"),
+        ({"envFrom": [{"prefix": "A_"}]}, "envFrom: set exactly one of configMapRef or secretRef"),
+    ],
+)
+def test_the_api_server_refuses_pod_settings_that_could_not_work(
+    dev_cluster: ClusterInfo, api: Any, namespace: str, crd: str, pods: dict[str, Any], message: str
+) -> None:
+    """The CRD's rules hold with no operator running (the webhook is not installed here)."""
+    body = engine("refused", dev_cluster, "s3://models/tiny/", "engines", pods=pods)
+    with pytest.raises(client.ApiException) as exc:
+        Engines(api, namespace).create(body)
+    assert exc.value.status == 422 and message in str(exc.value.body), exc.value.body
