@@ -10,6 +10,7 @@ from llmengine.api.config import OperatorConfig
 from llmengine.api.v1alpha1 import LLMEngine, RuntimeLimits
 from llmengine.plan.pods import resolve
 from llmengine.render import common as c
+from llmengine.render import pods
 
 ENGINE_DIR = "/engine"
 # spec.serving.runtime key -> `llmengine serve-engine run` flag. All are runtime knobs: no rebuild.
@@ -147,9 +148,9 @@ def deployment(
     }
     if target.node_selector:
         pod_spec["nodeSelector"] = dict(target.node_selector)
-    c.shape_container(fetch, pod)
-    c.shape_container(server, pod, serving.env or [])
-    c.shape_pod(pod_spec, pod)
+    pods.shape_container(fetch, pod)
+    pods.shape_container(server, pod, serving.env or [])
+    pods.shape_pod(pod_spec, pod)
     annotations = {**(serving.pod_annotations or {}), c.DIGEST_ANNOTATION: digest}
     return {
         "apiVersion": "apps/v1",
@@ -174,7 +175,7 @@ def deployment(
             },
             "revisionHistoryLimit": 3,
             "template": {
-                "metadata": c.pod_metadata(pod, {**labels, c.DIGEST_LABEL: short_digest}, annotations),
+                "metadata": pods.pod_metadata(pod, {**labels, c.DIGEST_LABEL: short_digest}, annotations),
                 "spec": pod_spec,
             },
         },
