@@ -4,6 +4,7 @@ namespaced variants, and every setting the chart passes read back through Operat
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 from typing import Any
 
@@ -12,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding
 
 from llmengine.api.config import ImagePair, OperatorConfig
+from llmengine.api.pods import OperandPods
 from llmengine.dev import tools
 from tests.e2e.chart_harness import CHART, KUBE_VERSION, by_kind, helm, render, rules_table
 
@@ -254,6 +256,52 @@ def test_settings_reach_operator_config() -> None:
     assert ports == {"metrics": 9090, "health": 9091, "webhook": 9443}
 
 
+ENGINE_PODS = {
+    "imagePullSecrets": [{"name": "regcred"}],
+    "runtimeClassName": "nvidia",
+    "priorityClassName": "",
+    "labels": {"team": "platform"},
+    "env": [{"name": "HF_ENDPOINT", "value": "https://hf-mirror.corp.example"}],
+    "envFrom": [{"secretRef": {"name": "hub"}, "prefix": "HUB_"}],
+    "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}],
+    "volumeMounts": [{"name": "cache", "mountPath": "/cache"}],
+    "proxy": {"httpProxy": "", "httpsProxy": "http://proxy.corp.example:3128", "noProxy": ".svc,.cluster.local"},
+    "caBundle": {"configMapKeyRef": {"name": "corp-ca", "key": "ca-bundle.crt"}},
+    "build": {"priorityClassName": "batch-low"},
+    "serving": {"priorityClassName": "serving-high"},
+}
+
+
+def test_engine_pod_defaults_reach_operator_config_and_the_operator_trusts_their_ca() -> None:
+    objs = render("--set-json", f"enginePods={json.dumps(ENGINE_PODS)}")
+    c, pod = _container(objs), _deployment(objs)["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    cfg = OperatorConfig.from_env({k: v for k, v in env.items() if k.startswith("LLMENGINE_")})
+    # Empty settings are left out; everything else is the engine pods' defaults, as spec.pods spells them.
+    expected = {k: v for k, v in ENGINE_PODS.items() if v and k != "proxy"}
+    expected["proxy"] = {"httpsProxy": "http://proxy.corp.example:3128", "noProxy": ".svc,.cluster.local"}
+    assert cfg.engine_pods == OperandPods.model_validate(expected)
+    # The operator verifies the store with the same bundle, from the release namespace, mounted read-only.
+    assert cfg.ca_bundle == "/etc/llmengine/ca/ca.crt"
+    assert {"name": "ca-bundle", "mountPath": "/etc/llmengine/ca", "readOnly": True} in c["volumeMounts"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "ca-bundle"]
+    assert vol == {
+        "name": "ca-bundle",
+        "configMap": {"name": "corp-ca", "items": [{"key": "ca-bundle.crt", "path": "ca.crt"}]},
+    }
+    secret = render("--set-json", 'enginePods={"caBundle": {"secretKeyRef": {"name": "corp-ca", "key": "ca.crt"}}}')
+    (vol,) = [v for v in _deployment(secret)["spec"]["template"]["spec"]["volumes"] if v["name"] == "ca-bundle"]
+    assert vol["secret"] == {"secretName": "corp-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    # The pods read what the settings name; the operator reads nothing new.
+    assert rules_table(_operator_role(objs)["rules"]) == {**NAMESPACED_RULES, **CLUSTER_ONLY_RULES}
+    assert all("value" not in e for e in c["env"] if e["name"].startswith("AWS_"))
+    # Nothing set: nothing of it in the operator's pod.
+    plain = render()
+    names = {e["name"] for e in _container(plain)["env"]}
+    assert not names & {"LLMENGINE_ENGINE_PODS", "LLMENGINE_CA_BUNDLE"}
+    assert "ca-bundle" not in {v["name"] for v in _deployment(plain)["spec"]["template"]["spec"]["volumes"]}
+
+
 def test_crd_and_monitoring_switches() -> None:
     assert not by_kind(render("--set", "crds.install=false"), "CustomResourceDefinition")
     (crd,) = by_kind(render("--set", "crds.keep=false"), "CustomResourceDefinition")
@@ -286,6 +334,13 @@ def test_helm_test_pod_fetches_metrics_through_the_service() -> None:
         "webhook.timeoutSeconds=60",
         "webhook.url=http://127.0.0.1:9443",
         "webhook.certificate.source=selfmade",
+        "enginePods.runtimeClass=nvidia",
+        "enginePods.proxy.httpsProxy=proxy.corp:3128",
+        "enginePods.volumes[0].name=work",
+        "enginePods.volumeMounts[0].name=x,enginePods.volumeMounts[0].mountPath=/etc/llmengine/ca",
+        "enginePods.caBundle.configMapKeyRef.name=corp-ca",
+        "enginePods.env[0].name=A,enginePods.env[0].value=x,enginePods.env[0].valueFrom.fieldRef.fieldPath=y",
+        "enginePods.serving.imagePullSecrets[0]=regcred",
     ],
 )
 def test_schema_rejects_bad_values(bad: str) -> None:

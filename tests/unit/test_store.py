@@ -17,6 +17,7 @@ from llmengine.clients.store import (
     S3Config,
     StoreError,
     TransferTuning,
+    UntrustedCertificate,
     _ranges,
     check_manifest_paths,
     is_transient,
@@ -93,6 +94,29 @@ def test_errors_map_to_one_line_messages_naming_the_setting(
     err = translate_error(exc, EP, "engines")
     assert type(err) is cls and str(err) == message and err.setting == setting
     assert "\n" not in str(err)
+
+
+def test_an_untrusted_certificate_names_the_ca_bundle_settings() -> None:
+    exc = bx.SSLError(endpoint_url="https://s3.corp:9000", error="[SSL: CERTIFICATE_VERIFY_FAILED] self-signed")
+    err = translate_error(exc, "https://s3.corp:9000", "engines")
+    assert isinstance(err, UntrustedCertificate) and err.setting == "spec.pods.caBundle"
+    assert str(err).startswith("the TLS certificate of S3 endpoint https://s3.corp:9000 is not trusted (")
+    assert "CERTIFICATE_VERIFY_FAILED" in str(err) and "enginePods.caBundle" in str(err)
+    assert not is_transient(err)
+
+
+def test_a_ca_bundle_is_what_the_client_verifies_with(tmp_path: Any) -> None:
+    from llmengine.api.config import OperatorConfig
+    from llmengine.clients.store import make_s3_client
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = OperatorConfig.from_env({"LLMENGINE_CA_BUNDLE": str(ca)})
+    assert cfg.ca_bundle == str(ca)
+    client = make_s3_client(S3Config(endpoint="https://s3.corp", ca_bundle=cfg.ca_bundle))
+    assert client._endpoint.http_session._verify == str(ca)
+    assert make_s3_client(S3Config(endpoint="https://s3.corp"))._endpoint.http_session._verify != str(ca)
+    assert OperatorConfig.from_env({}).ca_bundle is None
 
 
 def test_s3_config_never_shows_secrets() -> None:

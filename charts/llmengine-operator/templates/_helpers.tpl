@@ -98,3 +98,38 @@ namespaces where the operator watches only some.
 job="{{ include "llmengine-operator.fullname" . }}-metrics"
 {{- if .Values.watchNamespaces }},namespace=~"{{ join "|" .Values.watchNamespaces }}"{{ end }}
 {{- end }}
+
+{{/* enginePods as the operator reads it (LLMENGINE_ENGINE_PODS, JSON): settings left empty are left out. */}}
+{{- define "llmengine-operator.enginePods" -}}
+{{- $out := dict }}
+{{- range $k, $v := .Values.enginePods }}
+{{- if eq $k "proxy" }}
+{{- $proxy := dict }}
+{{- range $pk, $pv := $v }}{{ if $pv }}{{ $_ := set $proxy $pk $pv }}{{ end }}{{ end }}
+{{- if $proxy }}{{ $_ := set $out $k $proxy }}{{ end }}
+{{- else if $v }}
+{{- $_ := set $out $k $v }}
+{{- end }}
+{{- end }}
+{{- if $out }}{{ toJson $out }}{{ end }}
+{{- end }}
+
+{{/* The CA bundle the operator's own store client trusts: enginePods.caBundle's object, from the release namespace. */}}
+{{- define "llmengine-operator.caBundleVolume" -}}
+{{- with .Values.enginePods.caBundle }}
+{{- with .configMapKeyRef }}
+configMap:
+  name: {{ .name }}
+  items:
+    - key: {{ .key | quote }}
+      path: ca.crt
+{{- end }}
+{{- with .secretKeyRef }}
+secret:
+  secretName: {{ .name }}
+  items:
+    - key: {{ .key | quote }}
+      path: ca.crt
+{{- end }}
+{{- end }}
+{{- end }}

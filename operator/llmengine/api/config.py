@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmengine.api.artifacts import StoreLocation
+from llmengine.api.pods import OperandPods
 
 DEFAULT_TRTLLM_VERSION = "1.2.1"
 DEFAULT_BUILDER_IMAGE = f"ghcr.io/llmengine/llmengine-builder:0.1.0-trtllm{DEFAULT_TRTLLM_VERSION}"
@@ -91,6 +92,12 @@ class OperatorConfig(BaseModel):
     # At most one scrape of an engine's pods per interval, however often its passes run (each status write, Job or
     # Deployment event wakes a pass).
     traffic_scrape_interval_seconds: float = Field(default=15.0, ge=0)
+    # Defaults of the build, benchmark and serving pods (the chart's enginePods); each engine's spec.pods merges
+    # over them (plan/pods.py).
+    engine_pods: OperandPods = Field(default_factory=OperandPods)
+    # A PEM file of the CA certificates the operator's own store client trusts (the chart mounts enginePods.caBundle
+    # from the release namespace and names it here); unset: the system's trust (or AWS_CA_BUNDLE).
+    ca_bundle: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:
@@ -111,6 +118,7 @@ class OperatorConfig(BaseModel):
         if e.get("LLMENGINE_STORE_SECRET"):
             kw["default_store_secret"] = e["LLMENGINE_STORE_SECRET"]
         kw["images"] = images_from_env(e)
+        kw["engine_pods"] = engine_pods_from_env(e)
         if "json_logs" in kw:
             kw["json_logs"] = str(kw["json_logs"]).lower() in ("1", "true", "yes")
         return cls.model_validate(kw)
@@ -132,3 +140,14 @@ def images_from_env(env: dict[str, str]) -> ImageCatalog:
         server=env.get("LLMENGINE_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
     )
     return ImageCatalog(default_version=default, versions={default: pair})
+
+
+def engine_pods_from_env(env: dict[str, str]) -> OperandPods:
+    """LLMENGINE_ENGINE_PODS: JSON of the pod defaults, shaped like an LLMEngine's spec.pods."""
+    raw = env.get("LLMENGINE_ENGINE_PODS")
+    if not raw:
+        return OperandPods()
+    try:
+        return OperandPods.model_validate(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"LLMENGINE_ENGINE_PODS is not JSON: {exc}") from exc

@@ -20,6 +20,9 @@ from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
 from llmengine import GROUP, VERSION
+from llmengine.api.base import SpecModel, StatusModel
+from llmengine.api.base import cel as _cel
+from llmengine.api.pods import EnvVar, OperandPods
 
 API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
@@ -36,22 +39,6 @@ Phase = Literal["Pending", "Queued", "Building", "Deploying", "Ready", "Degraded
 SHAPE_FIELDS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens")
 
 _DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
-
-
-def _cel(rule: str, message: str) -> JsonDict:
-    return {"rule": rule, "message": message}
-
-
-class SpecModel(BaseModel):
-    """Base for spec objects: camelCase on the wire, unknown fields rejected (a typo is an error, not a no-op)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-
-
-class StatusModel(BaseModel):
-    """Base for status objects: written by the operator; unknown fields are ignored when reading."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,11 +545,6 @@ class RuntimeLimits(SpecModel):
     )
 
 
-class EnvVar(SpecModel):
-    name: str = Field(min_length=1, description="Variable name.")
-    value: str = Field(default="", description="Variable value.")
-
-
 class Autoscaling(SpecModel):
     """A HorizontalPodAutoscaler (autoscaling/v2) on the serving Deployment. While set, it owns the replica count:
     spec.serving.replicas is not applied, a rollout keeps the autoscaler's count, and the operator judges
@@ -633,8 +615,16 @@ class Serving(SpecModel):
         default=1, ge=0, description="Extra pods (and GPUs) a rollout may start above replicas. Default 1."
     )
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API. Default 8000.")
-    env: list[EnvVar] | None = Field(default=None, description="Extra environment variables of the server.")
-    pod_annotations: dict[str, str] | None = Field(default=None, description="Annotations on the serving pods.")
+    env: list[EnvVar] | None = Field(
+        default=None,
+        description=(
+            "Extra environment of the server container: {name, value}, or {name, valueFrom} a ConfigMap or "
+            "Secret key or a pod field. For every container of every pod (the engine download too), use spec.pods.env."
+        ),
+    )
+    pod_annotations: dict[str, str] | None = Field(
+        default=None, description="Annotations on the serving pods (over spec.pods.annotations)."
+    )
     autoscaling: Autoscaling | None = Field(
         default=None, description="Scale the serving pods with a HorizontalPodAutoscaler (replaces replicas)."
     )
@@ -814,6 +804,17 @@ class LLMEngineSpec(SpecModel):
     benchmark: BenchmarkSpec | None = Field(
         default=None,
         description="Benchmark every new engine with trtllm-bench and roll out only if it passes. Unset: no gate.",
+    )
+    pods: OperandPods | None = Field(
+        default=None,
+        description=(
+            "Pull secrets, runtime and priority class, service account, labels, annotations, environment, volumes, "
+            "proxy and CA bundle of the build, benchmark and serving pods; under build and serving, of one kind "
+            "only. Precedence, lowest first: the operator's defaults (chart value enginePods), their build or "
+            "serving, these, these build or serving. A build Job shared by LLMEngines of one identity runs with the "
+            "settings of the engine that started it. Never rebuilds: a change rolls out the serving pods and "
+            "applies to the next build."
+        ),
     )
 
 

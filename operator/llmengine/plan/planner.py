@@ -11,8 +11,9 @@ from typing import Any, Literal
 from llmengine.api.artifacts import BuildRequest, BuildShapes, CalibrationSource, ModelSource, StoreLocation
 from llmengine.api.config import ImageCatalog
 from llmengine.api.engine import EngineConfig
+from llmengine.api.pods import OperandPods
 from llmengine.api.v1alpha1 import SHAPE_FIELDS, FieldError, InvalidEngine, LLMEngine, LLMEngineSpec, parse_engine
-from llmengine.plan import sizing, validate
+from llmengine.plan import pods, sizing, validate
 from llmengine.plan.catalog import CATALOG, ModelFacts, lookup, resolve_facts
 from llmengine.plan.engine_config import effective_shapes, engine_config
 from llmengine.plan.gpus import GIB, GPU_CLASSES, UNKNOWN_GPU, GpuClass, MigProfile, gpu_class, gpu_resource, parse_sm
@@ -595,6 +596,11 @@ def serving_inputs(plan: Plan, engine: LLMEngine) -> dict[str, Any]:
             mode="json", by_alias=True, include={"mig_profile", "node_selector", "affinity", "tolerations"}
         ),
         "store": spec.store.model_dump(mode="json", by_alias=True) if spec.store else None,
+        # The serving pods' settings; spec.pods.build only shapes the next build and benchmark.
+        "pods": pods.resolve(OperandPods(), spec.pods, "serving").model_dump(
+            mode="json", by_alias=True, exclude_none=True
+        )
+        or None,
         "runtimeArgs": plan.runtime_args,
         "gpuResource": plan.gpu_resource,
         "gpuCount": plan.gpu_count,

@@ -166,6 +166,7 @@ class Actor:
             target=engine.spec.target,
             store_secret=access.pod_secret,
             hf_token=common.hf_token_ref(engine.spec),
+            pods=engine.spec.pods,
         )
 
     async def _start_build(self, snap: Snapshot, target: Target, attempt: int) -> None:

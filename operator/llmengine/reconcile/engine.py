@@ -25,7 +25,7 @@ class Reconciler:
         self.cfg = cfg
         self.queue = BuildQueue(cfg.build_concurrency_per_pool)
         self.memory = Memory()
-        stores = Stores(kube)
+        stores = Stores(kube, cfg.ca_bundle)
         self.gatherer = Gatherer(kube, cfg, self.queue, self.memory, stores)
         self.actor = Actor(kube, cfg, self.queue, self.memory, stores, events or _no_events)
 

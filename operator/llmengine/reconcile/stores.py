@@ -26,8 +26,9 @@ class StoreAccess:
 
 
 class Stores:
-    def __init__(self, kube: Kube) -> None:
+    def __init__(self, kube: Kube, ca_bundle: str | None = None) -> None:
         self.kube = kube
+        self.ca_bundle = ca_bundle  # the chart's CA bundle for store endpoints (a private CA)
         self._committed: set[tuple[str, str, str, str]] = set()
         self._clients: dict[tuple[Any, ...], EngineStore] = {}
 
@@ -87,6 +88,6 @@ class Stores:
                 register_secret(value)  # masked in every log line from now on
             key = (*key, hashlib.sha256(json.dumps(creds, sort_keys=True).encode()).hexdigest())
         if key not in self._clients:
-            cfg = S3Config.for_location(access.location, **creds)
+            cfg = S3Config.for_location(access.location, ca_bundle=self.ca_bundle, **creds)
             self._clients[key] = EngineStore(make_s3_client(cfg), access.location)
         return self._clients[key]

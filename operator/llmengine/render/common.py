@@ -1,4 +1,4 @@
-"""Pieces shared by the render functions: names, labels, owner references, scheduling, credentials."""
+"""Pieces shared by the render functions: names, labels, owner references, scheduling, credentials, tool Jobs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from typing import Any
 from llmengine import GROUP, KIND, PREFIX, VERSION
 from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import OperatorConfig
+from llmengine.api.pods import OperandPods
 from llmengine.api.v1alpha1 import LLMEngine, LLMEngineSpec, SecretKeySelector, Target
+from llmengine.plan.pods import resolve
+from llmengine.render.pods import pod_metadata, shape_container, shape_pod
 
 MANAGED_BY = "llmengine-operator"
 DIGEST_LABEL = f"{PREFIX}/engine-digest"
@@ -196,6 +199,7 @@ class Placement:
     target: Target  # the engine's scheduling settings
     store_secret: str | None  # Secret with the store credentials, by reference
     hf_token: SecretKeySelector | None  # Secret key of a Hugging Face token, by reference
+    pods: OperandPods | None = None  # the engine's pod settings (spec.pods), merged over the operator's defaults
 
 
 def tool_job(
@@ -216,7 +220,9 @@ def tool_job(
 ) -> dict[str, Any]:
     """A Job that runs `llmengine <subcommand>` once in the builder image on the target's GPUs, reading its request
     from the ConfigMap of the same name and reporting through its termination message. Retries are the operator's
-    (backoff, count in status), so the Job itself tries once."""
+    (backoff, count in status), so the Job itself tries once. The pod takes the build pod settings: the operator's
+    defaults with the engine's over them."""
+    pod = resolve(cfg.engine_pods, where.pods, "build")
     mounts: list[dict[str, Any]] = [
         {"name": "request", "mountPath": request_dir, "readOnly": True},
         {"name": "work", "mountPath": TOOL_WORK_DIR},
@@ -270,6 +276,8 @@ def tool_job(
     }
     if where.target.node_selector:
         spec["nodeSelector"] = dict(where.target.node_selector)
+    shape_container(spec["containers"][0], pod)
+    shape_pod(spec, pod)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -284,6 +292,6 @@ def tool_job(
             "backoffLimit": 0,
             "activeDeadlineSeconds": active_deadline_seconds,
             "ttlSecondsAfterFinished": ttl_seconds_after_finished,
-            "template": {"metadata": {"labels": labels}, "spec": spec},
+            "template": {"metadata": pod_metadata(pod, labels, {}), "spec": spec},
         },
     }

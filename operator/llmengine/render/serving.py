@@ -8,7 +8,9 @@ from typing import Any
 from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import OperatorConfig
 from llmengine.api.v1alpha1 import LLMEngine, RuntimeLimits
+from llmengine.plan.pods import resolve
 from llmengine.render import common as c
+from llmengine.render import pods
 
 ENGINE_DIR = "/engine"
 # spec.serving.runtime key -> `llmengine serve-engine run` flag. All are runtime knobs: no rebuild.
@@ -81,8 +83,8 @@ def deployment(
     name = c.serving_name(engine.name)
     selector = instance_labels(engine.name)
     labels = {**c.base_labels("server"), **selector}
+    pod = resolve(cfg.engine_pods, engine.spec.pods, "serving")
     env = c.store_env(store_secret, store.endpoint, store.region)
-    user_env = [e.model_dump(by_alias=True, exclude_unset=True) for e in serving.env or []]
     resources = serving.resources.model_dump(exclude_none=True) if serving.resources is not None else None
     mounts = [{"name": "engine", "mountPath": ENGINE_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
     fetch = {
@@ -112,7 +114,7 @@ def deployment(
             str(port),
             *runtime_args(serving.runtime),
         ],
-        "env": user_env,
+        "env": [],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": c.gpu_resources(gpu_resource, gpu_count, resources),
         "readinessProbe": {
@@ -146,6 +148,9 @@ def deployment(
     }
     if target.node_selector:
         pod_spec["nodeSelector"] = dict(target.node_selector)
+    pods.shape_container(fetch, pod)
+    pods.shape_container(server, pod, serving.env or [])
+    pods.shape_pod(pod_spec, pod)
     annotations = {**(serving.pod_annotations or {}), c.DIGEST_ANNOTATION: digest}
     return {
         "apiVersion": "apps/v1",
@@ -170,7 +175,7 @@ def deployment(
             },
             "revisionHistoryLimit": 3,
             "template": {
-                "metadata": {"labels": {**labels, c.DIGEST_LABEL: short_digest}, "annotations": annotations},
+                "metadata": pods.pod_metadata(pod, {**labels, c.DIGEST_LABEL: short_digest}, annotations),
                 "spec": pod_spec,
             },
         },

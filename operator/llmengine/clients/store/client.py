@@ -37,6 +37,9 @@ class S3Config:
     read_timeout: float = 60.0
     max_attempts: int = 5
     max_pool_connections: int = 32
+    # PEM file of the CA certificates the endpoint's TLS certificate is verified against (a private CA); unset:
+    # botocore's default, which is AWS_CA_BUNDLE when the environment names one (as the pods' CA bundle does).
+    ca_bundle: str | None = None
 
     @classmethod
     def for_location(cls, location: StoreLocation, **overrides: Any) -> S3Config:
@@ -70,6 +73,7 @@ def make_s3_client(cfg: S3Config) -> S3Client:
         aws_access_key_id=cfg.access_key_id,
         aws_secret_access_key=cfg.secret_access_key,
         aws_session_token=cfg.session_token,
+        verify=cfg.ca_bundle,
         config=config,
     )
     return client

@@ -12,6 +12,7 @@ from llmengine.text import one_line
 SETTING_CREDENTIALS = "spec.store.credentialsSecretRef"
 SETTING_BUCKET = "spec.store.bucket"
 SETTING_ENDPOINT = "spec.store.endpoint"
+SETTING_CA_BUNDLE = "spec.pods.caBundle"
 # The same settings when an engine uses the operator's default store: the chart's values, not the spec's.
 DEFAULT_STORE_SETTINGS = {
     SETTING_CREDENTIALS: "the operator's default store credentials (chart values store.credentialsSecret and "
@@ -52,6 +53,10 @@ class EndpointUnreachable(StoreError):
     pass
 
 
+class UntrustedCertificate(StoreError):
+    """The endpoint's TLS certificate does not verify against the CA bundle in use (a private CA not given)."""
+
+
 class ManifestInvalid(StoreError):
     """A manifest.json exists but does not parse as a Manifest: a broken commit, rebuilt over by the builder."""
 
@@ -85,6 +90,14 @@ def translate_error(exc: BaseException, endpoint: str, bucket: str) -> StoreErro
         return CredentialsError(
             "no S3 credentials found: set spec.store.credentialsSecretRef or configure workload identity",
             SETTING_CREDENTIALS,
+        )
+    if isinstance(exc, bx.SSLError):
+        # Pods trust spec.pods.caBundle (over the chart's enginePods.caBundle); the operator trusts the chart's.
+        return UntrustedCertificate(
+            f"the TLS certificate of S3 endpoint {endpoint} is not trusted ({one_line(str(exc), 160)}): give its CA "
+            f"in {SETTING_CA_BUNDLE}, or for every engine and the operator itself in the chart value "
+            "enginePods.caBundle",
+            SETTING_CA_BUNDLE,
         )
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ConnectionClosedError):
         return EndpointUnreachable(f"cannot reach S3 endpoint {endpoint}: check {SETTING_ENDPOINT}", SETTING_ENDPOINT)
