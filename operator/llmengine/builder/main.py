@@ -11,7 +11,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from llmengine.api.artifacts import (
     StoreLocation,
 )
 from llmengine.builder import shell
+from llmengine.clock import iso, utcnow
 from llmengine.builder.compiler import BuildFailure, Compiler, check_request
 from llmengine.builder.fetch import (
     HfDownload,
@@ -34,6 +34,7 @@ from llmengine.builder.fetch import (
 )
 from llmengine.builder.verify import verify_engine
 from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError
+from llmengine.clock import iso, utcnow
 from llmengine.logging import get_logger
 
 MiB = 1024 * 1024
@@ -86,7 +87,7 @@ def _tree_bytes(root: Path) -> int:
 
 def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> BuildResult:
     """Run the pipeline for a valid request; raises BuildFailure on a failed stage."""
-    started_at = datetime.now(UTC)
+    started_at = utcnow()
     t0 = time.monotonic()
     check_request(request)
     compilers = seams.compilers()
@@ -145,7 +146,7 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
         compiler=compiler.name,
         gpu_class=request.gpu_class,
         sm=request.sm,
-        build_time=started_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        build_time=iso(started_at),
         build_seconds=build_seconds,
         test_build=out.test_build,
         gpu_name=gpu_name,
@@ -180,7 +181,7 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
 
 def _progress(store: EngineStore, digest: str, stage: str, log: Any) -> None:
     """Say where the build is (status.build.stage). Best effort: a store that refuses it fails no build."""
-    since = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    since = iso(utcnow())
     try:
         store.put_progress(BuildProgress(engine_digest=digest, stage=stage, since=since))
     except Exception as exc:  # a note on where the build is: never a reason for the build to fail

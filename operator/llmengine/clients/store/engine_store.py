@@ -7,7 +7,6 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, TypeVar
 
@@ -44,6 +43,7 @@ from llmengine.clients.store.layout import (
 )
 from llmengine.clients.store.progress import Progress
 from llmengine.clients.store.retry import Patience
+from llmengine.clock import iso, utcnow
 from llmengine.logging import get_logger
 
 T = TypeVar("T")
@@ -578,7 +578,7 @@ class EngineStore:
         manifest = self.get_manifest(digest)
         if manifest is None:
             return ""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = iso(utcnow()).replace("-", "").replace(":", "")
         base = f"{QUARANTINE_DIR}{stamp}-{manifest.build_id or 'top'}-"
         self._put_bytes(digest, base + MANIFEST_NAME, manifest.to_json().encode())
         self._put_bytes(digest, base + "reason.txt", reason.encode())
