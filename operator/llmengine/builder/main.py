@@ -23,7 +23,6 @@ from llmengine.api.artifacts import (
     StoreLocation,
 )
 from llmengine.builder import shell
-from llmengine.clock import iso, utcnow
 from llmengine.builder.compiler import BuildFailure, Compiler, check_request
 from llmengine.builder.fetch import (
     HfDownload,
