@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from llmengine.api.artifacts import BuildShapes, Provenance, StoreLocation
+from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import OperatorConfig
 from llmengine.api.pods import CA_DIR, CA_ENV, CA_PATH, CaBundle
 from llmengine.clients.store import (
@@ -29,18 +29,8 @@ from llmengine.dev.harness import Engines, jobs, run_operator
 from llmengine.dev.s3 import S3Endpoint
 from llmengine.dev.seed import create_store_secret, engine, upload_tiny_checkpoint
 from llmengine.dev.tlsproxy import PrivateCa, private_ca, tls_proxy
+from tests.integration.test_store import PROV, SHAPES
 
-SHAPES = BuildShapes(max_batch_size=8, max_input_len=128, max_seq_len=256, max_num_tokens=512)
-PROV = Provenance(
-    builder_image="test",
-    trtllm_version="1.2.1",
-    compiler="test",
-    gpu_class="H100-80GB",
-    sm="9.0",
-    build_time="2026-01-01T00:00:00Z",
-    build_seconds=1.0,
-    test_build=True,
-)
 # An unreachable proxy: anything the pods send through it fails, so a build that succeeds went direct (NO_PROXY).
 NOWHERE = "http://127.0.0.1:9"
 
