@@ -197,12 +197,24 @@ def test_transient_and_permanent_errors_are_told_apart() -> None:
     assert not is_transient(ValueError("x"))
 
 
-def test_a_store_error_on_the_operators_default_store_names_the_chart_values() -> None:
-    from llmengine.clients.store import on_default_store
+def test_a_store_error_names_the_settings_the_engine_uses() -> None:
+    """An engine with spec.store is pointed at its fields; one on the operator's default store at the chart's values."""
+    from llmengine.clients.store import DEFAULT_STORE, translate_error
 
-    msg = "cannot reach S3 endpoint http://s3:9000: check spec.store.endpoint"
-    assert on_default_store(msg) == (
+    failures = [
+        bx.EndpointConnectionError(endpoint_url="http://s3:9000"),
+        bx.ClientError({"Error": {"Code": "InvalidAccessKeyId"}}, "GetObject"),
+        bx.ClientError({"Error": {"Code": "NoSuchBucket"}}, "GetObject"),
+        bx.ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject"),
+        bx.NoCredentialsError(),
+    ]
+    for exc in failures:
+        own = translate_error(exc, "http://s3:9000", "engines")
+        default = translate_error(exc, "http://s3:9000", "engines", DEFAULT_STORE)
+        assert own.setting is not None and own.setting.startswith("spec.store.") and own.setting in str(own)
+        assert "spec.store" not in str(default) and "chart value" in str(default), str(default)
+        assert type(own) is type(default)
+    reach = translate_error(failures[0], "http://s3:9000", "engines", DEFAULT_STORE)
+    assert str(reach) == (
         "cannot reach S3 endpoint http://s3:9000: check the operator's default store (chart value store.endpoint)"
     )
-    assert "store.credentialsSecret" in on_default_store("check the secret named in spec.store.credentialsSecretRef")
-    assert "spec.store" not in on_default_store("fix spec.store.bucket")

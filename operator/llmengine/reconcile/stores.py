@@ -11,7 +11,14 @@ from typing import Any
 
 from llmengine.api.artifacts import BuildProgress, StoreLocation
 from llmengine.clients.kube import Kube
-from llmengine.clients.store import EngineStore, S3Config, StoreError, make_s3_client, on_default_store
+from llmengine.clients.store import (
+    DEFAULT_STORE,
+    SPEC_STORE,
+    EngineStore,
+    S3Config,
+    StoreError,
+    make_s3_client,
+)
 from llmengine.logging import register_secret
 from llmengine.reconcile import metrics
 from llmengine.reconcile.snapshot import StoreView
@@ -48,7 +55,7 @@ class Stores:
             ok = await asyncio.to_thread(store.is_committed, digest)
         except StoreError as e:
             metrics.STORE_ERRORS.inc()
-            return StoreView(None, on_default_store(str(e)) if access.default else str(e), uri)
+            return StoreView(None, str(e), uri)  # the store's errors name the settings this engine uses
         except Exception as e:  # a store outage must never crash the operator
             metrics.STORE_ERRORS.inc()
             return StoreView(None, f"{type(e).__name__}: {e}"[:300], uri)
@@ -89,5 +96,6 @@ class Stores:
             key = (*key, hashlib.sha256(json.dumps(creds, sort_keys=True).encode()).hexdigest())
         if key not in self._clients:
             cfg = S3Config.for_location(access.location, ca_bundle=self.ca_bundle, **creds)
-            self._clients[key] = EngineStore(make_s3_client(cfg), access.location)
+            names = DEFAULT_STORE if access.default else SPEC_STORE
+            self._clients[key] = EngineStore(make_s3_client(cfg), access.location, names=names)
         return self._clients[key]

@@ -21,10 +21,11 @@ from llmengine.clients.store.client import (
 )
 from llmengine.clients.store.engine_store import EngineStore, store_for
 from llmengine.clients.store.errors import (
-    DEFAULT_STORE_SETTINGS,
+    DEFAULT_STORE,
     SETTING_BUCKET,
     SETTING_CREDENTIALS,
     SETTING_ENDPOINT,
+    SPEC_STORE,
     AccessDenied,
     BucketNotFound,
     CredentialsError,
@@ -32,9 +33,9 @@ from llmengine.clients.store.errors import (
     IntegrityError,
     ManifestInvalid,
     StoreError,
+    StoreSettings,
     UntrustedCertificate,
     is_transient,
-    on_default_store,
     translate_error,
 )
 from llmengine.clients.store.files import byte_ranges, file_sha256
@@ -52,7 +53,7 @@ _ranges = byte_ranges
 
 __all__ = [
     "DEFAULT_RETRY_SECONDS",
-    "DEFAULT_STORE_SETTINGS",
+    "DEFAULT_STORE",
     "MANIFEST_NAME",
     "PARTIAL_SUFFIX",
     "RESERVED_NAMES",
@@ -60,6 +61,7 @@ __all__ = [
     "SETTING_BUCKET",
     "SETTING_CREDENTIALS",
     "SETTING_ENDPOINT",
+    "SPEC_STORE",
     "AccessDenied",
     "BucketNotFound",
     "CredentialsError",
@@ -71,6 +73,7 @@ __all__ = [
     "S3Client",
     "S3Config",
     "StoreError",
+    "StoreSettings",
     "TransferTuning",
     "UntrustedCertificate",
     "byte_ranges",
@@ -78,7 +81,6 @@ __all__ = [
     "file_sha256",
     "is_transient",
     "make_s3_client",
-    "on_default_store",
     "store_for",
     "translate_error",
 ]

@@ -24,7 +24,15 @@ from llmengine.api.artifacts import (
     first_problem,
 )
 from llmengine.clients.store.client import S3Client, S3Config, TransferTuning, make_s3_client
-from llmengine.clients.store.errors import IntegrityError, ManifestInvalid, StoreError, error_code, translate_error
+from llmengine.clients.store.errors import (
+    SPEC_STORE,
+    IntegrityError,
+    ManifestInvalid,
+    StoreError,
+    StoreSettings,
+    error_code,
+    translate_error,
+)
 from llmengine.clients.store.files import FileJob, already_present, byte_ranges, hash_range
 from llmengine.clients.store.layout import (
     BUILDS_DIR,
@@ -52,10 +60,17 @@ T = TypeVar("T")
 class EngineStore:
     """Engines under one StoreLocation. Stateless apart from the client: safe to share across threads."""
 
-    def __init__(self, client: S3Client, location: StoreLocation, tuning: TransferTuning | None = None) -> None:
+    def __init__(
+        self,
+        client: S3Client,
+        location: StoreLocation,
+        tuning: TransferTuning | None = None,
+        names: StoreSettings = SPEC_STORE,
+    ) -> None:
         self.client = client
         self.location = location
         self.tuning = tuning or TransferTuning()
+        self.names = names  # how errors name the settings to fix
 
     # -- naming ---------------------------------------------------------------------------------------------------
 
@@ -80,7 +95,7 @@ class EngineStore:
         except StoreError:
             raise
         except Exception as exc:
-            raise translate_error(exc, self.endpoint, self.location.bucket) from exc
+            raise translate_error(exc, self.endpoint, self.location.bucket, self.names) from exc
 
     def _patience(self, what: str) -> Patience:
         return Patience(self.tuning.retry_seconds, what, get_logger(stage="s3"))

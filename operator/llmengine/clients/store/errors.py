@@ -3,6 +3,8 @@ another attempt may get past."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from botocore import exceptions as bx
 from urllib3 import exceptions as u3
 
@@ -13,20 +15,26 @@ SETTING_CREDENTIALS = "spec.store.credentialsSecretRef"
 SETTING_BUCKET = "spec.store.bucket"
 SETTING_ENDPOINT = "spec.store.endpoint"
 SETTING_CA_BUNDLE = "spec.pods.caBundle"
-# The same settings when an engine uses the operator's default store: the chart's values, not the spec's.
-DEFAULT_STORE_SETTINGS = {
-    SETTING_CREDENTIALS: "the operator's default store credentials (chart values store.credentialsSecret and "
-    "store.engineSecret)",
-    SETTING_BUCKET: "the operator's default store (chart value store.bucket)",
-    SETTING_ENDPOINT: "the operator's default store (chart value store.endpoint)",
-}
 
 
-def on_default_store(message: str) -> str:
-    """A store error for an engine without spec.store names the chart values actually in use."""
-    for spec_field, chart_value in DEFAULT_STORE_SETTINGS.items():
-        message = message.replace(spec_field, chart_value)
-    return message
+@dataclass(frozen=True)
+class StoreSettings:
+    """How the errors of one store name what to fix: an engine's own spec.store fields, or the chart's values when
+    the engine uses the operator's default store."""
+
+    credentials: str = SETTING_CREDENTIALS
+    bucket: str = SETTING_BUCKET
+    endpoint: str = SETTING_ENDPOINT
+
+
+SPEC_STORE = StoreSettings()
+DEFAULT_STORE = StoreSettings(
+    credentials=(
+        "the operator's default store credentials (chart values store.credentialsSecret and store.engineSecret)"
+    ),
+    bucket="the operator's default store (chart value store.bucket)",
+    endpoint="the operator's default store (chart value store.endpoint)",
+)
 
 
 class StoreError(Exception):
@@ -82,14 +90,14 @@ _CREDENTIAL_CODES = frozenset(
 )
 
 
-def translate_error(exc: BaseException, endpoint: str, bucket: str) -> StoreError:
-    """Map a botocore/s3transfer exception to a one-line StoreError naming the setting to fix."""
+def translate_error(exc: BaseException, endpoint: str, bucket: str, names: StoreSettings = SPEC_STORE) -> StoreError:
+    """Map a botocore/s3transfer exception to a one-line StoreError naming the setting to fix, as `names` call it."""
     if isinstance(exc, StoreError):
         return exc
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
         return CredentialsError(
-            "no S3 credentials found: set spec.store.credentialsSecretRef or configure workload identity",
-            SETTING_CREDENTIALS,
+            f"no S3 credentials found: set {names.credentials} or configure workload identity",
+            names.credentials,
         )
     if isinstance(exc, bx.SSLError):
         # Pods trust spec.pods.caBundle (over the chart's enginePods.caBundle); the operator trusts the chart's.
@@ -100,26 +108,26 @@ def translate_error(exc: BaseException, endpoint: str, bucket: str) -> StoreErro
             SETTING_CA_BUNDLE,
         )
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ConnectionClosedError):
-        return EndpointUnreachable(f"cannot reach S3 endpoint {endpoint}: check {SETTING_ENDPOINT}", SETTING_ENDPOINT)
+        return EndpointUnreachable(f"cannot reach S3 endpoint {endpoint}: check {names.endpoint}", names.endpoint)
     if isinstance(exc, bx.ReadTimeoutError):
-        return EndpointUnreachable(f"S3 endpoint {endpoint} timed out: check {SETTING_ENDPOINT}", SETTING_ENDPOINT)
+        return EndpointUnreachable(f"S3 endpoint {endpoint} timed out: check {names.endpoint}", names.endpoint)
     if isinstance(exc, bx.ClientError):
         err = exc.response.get("Error", {})
         code = str(err.get("Code", ""))
         if code in _CREDENTIAL_CODES:
             return CredentialsError(
-                f"S3 rejected the credentials ({code}): check the secret named in {SETTING_CREDENTIALS}",
-                SETTING_CREDENTIALS,
+                f"S3 rejected the credentials ({code}): check the secret named in {names.credentials}",
+                names.credentials,
             )
         if code == "NoSuchBucket":
             return BucketNotFound(
-                f"bucket '{bucket}' does not exist at {endpoint}: create it or fix {SETTING_BUCKET}", SETTING_BUCKET
+                f"bucket '{bucket}' does not exist at {endpoint}: create it or fix {names.bucket}", names.bucket
             )
         if code in ("AccessDenied", "403", "Forbidden"):
             return AccessDenied(
                 f"S3 denied access to bucket '{bucket}' ({code}): grant the credentials in "
-                f"{SETTING_CREDENTIALS} read/write on it",
-                SETTING_CREDENTIALS,
+                f"{names.credentials} read/write on it",
+                names.credentials,
             )
         msg = str(err.get("Message", "")) or str(exc)
         return StoreError(f"S3 error {code or 'unknown'} at {endpoint}: {one_line(msg)}")
