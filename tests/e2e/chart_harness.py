@@ -52,13 +52,25 @@ def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def rules_table(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
-    """RBAC rules flattened to (apiGroup, resource) -> verbs."""
+    """RBAC rules flattened to (apiGroup, resource) -> verbs; rules limited to named objects are not expected."""
     table: dict[tuple[str, str], set[str]] = {}
     for r in rules:
         assert not r.get("resourceNames") and not r.get("nonResourceURLs"), r
         for g in r["apiGroups"]:
             for res in r["resources"]:
                 table.setdefault((g, res), set()).update(r["verbs"])
+    return table
+
+
+def named_rules_table(rules: list[dict[str, Any]]) -> dict[tuple[str, str, str], set[str]]:
+    """RBAC rules that each name their objects, flattened to (apiGroup, resource, name) -> verbs."""
+    table: dict[tuple[str, str, str], set[str]] = {}
+    for r in rules:
+        assert r.get("resourceNames") and not r.get("nonResourceURLs"), r
+        for g in r["apiGroups"]:
+            for res in r["resources"]:
+                for name in r["resourceNames"]:
+                    table.setdefault((g, res, name), set()).update(r["verbs"])
     return table
 
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from llmengine.api.config import ImagePair, OperatorConfig
 from llmengine.dev import tools
-from tests.e2e.chart_harness import CHART, KUBE_VERSION, by_kind, helm, render, rules_table
+from tests.e2e.chart_harness import CHART, KUBE_VERSION, by_kind, helm, named_rules_table, render, rules_table
 
 try:
     tools.binary("helm")
@@ -40,6 +40,12 @@ NAMESPACED_RULES = {
     ("", "events"): {"create"},
 }
 CLUSTER_ONLY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+# The webhook certificate the operator keeps (webhook.certificate.source operator, the default): its Secret and the
+# chart's webhook configuration, by name, and nothing else.
+WEBHOOK_SECRET_RULES = {("", "secrets", "llmengine-operator-webhook-cert"): {"get", "patch"}}
+WEBHOOK_CONFIGURATION_RULES = {
+    ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "llmengine-operator"): {"get", "patch"}
+}
 
 
 def _deployment(objs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -62,6 +68,30 @@ def _operator_role(objs: list[dict[str, Any]]) -> dict[str, Any]:
     return role
 
 
+def _named(objs: list[dict[str, Any]], kind: str, name: str) -> list[dict[str, Any]]:
+    return [o for o in by_kind(objs, kind) if o["metadata"]["name"] == name]
+
+
+def _webhook_rbac_is_exact(objs: list[dict[str, Any]]) -> None:
+    """The certificate's RBAC: a ClusterRole for the one configuration, a Role in the release namespace for the one
+    Secret, each bound to the operator's ServiceAccount only."""
+    (crole,) = _named(objs, "ClusterRole", "llmengine-operator-webhook")
+    (role,) = _named(objs, "Role", "llmengine-operator-webhook")
+    assert role["metadata"]["namespace"] == "llmengine-system"
+    assert named_rules_table(crole["rules"]) == WEBHOOK_CONFIGURATION_RULES
+    assert named_rules_table(role["rules"]) == WEBHOOK_SECRET_RULES
+    for kind, ref in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
+        (b,) = _named(objs, kind, "llmengine-operator-webhook")
+        assert b["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": ref,
+            "name": "llmengine-operator-webhook",
+        }
+        assert b["subjects"] == [
+            {"kind": "ServiceAccount", "name": "llmengine-operator", "namespace": "llmengine-system"}
+        ]
+
+
 @pytest.mark.parametrize(
     "sets",
     [
@@ -72,8 +102,18 @@ def _operator_role(objs: list[dict[str, Any]]) -> dict[str, Any]:
         ("--set", "metrics.serviceMonitor.enabled=true"),
         ("--set", "webhook.enabled=false"),
         ("--set", "webhook.certificate.source=certManager"),
+        ("--set", "webhook.certificate.source=helm"),
     ],
-    ids=["default", "peering", "namespaced", "namespaced-peering", "servicemonitor", "no-webhook", "cert-manager"],
+    ids=[
+        "default",
+        "peering",
+        "namespaced",
+        "namespaced-peering",
+        "servicemonitor",
+        "no-webhook",
+        "cert-manager",
+        "helm-certificate",
+    ],
 )
 def test_helm_lint_strict(sets: tuple[str, ...]) -> None:
     out = helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *sets)
@@ -118,19 +158,24 @@ def test_default_rbac_is_exactly_what_the_operator_calls() -> None:
     objs = render()
     role = _operator_role(objs)
     assert rules_table(role["rules"]) == {**NAMESPACED_RULES, **CLUSTER_ONLY_RULES}
-    (binding,) = by_kind(objs, "ClusterRoleBinding")
+    (binding,) = _named(objs, "ClusterRoleBinding", "llmengine-operator")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "llmengine-operator", "namespace": "llmengine-system"}
     ]
-    assert not by_kind(objs, "Role") and not by_kind(objs, "RoleBinding")
+    # Besides, only what the webhook certificate needs, by name.
+    _webhook_rbac_is_exact(objs)
+    assert len(by_kind(objs, "Role")) == len(by_kind(objs, "RoleBinding")) == 1
+    assert len(by_kind(objs, "ClusterRoleBinding")) == 2
     # Nothing anywhere grants a wildcard, and Secrets are never listable.
     for r in by_kind(objs, "ClusterRole"):
         for rule in r["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
     assert "list" not in rules_table(role["rules"])[("", "secrets")]
     # User-facing aggregation roles touch LLMEngines only.
-    aggregated = [r for r in by_kind(objs, "ClusterRole") if r is not role]
+    aggregated = [
+        r for r in by_kind(objs, "ClusterRole") if r is not role and not r["metadata"]["name"].endswith("-webhook")
+    ]
     assert {r["metadata"]["name"] for r in aggregated} == {"llmengine-operator-edit", "llmengine-operator-view"}
     for r in aggregated:
         assert {g for g, _ in rules_table(r["rules"])} == {"llmengine.io"}
@@ -167,14 +212,14 @@ def test_namespaced_mode_uses_roles_per_namespace() -> None:
     c = _container(objs)
     assert "--namespace=team-a" in c["args"] and "--namespace=team-b" in c["args"]
     assert "--all-namespaces" not in c["args"]
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(objs, "Role")}
+    roles = {r["metadata"]["namespace"]: r for r in _named(objs, "Role", "llmengine-operator")}
     assert set(roles) == {"team-a", "team-b"}
     for role in roles.values():
         assert rules_table(role["rules"]) == {
             **NAMESPACED_RULES,
             ("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"},
         }
-    bindings = {b["metadata"]["namespace"]: b for b in by_kind(objs, "RoleBinding")}
+    bindings = {b["metadata"]["namespace"]: b for b in _named(objs, "RoleBinding", "llmengine-operator")}
     assert set(bindings) == {"team-a", "team-b"}
     assert all(b["subjects"][0]["namespace"] == "llmengine-system" for b in bindings.values())
     # Cluster-wide, only what cannot be namespaced: CRD and namespace observation, and the build queue's count
@@ -187,13 +232,16 @@ def test_namespaced_mode_uses_roles_per_namespace() -> None:
     peerings = by_kind(objs, "KopfPeering")
     assert {p["metadata"]["namespace"] for p in peerings} == {"team-a", "team-b"}
     assert not by_kind(objs, "ClusterKopfPeering")
+    # The webhook certificate's Secret lives in the release namespace, whatever the operator watches.
+    _webhook_rbac_is_exact(objs)
 
 
 def test_secrets_only_by_reference() -> None:
     objs = render("--set", "store.bucket=engines", "--set", "store.credentialsSecret=operator-s3")
-    # The only Secret the chart writes is the webhook's generated serving certificate, never a credential.
-    assert [(s["type"], sorted(s["data"])) for s in by_kind(objs, "Secret")] == [
-        ("kubernetes.io/tls", ["ca.crt", "tls.crt", "tls.key"])
+    # The only Secret the chart writes is the one the operator keeps the webhook certificate in, rendered empty:
+    # never a credential, nothing that changes from one render to the next.
+    assert [(s["metadata"]["name"], s["type"], s.get("data")) for s in by_kind(objs, "Secret")] == [
+        ("llmengine-operator-webhook-cert", "Opaque", None)
     ]
     env = {e["name"]: e for e in _container(objs)["env"]}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -311,17 +359,11 @@ def _cert(pem_b64: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(base64.b64decode(pem_b64))
 
 
-def test_webhook_by_default_serves_a_helm_generated_certificate_through_its_service() -> None:
-    objs = render()
+HELM_CERT = ("--set", "webhook.certificate.source=helm")
+
+
+def _check_service_and_rules(objs: list[dict[str, Any]]) -> dict[str, Any]:
     _, hook, svc = _webhook_parts(objs)
-    c = _container(objs)
-    pod = _deployment(objs)["spec"]["template"]["spec"]
-    assert "--webhook-port=9443" in c["args"] and "--webhook-cert-dir=/etc/llmengine/webhook" in c["args"]
-    assert {"name": "webhook-tls", "mountPath": "/etc/llmengine/webhook", "readOnly": True} in c["volumeMounts"]
-    (secret,) = by_kind(objs, "Secret")
-    assert secret["type"] == "kubernetes.io/tls"
-    vol = next(v for v in pod["volumes"] if v["name"] == "webhook-tls")
-    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
     assert svc["spec"]["ports"] == [{"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}]
     assert svc["spec"]["selector"].items() <= _deployment(objs)["spec"]["template"]["metadata"]["labels"].items()
     assert hook["name"] == "validate-llmengine.llmengine.io"
@@ -342,6 +384,41 @@ def test_webhook_by_default_serves_a_helm_generated_certificate_through_its_serv
         }
     ]
     assert "namespaceSelector" not in hook
+    return hook
+
+
+def test_webhook_by_default_gets_its_certificate_from_the_operator_through_its_service() -> None:
+    objs = render()
+    hook = _check_service_and_rules(objs)
+    conf, _, svc = _webhook_parts(objs)
+    c = _container(objs)
+    pod = _deployment(objs)["spec"]["template"]["spec"]
+    # No caBundle and no certificate in the render: the operator issues them into its Secret and writes the CA into
+    # this configuration, told which by its arguments.
+    assert "caBundle" not in hook["clientConfig"] and "annotations" not in conf["metadata"]
+    (secret,) = by_kind(objs, "Secret")
+    assert "--webhook-port=9443" in c["args"]
+    assert f"--webhook-cert-secret=llmengine-system/{secret['metadata']['name']}" in c["args"]
+    assert f"--webhook-service=llmengine-system/{svc['metadata']['name']}" in c["args"]
+    assert f"--webhook-configuration={conf['metadata']['name']}" in c["args"]
+    assert "--webhook-cert-days=3650" in c["args"]
+    assert not any(a.startswith(("--webhook-cert-dir", "--webhook-host")) for a in c["args"])
+    # No Secret volume: the operator writes the files under /tmp (the root file system is read-only).
+    assert [m["name"] for m in c["volumeMounts"]] == ["tmp"] and [v["name"] for v in pod["volumes"]] == ["tmp"]
+
+
+def test_webhook_with_a_helm_generated_certificate_serves_it_from_a_secret_volume() -> None:
+    objs = render(*HELM_CERT)
+    hook = _check_service_and_rules(objs)
+    c = _container(objs)
+    pod = _deployment(objs)["spec"]["template"]["spec"]
+    assert "--webhook-port=9443" in c["args"] and "--webhook-cert-dir=/etc/llmengine/webhook" in c["args"]
+    assert not any(a.startswith("--webhook-cert-secret") for a in c["args"])
+    assert {"name": "webhook-tls", "mountPath": "/etc/llmengine/webhook", "readOnly": True} in c["volumeMounts"]
+    (secret,) = by_kind(objs, "Secret")
+    assert secret["type"] == "kubernetes.io/tls"
+    vol = next(v for v in pod["volumes"] if v["name"] == "webhook-tls")
+    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
     # The serving certificate is signed by the CA the API server is told to trust, for the Service's DNS name.
     ca, leaf = _cert(hook["clientConfig"]["caBundle"]), _cert(secret["data"]["tls.crt"])
     assert secret["data"]["ca.crt"] == hook["clientConfig"]["caBundle"]
@@ -350,17 +427,45 @@ def test_webhook_by_default_serves_a_helm_generated_certificate_through_its_serv
         leaf.signature, leaf.tbs_certificate_bytes, padding.PKCS1v15(), leaf.signature_hash_algorithm
     )
     names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    svc = _service(objs, "webhook")
     assert f"{svc['metadata']['name']}.llmengine-system.svc" in names.get_values_for_type(x509.DNSName)
+    # Helm writes the Secret and the caBundle itself: the operator gets no RBAC for them.
+    assert not _named(objs, "ClusterRole", "llmengine-operator-webhook") and not by_kind(objs, "Role")
 
 
 def test_webhook_url_for_an_operator_outside_the_cluster_gets_its_host_in_the_certificate() -> None:
-    objs = render("--set", "webhook.url=https://127.0.0.1:19443/")
+    url = ("--set", "webhook.url=https://127.0.0.1:19443/")
+    objs = render(*url)
     _, hook, _ = _webhook_parts(objs)
     assert hook["clientConfig"]["url"] == "https://127.0.0.1:19443/validate-llmengine"
     assert "service" not in hook["clientConfig"]
+    assert "--webhook-host=127.0.0.1" in _container(objs)["args"]
+    objs = render(*url, *HELM_CERT)
     (secret,) = by_kind(objs, "Secret")
     names = _cert(secret["data"]["tls.crt"]).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def _template(*sets: str) -> str:
+    return helm(
+        "template", "llmengine-operator", str(CHART), "-n", "llmengine-system", "--kube-version", KUBE_VERSION, *sets
+    )
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [(), ("--set", "webhook.certificate.source=certManager"), (*NAMESPACED, *PEERING)],
+    ids=["default", "cert-manager", "namespaced-peering"],
+)
+def test_rendering_twice_gives_the_same_bytes(sets: tuple[str, ...]) -> None:
+    """What Argo CD compares on every refresh: a render that changes by itself keeps an app OutOfSync and rotates
+    the certificate on every sync."""
+    assert _template(*sets) == _template(*sets)
+
+
+def test_helm_generated_certificate_changes_from_one_render_to_the_next() -> None:
+    """Why source helm is not the default: without a cluster to look up (helm template), each render makes a new CA."""
+    assert _template(*HELM_CERT) != _template(*HELM_CERT)
 
 
 def test_webhook_in_namespaced_mode_only_sees_watched_namespaces() -> None:
@@ -392,6 +497,9 @@ def test_webhook_with_cert_manager_uses_a_certificate_and_ca_injection() -> None
     )
     assert not by_kind(objs, "Issuer")
     assert by_kind(objs, "Certificate")[0]["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
+    # cert-manager writes the Secret and the caBundle: the operator reads the mounted files only.
+    assert "--webhook-cert-dir=/etc/llmengine/webhook" in _container(objs)["args"]
+    assert not _named(objs, "ClusterRole", "llmengine-operator-webhook") and not by_kind(objs, "Role")
 
 
 def test_webhook_with_an_existing_secret_needs_its_ca() -> None:
@@ -429,6 +537,7 @@ def test_webhook_with_an_existing_secret_needs_its_ca() -> None:
 def test_webhook_disabled_leaves_no_trace() -> None:
     objs = render("--set", "webhook.enabled=false")
     assert not by_kind(objs, "ValidatingWebhookConfiguration") and not by_kind(objs, "Secret")
+    assert not by_kind(objs, "Role") and not _named(objs, "ClusterRole", "llmengine-operator-webhook")
     assert [s["metadata"]["name"] for s in by_kind(objs, "Service")] == ["llmengine-operator-metrics"]
     c = _container(objs)
     assert not any(a.startswith("--webhook") for a in c["args"])

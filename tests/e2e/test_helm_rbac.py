@@ -158,6 +158,21 @@ def _delete_engines(engines: Engines, names: list[str]) -> None:
     wait_for("engines deleted (finalizers released)", gone, timeout=60)
 
 
+def _assert_operator_kept_the_webhook_certificate(api: Any, sa_api: Any, rel: Release) -> None:
+    core = client.CoreV1Api(api)
+    data = core.read_namespaced_secret(f"{rel.fullname}-webhook-cert", rel.namespace).data or {}
+    assert sorted(data) == ["ca.crt", "ca.key", "tls.crt", "tls.key"]
+    raw = client.AdmissionregistrationV1Api(api).read_validating_webhook_configuration(
+        rel.fullname, _preload_content=False
+    )
+    assert [w["clientConfig"].get("caBundle") for w in json.loads(raw.data)["webhooks"]] == [data["ca.crt"]]
+    sa_core, sa_adm = client.CoreV1Api(sa_api), client.AdmissionregistrationV1Api(sa_api)
+    touch = {"metadata": {"labels": {"touched": "yes"}}}
+    assert _status_code(sa_core.patch_namespaced_secret, "operator-s3", rel.namespace, touch) == 403
+    assert _status_code(sa_adm.patch_validating_webhook_configuration, "another-webhook", touch) == 403
+    assert _status_code(sa_adm.list_validating_webhook_configuration) == 403
+
+
 def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
     installed: Installed, dev_cluster: ClusterInfo, api: Any, namespace: str, tmp_path: Path
 ) -> None:
@@ -201,6 +216,9 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
         refusal = wait_for("webhook answering", lambda: _refusal(engines, invalid), timeout=60, interval=0.5)
         assert refusal.status == 422, refusal
         assert "denied the request" in refusal.body and "spec.precision.quantization" in refusal.body
+        # The certificate came from the operator: issued into the chart's empty Secret, its CA written into the
+        # chart's configuration, with RBAC for exactly those two objects.
+        _assert_operator_kept_the_webhook_certificate(api, sa_api, rel)
         engines.create(own_store)
         engines.create(default_store)
         try:
@@ -339,6 +357,7 @@ def test_namespaced_install_runs_lifecycle_with_roles_only_there(
         engines = Engines(api, namespace)
         with run_as_deployment(api, rel, kcfg, tmp_path, webhook_port=inst.webhook_port) as op:
             assert f"--namespace={namespace}" in op.argv and "--all-namespaces" not in op.argv
+            _assert_operator_kept_the_webhook_certificate(api, sa_api, rel)
             engines.create(
                 engine("scoped", dev_cluster, model, f"engines-{uuid.uuid4().hex[:8]}", serving={"replicas": 1})
             )

@@ -61,7 +61,7 @@ llmengine-operator
 {{- default .Values.store.credentialsSecret .Values.store.engineSecret }}
 {{- end }}
 
-{{/* The validating webhook: its Service, its serving-certificate Secret, and the one webhook's name. */}}
+{{/* The validating webhook: its Service and its serving-certificate Secret. */}}
 {{- define "llmengine-operator.webhookService" -}}
 {{- printf "%s-webhook" (include "llmengine-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -69,6 +69,9 @@ llmengine-operator
 {{- define "llmengine-operator.webhookSecret" -}}
 {{- if eq .Values.webhook.certificate.source "secret" }}
 {{- required "webhook.certificate.secretName is required when webhook.certificate.source is secret" .Values.webhook.certificate.secretName }}
+{{- else if eq .Values.webhook.certificate.source "operator" }}
+{{- /* Not "-webhook-tls": that one is the kubernetes.io/tls Secret of source helm, and a Secret's type never changes. */}}
+{{- printf "%s-webhook-cert" (include "llmengine-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- else }}
 {{- printf "%s-webhook-tls" (include "llmengine-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
