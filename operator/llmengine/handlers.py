@@ -19,7 +19,7 @@ from llmengine import GROUP, KIND, PLURAL, PREFIX, VERSION
 from llmengine.api.config import OperatorConfig
 from llmengine.plan.admission import review
 from llmengine.plan.webhook_cert import Names
-from llmengine.reconcile import webhook_cert
+from llmengine.reconcile import peering, webhook_cert
 from llmengine.reconcile.engine import Reconciler
 from llmengine.reconcile.webhook_cert import CertSecret
 from llmengine.render.common import MANAGED_BY, POOL_LABEL, job_ended
@@ -73,7 +73,8 @@ def _post_event(body: Any, type_: str, reason: str, message: str) -> None:
 
 # Operator state lives in Kopf's memo (the root one, which every object's memo copies): cfg (OperatorConfig),
 # reconciler (Reconciler), wakeups (Wakeups), webhook (WebhookOptions | None), stop (the event that stops the
-# operator) and cert_keeper (the task keeping the webhook certificate), set in main() and startup().
+# operator), watched_namespaces (empty: all) and cert_keeper (the task keeping the webhook certificate), set in
+# main() and startup().
 
 
 @kopf.on.startup()
@@ -102,6 +103,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.request_timeout = 60
     # A replica that dies without a goodbye is forgotten after this; the standby then takes over.
     settings.peering.lifetime = memo.cfg.peering_lifetime_seconds
+    if settings.peering.mandatory:
+        # Before Kopf's orchestration starts (after the start-up handlers): the replicas meet there, not paused.
+        await peering.ensure(kube, settings.peering.name, memo.watched_namespaces)
     webhook: WebhookOptions | None = memo.get("webhook")
     if webhook is not None and (cs := webhook.cert_secret) is not None:
         # Before the webhook listens (Kopf starts it after the start-up handlers): served and trusted at once.
@@ -324,7 +328,7 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
-    memo = kopf.Memo(wakeups=Wakeups(), webhook=None, stop=asyncio.Event())
+    memo = kopf.Memo(wakeups=Wakeups(), webhook=None, stop=asyncio.Event(), watched_namespaces=args.namespace or [])
     if args.webhook_port is not None:
         enable_webhook(memo, _webhook_options(ap, args))
 

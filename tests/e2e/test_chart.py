@@ -198,11 +198,11 @@ def test_peering_adds_crds_peering_object_rbac_and_flag() -> None:
         assert v["name"] == "v1" and v["served"] and v["storage"]
         status = v["schema"]["openAPIV3Schema"]["properties"]["status"]
         assert status == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-    (peering,) = by_kind(objs, "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == "llmengine-operator"
-    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    # The peering object is the operator's to create (a Helm hook would make Argo CD apply it after everything else).
+    assert not by_kind(objs, "ClusterKopfPeering") and not by_kind(objs, "KopfPeering")
+    assert not [o for o in objs if "helm.sh/hook" in (o["metadata"].get("annotations") or {}) and o["kind"] != "Pod"]
     table = rules_table(_operator_role(objs)["rules"])
-    assert table[("kopf.dev", "clusterkopfpeerings")] == {"list", "watch", "patch"}
+    assert table[("kopf.dev", "clusterkopfpeerings")] == {"create", "list", "watch", "patch"}
     assert ("kopf.dev", "kopfpeerings") not in table
     assert "kopf.dev" not in {g for g, _ in rules_table(_operator_role(render())["rules"])}
 
@@ -217,7 +217,7 @@ def test_namespaced_mode_uses_roles_per_namespace() -> None:
     for role in roles.values():
         assert rules_table(role["rules"]) == {
             **NAMESPACED_RULES,
-            ("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"},
+            ("kopf.dev", "kopfpeerings"): {"create", "list", "watch", "patch"},
         }
     bindings = {b["metadata"]["namespace"]: b for b in _named(objs, "RoleBinding", "llmengine-operator")}
     assert set(bindings) == {"team-a", "team-b"}
@@ -229,9 +229,7 @@ def test_namespaced_mode_uses_roles_per_namespace() -> None:
         ("", "namespaces"): {"list", "watch"},
         ("batch", "jobs"): {"list"},
     }
-    peerings = by_kind(objs, "KopfPeering")
-    assert {p["metadata"]["namespace"] for p in peerings} == {"team-a", "team-b"}
-    assert not by_kind(objs, "ClusterKopfPeering")
+    assert not by_kind(objs, "KopfPeering") and not by_kind(objs, "ClusterKopfPeering")
     # The webhook certificate's Secret lives in the release namespace, whatever the operator watches.
     _webhook_rbac_is_exact(objs)
 
@@ -304,8 +302,15 @@ def test_settings_reach_operator_config() -> None:
 
 def test_crd_and_monitoring_switches() -> None:
     assert not by_kind(render("--set", "crds.install=false"), "CustomResourceDefinition")
-    (crd,) = by_kind(render("--set", "crds.keep=false"), "CustomResourceDefinition")
-    assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+    # Kept by Helm on uninstall and never pruned nor deleted by Argo CD (which ignores Helm's policy when pruning).
+    for crd in by_kind(render(*PEERING), "CustomResourceDefinition"):
+        assert crd["metadata"]["annotations"] == {
+            "helm.sh/resource-policy": "keep",
+            "argocd.argoproj.io/sync-options": "Prune=false,Delete=false",
+            "argocd.argoproj.io/sync-wave": "-1",
+        }
+    for crd in by_kind(render(*PEERING, "--set", "crds.keep=false"), "CustomResourceDefinition"):
+        assert crd["metadata"]["annotations"] == {"argocd.argoproj.io/sync-wave": "-1"}
     (sm,) = by_kind(render("--set", "metrics.serviceMonitor.enabled=true"), "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["spec"]["endpoints"][0]["port"] == "metrics"
 
@@ -322,6 +327,48 @@ def test_helm_test_pod_fetches_metrics_through_the_service() -> None:
     assert not svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
 
 
+# What gates LLMEngines: applied by Argo CD in an earlier wave than theirs, so that they meet a Ready operator.
+GATING = {
+    "CustomResourceDefinition",
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "Secret",
+    "Service",
+    "Deployment",
+    "ValidatingWebhookConfiguration",
+    "Issuer",
+    "Certificate",
+}
+
+
+def test_operator_objects_come_in_an_argo_cd_sync_wave_before_user_objects() -> None:
+    for sets in [(), (*PEERING, *NAMESPACED), ("--set", "webhook.certificate.source=certManager")]:
+        objs = render(*sets)
+        gating = [o for o in objs if o["kind"] in GATING]
+        assert {o["kind"] for o in gating} >= {
+            "CustomResourceDefinition",
+            "Deployment",
+            "ValidatingWebhookConfiguration",
+        }
+        for o in gating:
+            assert (o["metadata"].get("annotations") or {}).get("argocd.argoproj.io/sync-wave") == "-1", o["metadata"]
+    # Annotations of the values are kept beside it.
+    objs = render("--set", "serviceAccount.annotations.a=b", "--set", "metrics.service.annotations.c=d")
+    (sa,) = by_kind(objs, "ServiceAccount")
+    assert sa["metadata"]["annotations"] == {"a": "b", "argocd.argoproj.io/sync-wave": "-1"}
+    assert _service(objs, "metrics")["metadata"]["annotations"] == {"c": "d", "argocd.argoproj.io/sync-wave": "-1"}
+    # An integer from --set works; empty leaves the annotation out (and an object with no other one, annotations).
+    assert _deployment(render("--set", "argocd.syncWave=-3"))["metadata"]["annotations"] == {
+        "argocd.argoproj.io/sync-wave": "-3"
+    }
+    objs = render("--set", "argocd.syncWave=")
+    assert "annotations" not in _deployment(objs)["metadata"]
+    assert not any("argocd.argoproj.io/sync-wave" in (o["metadata"].get("annotations") or {}) for o in objs)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -334,6 +381,7 @@ def test_helm_test_pod_fetches_metrics_through_the_service() -> None:
         "webhook.timeoutSeconds=60",
         "webhook.url=http://127.0.0.1:9443",
         "webhook.certificate.source=selfmade",
+        "argocd.syncWave=soon",
     ],
 )
 def test_schema_rejects_bad_values(bad: str) -> None:
@@ -395,7 +443,8 @@ def test_webhook_by_default_gets_its_certificate_from_the_operator_through_its_s
     pod = _deployment(objs)["spec"]["template"]["spec"]
     # No caBundle and no certificate in the render: the operator issues them into its Secret and writes the CA into
     # this configuration, told which by its arguments.
-    assert "caBundle" not in hook["clientConfig"] and "annotations" not in conf["metadata"]
+    assert "caBundle" not in hook["clientConfig"]
+    assert "cert-manager.io/inject-ca-from" not in conf["metadata"]["annotations"]
     (secret,) = by_kind(objs, "Secret")
     assert "--webhook-port=9443" in c["args"]
     assert f"--webhook-cert-secret=llmengine-system/{secret['metadata']['name']}" in c["args"]

@@ -302,7 +302,10 @@ def test_upgrade_to_peering_and_uninstall_keeps_crds(
     assert dep.spec.replicas == 2
     assert "--peering=llmengine-operator" in dep.spec.template.spec.containers[0].args
     co = client.CustomObjectsApi(api)
-    co.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llmengine-operator")
+    # None left by another test or release: the operator has to create it.
+    assert _status_code(
+        co.delete_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", "llmengine-operator"
+    ) in (200, 404)
 
     kcfg, _ = _sa_client(api, installed, tmp_path / "operator.kubeconfig")
     store_secret(api, dev_cluster, namespace)
@@ -312,10 +315,16 @@ def test_upgrade_to_peering_and_uninstall_keeps_crds(
         assert "--peering=llmengine-operator" in op.argv
 
         def keepalive() -> bool:
-            peering = co.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llmengine-operator")
+            try:
+                peering = co.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llmengine-operator")
+            except ApiException as e:
+                if e.status == 404:
+                    return False
+                raise
             return bool(peering.get("status"))
 
-        # Kopf writes its keep-alive into the peering object (patch granted) and, alone there, acts.
+        # The operator creates the peering object if the cluster has none (create granted), Kopf writes its
+        # keep-alive into it (patch granted) and, alone there, acts.
         wait_for("operator keep-alive in the ClusterKopfPeering", keepalive, timeout=60)
         engines.create(engine("kept", dev_cluster, model, f"engines-{uuid.uuid4().hex[:8]}", serving={"replicas": 1}))
         engines.wait_phase("kept", "Ready", timeout=180)

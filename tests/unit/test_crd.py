@@ -212,15 +212,12 @@ def test_helm_template_wraps_the_same_crd() -> None:
     lines = text.splitlines()
     assert lines[1] == "{{- if .Values.crds.install }}"
     assert lines[-1] == "{{- end }}"
-    assert "  {{- if .Values.crds.keep }}" in lines
-    assert "    helm.sh/resource-policy: keep" in lines
-    # Without the template lines it is the plain CRD plus the keep annotation.
-    plain = "\n".join(
-        line for line in lines if "{{" not in line and line != "  annotations:" and "resource-policy" not in line
-    )
+    # The chart's helper adds the annotations (keep, Argo CD's Prune=false, the sync wave)...
+    assert lines[6] == '  {{- include "llmengine-operator.crdAnnotations" . | nindent 2 }}'
+    # ...to what is otherwise the plain CRD, with no other template action in it.
+    plain = "\n".join(line for line in lines if "{{" not in line)
     assert yaml.safe_load(plain) == yaml.safe_load((ROOT / crdgen.CRD_PATH).read_text())
-    body = text.split("{{- end }}\n", 1)[1]
-    assert "{{" not in body.rsplit("{{- end }}", 1)[0]
+    assert sum("{{" in line for line in lines) == 3
 
 
 def test_chart_directory_holds_only_the_crd_from_us() -> None:

@@ -101,3 +101,34 @@ namespaces where the operator watches only some.
 job="{{ include "llmengine-operator.fullname" . }}-metrics"
 {{- if .Values.watchNamespaces }},namespace=~"{{ join "|" .Values.watchNamespaces }}"{{ end }}
 {{- end }}
+
+{{/*
+metadata.annotations of the objects the operator and its webhook need: `extra` (a dict) and the Argo CD sync wave
+(argocd.syncWave), or nothing at all. Called with (dict "ctx" $ "extra" (dict ...)).
+*/}}
+{{- define "llmengine-operator.annotations" -}}
+{{- $a := deepCopy (.extra | default dict) }}
+{{- $wave := toString (.ctx.Values.argocd.syncWave | default "") }}
+{{- if $wave }}
+{{- $_ := set $a "argocd.argoproj.io/sync-wave" $wave }}
+{{- end }}
+{{- with $a }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The CRDs' annotations. With crds.keep they are kept on `helm uninstall` (helm.sh/resource-policy) and never pruned
+or deleted by Argo CD, which ignores Helm's policy when it prunes (sync-options Prune=false: Argo CD prunes what a
+render no longer holds, crds.install=false included; Delete=false: deleting the Application). Deleting a CRD
+deletes every object of its kind.
+*/}}
+{{- define "llmengine-operator.crdAnnotations" -}}
+{{- $a := dict }}
+{{- if .Values.crds.keep }}
+{{- $_ := set $a "helm.sh/resource-policy" "keep" }}
+{{- $_ := set $a "argocd.argoproj.io/sync-options" "Prune=false,Delete=false" }}
+{{- end }}
+{{- include "llmengine-operator.annotations" (dict "ctx" . "extra" $a) }}
+{{- end }}

@@ -200,7 +200,8 @@ def render_plain(doc: dict[str, Any]) -> str:
 
 
 def render_chart(doc: dict[str, Any]) -> str:
-    """The same CRD as a Helm template: installed only with crds.install, kept on uninstall with crds.keep."""
+    """The same CRD as a Helm template: installed only with crds.install; its annotations (kept on uninstall and
+    never pruned with crds.keep, the Argo CD sync wave) come from the chart's llmengine-operator.crdAnnotations."""
     body = {k: v for k, v in doc.items() if k != "metadata"}
     head = {k: body.pop(k) for k in ("apiVersion", "kind")}
     text = _dump(body)
@@ -209,10 +210,7 @@ def render_chart(doc: dict[str, Any]) -> str:
     metadata = (
         "metadata:\n"
         f"  name: {doc['metadata']['name']}\n"
-        "  {{- if .Values.crds.keep }}\n"
-        "  annotations:\n"
-        "    helm.sh/resource-policy: keep\n"
-        "  {{- end }}\n"
+        '  {{- include "llmengine-operator.crdAnnotations" . | nindent 2 }}\n'
     )
     return HEADER + "{{- if .Values.crds.install }}\n" + _dump(head) + metadata + text + "{{- end }}\n"
 

@@ -206,6 +206,21 @@ class Kube:
         except ApiException as e:
             raise ApiError(int(e.status or 0), str(e.reason or "")) from e
 
+    async def create_peering(self, plural: str, name: str, ns: str | None) -> bool:
+        """Create a Kopf peering object (kopf.dev/v1, `plural`), cluster-wide or in `ns`; False when it exists."""
+        body = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": name}}
+        try:
+            if ns is None:
+                body["kind"] = "ClusterKopfPeering"
+                await self._call(self.custom.create_cluster_custom_object, "kopf.dev", "v1", plural, body)
+            else:
+                await self._call(self.custom.create_namespaced_custom_object, "kopf.dev", "v1", ns, plural, body)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+        return True
+
     async def delete_job(self, ns: str, name: str) -> None:
         for fn in (self.batch.delete_namespaced_job, self.core.delete_namespaced_config_map):
             try:
