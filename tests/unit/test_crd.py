@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from llmengine.api import crdgen
+from llmengine.generate import sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,7 @@ def schema(crd: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_committed_files_match_the_models(tmp_path: Path) -> None:
-    assert crdgen.main(["--root", str(tmp_path)]) == 0
+    assert sync(crdgen.outputs(tmp_path), check=False) == 0
     for rel in (crdgen.CRD_PATH, crdgen.CHART_CRD_PATH):
         generated = (tmp_path / rel).read_bytes()
         committed = (ROOT / rel).read_bytes()
@@ -33,11 +34,11 @@ def test_committed_files_match_the_models(tmp_path: Path) -> None:
 
 
 def test_check_mode(tmp_path: Path) -> None:
-    assert crdgen.main(["--root", str(tmp_path), "--check"]) == 1
-    assert crdgen.main(["--root", str(tmp_path)]) == 0
-    assert crdgen.main(["--root", str(tmp_path), "--check"]) == 0
+    assert sync(crdgen.outputs(tmp_path), check=True) == 1
+    assert sync(crdgen.outputs(tmp_path), check=False) == 0
+    assert sync(crdgen.outputs(tmp_path), check=True) == 0
     (tmp_path / crdgen.CRD_PATH).write_text("changed")
-    assert crdgen.main(["--root", str(tmp_path), "--check"]) == 1
+    assert sync(crdgen.outputs(tmp_path), check=True) == 1
 
 
 def test_generation_is_deterministic() -> None:
