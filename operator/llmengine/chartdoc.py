@@ -1,7 +1,8 @@
 """The chart's README.md, made from its commented values.yaml and its values.schema.json (`llmengine generate`).
 
 values.yaml is written for this: a `# -- ` comment documents the key below it (continued by the `#` lines that
-follow), and a plain comment above a mapping introduces a group of keys. Every value must be documented, itself or
+follow), a plain comment above a mapping introduces a group of keys, and a `# == ` line titles the top-level keys
+from the next one on that belong to no group. Every value must be documented, itself or
 through a documented parent (a free-form map such as `resources`), and declared in the schema: the generator refuses
 a values.yaml where one is not, naming it.
 """
@@ -33,12 +34,14 @@ class Key:
     path: tuple[str, ...]
     doc: str = ""  # from "# -- " comments: this key is a row of the values table
     group: str = ""  # from plain comments above it: this key starts a group of rows
+    title: str = ""  # from a "# == " line above it: this key starts a titled run of top-level keys
 
 
 @dataclass
 class _Pending:
     doc: list[str] = field(default_factory=list)
     group: list[str] = field(default_factory=list)
+    title: str = ""
     in_doc: bool = False
 
 
@@ -53,7 +56,9 @@ def parse(text: str) -> list[Key]:
             continue
         if m := _COMMENT.match(line):
             body = m.group("text") or ""
-            if body.startswith("-- "):
+            if body.startswith("== "):
+                pending.title = body[3:].strip()
+            elif body.startswith("-- "):
                 pending.doc, pending.in_doc = [body[3:]], True
             elif pending.in_doc:
                 pending.doc.append(body)
@@ -67,7 +72,8 @@ def parse(text: str) -> list[Key]:
         while stack and stack[-1][0] >= indent:
             stack.pop()
         stack.append((indent, key))
-        keys.append(Key(tuple(k for _, k in stack), " ".join(pending.doc).strip(), " ".join(pending.group).strip()))
+        path = tuple(k for _, k in stack)
+        keys.append(Key(path, " ".join(pending.doc).strip(), " ".join(pending.group).strip(), pending.title))
         pending = _Pending()
     return keys
 
@@ -134,24 +140,28 @@ def check(keys: list[Key], values: Mapping[str, Any], schema: Mapping[str, Any])
 
 def _sections(keys: list[Key]) -> list[tuple[str, str, list[Key]]]:
     """The documented keys cut into titled tables: one per group comment (the keys under it), and one per run of
-    keys outside any group, titled by their top-level names."""
-    sections: list[tuple[tuple[str, ...] | None, str, list[Key]]] = []
+    keys outside any group, titled by its `# == ` line or else by its keys' names."""
+    sections: list[tuple[str | tuple[str, ...] | None, str, list[Key]]] = []
     for key in keys:
-        under: tuple[str, ...] | None = sections[-1][0] if sections else None
+        under = sections[-1][0] if sections else None
         if key.group:
             sections.append((key.path, key.group, []))
-        elif not sections or (under is not None and key.path[: len(under)] != under):
+        elif key.title:
+            sections.append((key.title, "", []))
+        elif not sections or (isinstance(under, tuple) and key.path[: len(under)] != under):
             sections.append((None, "", []))
         if key.doc:
             sections[-1][2].append(key)
     out = []
-    for path, group, rows in sections:
+    for head, group, rows in sections:
         if not rows:
             continue
-        if path is not None:
-            title = ("###" if len(path) == 1 else "####") + f" `{'.'.join(path)}`"
+        if isinstance(head, tuple):
+            title = ("###" if len(head) == 1 else "####") + f" `{'.'.join(head)}`"
+        elif head:
+            title = f"### {head}"
         else:
-            title = "### " + ", ".join(dict.fromkeys(f"`{'.'.join(k.path[:1])}`" for k in rows))
+            title = "### " + ", ".join(dict.fromkeys(f"`{k.path[0]}`" for k in rows))
         out.append((title, group, rows))
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,18 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from llmengine.api.config import ImagePair, OperatorConfig
 from llmengine.dev import tools
-from tests.e2e.chart_harness import CHART, KUBE_VERSION, by_kind, helm, named_rules_table, render, rules_table
+from tests.e2e.chart_harness import (
+    ALL_FEATURES,
+    CHART,
+    KUBE_VERSION,
+    by_kind,
+    helm,
+    named_rules_table,
+    render,
+    render_notes,
+    rules_table,
+    values_file,
+)
 
 try:
     tools.binary("helm")
@@ -119,6 +131,17 @@ def test_helm_lint_strict(sets: tuple[str, ...]) -> None:
     out = helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *sets)
     assert "0 chart(s) failed" in out
     assert "[WARNING]" not in out and "[ERROR]" not in out
+
+
+@pytest.fixture(scope="module")
+def all_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return ("-f", str(values_file(ALL_FEATURES, tmp_path_factory.mktemp("values") / "all.yaml")))
+
+
+@pytest.mark.parametrize("extra", [(), NAMESPACED, ("--set", "webhook.certificate.source=certManager")])
+def test_helm_lint_strict_with_every_feature_on(all_features: tuple[str, str], extra: tuple[str, ...]) -> None:
+    out = helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *all_features, *extra)
+    assert "0 chart(s) failed" in out and "[WARNING]" not in out and "[ERROR]" not in out
 
 
 def test_default_render_is_hardened_and_cluster_wide() -> None:
@@ -382,6 +405,12 @@ def test_operator_objects_come_in_an_argo_cd_sync_wave_before_user_objects() -> 
         "webhook.url=http://127.0.0.1:9443",
         "webhook.certificate.source=selfmade",
         "argocd.syncWave=soon",
+        "imagePullSecrets[0].nam=regcred",
+        "imagePullSecrets[0]=Not_A_Name",
+        "podDisruptionBudget.maxUnavailable=half",
+        "networkPolicy.apiServer.ports={0}",
+        "networkPolicy.store.cidrs={10.0.0.0}",
+        "topologySpreadConstraints[0].maxSkew=1",
     ],
 )
 def test_schema_rejects_bad_values(bad: str) -> None:
@@ -503,12 +532,13 @@ def _template(*sets: str) -> str:
 
 @pytest.mark.parametrize(
     "sets",
-    [(), ("--set", "webhook.certificate.source=certManager"), (*NAMESPACED, *PEERING)],
-    ids=["default", "cert-manager", "namespaced-peering"],
+    [(), ("--set", "webhook.certificate.source=certManager"), (*NAMESPACED, *PEERING), ("all-features",)],
+    ids=["default", "cert-manager", "namespaced-peering", "all-features"],
 )
-def test_rendering_twice_gives_the_same_bytes(sets: tuple[str, ...]) -> None:
+def test_rendering_twice_gives_the_same_bytes(sets: tuple[str, ...], all_features: tuple[str, str]) -> None:
     """What Argo CD compares on every refresh: a render that changes by itself keeps an app OutOfSync and rotates
     the certificate on every sync."""
+    sets = all_features if sets == ("all-features",) else sets
     assert _template(*sets) == _template(*sets)
 
 
@@ -591,3 +621,130 @@ def test_webhook_disabled_leaves_no_trace() -> None:
     c = _container(objs)
     assert not any(a.startswith("--webhook") for a in c["args"])
     assert {p["name"] for p in c["ports"]} == {"metrics", "health"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pod settings, disruption budget, network policy, notes
+
+
+def test_image_pull_secrets_take_names_and_the_pod_spec_form() -> None:
+    pod = _deployment(render("--set-json", 'imagePullSecrets=["regcred", {"name": "mirror"}]'))["spec"]["template"]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "imagePullSecrets" not in _deployment(render())["spec"]["template"]["spec"]
+
+
+def test_extra_args_volumes_and_spread_reach_the_pod(all_features: tuple[str, str]) -> None:
+    objs = render(*all_features)
+    pod = _deployment(objs)["spec"]["template"]["spec"]
+    c = _container(objs)
+    assert c["args"][-1] == "--verbose" and c["args"][0] == "--all-namespaces"
+    assert {"name": "store-ca", "mountPath": "/etc/store-ca", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "store-ca", "configMap": {"name": "store-ca"}} in pod["volumes"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the chart's own stay
+    assert {"name": "NO_PROXY", "value": ".svc,.cluster.local"} in c["env"]
+    # A constraint without a labelSelector gets the operator pods' labels; one with its own keeps it.
+    (tsc,) = pod["topologySpreadConstraints"]
+    assert tsc["topologyKey"] == "topology.kubernetes.io/zone"
+    assert tsc["labelSelector"] == {"matchLabels": _deployment(objs)["spec"]["selector"]["matchLabels"]}
+    own = {"matchLabels": {"x": "y"}}
+    pod = _deployment(
+        render(
+            "--set-json",
+            'topologySpreadConstraints=[{"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", '
+            '"whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"x": "y"}}}]',
+        )
+    )["spec"]["template"]["spec"]
+    assert pod["topologySpreadConstraints"][0]["labelSelector"] == own
+    assert "topologySpreadConstraints" not in _deployment(render())["spec"]["template"]["spec"]
+
+
+def test_disruption_budget_only_with_several_replicas() -> None:
+    assert not by_kind(render(), "PodDisruptionBudget")  # one replica: a budget would block every drain
+    objs = render(*PEERING)
+    (pdb,) = by_kind(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == _deployment(objs)["spec"]["selector"]["matchLabels"]
+    assert pdb["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"] == "-1"
+    (pdb,) = by_kind(render(*PEERING, "--set", "podDisruptionBudget.maxUnavailable=50%"), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == "50%"
+    assert not by_kind(render(*PEERING, "--set", "podDisruptionBudget.enabled=false"), "PodDisruptionBudget")
+
+
+def _egress_ports(np: dict[str, Any]) -> dict[tuple[int | str, str], list[dict[str, Any]]]:
+    out: dict[tuple[int | str, str], list[dict[str, Any]]] = {}
+    for rule in np["spec"]["egress"]:
+        for p in rule["ports"]:
+            out.setdefault((p["port"], p["protocol"]), []).append(rule)
+    return out
+
+
+def test_network_policy_allows_the_operators_traffic_only(all_features: tuple[str, str]) -> None:
+    assert not by_kind(render(), "NetworkPolicy")
+    objs = render(*all_features)
+    (np,) = by_kind(objs, "NetworkPolicy")
+    spec = np["spec"]
+    assert spec["podSelector"]["matchLabels"] == _deployment(objs)["spec"]["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    # In: the webhook (from anywhere: the API server) and the metrics port (from the monitoring namespace), by the
+    # container's port names.
+    webhook, metrics = spec["ingress"]
+    assert webhook == {"ports": [{"port": "webhook", "protocol": "TCP"}]}
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics["from"] == ALL_FEATURES["networkPolicy"]["metricsFrom"]
+    assert {"webhook", "metrics"} <= {p["name"] for p in _container(objs)["ports"]}
+    # Out: DNS, the API server (its CIDR), the store (443 and the endpoint's 9000), the serving pods' 8000, the proxy.
+    ports = _egress_ports(np)
+    assert set(ports) == {
+        (53, "UDP"),
+        (53, "TCP"),
+        (443, "TCP"),
+        (6443, "TCP"),
+        (9000, "TCP"),
+        (8000, "TCP"),
+        (3128, "TCP"),
+    }
+    (api_rule,) = ports[(6443, "TCP")]
+    assert api_rule["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    (store_rule,) = ports[(9000, "TCP")]
+    assert "to" not in store_rule  # any address
+    (serving,) = ports[(8000, "TCP")]
+    assert serving["to"] == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/managed-by": "llmengine-operator",
+                    "app.kubernetes.io/name": "llmengine",
+                    "app.kubernetes.io/component": "server",
+                }
+            },
+            "namespaceSelector": {},
+        }
+    ]
+
+
+def test_network_policy_follows_watched_namespaces_traffic_and_webhook_switches() -> None:
+    on = ("--set", "networkPolicy.enabled=true")
+    (np,) = by_kind(render(*on, *NAMESPACED, "--set", "store.endpoint=https://s3.example.com"), "NetworkPolicy")
+    (serving,) = _egress_ports(np)[(8000, "TCP")]
+    assert serving["to"][0]["namespaceSelector"] == {
+        "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]
+    }
+    assert (9000, "TCP") not in _egress_ports(np)  # https with no port: 443, already there
+    (np,) = by_kind(render(*on, "--set", "traffic.source=off", "--set", "webhook.enabled=false"), "NetworkPolicy")
+    assert (8000, "TCP") not in _egress_ports(np)
+    assert [r["ports"][0]["port"] for r in np["spec"]["ingress"]] == ["metrics"]
+    (np,) = by_kind(render(*on, "--set", "networkPolicy.dns=false"), "NetworkPolicy")
+    assert (53, "UDP") not in _egress_ports(np)
+
+
+def test_notes_say_how_to_check_the_install_and_where_the_docs_are(tmp_path: Path) -> None:
+    notes = render_notes(work=tmp_path / "a")
+    assert "kubectl -n llmengine-system rollout status deploy/llmengine-operator" in notes
+    assert "helm test llmengine-operator -n llmengine-system" in notes
+    assert "kubectl get validatingwebhookconfiguration llmengine-operator" in notes
+    assert "watching\nevery namespace" in notes and "No default store" in notes
+    assert "https://github.com/llmengine/llmengine-operator/tree/main/docs" in notes and "gitops.md" in notes
+    notes = render_notes(*NAMESPACED, "--set", "store.bucket=b", "--set", "webhook.enabled=false", work=tmp_path / "b")
+    assert "the namespaces team-a, team-b" in notes and "No default store" not in notes
+    assert "validatingwebhookconfiguration" not in notes
+    assert "makes a new one on every render" in render_notes(*HELM_CERT, work=tmp_path / "c")

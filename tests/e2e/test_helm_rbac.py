@@ -103,8 +103,10 @@ def _installed(info: ClusterInfo, api: Any, work: Path, *extra_sets: str) -> Ite
         sets += ["--set", "crds.install=true"]
         adopt_crds(api, rel, CRDS)
     state = Installed(rel, values, sets, prefix, webhook_port)
-    rel.install(values, *sets)
+    out = rel.install(values, *sets)
     state.installed = True
+    # helm install prints the chart's NOTES: how to check this very release.
+    assert f"kubectl -n {rel.namespace} rollout status deploy/{rel.fullname}" in out, out
     try:
         yield state
     finally:

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / chartdoc.CHART_DIR
 
 SAMPLE = """\
+# == General
 # -- How many.
 replicaCount: 1
 
@@ -26,6 +27,7 @@ image:
   repository: "reg/x|y"
   tag: ""
 
+# == The pod
 # -- Free-form, documented as a whole.
 resources:
   limits:
@@ -61,7 +63,7 @@ def test_stale_readme_is_reported(tmp_path: Path) -> None:
 
 def test_parse_reads_documentation_groups_and_continuations() -> None:
     keys = {k.path: k for k in chartdoc.parse(SAMPLE)}
-    assert keys[("replicaCount",)].doc == "How many."
+    assert keys[("replicaCount",)].doc == "How many." and keys[("replicaCount",)].title == "General"
     assert keys[("image",)].group == "The image." and not keys[("image",)].doc
     assert keys[("image", "repository")].doc == "Repository, continued on a second line."
     assert keys[("image", "tag")].doc == ""
@@ -76,6 +78,7 @@ def test_every_value_must_be_documented_and_declared() -> None:
     assert '| `image.repository` | string | `"reg/x\\|y"` | Repository, continued on a second line. |' in text
     assert '| `resources` | object | `{"limits": {"cpu": "1"}}` | Free-form, documented as a whole. |' in text
     assert "### `image`\n\nThe image.\n" in text
+    assert text.index("### General") < text.index("### `image`") < text.index("### The pod")
     undeclared = {**SCHEMA, "properties": {k: v for k, v in SCHEMA["properties"].items() if k != "replicaCount"}}
     with pytest.raises(chartdoc.ValuesDocError, match=r"values\.schema\.json: replicaCount"):
         chartdoc.render(documented, undeclared, CHART_META)

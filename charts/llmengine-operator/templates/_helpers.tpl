@@ -112,7 +112,7 @@ metadata.annotations of the objects the operator and its webhook need: `extra` (
 {{- if $wave }}
 {{- $_ := set $a "argocd.argoproj.io/sync-wave" $wave }}
 {{- end }}
-{{- with $a }}
+{{- with $a -}}
 annotations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
