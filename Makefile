@@ -31,7 +31,7 @@ generate: venv
 	$(BIN)/llmengine generate
 
 verify: venv
-	$(BIN)/llmengine generate --check || { echo "generated files drifted from the API models: run 'make generate' and commit"; exit 1; }
+	$(BIN)/llmengine generate --check || { echo "generated files drifted from their sources (API models, chart values.yaml): run 'make generate' and commit"; exit 1; }
 
 lint: venv
 	$(BIN)/ruff format --check operator tests scripts

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "serve-engine": ("llmengine.server.main", "main", "download, verify and serve a committed engine"),
     "dev": ("llmengine.dev.cli", "main", "run a local simulated GPU cluster with S3 (up|down|status|env|logs|traffic)"),
-    "generate": ("llmengine.api.crdgen", "main", "write the CRD generated from the API models"),
+    "generate": ("llmengine.generate", "main", "write the CRD (from the API models) and the chart's README"),
 }
 
 

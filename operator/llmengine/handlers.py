@@ -11,7 +11,7 @@ import os
 import random
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import kopf
@@ -19,7 +19,10 @@ import kopf
 from llmengine import GROUP, KIND, PLURAL, PREFIX, VERSION
 from llmengine.api.config import OperatorConfig
 from llmengine.plan.admission import review
+from llmengine.plan.webhook_cert import Names
+from llmengine.reconcile import peering, webhook_cert
 from llmengine.reconcile.engine import Reconciler
+from llmengine.reconcile.webhook_cert import CertSecret
 from llmengine.render.common import MANAGED_BY, POOL_LABEL, job_ended
 
 log = logging.getLogger("llmengine.operator")
@@ -57,6 +60,9 @@ class WebhookOptions:
     # Name of a ValidatingWebhookConfiguration the operator writes itself (clusters without the chart's);
     # None when the chart owns the configuration.
     manage: str | None = None
+    # The certificate kept in a Secret by the operator itself (the chart's default): issued when missing or due,
+    # written to files for the server, its CA put into the configuration named there.
+    cert_secret: CertSecret | None = None
 
 
 WEBHOOK_ID = "validate-llmengine"
@@ -67,7 +73,9 @@ def _post_event(body: Any, type_: str, reason: str, message: str) -> None:
 
 
 # Operator state lives in Kopf's memo (the root one, which every object's memo copies): cfg (OperatorConfig),
-# reconciler (Reconciler), wakeups (Wakeups) and webhook (WebhookOptions | None), set in main() and startup().
+# reconciler (Reconciler), wakeups (Wakeups), webhook (WebhookOptions | None), stop (the event that stops the
+# operator), watched_namespaces (empty: all) and cert_keeper (the task keeping the webhook certificate), set in
+# main() and startup().
 
 
 @kopf.on.startup()
@@ -81,8 +89,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     except config.ConfigException:
         config.load_kube_config()
     api = client.ApiClient()
+    kube = Kube(api)
     memo.cfg = OperatorConfig.from_env()
-    memo.reconciler = Reconciler(Kube(api), memo.cfg, events=_post_event)
+    memo.reconciler = Reconciler(kube, memo.cfg, events=_post_event)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
@@ -95,10 +104,35 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.networking.request_timeout = 60
     # A replica that dies without a goodbye is forgotten after this; the standby then takes over.
     settings.peering.lifetime = memo.cfg.peering_lifetime_seconds
+    if settings.peering.mandatory:
+        # Before Kopf's orchestration starts (after the start-up handlers): the replicas meet there, not paused.
+        await peering.ensure(kube, settings.peering.name, memo.watched_namespaces)
     webhook: WebhookOptions | None = memo.get("webhook")
+    if webhook is not None and (cs := webhook.cert_secret) is not None:
+        # Before the webhook listens (Kopf starts it after the start-up handlers): served and trusted at once.
+        bundle, cert_dir = await webhook_cert.start(kube, cs, webhook.cert_dir)
+        webhook = memo.webhook = replace(webhook, cert_dir=cert_dir)
+        memo.cert_keeper = asyncio.create_task(
+            webhook_cert.keep(kube, cs, bundle, restart=lambda why: _restart(memo, why))
+        )
     if webhook is not None:
         settings.admission.server = _webhook_server(webhook)
         settings.admission.managed = webhook.manage
+
+
+def _restart(memo: kopf.Memo, why: str) -> None:
+    """Stop the operator (its pod's container is started again) so that it starts over with what changed."""
+    log.warning("%s", why)
+    memo.stop.set()
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    keeper: asyncio.Task[None] | None = memo.get("cert_keeper")
+    if keeper is not None:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
 
 
 def _webhook_server(w: WebhookOptions) -> kopf.WebhookServer:
@@ -271,7 +305,10 @@ def main(argv: list[str]) -> int:
     hook.add_argument("--webhook-port", type=int, default=None, help="serve the webhook (HTTPS) on this port")
     hook.add_argument("--webhook-addr", default="0.0.0.0", help="listen address of the webhook (default 0.0.0.0)")
     hook.add_argument(
-        "--webhook-cert-dir", default=None, help="directory with tls.crt and tls.key (and ca.crt for --webhook-manage)"
+        "--webhook-cert-dir",
+        default=None,
+        help="directory with tls.crt and tls.key (and ca.crt for --webhook-manage); with --webhook-cert-secret, where "
+        "the certificate is written (default: a new private directory under $TMPDIR)",
     )
     hook.add_argument(
         "--webhook-manage",
@@ -279,24 +316,44 @@ def main(argv: list[str]) -> int:
         default=None,
         help="write and own the ValidatingWebhookConfiguration NAME (when the chart does not install one)",
     )
-    hook.add_argument("--webhook-host", default=None, help="with --webhook-manage: host the API server calls")
+    hook.add_argument(
+        "--webhook-host",
+        default=None,
+        help="host the API server calls (an address outside the cluster): in the URL --webhook-manage writes, and "
+        "named by the certificate --webhook-cert-secret issues",
+    )
+    hook.add_argument(
+        "--webhook-cert-secret",
+        metavar="NAMESPACE/NAME",
+        default=None,
+        help="keep the serving certificate and its CA in this Secret: issued when missing, invalid or due for "
+        "renewal, shared by all replicas (instead of --webhook-cert-dir files made by someone else)",
+    )
+    hook.add_argument(
+        "--webhook-service",
+        metavar="NAMESPACE/NAME",
+        default=None,
+        help="with --webhook-cert-secret: the Service the API server calls the webhook through (its DNS names go "
+        "into the certificate)",
+    )
+    hook.add_argument(
+        "--webhook-configuration",
+        metavar="NAME",
+        default=None,
+        help="with --webhook-cert-secret: put the CA into this ValidatingWebhookConfiguration's webhooks (caBundle) "
+        "and keep it there",
+    )
+    hook.add_argument(
+        "--webhook-cert-days",
+        type=int,
+        default=3650,
+        help="with --webhook-cert-secret: validity of issued certificates, in days (default 3650)",
+    )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
-    memo = kopf.Memo(wakeups=Wakeups(), webhook=None)
+    memo = kopf.Memo(wakeups=Wakeups(), webhook=None, stop=asyncio.Event(), watched_namespaces=args.namespace or [])
     if args.webhook_port is not None:
-        certs = [os.path.join(args.webhook_cert_dir or "", f) for f in ("tls.crt", "tls.key")]
-        if not args.webhook_cert_dir or not all(os.path.isfile(c) for c in certs):
-            ap.error("--webhook-port needs --webhook-cert-dir with tls.crt and tls.key (the API server calls HTTPS)")
-        enable_webhook(
-            memo,
-            WebhookOptions(
-                port=args.webhook_port,
-                addr=args.webhook_addr,
-                cert_dir=args.webhook_cert_dir,
-                host=args.webhook_host,
-                manage=args.webhook_manage,
-            ),
-        )
+        enable_webhook(memo, _webhook_options(ap, args))
 
     from prometheus_client import start_http_server
 
@@ -323,6 +380,46 @@ def main(argv: list[str]) -> int:
             priority=args.priority if args.priority is not None else random.randint(1, 1_000_000),
             liveness_endpoint=liveness,
             memo=memo,
+            stop_flag=memo.stop,
         )
     )
     return 0
+
+
+def _object_ref(ap: argparse.ArgumentParser, flag: str, value: str) -> tuple[str, str]:
+    ns, _, name = value.partition("/")
+    if not ns or not name or "/" in name:
+        ap.error(f"{flag} takes NAMESPACE/NAME, not {value!r}")
+    return ns, name
+
+
+def _webhook_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> WebhookOptions:
+    cert_secret = None
+    if args.webhook_cert_secret:
+        ns, name = _object_ref(ap, "--webhook-cert-secret", args.webhook_cert_secret)
+        service = _object_ref(ap, "--webhook-service", args.webhook_service) if args.webhook_service else None
+        if service is None and not args.webhook_host:
+            ap.error(
+                "--webhook-cert-secret needs --webhook-service or --webhook-host: the names the certificate is for"
+            )
+        if args.webhook_cert_days < 1:
+            ap.error("--webhook-cert-days must be at least 1")
+        names = Names.of(service=service, host=args.webhook_host)
+        cert_secret = CertSecret(ns, name, names, args.webhook_cert_days, args.webhook_configuration)
+    else:
+        if args.webhook_configuration or args.webhook_service:
+            ap.error("--webhook-configuration and --webhook-service go with --webhook-cert-secret")
+        certs = [os.path.join(args.webhook_cert_dir or "", f) for f in ("tls.crt", "tls.key")]
+        if not args.webhook_cert_dir or not all(os.path.isfile(c) for c in certs):
+            ap.error(
+                "--webhook-port needs --webhook-cert-secret, or --webhook-cert-dir with tls.crt and tls.key "
+                "(the API server calls HTTPS)"
+            )
+    return WebhookOptions(
+        port=args.webhook_port,
+        addr=args.webhook_addr,
+        cert_dir=args.webhook_cert_dir,
+        host=args.webhook_host,
+        manage=args.webhook_manage,
+        cert_secret=cert_secret,
+    )

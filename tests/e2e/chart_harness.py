@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -29,6 +30,47 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 KUBE_VERSION = "1.35.0"
 
 
+# Every optional feature of the chart on at once (webhook certificate from the operator, the default): what lint,
+# the render checks and the API server's validation take as "all features on".
+ALL_FEATURES: dict[str, Any] = {
+    "replicaCount": 2,
+    "imagePullSecrets": ["regcred", {"name": "mirror-cred"}],
+    "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/llmengine"}},
+    "store": {"bucket": "engines", "endpoint": "http://minio.storage:9000", "credentialsSecret": "operator-s3"},
+    "metrics": {
+        "service": {"annotations": {"prometheus.io/scrape": "true"}},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "servingPodMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True, "alertLabels": {"team": "ml"}},
+        "dashboard": {"enabled": True},
+    },
+    "extraEnv": [{"name": "NO_PROXY", "value": ".svc,.cluster.local"}],
+    "extraArgs": ["--verbose"],
+    "extraVolumes": [{"name": "store-ca", "configMap": {"name": "store-ca"}}],
+    "extraVolumeMounts": [{"name": "store-ca", "mountPath": "/etc/store-ca", "readOnly": True}],
+    "podAnnotations": {"example.com/team": "ml"},
+    "podLabels": {"example.com/cost-center": "ml"},
+    "priorityClassName": "system-cluster-critical",
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
+    "topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}
+    ],
+    "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
+    "networkPolicy": {
+        "enabled": True,
+        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "apiServer": {"cidrs": ["10.0.0.1/32"], "ports": [443, 6443]},
+        "extraEgress": [{"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}], "ports": [{"port": 3128, "protocol": "TCP"}]}],
+    },
+}
+
+
+def values_file(values: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
 def helm_binary() -> str:
     return str(tools.binary("helm"))
 
@@ -41,10 +83,37 @@ def helm(*args: str, kubeconfig: str | None = None) -> str:
     return res.stdout
 
 
-def render(*args: str, namespace: str = "llmengine-system") -> list[dict[str, Any]]:
+def render(
+    *args: str, namespace: str = "llmengine-system", release: str = "llmengine-operator"
+) -> list[dict[str, Any]]:
     """`helm template` of the chart: every rendered object, hooks and tests included."""
-    out = helm("template", "llmengine-operator", str(CHART), "-n", namespace, "--kube-version", KUBE_VERSION, *args)
+    out = helm("template", release, str(CHART), "-n", namespace, "--kube-version", KUBE_VERSION, *args)
     return [d for d in yaml.safe_load_all(out) if d]
+
+
+def render_notes(*args: str, namespace: str = "llmengine-system", work: Path) -> str:
+    """templates/NOTES.txt as `helm install` would print it, rendered offline: `helm template` leaves NOTES.txt out,
+    so a copy of the chart renders it into a ConfigMap through `tpl`."""
+    chart = work / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "notes.txt").write_text((CHART / "templates" / "NOTES.txt").read_text())
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data: {notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}}\n'
+    )
+    out = helm(
+        "template",
+        "llmengine-operator",
+        str(chart),
+        "-n",
+        namespace,
+        "--kube-version",
+        KUBE_VERSION,
+        "-s",
+        "templates/zz-notes.yaml",
+        *args,
+    )
+    return str(yaml.safe_load(out)["data"]["notes"])
 
 
 def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -52,13 +121,25 @@ def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def rules_table(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
-    """RBAC rules flattened to (apiGroup, resource) -> verbs."""
+    """RBAC rules flattened to (apiGroup, resource) -> verbs; rules limited to named objects are not expected."""
     table: dict[tuple[str, str], set[str]] = {}
     for r in rules:
         assert not r.get("resourceNames") and not r.get("nonResourceURLs"), r
         for g in r["apiGroups"]:
             for res in r["resources"]:
                 table.setdefault((g, res), set()).update(r["verbs"])
+    return table
+
+
+def named_rules_table(rules: list[dict[str, Any]]) -> dict[tuple[str, str, str], set[str]]:
+    """RBAC rules that each name their objects, flattened to (apiGroup, resource, name) -> verbs."""
+    table: dict[tuple[str, str, str], set[str]] = {}
+    for r in rules:
+        assert r.get("resourceNames") and not r.get("nonResourceURLs"), r
+        for g in r["apiGroups"]:
+            for res in r["resources"]:
+                for name in r["resourceNames"]:
+                    table.setdefault((g, res, name), set()).update(r["verbs"])
     return table
 
 

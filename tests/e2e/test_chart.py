@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,18 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from llmengine.api.config import ImagePair, OperatorConfig
 from llmengine.api.pods import OperandPods
 from llmengine.dev import tools
-from tests.e2e.chart_harness import CHART, KUBE_VERSION, by_kind, helm, render, rules_table
+from tests.e2e.chart_harness import (
+    ALL_FEATURES,
+    CHART,
+    KUBE_VERSION,
+    by_kind,
+    helm,
+    named_rules_table,
+    render,
+    render_notes,
+    rules_table,
+    values_file,
+)
 
 try:
     tools.binary("helm")
@@ -42,6 +54,12 @@ NAMESPACED_RULES = {
     ("", "events"): {"create"},
 }
 CLUSTER_ONLY_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+# The webhook certificate the operator keeps (webhook.certificate.source operator, the default): its Secret and the
+# chart's webhook configuration, by name, and nothing else.
+WEBHOOK_SECRET_RULES = {("", "secrets", "llmengine-operator-webhook-cert"): {"get", "patch"}}
+WEBHOOK_CONFIGURATION_RULES = {
+    ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "llmengine-operator"): {"get", "patch"}
+}
 
 
 def _deployment(objs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -64,6 +82,30 @@ def _operator_role(objs: list[dict[str, Any]]) -> dict[str, Any]:
     return role
 
 
+def _named(objs: list[dict[str, Any]], kind: str, name: str) -> list[dict[str, Any]]:
+    return [o for o in by_kind(objs, kind) if o["metadata"]["name"] == name]
+
+
+def _webhook_rbac_is_exact(objs: list[dict[str, Any]]) -> None:
+    """The certificate's RBAC: a ClusterRole for the one configuration, a Role in the release namespace for the one
+    Secret, each bound to the operator's ServiceAccount only."""
+    (crole,) = _named(objs, "ClusterRole", "llmengine-operator-webhook")
+    (role,) = _named(objs, "Role", "llmengine-operator-webhook")
+    assert role["metadata"]["namespace"] == "llmengine-system"
+    assert named_rules_table(crole["rules"]) == WEBHOOK_CONFIGURATION_RULES
+    assert named_rules_table(role["rules"]) == WEBHOOK_SECRET_RULES
+    for kind, ref in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
+        (b,) = _named(objs, kind, "llmengine-operator-webhook")
+        assert b["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": ref,
+            "name": "llmengine-operator-webhook",
+        }
+        assert b["subjects"] == [
+            {"kind": "ServiceAccount", "name": "llmengine-operator", "namespace": "llmengine-system"}
+        ]
+
+
 @pytest.mark.parametrize(
     "sets",
     [
@@ -74,13 +116,34 @@ def _operator_role(objs: list[dict[str, Any]]) -> dict[str, Any]:
         ("--set", "metrics.serviceMonitor.enabled=true"),
         ("--set", "webhook.enabled=false"),
         ("--set", "webhook.certificate.source=certManager"),
+        ("--set", "webhook.certificate.source=helm"),
     ],
-    ids=["default", "peering", "namespaced", "namespaced-peering", "servicemonitor", "no-webhook", "cert-manager"],
+    ids=[
+        "default",
+        "peering",
+        "namespaced",
+        "namespaced-peering",
+        "servicemonitor",
+        "no-webhook",
+        "cert-manager",
+        "helm-certificate",
+    ],
 )
 def test_helm_lint_strict(sets: tuple[str, ...]) -> None:
     out = helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *sets)
     assert "0 chart(s) failed" in out
     assert "[WARNING]" not in out and "[ERROR]" not in out
+
+
+@pytest.fixture(scope="module")
+def all_features(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return ("-f", str(values_file(ALL_FEATURES, tmp_path_factory.mktemp("values") / "all.yaml")))
+
+
+@pytest.mark.parametrize("extra", [(), NAMESPACED, ("--set", "webhook.certificate.source=certManager")])
+def test_helm_lint_strict_with_every_feature_on(all_features: tuple[str, str], extra: tuple[str, ...]) -> None:
+    out = helm("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), *all_features, *extra)
+    assert "0 chart(s) failed" in out and "[WARNING]" not in out and "[ERROR]" not in out
 
 
 def test_default_render_is_hardened_and_cluster_wide() -> None:
@@ -120,19 +183,24 @@ def test_default_rbac_is_exactly_what_the_operator_calls() -> None:
     objs = render()
     role = _operator_role(objs)
     assert rules_table(role["rules"]) == {**NAMESPACED_RULES, **CLUSTER_ONLY_RULES}
-    (binding,) = by_kind(objs, "ClusterRoleBinding")
+    (binding,) = _named(objs, "ClusterRoleBinding", "llmengine-operator")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "llmengine-operator", "namespace": "llmengine-system"}
     ]
-    assert not by_kind(objs, "Role") and not by_kind(objs, "RoleBinding")
+    # Besides, only what the webhook certificate needs, by name.
+    _webhook_rbac_is_exact(objs)
+    assert len(by_kind(objs, "Role")) == len(by_kind(objs, "RoleBinding")) == 1
+    assert len(by_kind(objs, "ClusterRoleBinding")) == 2
     # Nothing anywhere grants a wildcard, and Secrets are never listable.
     for r in by_kind(objs, "ClusterRole"):
         for rule in r["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
     assert "list" not in rules_table(role["rules"])[("", "secrets")]
     # User-facing aggregation roles touch LLMEngines only.
-    aggregated = [r for r in by_kind(objs, "ClusterRole") if r is not role]
+    aggregated = [
+        r for r in by_kind(objs, "ClusterRole") if r is not role and not r["metadata"]["name"].endswith("-webhook")
+    ]
     assert {r["metadata"]["name"] for r in aggregated} == {"llmengine-operator-edit", "llmengine-operator-view"}
     for r in aggregated:
         assert {g for g, _ in rules_table(r["rules"])} == {"llmengine.io"}
@@ -155,11 +223,11 @@ def test_peering_adds_crds_peering_object_rbac_and_flag() -> None:
         assert v["name"] == "v1" and v["served"] and v["storage"]
         status = v["schema"]["openAPIV3Schema"]["properties"]["status"]
         assert status == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-    (peering,) = by_kind(objs, "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == "llmengine-operator"
-    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    # The peering object is the operator's to create (a Helm hook would make Argo CD apply it after everything else).
+    assert not by_kind(objs, "ClusterKopfPeering") and not by_kind(objs, "KopfPeering")
+    assert not [o for o in objs if "helm.sh/hook" in (o["metadata"].get("annotations") or {}) and o["kind"] != "Pod"]
     table = rules_table(_operator_role(objs)["rules"])
-    assert table[("kopf.dev", "clusterkopfpeerings")] == {"list", "watch", "patch"}
+    assert table[("kopf.dev", "clusterkopfpeerings")] == {"create", "list", "watch", "patch"}
     assert ("kopf.dev", "kopfpeerings") not in table
     assert "kopf.dev" not in {g for g, _ in rules_table(_operator_role(render())["rules"])}
 
@@ -169,14 +237,14 @@ def test_namespaced_mode_uses_roles_per_namespace() -> None:
     c = _container(objs)
     assert "--namespace=team-a" in c["args"] and "--namespace=team-b" in c["args"]
     assert "--all-namespaces" not in c["args"]
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(objs, "Role")}
+    roles = {r["metadata"]["namespace"]: r for r in _named(objs, "Role", "llmengine-operator")}
     assert set(roles) == {"team-a", "team-b"}
     for role in roles.values():
         assert rules_table(role["rules"]) == {
             **NAMESPACED_RULES,
-            ("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"},
+            ("kopf.dev", "kopfpeerings"): {"create", "list", "watch", "patch"},
         }
-    bindings = {b["metadata"]["namespace"]: b for b in by_kind(objs, "RoleBinding")}
+    bindings = {b["metadata"]["namespace"]: b for b in _named(objs, "RoleBinding", "llmengine-operator")}
     assert set(bindings) == {"team-a", "team-b"}
     assert all(b["subjects"][0]["namespace"] == "llmengine-system" for b in bindings.values())
     # Cluster-wide, only what cannot be namespaced: CRD and namespace observation, and the build queue's count
@@ -186,16 +254,17 @@ def test_namespaced_mode_uses_roles_per_namespace() -> None:
         ("", "namespaces"): {"list", "watch"},
         ("batch", "jobs"): {"list"},
     }
-    peerings = by_kind(objs, "KopfPeering")
-    assert {p["metadata"]["namespace"] for p in peerings} == {"team-a", "team-b"}
-    assert not by_kind(objs, "ClusterKopfPeering")
+    assert not by_kind(objs, "KopfPeering") and not by_kind(objs, "ClusterKopfPeering")
+    # The webhook certificate's Secret lives in the release namespace, whatever the operator watches.
+    _webhook_rbac_is_exact(objs)
 
 
 def test_secrets_only_by_reference() -> None:
     objs = render("--set", "store.bucket=engines", "--set", "store.credentialsSecret=operator-s3")
-    # The only Secret the chart writes is the webhook's generated serving certificate, never a credential.
-    assert [(s["type"], sorted(s["data"])) for s in by_kind(objs, "Secret")] == [
-        ("kubernetes.io/tls", ["ca.crt", "tls.crt", "tls.key"])
+    # The only Secret the chart writes is the one the operator keeps the webhook certificate in, rendered empty:
+    # never a credential, nothing that changes from one render to the next.
+    assert [(s["metadata"]["name"], s["type"], s.get("data")) for s in by_kind(objs, "Secret")] == [
+        ("llmengine-operator-webhook-cert", "Opaque", None)
     ]
     env = {e["name"]: e for e in _container(objs)["env"]}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -304,8 +373,15 @@ def test_engine_pod_defaults_reach_operator_config_and_the_operator_trusts_their
 
 def test_crd_and_monitoring_switches() -> None:
     assert not by_kind(render("--set", "crds.install=false"), "CustomResourceDefinition")
-    (crd,) = by_kind(render("--set", "crds.keep=false"), "CustomResourceDefinition")
-    assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+    # Kept by Helm on uninstall and never pruned nor deleted by Argo CD (which ignores Helm's policy when pruning).
+    for crd in by_kind(render(*PEERING), "CustomResourceDefinition"):
+        assert crd["metadata"]["annotations"] == {
+            "helm.sh/resource-policy": "keep",
+            "argocd.argoproj.io/sync-options": "Prune=false,Delete=false",
+            "argocd.argoproj.io/sync-wave": "-1",
+        }
+    for crd in by_kind(render(*PEERING, "--set", "crds.keep=false"), "CustomResourceDefinition"):
+        assert crd["metadata"]["annotations"] == {"argocd.argoproj.io/sync-wave": "-1"}
     (sm,) = by_kind(render("--set", "metrics.serviceMonitor.enabled=true"), "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["spec"]["endpoints"][0]["port"] == "metrics"
 
@@ -320,6 +396,48 @@ def test_helm_test_pod_fetches_metrics_through_the_service() -> None:
     assert c["securityContext"]["runAsNonRoot"] is True
     # The test pod must not be picked up by the metrics Service's selector.
     assert not svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+
+
+# What gates LLMEngines: applied by Argo CD in an earlier wave than theirs, so that they meet a Ready operator.
+GATING = {
+    "CustomResourceDefinition",
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "Secret",
+    "Service",
+    "Deployment",
+    "ValidatingWebhookConfiguration",
+    "Issuer",
+    "Certificate",
+}
+
+
+def test_operator_objects_come_in_an_argo_cd_sync_wave_before_user_objects() -> None:
+    for sets in [(), (*PEERING, *NAMESPACED), ("--set", "webhook.certificate.source=certManager")]:
+        objs = render(*sets)
+        gating = [o for o in objs if o["kind"] in GATING]
+        assert {o["kind"] for o in gating} >= {
+            "CustomResourceDefinition",
+            "Deployment",
+            "ValidatingWebhookConfiguration",
+        }
+        for o in gating:
+            assert (o["metadata"].get("annotations") or {}).get("argocd.argoproj.io/sync-wave") == "-1", o["metadata"]
+    # Annotations of the values are kept beside it.
+    objs = render("--set", "serviceAccount.annotations.a=b", "--set", "metrics.service.annotations.c=d")
+    (sa,) = by_kind(objs, "ServiceAccount")
+    assert sa["metadata"]["annotations"] == {"a": "b", "argocd.argoproj.io/sync-wave": "-1"}
+    assert _service(objs, "metrics")["metadata"]["annotations"] == {"c": "d", "argocd.argoproj.io/sync-wave": "-1"}
+    # An integer from --set works; empty leaves the annotation out (and an object with no other one, annotations).
+    assert _deployment(render("--set", "argocd.syncWave=-3"))["metadata"]["annotations"] == {
+        "argocd.argoproj.io/sync-wave": "-3"
+    }
+    objs = render("--set", "argocd.syncWave=")
+    assert "annotations" not in _deployment(objs)["metadata"]
+    assert not any("argocd.argoproj.io/sync-wave" in (o["metadata"].get("annotations") or {}) for o in objs)
 
 
 @pytest.mark.parametrize(
@@ -341,6 +459,13 @@ def test_helm_test_pod_fetches_metrics_through_the_service() -> None:
         "enginePods.caBundle.configMapKeyRef.name=corp-ca",
         "enginePods.env[0].name=A,enginePods.env[0].value=x,enginePods.env[0].valueFrom.fieldRef.fieldPath=y",
         "enginePods.serving.imagePullSecrets[0]=regcred",
+        "argocd.syncWave=soon",
+        "imagePullSecrets[0].nam=regcred",
+        "imagePullSecrets[0]=Not_A_Name",
+        "podDisruptionBudget.maxUnavailable=half",
+        "networkPolicy.apiServer.ports={0}",
+        "networkPolicy.store.cidrs={10.0.0.0}",
+        "topologySpreadConstraints[0].maxSkew=1",
     ],
 )
 def test_schema_rejects_bad_values(bad: str) -> None:
@@ -366,17 +491,11 @@ def _cert(pem_b64: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(base64.b64decode(pem_b64))
 
 
-def test_webhook_by_default_serves_a_helm_generated_certificate_through_its_service() -> None:
-    objs = render()
+HELM_CERT = ("--set", "webhook.certificate.source=helm")
+
+
+def _check_service_and_rules(objs: list[dict[str, Any]]) -> dict[str, Any]:
     _, hook, svc = _webhook_parts(objs)
-    c = _container(objs)
-    pod = _deployment(objs)["spec"]["template"]["spec"]
-    assert "--webhook-port=9443" in c["args"] and "--webhook-cert-dir=/etc/llmengine/webhook" in c["args"]
-    assert {"name": "webhook-tls", "mountPath": "/etc/llmengine/webhook", "readOnly": True} in c["volumeMounts"]
-    (secret,) = by_kind(objs, "Secret")
-    assert secret["type"] == "kubernetes.io/tls"
-    vol = next(v for v in pod["volumes"] if v["name"] == "webhook-tls")
-    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
     assert svc["spec"]["ports"] == [{"name": "webhook", "port": 443, "targetPort": "webhook", "protocol": "TCP"}]
     assert svc["spec"]["selector"].items() <= _deployment(objs)["spec"]["template"]["metadata"]["labels"].items()
     assert hook["name"] == "validate-llmengine.llmengine.io"
@@ -397,6 +516,42 @@ def test_webhook_by_default_serves_a_helm_generated_certificate_through_its_serv
         }
     ]
     assert "namespaceSelector" not in hook
+    return hook
+
+
+def test_webhook_by_default_gets_its_certificate_from_the_operator_through_its_service() -> None:
+    objs = render()
+    hook = _check_service_and_rules(objs)
+    conf, _, svc = _webhook_parts(objs)
+    c = _container(objs)
+    pod = _deployment(objs)["spec"]["template"]["spec"]
+    # No caBundle and no certificate in the render: the operator issues them into its Secret and writes the CA into
+    # this configuration, told which by its arguments.
+    assert "caBundle" not in hook["clientConfig"]
+    assert "cert-manager.io/inject-ca-from" not in conf["metadata"]["annotations"]
+    (secret,) = by_kind(objs, "Secret")
+    assert "--webhook-port=9443" in c["args"]
+    assert f"--webhook-cert-secret=llmengine-system/{secret['metadata']['name']}" in c["args"]
+    assert f"--webhook-service=llmengine-system/{svc['metadata']['name']}" in c["args"]
+    assert f"--webhook-configuration={conf['metadata']['name']}" in c["args"]
+    assert "--webhook-cert-days=3650" in c["args"]
+    assert not any(a.startswith(("--webhook-cert-dir", "--webhook-host")) for a in c["args"])
+    # No Secret volume: the operator writes the files under /tmp (the root file system is read-only).
+    assert [m["name"] for m in c["volumeMounts"]] == ["tmp"] and [v["name"] for v in pod["volumes"]] == ["tmp"]
+
+
+def test_webhook_with_a_helm_generated_certificate_serves_it_from_a_secret_volume() -> None:
+    objs = render(*HELM_CERT)
+    hook = _check_service_and_rules(objs)
+    c = _container(objs)
+    pod = _deployment(objs)["spec"]["template"]["spec"]
+    assert "--webhook-port=9443" in c["args"] and "--webhook-cert-dir=/etc/llmengine/webhook" in c["args"]
+    assert not any(a.startswith("--webhook-cert-secret") for a in c["args"])
+    assert {"name": "webhook-tls", "mountPath": "/etc/llmengine/webhook", "readOnly": True} in c["volumeMounts"]
+    (secret,) = by_kind(objs, "Secret")
+    assert secret["type"] == "kubernetes.io/tls"
+    vol = next(v for v in pod["volumes"] if v["name"] == "webhook-tls")
+    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
     # The serving certificate is signed by the CA the API server is told to trust, for the Service's DNS name.
     ca, leaf = _cert(hook["clientConfig"]["caBundle"]), _cert(secret["data"]["tls.crt"])
     assert secret["data"]["ca.crt"] == hook["clientConfig"]["caBundle"]
@@ -405,17 +560,46 @@ def test_webhook_by_default_serves_a_helm_generated_certificate_through_its_serv
         leaf.signature, leaf.tbs_certificate_bytes, padding.PKCS1v15(), leaf.signature_hash_algorithm
     )
     names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    svc = _service(objs, "webhook")
     assert f"{svc['metadata']['name']}.llmengine-system.svc" in names.get_values_for_type(x509.DNSName)
+    # Helm writes the Secret and the caBundle itself: the operator gets no RBAC for them.
+    assert not _named(objs, "ClusterRole", "llmengine-operator-webhook") and not by_kind(objs, "Role")
 
 
 def test_webhook_url_for_an_operator_outside_the_cluster_gets_its_host_in_the_certificate() -> None:
-    objs = render("--set", "webhook.url=https://127.0.0.1:19443/")
+    url = ("--set", "webhook.url=https://127.0.0.1:19443/")
+    objs = render(*url)
     _, hook, _ = _webhook_parts(objs)
     assert hook["clientConfig"]["url"] == "https://127.0.0.1:19443/validate-llmengine"
     assert "service" not in hook["clientConfig"]
+    assert "--webhook-host=127.0.0.1" in _container(objs)["args"]
+    objs = render(*url, *HELM_CERT)
     (secret,) = by_kind(objs, "Secret")
     names = _cert(secret["data"]["tls.crt"]).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def _template(*sets: str) -> str:
+    return helm(
+        "template", "llmengine-operator", str(CHART), "-n", "llmengine-system", "--kube-version", KUBE_VERSION, *sets
+    )
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [(), ("--set", "webhook.certificate.source=certManager"), (*NAMESPACED, *PEERING), ("all-features",)],
+    ids=["default", "cert-manager", "namespaced-peering", "all-features"],
+)
+def test_rendering_twice_gives_the_same_bytes(sets: tuple[str, ...], all_features: tuple[str, str]) -> None:
+    """What Argo CD compares on every refresh: a render that changes by itself keeps an app OutOfSync and rotates
+    the certificate on every sync."""
+    sets = all_features if sets == ("all-features",) else sets
+    assert _template(*sets) == _template(*sets)
+
+
+def test_helm_generated_certificate_changes_from_one_render_to_the_next() -> None:
+    """Why source helm is not the default: without a cluster to look up (helm template), each render makes a new CA."""
+    assert _template(*HELM_CERT) != _template(*HELM_CERT)
 
 
 def test_webhook_in_namespaced_mode_only_sees_watched_namespaces() -> None:
@@ -447,6 +631,9 @@ def test_webhook_with_cert_manager_uses_a_certificate_and_ca_injection() -> None
     )
     assert not by_kind(objs, "Issuer")
     assert by_kind(objs, "Certificate")[0]["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
+    # cert-manager writes the Secret and the caBundle: the operator reads the mounted files only.
+    assert "--webhook-cert-dir=/etc/llmengine/webhook" in _container(objs)["args"]
+    assert not _named(objs, "ClusterRole", "llmengine-operator-webhook") and not by_kind(objs, "Role")
 
 
 def test_webhook_with_an_existing_secret_needs_its_ca() -> None:
@@ -484,7 +671,135 @@ def test_webhook_with_an_existing_secret_needs_its_ca() -> None:
 def test_webhook_disabled_leaves_no_trace() -> None:
     objs = render("--set", "webhook.enabled=false")
     assert not by_kind(objs, "ValidatingWebhookConfiguration") and not by_kind(objs, "Secret")
+    assert not by_kind(objs, "Role") and not _named(objs, "ClusterRole", "llmengine-operator-webhook")
     assert [s["metadata"]["name"] for s in by_kind(objs, "Service")] == ["llmengine-operator-metrics"]
     c = _container(objs)
     assert not any(a.startswith("--webhook") for a in c["args"])
     assert {p["name"] for p in c["ports"]} == {"metrics", "health"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pod settings, disruption budget, network policy, notes
+
+
+def test_image_pull_secrets_take_names_and_the_pod_spec_form() -> None:
+    pod = _deployment(render("--set-json", 'imagePullSecrets=["regcred", {"name": "mirror"}]'))["spec"]["template"]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "imagePullSecrets" not in _deployment(render())["spec"]["template"]["spec"]
+
+
+def test_extra_args_volumes_and_spread_reach_the_pod(all_features: tuple[str, str]) -> None:
+    objs = render(*all_features)
+    pod = _deployment(objs)["spec"]["template"]["spec"]
+    c = _container(objs)
+    assert c["args"][-1] == "--verbose" and c["args"][0] == "--all-namespaces"
+    assert {"name": "store-ca", "mountPath": "/etc/store-ca", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "store-ca", "configMap": {"name": "store-ca"}} in pod["volumes"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the chart's own stay
+    assert {"name": "NO_PROXY", "value": ".svc,.cluster.local"} in c["env"]
+    # A constraint without a labelSelector gets the operator pods' labels; one with its own keeps it.
+    (tsc,) = pod["topologySpreadConstraints"]
+    assert tsc["topologyKey"] == "topology.kubernetes.io/zone"
+    assert tsc["labelSelector"] == {"matchLabels": _deployment(objs)["spec"]["selector"]["matchLabels"]}
+    own = {"matchLabels": {"x": "y"}}
+    pod = _deployment(
+        render(
+            "--set-json",
+            'topologySpreadConstraints=[{"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", '
+            '"whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"x": "y"}}}]',
+        )
+    )["spec"]["template"]["spec"]
+    assert pod["topologySpreadConstraints"][0]["labelSelector"] == own
+    assert "topologySpreadConstraints" not in _deployment(render())["spec"]["template"]["spec"]
+
+
+def test_disruption_budget_only_with_several_replicas() -> None:
+    assert not by_kind(render(), "PodDisruptionBudget")  # one replica: a budget would block every drain
+    objs = render(*PEERING)
+    (pdb,) = by_kind(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == _deployment(objs)["spec"]["selector"]["matchLabels"]
+    assert pdb["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"] == "-1"
+    (pdb,) = by_kind(render(*PEERING, "--set", "podDisruptionBudget.maxUnavailable=50%"), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == "50%"
+    assert not by_kind(render(*PEERING, "--set", "podDisruptionBudget.enabled=false"), "PodDisruptionBudget")
+
+
+def _egress_ports(np: dict[str, Any]) -> dict[tuple[int | str, str], list[dict[str, Any]]]:
+    out: dict[tuple[int | str, str], list[dict[str, Any]]] = {}
+    for rule in np["spec"]["egress"]:
+        for p in rule["ports"]:
+            out.setdefault((p["port"], p["protocol"]), []).append(rule)
+    return out
+
+
+def test_network_policy_allows_the_operators_traffic_only(all_features: tuple[str, str]) -> None:
+    assert not by_kind(render(), "NetworkPolicy")
+    objs = render(*all_features)
+    (np,) = by_kind(objs, "NetworkPolicy")
+    spec = np["spec"]
+    assert spec["podSelector"]["matchLabels"] == _deployment(objs)["spec"]["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    # In: the webhook (from anywhere: the API server) and the metrics port (from the monitoring namespace), by the
+    # container's port names.
+    webhook, metrics = spec["ingress"]
+    assert webhook == {"ports": [{"port": "webhook", "protocol": "TCP"}]}
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics["from"] == ALL_FEATURES["networkPolicy"]["metricsFrom"]
+    assert {"webhook", "metrics"} <= {p["name"] for p in _container(objs)["ports"]}
+    # Out: DNS, the API server (its CIDR), the store (443 and the endpoint's 9000), the serving pods' 8000, the proxy.
+    ports = _egress_ports(np)
+    assert set(ports) == {
+        (53, "UDP"),
+        (53, "TCP"),
+        (443, "TCP"),
+        (6443, "TCP"),
+        (9000, "TCP"),
+        (8000, "TCP"),
+        (3128, "TCP"),
+    }
+    (api_rule,) = ports[(6443, "TCP")]
+    assert api_rule["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    (store_rule,) = ports[(9000, "TCP")]
+    assert "to" not in store_rule  # any address
+    (serving,) = ports[(8000, "TCP")]
+    assert serving["to"] == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/managed-by": "llmengine-operator",
+                    "app.kubernetes.io/name": "llmengine",
+                    "app.kubernetes.io/component": "server",
+                }
+            },
+            "namespaceSelector": {},
+        }
+    ]
+
+
+def test_network_policy_follows_watched_namespaces_traffic_and_webhook_switches() -> None:
+    on = ("--set", "networkPolicy.enabled=true")
+    (np,) = by_kind(render(*on, *NAMESPACED, "--set", "store.endpoint=https://s3.example.com"), "NetworkPolicy")
+    (serving,) = _egress_ports(np)[(8000, "TCP")]
+    assert serving["to"][0]["namespaceSelector"] == {
+        "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]
+    }
+    assert (9000, "TCP") not in _egress_ports(np)  # https with no port: 443, already there
+    (np,) = by_kind(render(*on, "--set", "traffic.source=off", "--set", "webhook.enabled=false"), "NetworkPolicy")
+    assert (8000, "TCP") not in _egress_ports(np)
+    assert [r["ports"][0]["port"] for r in np["spec"]["ingress"]] == ["metrics"]
+    (np,) = by_kind(render(*on, "--set", "networkPolicy.dns=false"), "NetworkPolicy")
+    assert (53, "UDP") not in _egress_ports(np)
+
+
+def test_notes_say_how_to_check_the_install_and_where_the_docs_are(tmp_path: Path) -> None:
+    notes = render_notes(work=tmp_path / "a")
+    assert "kubectl -n llmengine-system rollout status deploy/llmengine-operator" in notes
+    assert "helm test llmengine-operator -n llmengine-system" in notes
+    assert "kubectl get validatingwebhookconfiguration llmengine-operator" in notes
+    assert "watching\nevery namespace" in notes and "No default store" in notes
+    assert "https://github.com/llmengine/llmengine-operator/tree/main/docs" in notes and "gitops.md" in notes
+    notes = render_notes(*NAMESPACED, "--set", "store.bucket=b", "--set", "webhook.enabled=false", work=tmp_path / "b")
+    assert "the namespaces team-a, team-b" in notes and "No default store" not in notes
+    assert "validatingwebhookconfiguration" not in notes
+    assert "makes a new one on every render" in render_notes(*HELM_CERT, work=tmp_path / "c")

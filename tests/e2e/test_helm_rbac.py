@@ -103,8 +103,10 @@ def _installed(info: ClusterInfo, api: Any, work: Path, *extra_sets: str) -> Ite
         sets += ["--set", "crds.install=true"]
         adopt_crds(api, rel, CRDS)
     state = Installed(rel, values, sets, prefix, webhook_port)
-    rel.install(values, *sets)
+    out = rel.install(values, *sets)
     state.installed = True
+    # helm install prints the chart's NOTES: how to check this very release.
+    assert f"kubectl -n {rel.namespace} rollout status deploy/{rel.fullname}" in out, out
     try:
         yield state
     finally:
@@ -158,6 +160,21 @@ def _delete_engines(engines: Engines, names: list[str]) -> None:
     wait_for("engines deleted (finalizers released)", gone, timeout=60)
 
 
+def _assert_operator_kept_the_webhook_certificate(api: Any, sa_api: Any, rel: Release) -> None:
+    core = client.CoreV1Api(api)
+    data = core.read_namespaced_secret(f"{rel.fullname}-webhook-cert", rel.namespace).data or {}
+    assert sorted(data) == ["ca.crt", "ca.key", "tls.crt", "tls.key"]
+    raw = client.AdmissionregistrationV1Api(api).read_validating_webhook_configuration(
+        rel.fullname, _preload_content=False
+    )
+    assert [w["clientConfig"].get("caBundle") for w in json.loads(raw.data)["webhooks"]] == [data["ca.crt"]]
+    sa_core, sa_adm = client.CoreV1Api(sa_api), client.AdmissionregistrationV1Api(sa_api)
+    touch = {"metadata": {"labels": {"touched": "yes"}}}
+    assert _status_code(sa_core.patch_namespaced_secret, "operator-s3", rel.namespace, touch) == 403
+    assert _status_code(sa_adm.patch_validating_webhook_configuration, "another-webhook", touch) == 403
+    assert _status_code(sa_adm.list_validating_webhook_configuration) == 403
+
+
 def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
     installed: Installed, dev_cluster: ClusterInfo, api: Any, namespace: str, tmp_path: Path
 ) -> None:
@@ -201,6 +218,9 @@ def test_chart_rbac_runs_full_lifecycle_and_denies_the_rest(
         refusal = wait_for("webhook answering", lambda: _refusal(engines, invalid), timeout=60, interval=0.5)
         assert refusal.status == 422, refusal
         assert "denied the request" in refusal.body and "spec.precision.quantization" in refusal.body
+        # The certificate came from the operator: issued into the chart's empty Secret, its CA written into the
+        # chart's configuration, with RBAC for exactly those two objects.
+        _assert_operator_kept_the_webhook_certificate(api, sa_api, rel)
         engines.create(own_store)
         engines.create(default_store)
         try:
@@ -284,7 +304,10 @@ def test_upgrade_to_peering_and_uninstall_keeps_crds(
     assert dep.spec.replicas == 2
     assert "--peering=llmengine-operator" in dep.spec.template.spec.containers[0].args
     co = client.CustomObjectsApi(api)
-    co.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llmengine-operator")
+    # None left by another test or release: the operator has to create it.
+    assert _status_code(
+        co.delete_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", "llmengine-operator"
+    ) in (200, 404)
 
     kcfg, _ = _sa_client(api, installed, tmp_path / "operator.kubeconfig")
     store_secret(api, dev_cluster, namespace)
@@ -294,10 +317,16 @@ def test_upgrade_to_peering_and_uninstall_keeps_crds(
         assert "--peering=llmengine-operator" in op.argv
 
         def keepalive() -> bool:
-            peering = co.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llmengine-operator")
+            try:
+                peering = co.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", "llmengine-operator")
+            except ApiException as e:
+                if e.status == 404:
+                    return False
+                raise
             return bool(peering.get("status"))
 
-        # Kopf writes its keep-alive into the peering object (patch granted) and, alone there, acts.
+        # The operator creates the peering object if the cluster has none (create granted), Kopf writes its
+        # keep-alive into it (patch granted) and, alone there, acts.
         wait_for("operator keep-alive in the ClusterKopfPeering", keepalive, timeout=60)
         engines.create(engine("kept", dev_cluster, model, f"engines-{uuid.uuid4().hex[:8]}", serving={"replicas": 1}))
         engines.wait_phase("kept", "Ready", timeout=180)
@@ -339,6 +368,7 @@ def test_namespaced_install_runs_lifecycle_with_roles_only_there(
         engines = Engines(api, namespace)
         with run_as_deployment(api, rel, kcfg, tmp_path, webhook_port=inst.webhook_port) as op:
             assert f"--namespace={namespace}" in op.argv and "--all-namespaces" not in op.argv
+            _assert_operator_kept_the_webhook_certificate(api, sa_api, rel)
             engines.create(
                 engine("scoped", dev_cluster, model, f"engines-{uuid.uuid4().hex[:8]}", serving={"replicas": 1})
             )

@@ -88,16 +88,9 @@ def env(dev_cluster: ClusterInfo, api: Any, namespace: str, tmp_path: Path, peer
             return dict(obj.get("status") or {})
 
     store_secret(api, dev_cluster, namespace)
-    # A namespaced operator (--namespace) meets its peers in the KopfPeering of that namespace (the chart's
-    # post-install hook creates it); with --peering, Kopf stays paused until the object exists.
+    # A namespaced operator (--namespace) meets its peers in the KopfPeering of that namespace; with --peering, Kopf
+    # stays paused until the object exists, and the operator creates it at start-up (the test makes none).
     env = Env()
-    env.co.create_namespaced_custom_object(
-        "kopf.dev",
-        "v1",
-        namespace,
-        "kopfpeerings",
-        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}},
-    )
     return env
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from llmengine.api import crdgen
+from llmengine.generate import sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,7 @@ def schema(crd: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_committed_files_match_the_models(tmp_path: Path) -> None:
-    assert crdgen.main(["--root", str(tmp_path)]) == 0
+    assert sync(crdgen.outputs(tmp_path), check=False) == 0
     for rel in (crdgen.CRD_PATH, crdgen.CHART_CRD_PATH):
         generated = (tmp_path / rel).read_bytes()
         committed = (ROOT / rel).read_bytes()
@@ -34,11 +35,11 @@ def test_committed_files_match_the_models(tmp_path: Path) -> None:
 
 
 def test_check_mode(tmp_path: Path) -> None:
-    assert crdgen.main(["--root", str(tmp_path), "--check"]) == 1
-    assert crdgen.main(["--root", str(tmp_path)]) == 0
-    assert crdgen.main(["--root", str(tmp_path), "--check"]) == 0
+    assert sync(crdgen.outputs(tmp_path), check=True) == 1
+    assert sync(crdgen.outputs(tmp_path), check=False) == 0
+    assert sync(crdgen.outputs(tmp_path), check=True) == 0
     (tmp_path / crdgen.CRD_PATH).write_text("changed")
-    assert crdgen.main(["--root", str(tmp_path), "--check"]) == 1
+    assert sync(crdgen.outputs(tmp_path), check=True) == 1
 
 
 def test_generation_is_deterministic() -> None:
@@ -214,15 +215,12 @@ def test_helm_template_wraps_the_same_crd() -> None:
     lines = text.splitlines()
     assert lines[1] == "{{- if .Values.crds.install }}"
     assert lines[-1] == "{{- end }}"
-    assert "  {{- if .Values.crds.keep }}" in lines
-    assert "    helm.sh/resource-policy: keep" in lines
-    # Without the template lines it is the plain CRD plus the keep annotation.
-    plain = "\n".join(
-        line for line in lines if "{{" not in line and line != "  annotations:" and "resource-policy" not in line
-    )
+    # The chart's helper adds the annotations (keep, Argo CD's Prune=false, the sync wave)...
+    assert lines[6] == '  {{- include "llmengine-operator.crdAnnotations" . | nindent 2 }}'
+    # ...to what is otherwise the plain CRD, with no other template action in it.
+    plain = "\n".join(line for line in lines if "{{" not in line)
     assert yaml.safe_load(plain) == yaml.safe_load((ROOT / crdgen.CRD_PATH).read_text())
-    body = text.split("{{- end }}\n", 1)[1]
-    assert "{{" not in body.rsplit("{{- end }}", 1)[0]
+    assert sum("{{" in line for line in lines) == 3
 
 
 def test_chart_directory_holds_only_the_crd_from_us() -> None:

@@ -61,7 +61,7 @@ llmengine-operator
 {{- default .Values.store.credentialsSecret .Values.store.engineSecret }}
 {{- end }}
 
-{{/* The validating webhook: its Service, its serving-certificate Secret, and the one webhook's name. */}}
+{{/* The validating webhook: its Service and its serving-certificate Secret. */}}
 {{- define "llmengine-operator.webhookService" -}}
 {{- printf "%s-webhook" (include "llmengine-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -69,6 +69,9 @@ llmengine-operator
 {{- define "llmengine-operator.webhookSecret" -}}
 {{- if eq .Values.webhook.certificate.source "secret" }}
 {{- required "webhook.certificate.secretName is required when webhook.certificate.source is secret" .Values.webhook.certificate.secretName }}
+{{- else if eq .Values.webhook.certificate.source "operator" }}
+{{- /* Not "-webhook-tls": that one is the kubernetes.io/tls Secret of source helm, and a Secret's type never changes. */}}
+{{- printf "%s-webhook-cert" (include "llmengine-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- else }}
 {{- printf "%s-webhook-tls" (include "llmengine-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -132,4 +135,35 @@ secret:
       path: ca.crt
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+metadata.annotations of the objects the operator and its webhook need: `extra` (a dict) and the Argo CD sync wave
+(argocd.syncWave), or nothing at all. Called with (dict "ctx" $ "extra" (dict ...)).
+*/}}
+{{- define "llmengine-operator.annotations" -}}
+{{- $a := deepCopy (.extra | default dict) }}
+{{- $wave := toString (.ctx.Values.argocd.syncWave | default "") }}
+{{- if $wave }}
+{{- $_ := set $a "argocd.argoproj.io/sync-wave" $wave }}
+{{- end }}
+{{- with $a -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The CRDs' annotations. With crds.keep they are kept on `helm uninstall` (helm.sh/resource-policy) and never pruned
+or deleted by Argo CD, which ignores Helm's policy when it prunes (sync-options Prune=false: Argo CD prunes what a
+render no longer holds, crds.install=false included; Delete=false: deleting the Application). Deleting a CRD
+deletes every object of its kind.
+*/}}
+{{- define "llmengine-operator.crdAnnotations" -}}
+{{- $a := dict }}
+{{- if .Values.crds.keep }}
+{{- $_ := set $a "helm.sh/resource-policy" "keep" }}
+{{- $_ := set $a "argocd.argoproj.io/sync-options" "Prune=false,Delete=false" }}
+{{- end }}
+{{- include "llmengine-operator.annotations" (dict "ctx" . "extra" $a) }}
 {{- end }}

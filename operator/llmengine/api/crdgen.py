@@ -7,7 +7,6 @@ such, JSON Schema 2020 exclusive bounds rewritten to OpenAPI v3.0 form. Output i
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 from typing import Any
@@ -200,7 +199,8 @@ def render_plain(doc: dict[str, Any]) -> str:
 
 
 def render_chart(doc: dict[str, Any]) -> str:
-    """The same CRD as a Helm template: installed only with crds.install, kept on uninstall with crds.keep."""
+    """The same CRD as a Helm template: installed only with crds.install; its annotations (kept on uninstall and
+    never pruned with crds.keep, the Argo CD sync wave) come from the chart's llmengine-operator.crdAnnotations."""
     body = {k: v for k, v in doc.items() if k != "metadata"}
     head = {k: body.pop(k) for k in ("apiVersion", "kind")}
     text = _dump(body)
@@ -209,10 +209,7 @@ def render_chart(doc: dict[str, Any]) -> str:
     metadata = (
         "metadata:\n"
         f"  name: {doc['metadata']['name']}\n"
-        "  {{- if .Values.crds.keep }}\n"
-        "  annotations:\n"
-        "    helm.sh/resource-policy: keep\n"
-        "  {{- end }}\n"
+        '  {{- include "llmengine-operator.crdAnnotations" . | nindent 2 }}\n'
     )
     return HEADER + "{{- if .Values.crds.install }}\n" + _dump(head) + metadata + text + "{{- end }}\n"
 
@@ -220,25 +217,3 @@ def render_chart(doc: dict[str, Any]) -> str:
 def outputs(root: Path) -> dict[Path, str]:
     doc = crd()
     return {root / CRD_PATH: render_plain(doc), root / CHART_CRD_PATH: render_chart(doc)}
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="llmengine generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("."), help="repository root (default: .)")
-    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if the files are out of date")
-    args = parser.parse_args(argv)
-    stale = []
-    for path, text in outputs(args.root).items():
-        current = path.read_text() if path.exists() else None
-        if current == text:
-            continue
-        stale.append(path)
-        if not args.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path}")
-    if args.check and stale:
-        for path in stale:
-            print(f"out of date: {path} (run 'llmengine generate')")
-        return 1
-    return 0

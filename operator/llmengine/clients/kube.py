@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,7 @@ class Kube:
         self.batch = client.BatchV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.admission = client.AdmissionregistrationV1Api(api)
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -112,6 +114,23 @@ class Kube:
             return None
         return {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
 
+    async def _get_json(self, fn: Any, *args: Any) -> dict[str, Any] | None:
+        """The object exactly as the API server sent it (no client model in between); None on 404."""
+        try:
+            rsp = await self._call(fn, *args, _preload_content=False)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return dict(json.loads(rsp.data))
+
+    async def get_secret(self, ns: str, name: str) -> dict[str, Any] | None:
+        """The Secret as stored (data base64-encoded, with its resourceVersion); None when there is none."""
+        return await self._get_json(self.core.read_namespaced_secret, name, ns)
+
+    async def get_webhook_configuration(self, name: str) -> dict[str, Any] | None:
+        return await self._get_json(self.admission.read_validating_webhook_configuration, name)
+
     async def list_pods(self, ns: str, label_selector: str) -> list[dict[str, Any]]:
         res = await self._call(self.core.list_namespaced_pod, ns, label_selector=label_selector)
         return list(self.api.sanitize_for_serialization(res).get("items") or [])
@@ -169,6 +188,50 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+    async def write_secret_data(
+        self, ns: str, name: str, data: Mapping[str, str], resource_version: str | None
+    ) -> None:
+        """Set a Secret's data: a merge patch of the Secret last read at `resource_version` (409 when it changed since),
+        or a create when there was none (409 when another writer created it first)."""
+        try:
+            if resource_version is None:
+                body = {"metadata": {"name": name, "namespace": ns}, "type": "Opaque", "data": dict(data)}
+                await self._call(self.core.create_namespaced_secret, ns, body)
+            else:
+                patch = {"metadata": {"resourceVersion": resource_version}, "data": dict(data)}
+                await self._call(
+                    self.core.patch_namespaced_secret, name, ns, patch, _content_type="application/merge-patch+json"
+                )
+        except ApiException as e:
+            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+
+    async def patch_webhook_configuration(self, name: str, patch: Mapping[str, Any]) -> None:
+        """Strategic merge patch: webhooks merge by name, so fields of each webhook not in the patch are kept."""
+        try:
+            await self._call(
+                self.admission.patch_validating_webhook_configuration,
+                name,
+                dict(patch),
+                _content_type="application/strategic-merge-patch+json",
+            )
+        except ApiException as e:
+            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+
+    async def create_peering(self, plural: str, name: str, ns: str | None) -> bool:
+        """Create a Kopf peering object (kopf.dev/v1, `plural`), cluster-wide or in `ns`; False when it exists."""
+        body = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": name}}
+        try:
+            if ns is None:
+                body["kind"] = "ClusterKopfPeering"
+                await self._call(self.custom.create_cluster_custom_object, "kopf.dev", "v1", plural, body)
+            else:
+                await self._call(self.custom.create_namespaced_custom_object, "kopf.dev", "v1", ns, plural, body)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+        return True
 
     async def delete_job(self, ns: str, name: str) -> None:
         for fn in (self.batch.delete_namespaced_job, self.core.delete_namespaced_config_map):

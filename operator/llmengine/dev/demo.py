@@ -49,18 +49,6 @@ def kubectl(info: ClusterInfo, *args: str) -> str:
     return out.stdout
 
 
-def webhook_certs(core: Any, dest: Path) -> Path:
-    """The chart's webhook serving certificate, written where the local operator reads it (as the pod mounts it)."""
-    import base64
-
-    data = core.read_namespaced_secret("llmengine-operator-webhook-tls", SYSTEM_NS).data or {}
-    dest.mkdir(parents=True, exist_ok=True)
-    dest.chmod(0o700)
-    for key in ("tls.crt", "tls.key", "ca.crt"):
-        (dest / key).write_bytes(base64.b64decode(data[key]))
-    return dest
-
-
 def refused_fp8_on_a100(info: ClusterInfo) -> str:
     obj = yaml.safe_load(EXAMPLE.read_text())
     obj["metadata"]["name"] = "tiny-demo-fp8-a100"
@@ -169,7 +157,6 @@ def main() -> int:
     url = start_serving_path(cluster, name, meter_port)
     say("running the operator locally with the chart's ServiceAccount token (simulated nodes run no containers)")
     kcfg = operator_kubeconfig(info, api, cluster)
-    certs = webhook_certs(core, cluster.dir / "webhook-certs")
     proc.stop_named(cluster.dir, "operator")
     proc.start(
         "operator",
@@ -185,7 +172,12 @@ def main() -> int:
             f"http://127.0.0.1:{proc.free_port()}/healthz",  # port 0 would mean 80 to Kopf: root only, and taken
             f"--webhook-port={webhook_port}",
             "--webhook-addr=127.0.0.1",
-            f"--webhook-cert-dir={certs}",
+            # As the chart's Deployment runs it: the certificate kept in the chart's Secret, its CA put into the
+            # chart's webhook configuration; named for the address the API server calls (webhook.url).
+            f"--webhook-cert-secret={SYSTEM_NS}/llmengine-operator-webhook-cert",
+            f"--webhook-service={SYSTEM_NS}/llmengine-operator-webhook",
+            "--webhook-configuration=llmengine-operator",
+            "--webhook-host=127.0.0.1",
         ],
         cluster.dir,
         env={
