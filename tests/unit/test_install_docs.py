@@ -7,11 +7,15 @@ or `# chart values` comment), the values of the Argo CD Application and Flux Hel
 in install.md's tables of values. Every `-f FILE` of those commands is a values file one of the pages shows. Every
 LLMEngine they show, and every fragment of a spec (a block opening with `# spec`), plans valid. A YAML block that
 looks like chart values but is not marked as either fails, so that no values block goes unchecked.
+
+And the upgrade check in upgrade.md compares like with like: `llmengine plan` on the live objects gives the digest
+the running operator wrote when nothing changes, and a different one exactly when the builder image does.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import re
 import shlex
@@ -20,16 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from llmengine import plan_cli
 from llmengine.api.artifacts import StoreLocation
+from llmengine.api.config import ImageCatalog, ImagePair
+from llmengine.api.v1alpha1 import LLMEngineStatus, parse_engine
 from llmengine.plan import plan_object
+from llmengine.plan.envelope import shape_floor
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "llmengine-operator"
 PAGES = [
     "README.md",
     "docs/install.md",
+    "docs/airgap.md",
+    "docs/multitenancy.md",
+    "docs/sizing.md",
+    "docs/upgrade.md",
     "docs/gitops.md",
 ]
 VALUES_MARK = re.compile(r"^#\s*(values[\w.-]*\.ya?ml|chart values)\b")
@@ -331,7 +344,7 @@ def test_the_pages_show_chart_values_in_every_form_checked() -> None:
     """The extraction finds what it is meant to: a guard against a silently empty check."""
     assert any("docs/install.md" in w for w, _ in _helm_commands())
     assert any("README.md" in w for w, _ in _helm_commands())
-    assert {w.split(":")[0] for w, _ in _values_blocks()} >= {"docs/install.md"}
+    assert {w.split(":")[0] for w, _ in _values_blocks()} >= {"docs/install.md", "docs/airgap.md", "docs/sizing.md"}
     assert len(list(_gitops_values())) == 2
     assert list(_inline_sets())
 
@@ -448,9 +461,75 @@ def _engines() -> Iterator[tuple[str, dict[str, Any]]]:
 
 def test_every_llmengine_on_the_pages_plans_valid() -> None:
     engines = list(_engines())
-    assert {w.split(":")[0] for w, _ in engines} >= {"README.md", "docs/install.md"}
+    assert {w.split(":")[0] for w, _ in engines} >= {"README.md", "docs/airgap.md", "docs/multitenancy.md"}
     wrong = []
     for where, doc in engines:
         plan = plan_object(doc, default_store=DEFAULT_STORE)
         wrong += [f"{where}: {e}" for e in plan.errors]
     assert not wrong, "\n".join(wrong)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# upgrade.md: which engines will this upgrade rebuild?
+
+
+def _catalog(builder: str, server: str) -> ImageCatalog:
+    return ImageCatalog(default_version="1.2.1", versions={"1.2.1": ImagePair(builder=builder, server=server)})
+
+
+def _live(images: ImageCatalog) -> dict[str, Any]:
+    """Live objects as `kubectl get llme -A -o yaml` lists them, with the digest the operator wrote."""
+    auto = {
+        "apiVersion": "llmengine.io/v1alpha1",
+        "kind": "LLMEngine",
+        "metadata": {"name": "auto", "namespace": "team-b"},
+        "spec": {
+            **copy.deepcopy(MINIMAL_SPEC),
+            "build": {"maxInputLen": 512, "maxSeqLen": 1024},
+            "rebuildPolicy": {"mode": "Auto"},
+        },
+        "status": {"envelope": {"autoShapes": {"maxInputLen": 1280, "maxSeqLen": 1792}}},
+    }
+    plain = yaml.safe_load((ROOT / "examples" / "llama3.1-8b-fp8-h100.yaml").read_text())
+    plain["metadata"]["namespace"] = "team-a"
+    items = [plain, auto]
+    for item in items:
+        spec = parse_engine(item).spec
+        status = LLMEngineStatus.model_validate(item.get("status") or {})
+        floor = shape_floor(spec, status)
+        digest = plan_object(item, default_store=DEFAULT_STORE, images=images, shape_floor=floor).engine_digest
+        item.setdefault("status", {})["desiredEngine"] = {"digest": digest, "short": digest[:12]}
+    return {"apiVersion": "v1", "kind": "List", "items": items}
+
+
+def _after(tmp_path: Path, live: dict[str, Any], builder: str, server: str) -> dict[str, str]:
+    (tmp_path / "live.yaml").write_text(yaml.safe_dump(live))
+    values = {"images": {"trtllm": {"1.2.1": {"builder": builder, "server": server}}}}
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    out = io.StringIO()
+    rc = plan_cli.main(
+        ["-f", str(tmp_path / "live.yaml"), "--chart-values", str(tmp_path / "values.yaml"), "-o", "json"], out
+    )
+    assert rc == 0
+    return {f"{e['namespace']}/{e['name']}": e["engineDigest"] for e in json.loads(out.getvalue())}
+
+
+@pytest.mark.parametrize(
+    ("builder", "server", "rebuilt"),
+    [
+        ("reg/builder:1", "reg/server:1", set()),
+        ("reg/builder:1", "reg/server:2", set()),  # a new server image rolls pods out, rebuilds nothing
+        ("reg/builder:2", "reg/server:1", {"team-a/llama31-8b-fp8", "team-b/auto"}),
+    ],
+)
+def test_the_upgrade_check_finds_exactly_the_engines_a_new_builder_rebuilds(
+    tmp_path: Path, builder: str, server: str, rebuilt: set[str]
+) -> None:
+    live = _live(_catalog("reg/builder:1", "reg/server:1"))
+    before = {
+        f"{i['metadata']['namespace']}/{i['metadata']['name']}": i["status"]["desiredEngine"]["digest"]
+        for i in live["items"]
+    }
+    after = _after(tmp_path, live, builder, server)
+    assert set(after) == set(before)
+    assert {k for k in before if before[k] != after[k]} == rebuilt
