@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from llmengine.logging import register_secret
 from llmengine.reconcile import metrics
 from llmengine.reconcile.snapshot import StoreView
 
+COMMITTED_TTL_SECONDS = 300.0
+
 
 @dataclass(frozen=True)
 class StoreAccess:
@@ -36,7 +39,9 @@ class Stores:
     def __init__(self, kube: Kube, ca_bundle: str | None = None) -> None:
         self.kube = kube
         self.ca_bundle = ca_bundle  # the chart's CA bundle for store endpoints (a private CA)
-        self._committed: set[tuple[str, str, str, str]] = set()
+        # When each engine was last seen committed: a commit is never modified, but a person (or a lifecycle rule)
+        # may delete it, so it is asked again after COMMITTED_TTL_SECONDS.
+        self._committed: dict[tuple[str, str, str, str], float] = {}
         self._clients: dict[tuple[Any, ...], EngineStore] = {}
 
     @staticmethod
@@ -45,10 +50,11 @@ class Stores:
         return (loc.endpoint or "", loc.bucket, loc.prefix, digest)
 
     async def view(self, ns: str, access: StoreAccess, digest: str) -> StoreView:
-        """Whether the engine is committed (a commit, once seen, is remembered: it is never modified)."""
+        """Whether the engine is committed (remembered for COMMITTED_TTL_SECONDS once seen)."""
         uri = access.location.engine_uri(digest)
         ck = self._commit_key(access, digest)
-        if ck in self._committed:
+        seen = self._committed.get(ck)
+        if seen is not None and time.monotonic() - seen < COMMITTED_TTL_SECONDS:
             return StoreView(True, None, uri)
         try:
             store = await self.client(ns, access)
@@ -60,7 +66,9 @@ class Stores:
             metrics.STORE_ERRORS.inc()
             return StoreView(None, f"{type(e).__name__}: {e}"[:300], uri)
         if ok:
-            self._committed.add(ck)
+            self._committed[ck] = time.monotonic()
+        else:
+            self._committed.pop(ck, None)
         return StoreView(ok, None, uri)
 
     async def progress(self, ns: str, access: StoreAccess, digest: str) -> BuildProgress | None:
@@ -73,7 +81,7 @@ class Stores:
 
     async def quarantine(self, ns: str, access: StoreAccess, digest: str, reason: str) -> str:
         """Uncommit an engine that fails verification, keeping it for inspection; where its record went."""
-        self._committed.discard(self._commit_key(access, digest))
+        self._committed.pop(self._commit_key(access, digest), None)
         store = await self.client(ns, access)
         return await asyncio.to_thread(store.quarantine_engine, digest, reason)
 
