@@ -1,0 +1,54 @@
+"""What the operator remembers about the store: commits for a while, never past a quarantine."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+
+from llmengine.api.artifacts import StoreLocation
+from llmengine.reconcile import stores as st
+
+LOC = StoreLocation(bucket="engines")
+ACCESS = st.StoreAccess(LOC, None, explicit=False, default=True)
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.committed = True
+        self.asked = 0
+
+    def is_committed(self, digest: str) -> bool:
+        self.asked += 1
+        return self.committed
+
+    def quarantine_engine(self, digest: str, reason: str) -> str:
+        self.committed = False
+        return "quarantine/x-manifest.json"
+
+
+@pytest.fixture
+def stores(monkeypatch: pytest.MonkeyPatch) -> tuple[st.Stores, FakeStore, list[float]]:
+    now = [1000.0]
+    monkeypatch.setattr(st.time, "monotonic", lambda: now[0])
+    s = st.Stores(cast(Any, None))
+    fake = FakeStore()
+    s._clients[("ml", None, LOC)] = cast(Any, fake)
+    return s, fake, now
+
+
+async def test_a_commit_is_remembered_for_a_while_then_asked_again(stores: Any) -> None:
+    s, fake, now = stores
+    assert (await s.view("ml", ACCESS, "d")).committed and fake.asked == 1
+    now[0] += st.COMMITTED_TTL_SECONDS - 1
+    assert (await s.view("ml", ACCESS, "d")).committed and fake.asked == 1  # remembered
+    fake.committed = False  # a person deleted the manifest
+    now[0] += 2
+    assert (await s.view("ml", ACCESS, "d")).committed is False and fake.asked == 2
+
+
+async def test_a_quarantine_is_seen_at_once(stores: Any) -> None:
+    s, fake, _ = stores
+    assert (await s.view("ml", ACCESS, "d")).committed
+    await s.quarantine("ml", ACCESS, "d", "rank0.engine failed verification")
+    assert (await s.view("ml", ACCESS, "d")).committed is False and fake.asked == 2
