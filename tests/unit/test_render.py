@@ -54,6 +54,8 @@ def _where(body: dict[str, Any]) -> common.Placement:
         target=engine.spec.target,
         store_secret="s3",
         hf_token=SecretKeySelector(name="hf", key="token"),
+        pods=engine.spec.pods,
+        store_identity=common.store_identity(engine.spec),
     )
 
 
@@ -208,3 +210,18 @@ def test_autoscaling_bounds_are_checked_with_the_field_named() -> None:
     assert "spec.serving.autoscaling" in str(exc.value) and "minReplicas (5) must be at most maxReplicas (2)" in str(
         exc.value
     )
+
+
+def test_workload_identity_runs_every_engine_pod_as_its_service_account() -> None:
+    store = {"bucket": "engines", "workloadIdentity": {"serviceAccountName": "engine-store"}}
+    job, dep = _render(_engine(store=store))
+    for pod in (job["spec"]["template"]["spec"], dep["spec"]["template"]["spec"]):
+        assert pod["serviceAccountName"] == "engine-store" and pod["automountServiceAccountToken"] is True
+    # spec.pods names another ServiceAccount: that one wins.
+    job, dep = _render(_engine(store=store, pods={"serviceAccountName": "team-sa"}))
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "team-sa"
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "team-sa"
+    # Without it, nothing changes (no token in the pods).
+    job, dep = _render(_engine())
+    assert "serviceAccountName" not in job["spec"]["template"]["spec"]
+    assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is False

@@ -499,7 +499,12 @@ class StoreSpec(SpecModel):
         description="Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.",
     )
     workload_identity: WorkloadIdentity | None = Field(
-        default=None, description="Use a ServiceAccount's cloud identity (IRSA, GKE or Azure workload identity)."
+        default=None,
+        description=(
+            "Use a ServiceAccount's cloud identity (IRSA, GKE or Azure workload identity): the build, benchmark and "
+            "serving pods run as it, with its token mounted, unless spec.pods.serviceAccountName names another. "
+            "The operator checks the store with its own identity."
+        ),
     )
 
     @model_validator(mode="after")

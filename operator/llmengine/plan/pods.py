@@ -76,9 +76,18 @@ def layers(defaults: OperandPods, engine: OperandPods | None, kind: PodKind) -> 
     return out
 
 
-def resolve(defaults: OperandPods, engine: OperandPods | None, kind: PodKind) -> PodSettings:
-    """The settings of the build and benchmark Job pods (kind build) or of the serving pods (kind serving)."""
+def resolve(
+    defaults: OperandPods, engine: OperandPods | None, kind: PodKind, store_identity: str | None = None
+) -> PodSettings:
+    """The settings of the build and benchmark Job pods (kind build) or of the serving pods (kind serving).
+
+    `store_identity` is spec.store.workloadIdentity's ServiceAccount: the pods run as it (with its token mounted,
+    which the cloud's identity webhook exchanges for store credentials) unless spec.pods names another."""
     merged = PodSettings()
-    for layer in layers(defaults, engine, kind):
+    found = layers(defaults, engine, kind)
+    if store_identity:
+        identity = PodSettings(service_account_name=store_identity, automount_service_account_token=True)
+        found.insert(1 if defaults is not None else 0, identity)
+    for layer in found:
         merged = overlay(merged, layer)
     return merged

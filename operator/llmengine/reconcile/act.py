@@ -167,6 +167,7 @@ class Actor:
             store_secret=access.pod_secret,
             hf_token=common.hf_token_ref(engine.spec),
             pods=engine.spec.pods,
+            store_identity=common.store_identity(engine.spec),
         )
 
     async def _start_build(self, snap: Snapshot, target: Target, attempt: int) -> None:

@@ -160,6 +160,12 @@ TOOL_REQUEST_FILE = "request.json"
 TERMINATION_LOG = "/dev/termination-log"
 
 
+def store_identity(spec: LLMEngineSpec) -> str | None:
+    """The ServiceAccount whose cloud identity reads and writes the engine's store (spec.store.workloadIdentity)."""
+    wi = spec.store.workload_identity if spec.store is not None else None
+    return wi.service_account_name if wi is not None else None
+
+
 def hf_token_ref(spec: LLMEngineSpec) -> SecretKeySelector | None:
     """The Secret key of the Hugging Face token the spec references, if any (never its value)."""
     hf = spec.model.source.hugging_face
@@ -200,6 +206,7 @@ class Placement:
     store_secret: str | None  # Secret with the store credentials, by reference
     hf_token: SecretKeySelector | None  # Secret key of a Hugging Face token, by reference
     pods: OperandPods | None = None  # the engine's pod settings (spec.pods), merged over the operator's defaults
+    store_identity: str | None = None  # spec.store.workloadIdentity's ServiceAccount
 
 
 def tool_job(
@@ -222,7 +229,7 @@ def tool_job(
     from the ConfigMap of the same name and reporting through its termination message. Retries are the operator's
     (backoff, count in status), so the Job itself tries once. The pod takes the build pod settings: the operator's
     defaults with the engine's over them."""
-    pod = resolve(cfg.engine_pods, where.pods, "build")
+    pod = resolve(cfg.engine_pods, where.pods, "build", where.store_identity)
     mounts: list[dict[str, Any]] = [
         {"name": "request", "mountPath": request_dir, "readOnly": True},
         {"name": "work", "mountPath": TOOL_WORK_DIR},

@@ -83,7 +83,7 @@ def deployment(
     name = c.serving_name(engine.name)
     selector = instance_labels(engine.name)
     labels = {**c.base_labels("server"), **selector}
-    pod = resolve(cfg.engine_pods, engine.spec.pods, "serving")
+    pod = resolve(cfg.engine_pods, engine.spec.pods, "serving", c.store_identity(engine.spec))
     env = c.store_env(store_secret, store.endpoint, store.region)
     resources = serving.resources.model_dump(exclude_none=True) if serving.resources is not None else None
     mounts = [{"name": "engine", "mountPath": ENGINE_DIR}, {"name": "tmp", "mountPath": "/tmp"}]
