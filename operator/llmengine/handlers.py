@@ -22,6 +22,7 @@ from llmengine.plan.admission import review
 from llmengine.plan.webhook_cert import Names
 from llmengine.reconcile import peering, webhook_cert
 from llmengine.reconcile.engine import Reconciler
+from llmengine.reconcile.views import deployment_essentials
 from llmengine.reconcile.webhook_cert import CertSecret
 from llmengine.render.common import MANAGED_BY, POOL_LABEL, job_ended
 
@@ -265,7 +266,7 @@ async def deployment_changed(meta: kopf.Meta, namespace: str | None, memo: kopf.
 # The serving Deployments as the watch sees them: a reconcile pass reads its engine's from here, not from the API.
 @kopf.index("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
 def serving_deployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
-    return {(namespace or "", name): dict(body)}
+    return {(namespace or "", name): deployment_essentials(body)}
 
 
 def _lookup(index: kopf.Index[Any, Any]) -> Callable[[str, str], dict[str, Any] | None]:

@@ -59,13 +59,11 @@ def _where(body: dict[str, Any]) -> common.Placement:
     )
 
 
-def _render(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    plan = plan_object(body, images=CFG.images)
-    assert plan.valid, plan.errors
-    engine = parse_engine(body)
-    assert plan.build_request is not None
-    job = build.build_job(request=plan.build_request, where=_where(body), attempt=1, cfg=CFG)
-    dep = serving.deployment(
+def _deployment(body: dict[str, Any], cfg: OperatorConfig = CFG) -> dict[str, Any]:
+    """The serving Deployment of `body`'s desired engine under `cfg`, as the operator renders it."""
+    plan, engine = plan_object(body, images=cfg.images), parse_engine(body)
+    assert plan.valid and plan.build_request is not None, plan.errors
+    return serving.deployment(
         engine=engine,
         digest=plan.engine_digest,
         short_digest=plan.short_digest,
@@ -76,9 +74,16 @@ def _render(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         gpu_resource=plan.gpu_resource,
         gpu_count=plan.gpu_count,
         image=plan.server_image,
-        cfg=CFG,
+        cfg=cfg,
     )
-    return job, dep
+
+
+def _render(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    plan = plan_object(body, images=CFG.images)
+    assert plan.valid, plan.errors
+    assert plan.build_request is not None
+    job = build.build_job(request=plan.build_request, where=_where(body), attempt=1, cfg=CFG)
+    return job, _deployment(body)
 
 
 def _golden(name: str, obj: dict[str, Any]) -> None:
@@ -225,3 +230,15 @@ def test_workload_identity_runs_every_engine_pod_as_its_service_account() -> Non
     job, dep = _render(_engine())
     assert "serviceAccountName" not in job["spec"]["template"]["spec"]
     assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_what_the_watch_keeps_of_a_deployment_reads_the_same_as_the_whole() -> None:
+    from llmengine.reconcile.views import deployment_essentials, deployment_view
+
+    dep = _deployment(_engine())
+    dep["metadata"].update({"generation": 3, "resourceVersion": "42"})
+    dep["status"] = {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2}
+    kept = deployment_essentials(dep)
+    assert deployment_view(kept) == deployment_view(dep) and deployment_view(dep) is not None
+    assert kept["spec"]["selector"] == dep["spec"]["selector"]
+    assert len(str(kept)) < len(str(dep)) / 3  # the pod template's bulk is not kept

@@ -4,7 +4,6 @@ environment, volumes, proxy and CA bundle; secrets only by reference; the operat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -26,8 +25,8 @@ from llmengine.plan.benchgate import bench_request
 from llmengine.plan.planner import compare
 from llmengine.plan.pods import resolve
 from llmengine.render import bench as render_bench
-from llmengine.render import build, common, serving
-from tests.unit.test_render import CFG, _engine, _golden, _where
+from llmengine.render import build, common
+from tests.unit.test_render import CFG, _deployment, _engine, _golden, _where
 
 # The chart's enginePods: what the platform team sets for every engine.
 CHART_PODS: dict[str, Any] = {
@@ -76,24 +75,12 @@ def _render(
     """The build Job, the benchmark Job and the serving Deployment of `body` under `cfg`."""
     plan, engine = plan_object(body, images=cfg.images), parse_engine(body)
     assert plan.valid and plan.build_request is not None, plan.errors
-    where = dataclasses.replace(_where(body), pods=engine.spec.pods)
+    where = _where(body)
     job = build.build_job(request=plan.build_request, where=where, attempt=1, cfg=cfg)
     bench = render_bench.bench_job(
         request=bench_request(engine.spec, plan), where=where, image=plan.builder_image, cfg=cfg
     )
-    dep = serving.deployment(
-        engine=engine,
-        digest=plan.engine_digest,
-        short_digest=plan.short_digest,
-        backend="tensorrt",
-        store=plan.build_request.store,
-        store_secret="s3",
-        product_labels=list(plan.gpu.product_labels),
-        gpu_resource=plan.gpu_resource,
-        gpu_count=plan.gpu_count,
-        image=plan.server_image,
-        cfg=cfg,
-    )
+    dep = _deployment(body, cfg)
     return job, bench, dep
 
 

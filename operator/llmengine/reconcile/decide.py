@@ -7,6 +7,7 @@ status object; nothing edits the decision afterwards.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from llmengine.api import conditions as cond
@@ -45,6 +46,10 @@ PENDING, QUEUED, BUILDING, DEPLOYING, READY, DEGRADED, FAILED = (
 Event = tuple[str, str, str]  # (type, reason, message)
 
 
+def _has(actions: Sequence[Action], kind: type[Action]) -> bool:
+    return any(isinstance(a, kind) for a in actions)
+
+
 @dataclass(frozen=True)
 class Decision:
     status: LLMEngineStatus
@@ -53,7 +58,7 @@ class Decision:
     requeue_after: float | None = None  # seconds until the next pass is due; None: only on events
 
     def has(self, kind: type[Action]) -> bool:
-        return any(isinstance(a, kind) for a in self.actions)
+        return _has(self.actions, kind)
 
     def serves(self) -> str | None:
         """The engine the Deployment is to serve; None: no Deployment yet."""
@@ -78,7 +83,7 @@ class _Pass:
         )
 
     def has(self, kind: type[Action]) -> bool:
-        return any(isinstance(a, kind) for a in self.actions)
+        return _has(self.actions, kind)
 
     def soon(self, seconds: float) -> None:
         self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)

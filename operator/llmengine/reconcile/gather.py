@@ -182,7 +182,7 @@ class Gatherer:
         elif store.committed:
             self.queue.forget(key)
         metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
-        dview = await self._deployment_with_pods(ns, dep, plan, replicas)
+        dview = await self._deployment_with_pods(ns, dep, current, plan, replicas)
         bench = None
         if (
             store.committed
@@ -293,11 +293,10 @@ class Gatherer:
         return active, set(keys), elsewhere
 
     async def _deployment_with_pods(
-        self, ns: str, dep: Mapping[str, Any] | None, plan: Plan, replicas: int
+        self, ns: str, dep: Mapping[str, Any] | None, view: DeploymentView | None, plan: Plan, replicas: int
     ) -> DeploymentView | None:
         """While pods of the desired engine are not all available, what their status says is wrong (the status
         message carries it: a failed download, an unschedulable pod), at the cost of one pod list."""
-        view = deployment_view(dep)
         if dep is None or view is None or view.digest != plan.engine_digest:
             return view
         if view.rolled_out and view.available >= replicas:  # the spec's replicas, as decide() judges them

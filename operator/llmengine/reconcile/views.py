@@ -238,6 +238,29 @@ def attachment_view(kind: str, obj: Obj | None) -> AttachmentView | None:
     )
 
 
+def deployment_essentials(dep: Obj) -> dict[str, Any]:
+    """The parts of a serving Deployment a pass reads (deployment_view, the pod selector): what the operator's watch
+    keeps of each one, instead of the whole object."""
+    md, spec = dep.get("metadata") or {}, dep.get("spec") or {}
+    template = spec.get("template") or {}
+    containers = [
+        {"name": c.get("name"), "image": c.get("image")} for c in (template.get("spec") or {}).get("containers") or []
+    ]
+    keep = ("name", "namespace", "annotations", "generation", "resourceVersion")
+    return {
+        "metadata": {k: md[k] for k in keep if k in md},
+        "spec": {
+            "replicas": spec.get("replicas"),
+            "selector": spec.get("selector"),
+            "template": {
+                "metadata": {"annotations": (template.get("metadata") or {}).get("annotations")},
+                "spec": {"containers": containers},
+            },
+        },
+        "status": dict(dep.get("status") or {}),
+    }
+
+
 def bench_view(job: Obj | None, pods: Sequence[Obj] = ()) -> BenchView | None:
     if job is None:
         return None
