@@ -163,6 +163,7 @@ def validate_engine(body: kopf.Body, warnings: list[str], memo: kopf.Memo, **kwa
         default_store=cfg.default_store,
         test_engine_bytes=cfg.test_engine_bytes,
         images=cfg.images,
+        isolated_builds=cfg.isolated,
     )
     warnings.extend(verdict.warnings)
     if not verdict.allowed:
@@ -250,9 +251,13 @@ async def job_changed(
     meta: kopf.Meta, namespace: str | None, body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
     _wake_owners(memo, meta, namespace)
+    reconciler: Reconciler | None = memo.get("reconciler")
+    if reconciler is not None and not meta.get("ownerReferences"):
+        # A build in the operator's namespace, owned by none: the engines of every namespace that want it.
+        for ns, name in reconciler.queue.wanting(f"{namespace}/{meta.get('name')}"):
+            memo.wakeups.wake(ns, name)
     # A build that ends frees a slot in its pool: the builds next in line start now, not at their next poll.
     pool = (meta.get("labels") or {}).get(POOL_LABEL)
-    reconciler: Reconciler | None = memo.get("reconciler")
     if pool and (type == "DELETED" or job_ended(body)) and reconciler is not None:
         for ns, name in reconciler.queue.next_in_line(pool):
             memo.wakeups.wake(ns, name)

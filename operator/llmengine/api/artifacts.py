@@ -160,6 +160,25 @@ class Manifest(Doc):
         return sum(f.size for f in self.files)
 
 
+class GrantedEngine(Doc):
+    """One committed engine a grant reads: its manifest as the operator read it from the store, and a presigned GET
+    URL for each of its files (by manifest path)."""
+
+    manifest: Manifest
+    urls: dict[str, str]
+
+
+class EngineGrant(Doc):
+    """Read access to the engines an LLMEngine serves, without store credentials: what the operator keeps in the
+    engine's grant Secret for its benchmark and serving pods. The URLs stop working at expires_at."""
+
+    api_version: Literal["llmengine.io/v1alpha1"] = "llmengine.io/v1alpha1"
+    kind: Literal["EngineGrant"] = "EngineGrant"
+    location: StoreLocation
+    expires_at: str
+    engines: dict[str, GrantedEngine]
+
+
 # Kubernetes keeps at most 4 KiB of a termination message.
 RESULT_LIMIT = 4096
 

@@ -65,6 +65,9 @@ class BenchRequest(Doc):
     max_batch_size: int | None = Field(default=None, ge=1)
     max_num_tokens: int | None = Field(default=None, ge=1)
     kv_cache_free_gpu_mem_fraction: float | None = Field(default=None, gt=0, lt=1)
+    # An engine grant (EngineGrant JSON) to download the engine through, when the pod holds no store credentials;
+    # config.json and the tokenizer then come from the engine's tokenizer directory.
+    grant_file: str | None = None
 
     @property
     def world_size(self) -> int:

@@ -70,6 +70,14 @@ class OperatorConfig(BaseModel):
     # Name of a Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) expected in an engine's namespace when the
     # engine uses the default store without its own credentials reference.
     default_store_secret: str | None = None
+    # How the pods of default-store engines reach the store. "isolated": builds run in build_namespace (the
+    # operator's) with default_store_secret there, and benchmark and serving pods read their engine through
+    # presigned URLs in a Secret per engine, valid grant_seconds; no store key enters an engine's namespace.
+    # "engineNamespace": builds run in the engine's namespace and every pod reads default_store_secret there.
+    store_access: Literal["isolated", "engineNamespace"] = "engineNamespace"
+    build_namespace: str | None = None
+    # SigV4 presigned URLs last at most 7 days; the operator renews a grant once half of this has passed.
+    grant_seconds: int = Field(default=12 * 3600, ge=600, le=7 * 24 * 3600)
     build_concurrency_per_pool: int = Field(default=2, ge=1)
     build_active_deadline_seconds: int = 4 * 3600
     build_ttl_seconds_after_finished: int = 24 * 3600
@@ -98,6 +106,17 @@ class OperatorConfig(BaseModel):
     # A PEM file of the CA certificates the operator's own store client trusts (the chart mounts enginePods.caBundle
     # from the release namespace and names it here); unset: the system's trust (or AWS_CA_BUNDLE).
     ca_bundle: str | None = None
+
+    @model_validator(mode="after")
+    def _isolated_builds_have_a_namespace(self) -> OperatorConfig:
+        if self.store_access == "isolated" and not self.build_namespace:
+            raise ValueError("store access 'isolated' needs LLMENGINE_BUILD_NAMESPACE (the operator's namespace)")
+        return self
+
+    @property
+    def isolated(self) -> bool:
+        """Default-store engines build in the operator's namespace and serve through presigned URLs."""
+        return self.store_access == "isolated" and self.default_store is not None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorConfig:

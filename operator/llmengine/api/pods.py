@@ -21,7 +21,7 @@ CA_VOLUME = "llmengine-ca"
 CA_DIR = "/etc/llmengine/ca"
 CA_FILE = "ca.crt"
 CA_PATH = f"{CA_DIR}/{CA_FILE}"
-OPERATOR_VOLUMES = frozenset({"request", "work", "tmp", "shm", "engine", CA_VOLUME})
+OPERATOR_VOLUMES = frozenset({"request", "work", "tmp", "shm", "engine", "engine-grant", CA_VOLUME})
 OPERATOR_MOUNT_PATHS = frozenset({"/work", "/tmp", "/engine", "/dev/shm"})
 OPERATOR_MOUNT_ROOT = "/etc/llmengine"  # request files and the CA bundle live below it
 # Variables a CA bundle sets, each pointing at the mounted file: boto3 (the store), requests (huggingface_hub
@@ -359,7 +359,7 @@ class PodSettings(SpecModel):
         description=(
             "Extra volumes for the pods, as core/v1 Volume objects (a name and one source: configMap, secret, "
             "persistentVolumeClaim, csi, ...); mount them with volumeMounts. The names request, work, tmp, shm, "
-            "engine and llmengine-ca are the operator's."
+            "engine, engine-grant and llmengine-ca are the operator's."
         ),
     )
     volume_mounts: list[VolumeMount] | None = Field(

@@ -148,6 +148,7 @@ class Kube:
             "ConfigMap": self.core.create_namespaced_config_map,
             "Deployment": self.apps.create_namespaced_deployment,
             "Service": self.core.create_namespaced_service,
+            "Secret": self.core.create_namespaced_secret,
         }[kind]
         try:
             await self._call(fn, ns, obj)
@@ -163,6 +164,22 @@ class Kube:
         md = obj["metadata"]
         got = await self._call(self.apps.replace_namespaced_deployment, md["name"], md["namespace"], body)
         return dict(self.api.sanitize_for_serialization(got))
+
+    async def create_job(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create; returns the Job as stored (its uid owns what travels with it), None when it already exists."""
+        try:
+            got = await self._call(self.batch.create_namespaced_job, obj["metadata"]["namespace"], obj)
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+        return dict(self.api.sanitize_for_serialization(got))
+
+    async def put_secret(self, obj: Mapping[str, Any]) -> None:
+        """Create the Secret, or replace the one of its name (the operator is its only writer)."""
+        md = obj["metadata"]
+        if not await self.create(obj):
+            await self._call(self.core.replace_namespaced_secret, md["name"], md["namespace"], obj)
 
     async def create_deployment(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
         """Create; returns the Deployment as stored, None when it already exists."""

@@ -63,6 +63,7 @@ def review(
     default_store: StoreLocation | None = None,
     test_engine_bytes: int | None = None,
     images: ImageCatalog | None = None,
+    isolated_builds: bool = False,
 ) -> Verdict:
     """Allow or refuse one admission request (operation CREATE, UPDATE, DELETE or CONNECT)."""
     if operation not in ("CREATE", "UPDATE") or new is None:
@@ -77,6 +78,7 @@ def review(
             default_store=default_store,
             test_engine_bytes=test_engine_bytes,
             images=images,
+            isolated_builds=isolated_builds,
         )
 
     p = plan(new)

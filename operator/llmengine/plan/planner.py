@@ -102,16 +102,21 @@ def make_plan(
     test_engine_bytes: int | None = None,
     shape_floor: Mapping[str, int] | None = None,
     images: ImageCatalog | None = None,
+    isolated_builds: bool = False,
 ) -> Plan:
     """Validate an LLMEngine and work out its engine identity, shapes, memory fit and build request.
 
     shape_floor raises shapes (snake_case BuildShapes fields) to at least these values: the shapes a traffic-aware
     rebuild chose (rebuildPolicy Auto). They enter the identity like any other shape. Never raises on bad input:
-    every problem becomes a FieldError.
+    every problem becomes a FieldError. isolated_builds: default-store engines build in the operator's namespace.
     """
     try:
-        return _plan(
+        plan = _plan(
             engine, compiler, default_store, gpus_per_node, test_engine_bytes, shape_floor, images or ImageCatalog()
+        )
+        errs = isolated_build_errors(engine) if isolated_builds else []
+        return (
+            dataclasses.replace(plan, errors=[*plan.errors, *errs], valid=False, build_request=None) if errs else plan
         )
     except Exception as exc:  # a planner bug must not crash the operator's reconcile loop
         why = f"{type(exc).__name__}: {exc}"[:500]
@@ -128,6 +133,7 @@ def plan_object(
     test_engine_bytes: int | None = None,
     shape_floor: Mapping[str, int] | None = None,
     images: ImageCatalog | None = None,
+    isolated_builds: bool = False,
 ) -> Plan:
     """make_plan for a raw Kubernetes object; schema errors become FieldErrors (spec.build.maxSeqLen, ...)."""
     try:
@@ -142,7 +148,23 @@ def plan_object(
         test_engine_bytes=test_engine_bytes,
         shape_floor=shape_floor,
         images=images,
+        isolated_builds=isolated_builds,
     )
+
+
+def isolated_build_errors(engine: LLMEngine) -> list[FieldError]:
+    """Settings a build in the operator's namespace cannot take: a default-store engine's build-only pod settings
+    name objects (ServiceAccount, volumes, Secrets) of the engine's namespace."""
+    pods = engine.spec.pods
+    if engine.spec.store is not None or pods is None or pods.build is None:
+        return []
+    return [
+        FieldError(
+            "spec.pods.build",
+            "engines on the operator's default store are built in the operator's namespace with the chart's "
+            "enginePods.build settings: remove spec.pods.build, or set spec.store to build in this namespace",
+        )
+    ]
 
 
 def raise_shapes(shapes: BuildShapes, floor: Mapping[str, int] | None) -> BuildShapes:

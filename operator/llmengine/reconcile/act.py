@@ -3,6 +3,7 @@ events. Nothing here decides; what a pass does is in the Decision."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -12,9 +13,9 @@ from typing import Any
 
 from llmengine import KIND
 from llmengine.api.config import OperatorConfig
-from llmengine.api.v1alpha1 import API_VERSION, LLMEngine, LLMEngineStatus
+from llmengine.api.v1alpha1 import API_VERSION, LLMEngine, LLMEngineStatus, SecretKeySelector
 from llmengine.clients.kube import ApiError, Kube, merge_patch
-from llmengine.clock import seconds_between
+from llmengine.clock import parse_iso, seconds_between
 from llmengine.plan.benchgate import bench_request
 from llmengine.reconcile import metrics
 from llmengine.reconcile.actions import (
@@ -22,6 +23,7 @@ from llmengine.reconcile.actions import (
     Attach,
     DeleteBuildJob,
     Detach,
+    Grant,
     Quarantine,
     Serve,
     StartBenchmark,
@@ -32,7 +34,8 @@ from llmengine.reconcile.gather import Memory, Target
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.snapshot import Snapshot
 from llmengine.reconcile.stores import StoreAccess, Stores
-from llmengine.render import attachments, common, serving
+from llmengine.reconcile.views import GrantView
+from llmengine.render import attachments, common, grants, serving
 from llmengine.render import bench as render_bench
 from llmengine.render import build as render_build
 from llmengine.render.common import Placement
@@ -68,8 +71,11 @@ class Actor:
     async def act(self, snap: Snapshot, target: Target, d: Decision) -> None:
         engine, ns = target.engine, snap.namespace
         for action in d.actions if engine is not None else ():
-            if isinstance(action, DeleteBuildJob):
-                await self.kube.delete_job(ns, common.build_job_name(snap.plan.short_digest))
+            if isinstance(action, Grant) and target.access and engine is not None and snap.grant_seconds is not None:
+                await self._grant(snap, engine, target.access, action, snap.grant_seconds)
+            elif isinstance(action, DeleteBuildJob):
+                bns = target.access.build_namespace if target.access is not None else None
+                await self.kube.delete_job(bns or ns, common.build_job_name(snap.plan.short_digest))
             elif isinstance(action, StartBuild):
                 await self._start_build(snap, target, action.attempt)
             elif isinstance(action, AdoptBuildJob) and engine is not None:
@@ -153,33 +159,100 @@ class Actor:
         if not await self.kube.create(cm):
             await self.kube.add_owner("ConfigMap", cm["metadata"]["namespace"], cm["metadata"]["name"], [], owner)
 
-    def _placement(self, snap: Snapshot, target: Target, engine: LLMEngine, access: StoreAccess) -> Placement:
+    async def _grant(self, snap: Snapshot, engine: LLMEngine, access: StoreAccess, action: Grant, seconds: int) -> None:
+        grant = await self.stores.grant(snap.namespace, access, action.digests, seconds)
+        await self.kube.put_secret(grants.secret(engine, grant))
+        expires = parse_iso(grant.expires_at)
+        if expires is not None:
+            self.memory.grants[(snap.namespace, snap.name)] = GrantView(action.digests, expires)
+
+    def _placement(
+        self, snap: Snapshot, target: Target, engine: LLMEngine, access: StoreAccess, build: bool = False
+    ) -> Placement:
+        """Where a tool Job runs. Isolated store access: the build in the operator's namespace with its store Secret,
+        owned by none (engines of every namespace share it); the benchmark in the engine's, through its grant."""
         plan = snap.plan
+        bns = access.build_namespace
+        isolated = bns is not None
         return Placement(
-            namespace=snap.namespace,
-            owners=[common.owner_reference(engine, controller=False)],
+            namespace=bns if bns is not None and build else snap.namespace,
+            owners=[] if isolated and build else [common.owner_reference(engine, controller=False)],
             short_digest=plan.short_digest,
             pool=target.pool,
             product_labels=list(plan.gpu.product_labels),
             gpu_resource=plan.gpu_resource,
             gpu_count=plan.gpu_count,
             target=engine.spec.target,
-            store_secret=access.pod_secret,
+            store_secret=access.pod_secret if build or not isolated else None,
             hf_token=common.hf_token_ref(engine.spec),
-            pods=engine.spec.pods,
+            # A build in the operator's namespace takes the chart's pod settings only (plan refuses spec.pods.build).
+            pods=None if isolated and build else engine.spec.pods,
             store_identity=common.store_identity(engine.spec),
+            grant_secret=grants.secret_name(engine.name) if isolated and not build else None,
         )
 
     async def _start_build(self, snap: Snapshot, target: Target, attempt: int) -> None:
         request, access, engine = snap.plan.build_request, target.access, target.engine
         if request is None or access is None or engine is None:
             return
-        where = self._placement(snap, target, engine, access)
+        where = self._placement(snap, target, engine, access, build=True)
+        if not where.owners:
+            await self._start_shared_build(snap, target, engine, where, attempt)
+            return
         await self._ensure_configmap(render_build.request_configmap(request, where), where.owners[0])
         job = render_build.build_job(request=request, where=where, attempt=attempt, cfg=self.cfg)
         self.queue.reserve(target.pool, target.build_key)
         await self.kube.create(job)
         self.queue.started(target.pool, target.build_key)
+
+    async def _start_shared_build(
+        self, snap: Snapshot, target: Target, engine: LLMEngine, where: Placement, attempt: int
+    ) -> None:
+        """A build in the operator's namespace: the Job first, then what travels with it (its request and a copy of
+        the engine's Hugging Face token), owned by the Job so that they go when it goes."""
+        request = snap.plan.build_request
+        assert request is not None
+        token = where.hf_token
+        if token is not None:
+            where = dataclasses.replace(
+                where, hf_token=SecretKeySelector(name=f"{common.build_job_name(where.short_digest)}-hf", key="token")
+            )
+        job = render_build.build_job(request=request, where=where, attempt=attempt, cfg=self.cfg)
+        self.queue.reserve(target.pool, target.build_key)
+        stored = await self.kube.create_job(job)
+        self.queue.started(target.pool, target.build_key)
+        if stored is None:
+            return  # another engine of this identity started it a moment ago: it brings its own
+        owner = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": stored["metadata"]["name"],
+            "uid": stored["metadata"]["uid"],
+            "controller": False,
+        }
+        cm = render_build.request_configmap(request, dataclasses.replace(where, owners=[owner]))
+        await self.kube.create(cm)
+        if token is not None:
+            data = await self.kube.get_secret_data(snap.namespace, token.name)
+            value = (data or {}).get(token.key)
+            if value is None:
+                why = f"Secret {token.name!r} (key {token.key!r}) not found in namespace {snap.namespace!r}"
+                self.events(_ref(snap), "Warning", "TokenNotFound", f"the build of {snap.plan.short_digest}: {why}")
+                return
+            await self.kube.create(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "type": "Opaque",
+                    "metadata": {
+                        "name": where.hf_token.name if where.hf_token else "",
+                        "namespace": where.namespace,
+                        "labels": render_build.build_labels(where.short_digest, where.pool),
+                        "ownerReferences": [owner],
+                    },
+                    "stringData": {"token": value},
+                }
+            )
 
     async def _start_bench(self, snap: Snapshot, target: Target) -> None:
         access, engine = target.access, target.engine
@@ -187,6 +260,8 @@ class Actor:
             return
         where = self._placement(snap, target, engine, access)
         request = bench_request(engine.spec, snap.plan)
+        if where.grant_secret:
+            request = request.model_copy(update={"grant_file": common.GRANT_FILE})
         await self._ensure_configmap(render_bench.bench_request_configmap(request, where), where.owners[0])
         job = render_bench.bench_job(request=request, where=where, image=snap.plan.builder_image, cfg=self.cfg)
         await self.kube.create(job)
@@ -201,7 +276,8 @@ class Actor:
             short_digest=action.digest[:12],
             backend=engine.spec.backend,
             store=access.location,
-            store_secret=access.pod_secret,
+            store_secret=None if access.isolated else access.pod_secret,
+            grant_secret=grants.secret_name(engine.name) if access.isolated else None,
             product_labels=list(plan.gpu.product_labels),
             gpu_resource=plan.gpu_resource,
             gpu_count=plan.gpu_count,

@@ -62,4 +62,12 @@ class StartBenchmark:
     """Create the benchmark Job of the desired engine (and its request ConfigMap)."""
 
 
-Action = StartBuild | DeleteBuildJob | AdoptBuildJob | Serve | Attach | Detach | Quarantine | StartBenchmark
+@dataclass(frozen=True)
+class Grant:
+    """The engine's grant Secret holds fresh presigned URLs for exactly these committed engines (the desired one and
+    the one the Deployment serves), for its benchmark and serving pods."""
+
+    digests: tuple[str, ...]
+
+
+Action = Grant | StartBuild | DeleteBuildJob | AdoptBuildJob | Serve | Attach | Detach | Quarantine | StartBenchmark

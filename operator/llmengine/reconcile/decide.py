@@ -22,6 +22,7 @@ from llmengine.reconcile.actions import (
     Attach,
     DeleteBuildJob,
     Detach,
+    Grant,
     Quarantine,
     Serve,
     StartBenchmark,
@@ -162,7 +163,7 @@ def decide(snap: Snapshot) -> Decision:
         phase, message = _build_step(p, build)
     st.build = build if build.model_dump(exclude_none=True) else None
     job = snap.job
-    if job is not None and snap.uid not in job.owners and not p.has(DeleteBuildJob):
+    if job is not None and snap.build_owned and snap.uid not in job.owners and not p.has(DeleteBuildJob):
         p.actions.append(AdoptBuildJob(job.name))
 
     stalled, stall_reason = phase == FAILED, "BuildFailed"
@@ -205,7 +206,23 @@ def decide(snap: Snapshot) -> Decision:
         if traffic.judge(snap, st, p.events):
             p.soon(0.05)  # plan again at once with the raised shapes
         p.conditions = list(st.conditions or [])
+    _grant(p, dep)
     return _finish(p, phase, message)
+
+
+def _grant(p: _Pass, dep: DeploymentView | None) -> None:
+    """Without store keys in the namespace, the pods read through a grant: before anything starts a pod, it covers
+    the committed desired engine and the one the Deployment serves, and has at least half its lifetime left."""
+    snap = p.snap
+    if snap.grant_seconds is None or snap.store is None or not snap.store.committed:
+        return
+    wanted = tuple(sorted({snap.plan.engine_digest, *([dep.digest] if dep is not None and dep.digest else [])}))
+    grant = snap.grant
+    if grant is not None and grant.digests == wanted:
+        left = (grant.expires_at - snap.now).total_seconds()
+        if left >= snap.grant_seconds / 2:
+            return
+    p.actions.insert(0, Grant(wanted))
 
 
 def _attachments(p: _Pass) -> None:

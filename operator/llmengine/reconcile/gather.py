@@ -26,12 +26,14 @@ from llmengine.reconcile.stores import StoreAccess, Stores
 from llmengine.reconcile.views import (
     AttachmentView,
     DeploymentView,
+    GrantView,
     attachment_view,
     bench_view,
     deployment_view,
+    grant_view,
     job_view,
 )
-from llmengine.render import attachments, autoscale, common, serving
+from llmengine.render import attachments, autoscale, common, grants, serving
 from llmengine.render import bench as render_bench
 
 Key = tuple[str, str]  # (namespace, name)
@@ -71,6 +73,8 @@ class Memory:
         self.state: dict[Key, dict[str, str]] = {}  # phase and condition statuses exported per engine
         # The serving Deployment each engine's last write stored: newer than the watch's copy until it catches up.
         self.deployments: dict[Key, tuple[float, dict[str, Any]]] = {}
+        # Each engine's grant as last written or read (None: there is none).
+        self.grants: dict[Key, GrantView | None] = {}
 
     def forget(self, key: Key) -> str | None:
         """Drop every cache of the engine; returns its last phase."""
@@ -79,6 +83,7 @@ class Memory:
         self.hits.pop(key, None)
         self.finished.pop(key, None)
         self.deployments.pop(key, None)
+        self.grants.pop(key, None)
         metrics.engine_state(*key, self.state.pop(key, {}), {})
         return self.phases.pop(key, None)
 
@@ -156,7 +161,8 @@ class Gatherer:
         store = await self.stores.view(ns, access, digest)
         pool = common.pool_name(plan.gpu.name, plan.mig_profile)
         job_name = common.build_job_name(plan.short_digest)
-        key = f"{ns}/{job_name}"
+        bns = access.build_namespace or ns  # where the build Job runs
+        key = f"{bns}/{job_name}"
         self.queue.join((ns, name), pool, key)
         # The builder commits before its Job is marked Complete: keep reading our build Job until its duration is
         # recorded (build metrics, status.build.lastDurationSeconds), not only while the engine is uncommitted.
@@ -164,8 +170,8 @@ class Gatherer:
         ours = build is not None and build.job == job_name and build.last_duration_seconds is None
         job = None
         if not store.committed or ours:
-            raw_job = await self.kube.get_job(ns, job_name)
-            pods = await self.kube.list_pods(ns, f"job-name={job_name}") if raw_job is not None else []
+            raw_job = await self.kube.get_job(bns, job_name)
+            pods = await self.kube.list_pods(bns, f"job-name={job_name}") if raw_job is not None else []
             job = job_view(raw_job, pods)
         progress = None
         if job is not None and not job.ended and store.committed is False:
@@ -173,7 +179,7 @@ class Gatherer:
         position, elsewhere = 0, None
         if store.committed is False and job is None:
             store_key = common.store_key(req.store)
-            active, listed, elsewhere = await self._pool_builds(pool, ns, job_name, store_key)
+            active, listed, elsewhere = await self._pool_builds(pool, bns, job_name, store_key)
             if elsewhere is None:
                 claimed = self.queue.claim(f"{job_name}|{store_key}", key)
                 elsewhere = f"{claimed} (starting)" if claimed else None
@@ -207,8 +213,12 @@ class Gatherer:
             if k is not None:
                 got = await self.kube.get_object(k.group, k.version, k.plural, ns, common.serving_name(name))
                 found[kind] = attachment_view(kind, got)
+        grant = await self._grant(ns, name) if access.isolated and store.committed else None
         snap = dataclasses.replace(
             base,
+            build_owned=not access.isolated,
+            grant_seconds=self.cfg.grant_seconds if access.isolated else None,
+            grant=grant,
             attachments=found,
             store=store,
             job=job,
@@ -247,6 +257,7 @@ class Gatherer:
             test_engine_bytes=self.cfg.test_engine_bytes,
             shape_floor=floor,
             images=self.cfg.images,
+            isolated_builds=self.cfg.isolated,
         )
 
     def _freshest_status(self, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -265,9 +276,18 @@ class Gatherer:
     # ---- the store ----
     def _access(self, spec: LLMEngineSpec, location: StoreLocation) -> StoreAccess:
         if spec.store is None:
-            return StoreAccess(location, self.cfg.default_store_secret, False, True)
+            bns = self.cfg.build_namespace if self.cfg.isolated else None
+            return StoreAccess(location, self.cfg.default_store_secret, False, True, bns)
         ref = spec.store.credentials_secret_ref
         return StoreAccess(location, ref.name if ref else None, ref is not None, False)
+
+    async def _grant(self, ns: str, name: str) -> GrantView | None:
+        """The engine's grant as this operator last wrote it; read from its Secret once (after a restart)."""
+        key = (ns, name)
+        if key not in self.memory.grants:
+            data = await self.kube.get_secret_data(ns, grants.secret_name(name))
+            self.memory.grants[key] = grant_view(data)
+        return self.memory.grants[key]
 
     # ---- Jobs, pods ----
     async def _pool_builds(

@@ -88,6 +88,10 @@ class BuildQueue:
         if previous:
             self._release(previous[1])
 
+    def wanting(self, key: str) -> list[Engine]:
+        """The engines that want the build `key` (a build in the operator's namespace has no engine owners)."""
+        return sorted(eng for eng, (_, k) in self.engines.items() if k == key)
+
     def next_in_line(self, pool: str) -> list[Engine]:
         """The engines whose builds are next in the pool's line: to wake when a slot frees, instead of at their
         next queued poll."""

@@ -10,7 +10,7 @@ from llmengine.api.artifacts import BuildProgress
 from llmengine.api.v1alpha1 import LLMEngineSpec, LLMEngineStatus
 from llmengine.plan import traffic
 from llmengine.plan.planner import Plan
-from llmengine.reconcile.views import AttachmentView, BenchView, DeploymentView, JobView
+from llmengine.reconcile.views import AttachmentView, BenchView, DeploymentView, GrantView, JobView
 
 # Would an engine with these shapes (snake_case floor) be valid? None when yes, else why not. Pure (the planner).
 Fits = Callable[[dict[str, int]], str | None]
@@ -75,3 +75,9 @@ class Snapshot:
     # (None: absent).
     attachments: Mapping[str, AttachmentView | None] = field(default_factory=dict)
     fits: Fits = _never
+    # The build Job runs in the engine's namespace and the engines that want it own it (False: in the operator's
+    # namespace, owned by none, for every namespace).
+    build_owned: bool = True
+    # Benchmark and serving pods read their engines through a grant lasting this long (None: with store keys).
+    grant_seconds: int | None = None
+    grant: GrantView | None = None  # the grant as last written (None: none yet)

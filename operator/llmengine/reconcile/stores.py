@@ -4,22 +4,26 @@ the few writes the operator makes to a store (quarantining an engine that fails 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import hashlib
 import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from llmengine.api.artifacts import BuildProgress, StoreLocation
+from llmengine.api.artifacts import BuildProgress, EngineGrant, GrantedEngine, StoreLocation
 from llmengine.clients.kube import Kube
 from llmengine.clients.store import (
     DEFAULT_STORE,
     SPEC_STORE,
     EngineStore,
+    IntegrityError,
     S3Config,
     StoreError,
     make_s3_client,
 )
+from llmengine.clock import iso, utcnow
 from llmengine.logging import register_secret
 from llmengine.reconcile import metrics
 from llmengine.reconcile.snapshot import StoreView
@@ -33,6 +37,12 @@ class StoreAccess:
     pod_secret: str | None  # Secret the build and serving pods read credentials from
     explicit: bool  # the spec names its own credentials Secret
     default: bool  # the engine has no spec.store: the operator's default store (the chart's values)
+    # Builds run in this namespace (the operator's) with pod_secret there; the other pods read through grants.
+    build_namespace: str | None = None
+
+    @property
+    def isolated(self) -> bool:
+        return self.build_namespace is not None
 
 
 class Stores:
@@ -84,6 +94,23 @@ class Stores:
         self._committed.pop(self._commit_key(access, digest), None)
         store = await self.client(ns, access)
         return await asyncio.to_thread(store.quarantine_engine, digest, reason)
+
+    async def grant(self, ns: str, access: StoreAccess, digests: tuple[str, ...], seconds: int) -> EngineGrant:
+        """Presigned read URLs, valid `seconds`, for those of `digests` that are committed (signed here: one manifest
+        read per engine)."""
+        store = await self.client(ns, access)
+        expires = utcnow() + datetime.timedelta(seconds=seconds)
+
+        def sign() -> dict[str, GrantedEngine]:
+            found: dict[str, GrantedEngine] = {}
+            for digest in digests:
+                # One no longer committed (quarantined, deleted) has nothing to read.
+                with contextlib.suppress(IntegrityError):
+                    found[digest] = store.grant(digest, seconds)
+            return found
+
+        engines = await asyncio.to_thread(sign)
+        return EngineGrant(location=access.location, expires_at=iso(expires), engines=engines)
 
     async def client(self, ns: str, access: StoreAccess) -> EngineStore:
         key: tuple[Any, ...] = (ns, access.pod_secret, access.location)

@@ -6,12 +6,17 @@ the objects. Reading is forgiving: a missing or malformed field reads as "not ye
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
+from llmengine.api.artifacts import EngineGrant
 from llmengine.api.bench import BenchOutcome
-from llmengine.render import common, serving
+from llmengine.clock import parse_iso
+from llmengine.render import common, grants, serving
 from llmengine.text import one_line
 
 Obj = Mapping[str, Any]
@@ -274,3 +279,23 @@ def bench_view(job: Obj | None, pods: Sequence[Obj] = ()) -> BenchView | None:
         failed="Failed" in conds,
         outcome=BenchOutcome.parse(message) if message else None,
     )
+
+
+@dataclass(frozen=True)
+class GrantView:
+    """The engine grant in the engine's namespace: which engines its URLs read, and until when."""
+
+    digests: tuple[str, ...]
+    expires_at: datetime.datetime
+
+
+def grant_view(data: Mapping[str, str] | None) -> GrantView | None:
+    """The grant Secret's engines and expiry (None: no Secret, or one that does not parse: it is written anew)."""
+    if not data or grants.KEY not in data:
+        return None
+    try:
+        grant = EngineGrant.model_validate_json(data[grants.KEY])
+    except ValidationError:
+        return None
+    expires = parse_iso(grant.expires_at)
+    return GrantView(tuple(sorted(grant.engines)), expires) if expires is not None else None

@@ -154,6 +154,21 @@ def store_env(store_secret: str | None, endpoint: str | None, region: str) -> li
     return env
 
 
+# The engine grant Secret's volume (render/grants.py): where benchmark and serving pods find their presigned URLs.
+GRANT_KEY = "grant.json"
+GRANT_DIR = "/etc/llmengine/grant"
+GRANT_FILE = f"{GRANT_DIR}/{GRANT_KEY}"
+GRANT_VOLUME = "engine-grant"
+
+
+def grant_volume(secret_name: str) -> dict[str, Any]:
+    """The grant Secret as a volume: the kubelet keeps its file current as the operator renews it."""
+    return {"name": GRANT_VOLUME, "secret": {"secretName": secret_name}}
+
+
+GRANT_MOUNT = {"name": GRANT_VOLUME, "mountPath": GRANT_DIR, "readOnly": True}
+
+
 # ---- GPU tool Jobs (build, benchmark) ---------------------------------------------------------------------------
 TOOL_WORK_DIR = "/work"
 TOOL_REQUEST_FILE = "request.json"
@@ -207,6 +222,7 @@ class Placement:
     hf_token: SecretKeySelector | None  # Secret key of a Hugging Face token, by reference
     pods: OperandPods | None = None  # the engine's pod settings (spec.pods), merged over the operator's defaults
     store_identity: str | None = None  # spec.store.workloadIdentity's ServiceAccount
+    grant_secret: str | None = None  # the engine grant Secret the pod reads the engine through (no store keys)
 
 
 def tool_job(
@@ -240,6 +256,9 @@ def tool_job(
         {"name": "work", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
     ]
+    if where.grant_secret:
+        mounts.append(GRANT_MOUNT)
+        volumes.append(grant_volume(where.grant_secret))
     if shared_memory:
         # NCCL and the MPI workers of a multi-GPU engine share memory through /dev/shm, as the server does.
         mounts.append({"name": "shm", "mountPath": "/dev/shm"})

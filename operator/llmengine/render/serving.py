@@ -75,9 +75,11 @@ def deployment(
     cfg: OperatorConfig,
     replicas: int | None = None,
     attachments: Sequence[str] = (),
+    grant_secret: str | None = None,
 ) -> dict[str, Any]:
     """The serving Deployment of engine `digest`. `replicas` overrides the spec's (an autoscaler's count);
-    `attachments` lists the kinds rendered next to it (an HPA, an Ingress, an HTTPRoute)."""
+    `attachments` lists the kinds rendered next to it (an HPA, an Ingress, an HTTPRoute); `grant_secret` names the
+    engine grant the download reads through instead of store credentials."""
     serving, target = engine.spec.serving, engine.spec.target
     port = serving.port
     name = c.serving_name(engine.name)
@@ -92,9 +94,15 @@ def deployment(
         "image": image,
         "imagePullPolicy": cfg.image_pull_policy,
         "command": ["llmengine", "serve-engine", "download"],
-        "args": ["--digest", digest, "--engine-dir", ENGINE_DIR, *_store_args(store)],
+        "args": [
+            "--digest",
+            digest,
+            "--engine-dir",
+            ENGINE_DIR,
+            *(["--grant", c.GRANT_FILE] if grant_secret else _store_args(store)),
+        ],
         "env": env,
-        "volumeMounts": mounts,
+        "volumeMounts": [*mounts, *([c.GRANT_MOUNT] if grant_secret else [])],
         "securityContext": c.CONTAINER_SECURITY,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -144,6 +152,7 @@ def deployment(
             {"name": "engine", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {}},
             {"name": "shm", "emptyDir": {"medium": "Memory"}},
+            *([c.grant_volume(grant_secret)] if grant_secret else []),
         ],
     }
     if target.node_selector:

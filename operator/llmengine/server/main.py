@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmengine.api.artifacts import Manifest, StoreLocation
-from llmengine.clients.store import MANIFEST_NAME, EngineStore, StoreError, store_for
+from llmengine.clients.store import MANIFEST_NAME, EngineStore, StoreError, load_grant, store_for
 from llmengine.logging import configure_logging, get_logger
 from llmengine.server.meter import LOOPBACK, Child, MeterError, run_meter, spawn_child, upstream_port_for
 from llmengine.server.preflight import DEFAULT_MARGIN_BYTES, Expectation, run_preflight
@@ -76,6 +76,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="S3 endpoint URL (default AWS; env LLMENGINE_STORE_ENDPOINT or AWS_ENDPOINT_URL_S3)",
     )
     p.add_argument("--region", default=_env("AWS_REGION", "us-east-1"))
+    p.add_argument(
+        "--grant",
+        type=Path,
+        default=_env("LLMENGINE_ENGINE_GRANT"),
+        help="download through this engine grant's presigned URLs instead of store credentials (its store location "
+        "replaces --bucket/--prefix/--endpoint; env LLMENGINE_ENGINE_GRANT)",
+    )
     p.add_argument("--engine-dir", type=Path, default=Path(_env("LLMENGINE_ENGINE_DIR", "/engine") or "/engine"))
     p.add_argument("--parallelism", type=int, default=8, help="parallel ranged GETs while downloading")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir or HF name (default: the engine dir)")
@@ -115,6 +122,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def download(args: argparse.Namespace, seams: Seams) -> Manifest:
     if not args.digest:
         raise ServeError("no engine digest: pass --digest or set LLMENGINE_ENGINE_DIGEST")
+    if args.grant is not None:
+        try:
+            grant = load_grant(args.grant)
+            store = seams.store_factory(grant.location)
+            return store.download_granted(grant, args.digest, args.engine_dir, parallelism=args.parallelism)
+        except StoreError as exc:
+            raise ServeError(str(exc)) from exc
     if not args.bucket:
         raise ServeError("no store bucket: pass --bucket or set LLMENGINE_STORE_BUCKET")
     loc = StoreLocation(bucket=args.bucket, prefix=args.prefix, endpoint=args.endpoint, region=args.region)

@@ -14,7 +14,14 @@ from llmengine.builder.benchmark.failures import BenchFailure
 from llmengine.builder.benchmark.seams import Seams
 from llmengine.builder.compiler import TOKENIZER_FILES, copy_tokenizer
 from llmengine.builder.fetch import HfDownload, StoreFactory, fetch_hf, split_s3_uri
-from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError, translate_error
+from llmengine.clients.store import (
+    EngineStore,
+    IntegrityError,
+    ManifestInvalid,
+    StoreError,
+    load_grant,
+    translate_error,
+)
 
 # trtllm-bench reads the model's config.json (model type) and initialises its tokenizer from --model_path even
 # when the dataset carries token ids; the weights stay in the store.
@@ -24,8 +31,14 @@ MODEL_FILES = ("config.json", *TOKENIZER_FILES)
 def download_engine(request: BenchRequest, store: EngineStore, dest: Path) -> Manifest:
     """The committed engine, verified file by file; refuses one this request cannot benchmark."""
     digest = request.engine_digest
+    grant = None
     try:
-        manifest = store.get_manifest(digest)
+        if request.grant_file is not None:
+            grant = load_grant(Path(request.grant_file))
+            entry = grant.engines.get(digest)
+            manifest = entry.manifest if entry is not None else None
+        else:
+            manifest = store.get_manifest(digest)
     except (ManifestInvalid, IntegrityError) as exc:
         raise BenchFailure("download", "EngineCorrupted", str(exc)) from exc
     except StoreError as exc:
@@ -51,6 +64,8 @@ def download_engine(request: BenchRequest, store: EngineStore, dest: Path) -> Ma
             permanent=True,
         )
     try:
+        if grant is not None:
+            return store.download_granted(grant, digest, dest)
         return store.download_engine(digest, dest)
     except IntegrityError as exc:
         raise BenchFailure("download", "EngineCorrupted", str(exc)) from exc

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmengine.api.artifacts import RESULT_LIMIT, Manifest
+from llmengine.api.artifacts import RESULT_LIMIT, Manifest, StoreLocation
 from llmengine.api.bench import BenchNumbers, BenchOutcome, BenchRequest
 from llmengine.builder import shell
 from llmengine.builder.benchmark.command import bench_argv, model_name
@@ -27,7 +27,7 @@ from llmengine.builder.benchmark.failures import BenchFailure, classify_failure
 from llmengine.builder.benchmark.report import read_report
 from llmengine.builder.benchmark.seams import Seams
 from llmengine.builder.compiler import BuildFailure
-from llmengine.clients.store import StoreError
+from llmengine.clients.store import StoreError, load_grant
 from llmengine.logging import get_logger
 
 
@@ -79,7 +79,7 @@ def benchmark(request: BenchRequest, work_dir: Path, seams: Seams, log: Any) -> 
             permanent=True,
         )
     try:
-        store = seams.store_factory(request.store)
+        store = seams.store_factory(request.store if request.grant_file is None else _grant_location(request))
     except StoreError as exc:
         raise BenchFailure("download", "StoreUnavailable", str(exc)) from exc
 
@@ -98,7 +98,10 @@ def benchmark(request: BenchRequest, work_dir: Path, seams: Seams, log: Any) -> 
     _stage_done(log, "download", t, bytes=manifest.total_bytes)
 
     t = time.monotonic()
-    if request.backend == "tensorrt":
+    carried = engine_dir / "tokenizer"  # what the compiler copies into every engine (builder/compiler.py)
+    if request.backend == "tensorrt" and request.grant_file is not None and (carried / "config.json").is_file():
+        model_dir = carried  # no store credentials to read the checkpoint with: the engine carries what is needed
+    elif request.backend == "tensorrt":
         model_dir = work_dir / "model"
         fetched = fetch_model_files(request, model_dir, seams)
         _stage_done(log, "fetch", t, bytes=fetched)
@@ -192,3 +195,9 @@ def main(argv: list[str] | None = None, seams: Seams | None = None) -> int:
         request="BenchRequest",
         result="BenchResult",
     )
+
+
+def _grant_location(request: BenchRequest) -> StoreLocation:
+    """Where the grant's engines are (its URLs carry it; the client is built for naming only)."""
+    assert request.grant_file is not None
+    return load_grant(Path(request.grant_file)).location

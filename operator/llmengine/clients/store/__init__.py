@@ -19,7 +19,7 @@ from llmengine.clients.store.client import (
     TransferTuning,
     make_s3_client,
 )
-from llmengine.clients.store.engine_store import EngineStore, store_for
+from llmengine.clients.store.engine_store import EngineStore, load_grant, store_for
 from llmengine.clients.store.errors import (
     DEFAULT_STORE,
     SETTING_BUCKET,
@@ -80,6 +80,7 @@ __all__ = [
     "check_manifest_paths",
     "file_sha256",
     "is_transient",
+    "load_grant",
     "make_s3_client",
     "store_for",
     "translate_error",

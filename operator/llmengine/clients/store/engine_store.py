@@ -17,12 +17,15 @@ from llmengine.api.artifacts import (
     BuildProgress,
     BuildResult,
     BuildShapes,
+    EngineGrant,
+    GrantedEngine,
     Manifest,
     ManifestFile,
     Provenance,
     StoreLocation,
     first_problem,
 )
+from llmengine.clients.store import urls
 from llmengine.clients.store.client import S3Client, S3Config, TransferTuning, make_s3_client
 from llmengine.clients.store.errors import (
     SPEC_STORE,
@@ -447,6 +450,60 @@ class EngineStore:
         log.info("download verified", dest=str(dest_dir), files=len(jobs), **prog.summary())
         return manifest
 
+    def download_granted(
+        self, grant: EngineGrant, digest: str, dest_dir: Path, parallelism: int | None = None
+    ) -> Manifest:
+        """Download a committed engine through a grant's presigned URLs (no credentials, no listing) and verify every
+        file against the manifest the grant carries, as download_engine does."""
+        log = get_logger(engine_digest=digest, stage="download")
+        entry = grant.engines.get(digest)
+        if entry is None:
+            raise StoreError(
+                f"the engine grant has no URLs for engine {digest} (it grants "
+                f"{', '.join(sorted(grant.engines)) or 'none'}): the operator writes them once the engine is committed"
+            )
+        manifest = entry.manifest
+        check_manifest_paths(manifest.files)
+        missing = [f.path for f in manifest.files if f.path not in entry.urls]
+        if missing:
+            raise IntegrityError(f"the engine grant has no URL for '{missing[0]}'", missing[0])
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        self._check_dest(dest_dir, manifest)
+        prog = Progress(log, "download", manifest.total_bytes, self.tuning.progress_interval_s)
+        log.info("download started", uri=self.uri(digest), files=len(manifest.files), grant_expires=grant.expires_at)
+        jobs = [
+            FileJob(
+                key=self.file_key(manifest, f.path),
+                dest=dest_dir / f.path,
+                size=f.size,
+                sha256=f.sha256,
+                name=f.path,
+                url=entry.urls[f.path],
+            )
+            for f in manifest.files
+        ]
+        self._download_files(jobs, parallelism or self.tuning.concurrency, prog)
+        (dest_dir / MANIFEST_NAME).write_text(manifest.to_json())
+        log.info("download verified", dest=str(dest_dir), files=len(jobs), **prog.summary())
+        return manifest
+
+    def grant(self, digest: str, expires_in: int) -> GrantedEngine:
+        """Presigned GET URLs, valid `expires_in` seconds, for every file of a committed engine (signing is local:
+        one manifest read, no other request)."""
+        manifest = self.get_manifest(digest)
+        if manifest is None:
+            raise IntegrityError(f"engine {digest} is not committed: no {MANIFEST_NAME} at {self.uri(digest)}")
+        with self._s3():
+            signed = {
+                f.path: self.client.generate_presigned_url(
+                    "get_object",
+                    Params={"Bucket": self.location.bucket, "Key": self.file_key(manifest, f.path)},
+                    ExpiresIn=expires_in,
+                )
+                for f in manifest.files
+            }
+        return GrantedEngine(manifest=manifest, urls=signed)
+
     def _check_dest(self, dest_dir: Path, manifest: Manifest) -> None:
         wanted = {f.path for f in manifest.files} | RESERVED_NAMES
         for p in sorted(dest_dir.rglob("*")):
@@ -543,7 +600,12 @@ class EngineStore:
         if ranged:
             kwargs["Range"] = f"bytes={reached[0]}-{end - 1}"
         try:
-            body = self.client.get_object(**kwargs)["Body"]
+            if job.url is not None:
+                body: Any = urls.get_range(job.url, job.name, reached[0], end, ranged)
+            else:
+                body = self.client.get_object(**kwargs)["Body"]
+        except StoreError:
+            raise
         except Exception as exc:
             code = error_code(exc)
             if code in ("NoSuchKey", "404"):
@@ -625,3 +687,13 @@ def store_for(location: StoreLocation, tuning: TransferTuning | None = None, **c
     """An EngineStore for a location; credentials from the environment (or workload identity)."""
     client = make_s3_client(S3Config.for_location(location, **client_overrides))
     return EngineStore(client, location, tuning or TransferTuning.from_env())
+
+
+def load_grant(path: Path) -> EngineGrant:
+    """The engine grant a pod reads from its mounted Secret; StoreError naming the file when it is not one."""
+    try:
+        return EngineGrant.model_validate_json(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise StoreError(f"no engine grant at {path}: the operator writes it once the engine is committed") from exc
+    except ValidationError as exc:
+        raise StoreError(f"{path} is not an engine grant: {first_problem(exc)}") from exc

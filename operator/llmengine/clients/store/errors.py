@@ -153,6 +153,8 @@ _TRANSIENT_EXCEPTIONS = (
     bx.IncompleteReadError,
     u3.ProtocolError,
     u3.ReadTimeoutError,
+    u3.NewConnectionError,  # a presigned URL's GET (clients/store/urls.py) without botocore's wrapping
+    u3.ConnectTimeoutError,
     ConnectionError,
 )
 

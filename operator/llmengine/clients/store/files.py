@@ -17,6 +17,7 @@ class FileJob:
     size: int
     sha256: str | None
     name: str
+    url: str | None = None  # a presigned GET URL (an engine grant) to read instead of the key
 
     @property
     def partial(self) -> Path:
