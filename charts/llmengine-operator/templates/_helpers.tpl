@@ -58,7 +58,11 @@ llmengine-operator
 
 {{/* Secret name build and serving pods of default-store engines read. */}}
 {{- define "llmengine-operator.engineSecret" -}}
+{{- if eq .Values.store.access "isolated" }}
+{{- .Values.store.credentialsSecret }}
+{{- else }}
 {{- default .Values.store.credentialsSecret .Values.store.engineSecret }}
+{{- end }}
 {{- end }}
 
 {{/* The validating webhook: its Service and its serving-certificate Secret. */}}

@@ -61,8 +61,10 @@ def operator_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of `llmengine operator` as the tests and the benchmarks run it: the test
     compiler, small engines, dev images, a 5 s resync, no store credentials of its own (engines name a Secret)."""
+    # No store credentials of its own unless extra_env gives some (the operator of isolated store access).
+    inherited = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     env = {
-        **os.environ,
+        **inherited,
         "KUBECONFIG": kubeconfig,
         "LLMENGINE_COMPILER": "test",
         "LLMENGINE_TEST_ENGINE_BYTES": str(256 * 1024),
@@ -74,8 +76,6 @@ def operator_command(
         "LLMENGINE_JSON_LOGS": "true",
         **(extra_env or {}),
     }
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        env.pop(k, None)
     cmd = [sys.executable, "-m", "llmengine.cli", "operator", "--metrics-port", str(metrics_port)]
     for ns in namespaces:
         cmd += ["--namespace", ns]
@@ -91,10 +91,11 @@ def run_operator(
     log_dir: Path,
     extra_env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    also_watch: Sequence[str] = (),
 ) -> Iterator[Any]:
-    """`llmengine operator` as a subprocess watching one namespace, with the test compiler."""
+    """`llmengine operator` as a subprocess watching one namespace (and `also_watch`), with the test compiler."""
     log = log_dir / f"operator-{ns}-{uuid.uuid4().hex[:6]}.log"
-    cmd, env = operator_command(info.kubeconfig, [ns], extra_env=extra_env, extra_args=extra_args or ())
+    cmd, env = operator_command(info.kubeconfig, [ns, *also_watch], extra_env=extra_env, extra_args=extra_args or ())
     holder: dict[str, Any] = {}
 
     def start() -> subprocess.Popen[bytes]:
