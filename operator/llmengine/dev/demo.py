@@ -189,6 +189,9 @@ def main() -> int:
             "LLMENGINE_STORE_BUCKET": info.s3_bucket,
             "LLMENGINE_STORE_ENDPOINT": info.s3_endpoint,
             "LLMENGINE_STORE_SECRET": "s3-creds",
+            # The chart's default store.access: builds here, the store's keys never in the engine's namespace.
+            "LLMENGINE_STORE_ACCESS": "isolated",
+            "LLMENGINE_BUILD_NAMESPACE": SYSTEM_NS,
             "AWS_ACCESS_KEY_ID": info.s3_access_key,
             "AWS_SECRET_ACCESS_KEY": info.s3_secret_key,
             "LLMENGINE_JSON_LOGS": "false",
@@ -208,7 +211,7 @@ def main() -> int:
     except client.exceptions.ApiException as e:
         if e.status != 409:
             raise
-    create_store_secret(api, info, DEMO_NS)
+    create_store_secret(api, info, SYSTEM_NS)  # the chart's store.credentialsSecret, in the release namespace
     kubectl(info, "apply", "-n", DEMO_NS, "-f", str(EXAMPLE))
     co = client.CustomObjectsApi(api)
     last = ""
