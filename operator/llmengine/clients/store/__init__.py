@@ -46,6 +46,7 @@ from llmengine.clients.store.layout import (
     RESULT_NAME,
     MiB,
     check_manifest_paths,
+    new_build_id,
 )
 
 # The name the byte-range split had when it was private to this module; tests still import it.
@@ -81,6 +82,7 @@ __all__ = [
     "file_sha256",
     "is_transient",
     "make_s3_client",
+    "new_build_id",
     "store_for",
     "translate_error",
 ]
