@@ -263,6 +263,46 @@ def test_verify_failure_becomes_a_verify_result(tmp_path: Path, monkeypatch: pyt
     assert stored == [result]
 
 
+@pytest.mark.parametrize("won", [True, False])
+def test_a_build_that_loses_the_commit_race_names_the_winner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, won: bool
+) -> None:
+    """The store answers the upload with the manifest that stands: this build's, or another build's that committed
+    between this build's first look and its commit."""
+    from types import SimpleNamespace
+
+    class Store:
+        def get_manifest(self, digest: str) -> None:
+            return None
+
+        def uri(self, digest: str) -> str:
+            return f"s3://engines/engines/{digest}/"
+
+        def put_progress(self, progress: Any) -> None:
+            pass
+
+        def upload_engine(self, digest: str, local_dir: Path, *, build_id: str, **kw: Any) -> Any:
+            return SimpleNamespace(build_id=build_id if won else "f00d")
+
+    req_path = tmp_path / "req.json"
+    req_path.write_text(request().to_json())
+    seams = Seams(store_factory=lambda loc: Store(), gpu_info=lambda: (None, None))  # type: ignore[arg-type,return-value]
+
+    def fake_fetch(request: BuildRequest, dest: Path, *a: Any, **k: Any) -> Any:
+        from llmengine.builder.fetch import FetchResult
+
+        checkpoint(dest.parent)
+        return FetchResult(dest, 1, 0.1)
+
+    monkeypatch.setattr(builder_main, "fetch_model", fake_fetch)
+    result = run(req_path, tmp_path / "work", seams)
+    assert result.succeeded and result.engine_uri == "s3://engines/engines/" + "e" * 16 + "/"
+    if won:
+        assert result.message == "built and committed (TEST BUILD, not TensorRT-LLM)"
+    else:
+        assert result.message == "built, but build f00d committed this engine first; it stands"
+
+
 # -- results -------------------------------------------------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ from llmengine.builder.fetch import (
     fetch_model,
 )
 from llmengine.builder.verify import verify_engine
-from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError
+from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError, new_build_id
 from llmengine.clock import iso, utcnow
 from llmengine.logging import get_logger
 
@@ -161,8 +161,9 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
         build_seconds=build_seconds,
         test_build=out.test_build,
     )
+    build_id = new_build_id()
     try:
-        store.upload_engine(
+        committed = store.upload_engine(
             request.engine_digest,
             out.engine_dir,
             backend=request.backend,
@@ -171,10 +172,16 @@ def build(request: BuildRequest, work_dir: Path, seams: Seams, log: Any) -> Buil
             shapes=request.shapes,
             provenance=provenance,
             result=result,
+            build_id=build_id,
         )
     except StoreError as exc:
         raise BuildFailure("upload", "UploadFailed", str(exc)) from exc
     _stage_done(log, "upload", t, total)
+    if committed.build_id != build_id:
+        # Another build of this identity (another namespace or cluster on the bucket) committed between our first
+        # look and our commit: its engine stands, ours was removed. Say so rather than "built and committed".
+        winner = f"build {committed.build_id}" if committed.build_id else "an earlier build"
+        return result.model_copy(update={"message": f"built, but {winner} committed this engine first; it stands"})
     return result
 
 

@@ -22,6 +22,11 @@ def main(argv: list[str]) -> int:
     up = sub.add_parser("up", help="build missing tools, start the cluster, wait until healthy")
     up.add_argument("--fleet", type=Path, help="node pool file (default: devcluster/fleet.yaml)")
     up.add_argument("--no-build", action="store_true", help="fail instead of building missing tools")
+    up.add_argument(
+        "--s3-of",
+        metavar="NAME",
+        help="use the S3 server of the running dev cluster NAME instead of starting one (clusters sharing a store)",
+    )
     down = sub.add_parser("down", help="stop every component by PID")
     down.add_argument("--purge", action="store_true", help="also delete the state directory (logs, S3 data)")
     sub.add_parser("status", help="show which components run")
@@ -40,7 +45,12 @@ def main(argv: list[str]) -> int:
     tr.add_argument("--engine", help="the LLMEngine (default: the only one with a serving path)")
     tr.add_argument("-n", "--namespace", help="its namespace")
     args = ap.parse_args(argv)
-    cluster = DevCluster(args.name, args.state_dir, getattr(args, "fleet", None))
+    s3_of = getattr(args, "s3_of", None)
+    shared = DevCluster(s3_of).info() if s3_of else None
+    if s3_of and shared is None:
+        print(f"llmengine dev up: cluster {s3_of!r} is not up, so it has no S3 server to share", file=sys.stderr)
+        return 1
+    cluster = DevCluster(args.name, args.state_dir, getattr(args, "fleet", None), s3=shared.s3() if shared else None)
 
     if args.cmd == "up":
         if not args.no_build:

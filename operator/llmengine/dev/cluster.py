@@ -67,6 +67,7 @@ class ClusterInfo:
     s3_bucket: str
     s3_region: str
     ports: dict[str, int]
+    s3_shared: bool = False  # the S3 server is another cluster's (DevCluster's s3 argument)
 
     def s3(self) -> S3Endpoint:
         return S3Endpoint(self.s3_endpoint, self.s3_access_key, self.s3_secret_key, self.s3_region)
@@ -89,14 +90,18 @@ class DevCluster:
         state_dir: Path | None = None,
         fleet: Path | None = None,
         restart_backoff_s: float | None = None,
+        s3: S3Endpoint | None = None,
     ) -> None:
         """restart_backoff_s: the pod runner's first back-off before a failed init container runs again (a
-        kubelet's is 10 s); tests that crash things on purpose shorten it."""
+        kubelet's is 10 s); tests that crash things on purpose shorten it.
+        s3: an S3 server that is already running (another cluster's) to use instead of starting one: clusters
+        sharing one store. The bucket is created there when missing; `down` leaves that server alone."""
         self.name = name
         self.dir = (state_dir or state_home() / name).resolve()
         self.fleet = fleet or tools.DEVCLUSTER_DIR / "fleet.yaml"
         self.pki = certs.Pki(self.dir / "pki")
         self.restart_backoff_s = restart_backoff_s
+        self.shared_s3 = s3
 
     # ---- info -------------------------------------------------------------------------------------------
     @property
@@ -114,11 +119,21 @@ class DevCluster:
         return sorted(p.name for p in pids.iterdir() if p.name not in COMPONENTS) if pids.is_dir() else []
 
     def status(self) -> dict[str, int | None]:
-        """PID of each component (and of each process started next to it), or None when it is not running."""
-        return {c: proc.running(self.dir, c) for c in [*reversed(COMPONENTS), *self.extras()]}
+        """PID of each component (and of each process started next to it), or None when it is not running. A
+        shared S3 server is another cluster's: not listed."""
+        started = self.components()
+        own = [c for c in reversed(COMPONENTS) if c in started or c == "operator"]
+        return {c: proc.running(self.dir, c) for c in [*own, *self.extras()]}
+
+    def components(self) -> list[str]:
+        """The processes `up` starts, in `down`'s order: all of COMPONENTS but the operator, and the S3 server
+        only when the cluster has one of its own."""
+        info = self.info()
+        shared = self.shared_s3 is not None or (info is not None and info.s3_shared)
+        return [c for c in COMPONENTS if c != "operator" and not (c == "s3" and shared)]
 
     def healthy(self) -> bool:
-        return all(proc.running(self.dir, c) for c in COMPONENTS if c != "operator")
+        return all(proc.running(self.dir, c) for c in self.components())
 
     def logs(self) -> dict[str, Path]:
         logs = self.dir / "logs"
@@ -131,17 +146,15 @@ class DevCluster:
             return current
         self.down(quiet=True)
         self.dir.mkdir(parents=True, exist_ok=True)
-        for c in ("kube-apiserver", "etcd", "versitygw", "kwok"):
+        for c in ("kube-apiserver", "etcd", "kwok", *(("versitygw",) if self.shared_s3 is None else ())):
             tools.binary(c)  # a clear error now rather than a failed start later
-        ports = {
-            k: proc.free_port()
-            for k in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok", "s3")
-        }
+        own = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
+        ports = {k: proc.free_port() for k in (*own, *(("s3",) if self.shared_s3 is None else ()))}
         self._pki()
         etcd_url = f"http://127.0.0.1:{ports['etcd']}"
         apiserver = f"https://127.0.0.1:{ports['apiserver']}"
         self._start_etcd(ports, timeout)
-        s3, _ = start_s3(self.dir, port=ports["s3"])
+        s3 = self.shared_s3 or start_s3(self.dir, port=ports["s3"])[0]
         self._start_apiserver(ports, etcd_url, timeout)
         admin = self._kubeconfig("admin", apiserver)
         self._kubeconfig("controller-manager", apiserver)
@@ -159,6 +172,7 @@ class DevCluster:
             s3_bucket=DEFAULT_BUCKET,
             s3_region=s3.region,
             ports=ports,
+            s3_shared=self.shared_s3 is not None,
         )
         self.info_file.write_text(json.dumps(asdict(info), indent=2))
         self.info_file.chmod(0o600)

@@ -46,6 +46,7 @@ from llmengine.clients.store.layout import (
     RESULT_NAME,
     MiB,
     check_manifest_paths,
+    new_build_id,
 )
 
 # The name the byte-range split had when it was private to this module; tests still import it.
@@ -82,6 +83,7 @@ __all__ = [
     "is_transient",
     "load_grant",
     "make_s3_client",
+    "new_build_id",
     "store_for",
     "translate_error",
 ]
