@@ -295,6 +295,8 @@ def test_settings_reach_operator_config() -> None:
         "--set",
         "store.prefix=p",
         "--set",
+        "store.access=engineNamespace",
+        "--set",
         "store.engineSecret=engine-s3",
         "--set",
         "metrics.port=9090",
@@ -323,6 +325,38 @@ def test_settings_reach_operator_config() -> None:
     assert cfg.default_store_secret == "engine-s3"
     ports = {p["name"]: p["containerPort"] for p in _container(objs)["ports"]}
     assert ports == {"metrics": 9090, "health": 9091, "webhook": 9443}
+
+
+def test_isolated_store_access_is_the_default_and_grants_only_what_it_needs() -> None:
+    store = ("--set", "store.bucket=engines", "--set", "store.credentialsSecret=operator-s3")
+    objs = render(*store, "--set", "store.engineSecret=engine-s3")
+    env = {e["name"]: e["value"] for e in _container(objs)["env"] if "value" in e}
+    cfg = OperatorConfig.from_env({k: v for k, v in env.items() if k.startswith("LLMENGINE_")})
+    # Builds in the release namespace with the operator's own Secret; engineSecret is not used.
+    assert cfg.isolated and cfg.build_namespace == "llmengine-system" and cfg.grant_seconds == 43200
+    assert cfg.default_store_secret == "operator-s3"
+    table = rules_table(_operator_role(objs)["rules"])
+    assert table[("", "secrets")] == {"get", "create", "update"}
+    # engineNamespace: the Secret in every engine namespace, and no Secret writes at all.
+    shared = render(*store, "--set", "store.access=engineNamespace", "--set", "store.engineSecret=engine-s3")
+    env = {e["name"]: e["value"] for e in _container(shared)["env"] if "value" in e}
+    cfg = OperatorConfig.from_env({k: v for k, v in env.items() if k.startswith("LLMENGINE_")})
+    assert not cfg.isolated and cfg.default_store_secret == "engine-s3"
+    assert rules_table(_operator_role(shared)["rules"])[("", "secrets")] == {"get"}
+    # Watching namespaces: the builds still run in the release namespace, with a Role there for exactly that.
+    watched = render(*store, *NAMESPACED)
+    (builds,) = _named(watched, "Role", "llmengine-operator-builds")
+    assert builds["metadata"]["namespace"] == "llmengine-system"
+    assert rules_table(builds["rules"]) == {
+        ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+        ("", "configmaps"): {"create", "delete"},
+        ("", "secrets"): {"create"},
+        ("", "pods"): {"list"},
+    }
+    (binding,) = _named(watched, "RoleBinding", "llmengine-operator-builds")
+    assert binding["roleRef"]["name"] == "llmengine-operator-builds"
+    for role in _named(watched, "Role", "llmengine-operator"):
+        assert rules_table(role["rules"])[("", "secrets")] == {"get", "create", "update"}
 
 
 ENGINE_PODS = {
