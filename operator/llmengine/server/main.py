@@ -1,6 +1,8 @@
 """`llmengine serve-engine [download|preflight|run|all]`: fetch, verify and serve a committed engine.
 
-- download: (init container) fetch the engine into --engine-dir and verify every file against the manifest.
+- download: (init container) fetch the engine into --engine-dir and verify every file against the manifest; with
+  --cache-dir, link a verified copy from the node's engine cache instead, fetching it into the cache first when the
+  node has none (server/cache.py).
 - preflight: check the GPUs (count, SM, free memory, MIG) against the downloaded manifest; print a JSON report.
 - run: preflight, then serve: trtllm-serve on loopback behind the metering proxy (server/meter.py), which owns the
   public port and exits with trtllm-serve's exit code; with --no-meter (env LLMENGINE_METER=false), exec trtllm-serve.
@@ -23,6 +25,7 @@ from typing import Any
 from llmengine.api.artifacts import Manifest, StoreLocation
 from llmengine.clients.store import MANIFEST_NAME, EngineStore, StoreError, load_grant, store_for
 from llmengine.logging import configure_logging, get_logger
+from llmengine.server.cache import DEFAULT_LEASE_GRACE_S, CacheSettings, EngineCache, GiB, hold_lease
 from llmengine.server.meter import LOOPBACK, Child, MeterError, run_meter, spawn_child, upstream_port_for
 from llmengine.server.preflight import DEFAULT_MARGIN_BYTES, Expectation, run_preflight
 from llmengine.server.serve import (
@@ -85,6 +88,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--engine-dir", type=Path, default=Path(_env("LLMENGINE_ENGINE_DIR", "/engine") or "/engine"))
     p.add_argument("--parallelism", type=int, default=8, help="parallel ranged GETs while downloading")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=_env("LLMENGINE_ENGINE_CACHE_DIR"),
+        help="the node's engine cache (a hostPath); unset: no cache (env LLMENGINE_ENGINE_CACHE_DIR)",
+    )
+    p.add_argument(
+        "--cache-budget-bytes", type=int, default=200 * GiB, help="bytes the cache may hold; least recently used go"
+    )
+    p.add_argument(
+        "--cache-verify",
+        choices=("stat", "sha256"),
+        default="stat",
+        help="check of a cached copy: sizes and mtimes against its verification record, or a full SHA-256 re-hash",
+    )
+    p.add_argument("--cache-lease-grace-seconds", type=float, default=DEFAULT_LEASE_GRACE_S, help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", default=None, help="tokenizer dir or HF name (default: the engine dir)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000, help="public port (the metering proxy's, else trtllm-serve's)")
@@ -134,9 +153,42 @@ def download(args: argparse.Namespace, seams: Seams) -> Manifest:
     loc = StoreLocation(bucket=args.bucket, prefix=args.prefix, endpoint=args.endpoint, region=args.region)
     try:
         store = seams.store_factory(loc)
-        return store.download_engine(args.digest, args.engine_dir, parallelism=args.parallelism)
+
+        def fetch(dest: Path) -> Manifest:
+            return store.download_engine(args.digest, dest, parallelism=args.parallelism)
+
+        if args.cache_dir is not None:
+            return from_cache(args, store, fetch)
+        return fetch(args.engine_dir)
     except StoreError as exc:
         raise ServeError(str(exc)) from exc
+
+
+def from_cache(args: argparse.Namespace, store: EngineStore, fetch: Callable[[Path], Manifest]) -> Manifest:
+    settings = CacheSettings(args.cache_dir, args.cache_budget_bytes, args.cache_verify, args.cache_lease_grace_seconds)
+
+    def size() -> int:
+        manifest = store.get_manifest(args.digest)
+        return manifest.total_bytes if manifest is not None else 0  # the fetch then says it is not committed
+
+    outcome = EngineCache(settings).provide(args.digest, args.engine_dir, size, fetch)
+    # stdout carries the command's machine-readable result (as preflight's report): what the start cost.
+    print(
+        json.dumps(
+            {"engineDigest": args.digest, "cacheHit": outcome.hit, "cached": outcome.cached}
+            | {"fetchedBytes": outcome.fetched_bytes, "reason": outcome.reason}
+        ),
+        flush=True,
+    )
+    get_logger(engine_digest=args.digest).info(
+        "engine cache hit" if outcome.hit else "engine cache miss",
+        cache_hit=outcome.hit,
+        cached=outcome.cached,
+        fetched_bytes=outcome.fetched_bytes,
+        reason=outcome.reason,
+        copy=str(outcome.copy or ""),
+    )
+    return local_manifest(args)
 
 
 def local_manifest(args: argparse.Namespace) -> Manifest:
@@ -225,6 +277,7 @@ def run_step(args: argparse.Namespace, seams: Seams) -> int:
     manifest = local_manifest(args)
     preflight(args, manifest, seams)
     if args.step in ("run", "all"):
+        hold_lease(args.engine_dir)  # a cached copy the server loads is not evicted while it runs
         return exec_server(args, manifest, seams)
     return 0
 
