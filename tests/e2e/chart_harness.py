@@ -57,6 +57,7 @@ ALL_FEATURES: dict[str, Any] = {
         {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}
     ],
     "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
+    "engineCache": {"hostPath": "/var/cache/llmengine", "sizeBudget": "500Gi"},
     "networkPolicy": {
         "enabled": True,
         "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],

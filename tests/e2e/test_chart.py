@@ -302,6 +302,10 @@ def test_settings_reach_operator_config() -> None:
         "metrics.port=9090",
         "--set",
         "health.port=9091",
+        "--set",
+        "engineCache.hostPath=/var/cache/llmengine",
+        "--set",
+        "engineCache.sizeBudget=500Gi",
     )
     env = {e["name"]: e["value"] for e in _container(objs)["env"] if "value" in e}
     llm = {k: v for k, v in env.items() if k.startswith("LLMENGINE_")}
@@ -323,6 +327,8 @@ def test_settings_reach_operator_config() -> None:
     assert (cfg.default_store.bucket, cfg.default_store.prefix) == ("engines", "p")
     assert cfg.default_store.endpoint == "http://minio.storage:9000"
     assert cfg.default_store_secret == "engine-s3"
+    assert (cfg.engine_cache_host_path, cfg.engine_cache_size_budget) == ("/var/cache/llmengine", 500 * 2**30)
+    assert OperatorConfig.from_env({k: v for k, v in llm.items() if "CACHE" not in k}).engine_cache_host_path is None
     ports = {p["name"]: p["containerPort"] for p in _container(objs)["ports"]}
     assert ports == {"metrics": 9090, "health": 9091, "webhook": 9443}
 
@@ -500,6 +506,9 @@ def test_operator_objects_come_in_an_argo_cd_sync_wave_before_user_objects() -> 
         "networkPolicy.apiServer.ports={0}",
         "networkPolicy.store.cidrs={10.0.0.0}",
         "topologySpreadConstraints[0].maxSkew=1",
+        "engineCache.hostPath=var/cache/llmengine",
+        "engineCache.sizeBudget=lots",
+        "enginePods.volumes[0].name=engine-cache",
     ],
 )
 def test_schema_rejects_bad_values(bad: str) -> None:

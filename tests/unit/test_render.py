@@ -242,3 +242,26 @@ def test_what_the_watch_keeps_of_a_deployment_reads_the_same_as_the_whole() -> N
     assert deployment_view(kept) == deployment_view(dep) and deployment_view(dep) is not None
     assert kept["spec"]["selector"] == dep["spec"]["selector"]
     assert len(str(kept)) < len(str(dep)) / 3  # the pod template's bulk is not kept
+
+
+def test_engine_cache_mounts_the_node_directory_into_fetch_engine_and_read_only_into_the_server() -> None:
+    cached = CFG.model_copy(
+        update={"engine_cache_host_path": "/var/cache/llmengine", "engine_cache_size_budget": 2**40}
+    )
+    plain, dep = _deployment(_engine()), _deployment(_engine(), cached)
+    _golden("deployment-cache", dep)
+    pod = dep["spec"]["template"]["spec"]
+    assert {"name": "engine-cache", "hostPath": {"path": "/var/cache/llmengine", "type": "DirectoryOrCreate"}} in (
+        pod["volumes"]
+    )
+    (fetch,), (server,) = pod["initContainers"], pod["containers"]
+    assert {"name": "engine-cache", "mountPath": "/engine-cache"} in fetch["volumeMounts"]
+    assert {"name": "engine-cache", "mountPath": "/engine-cache", "readOnly": True} in server["volumeMounts"]
+    assert fetch["args"][-4:] == ["--cache-dir", "/engine-cache", "--cache-budget-bytes", str(2**40)]
+    # Still non-root with a read-only root file system; the engine identity (the digest annotation) is untouched.
+    assert pod["securityContext"] == plain["spec"]["template"]["spec"]["securityContext"]
+    assert fetch["securityContext"]["readOnlyRootFilesystem"] and server["securityContext"]["readOnlyRootFilesystem"]
+    assert dep["metadata"]["annotations"] == plain["metadata"]["annotations"]
+    # Off by default: no hostPath at all (Pod Security baseline refuses hostPath volumes).
+    assert not any("hostPath" in v for v in plain["spec"]["template"]["spec"]["volumes"])
+    assert "--cache-dir" not in plain["spec"]["template"]["spec"]["initContainers"][0]["args"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmengine.api.artifacts import StoreLocation
 from llmengine.api.pods import OperandPods
@@ -14,6 +15,21 @@ from llmengine.api.pods import OperandPods
 DEFAULT_TRTLLM_VERSION = "1.2.1"
 DEFAULT_BUILDER_IMAGE = f"ghcr.io/llmengine/llmengine-builder:0.1.0-trtllm{DEFAULT_TRTLLM_VERSION}"
 DEFAULT_SERVER_IMAGE = f"ghcr.io/llmengine/llmengine-server:0.1.0-trtllm{DEFAULT_TRTLLM_VERSION}"
+DEFAULT_ENGINE_CACHE_BUDGET = 200 * 1024**3
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+_FACTORS = (
+    {"": 1} | {u: 1000**i for i, u in enumerate("kMGTPE", 1)} | {u + "i": 1024**i for i, u in enumerate("KMGTPE", 1)}
+)
+
+
+def quantity_bytes(value: object) -> int:
+    """Bytes of a Kubernetes quantity ("200Gi", "500G", 1073741824); ValueError naming the value otherwise."""
+    if isinstance(value, int):
+        return value
+    m = _QUANTITY.match(str(value).strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a byte quantity (e.g. 200Gi, 500G or a number of bytes)")
+    return int(float(m.group(1)) * _FACTORS[m.group(2) or ""])
 
 
 class ImagePair(BaseModel):
@@ -106,6 +122,24 @@ class OperatorConfig(BaseModel):
     # A PEM file of the CA certificates the operator's own store client trusts (the chart mounts enginePods.caBundle
     # from the release namespace and names it here); unset: the system's trust (or AWS_CA_BUNDLE).
     ca_bundle: str | None = None
+    # The node-local engine cache (docs/store.md): a directory on each node, mounted into the serving pods as a
+    # hostPath, where pods on one node share verified engine copies; None: off. Render-only: never part of an
+    # engine's identity (turning it on or off rolls the serving pods, nothing rebuilds).
+    engine_cache_host_path: str | None = None
+    # Bytes the cache may hold on a node (env: a quantity such as 200Gi); least recently used copies not in use go.
+    engine_cache_size_budget: int = Field(default=DEFAULT_ENGINE_CACHE_BUDGET, gt=0)
+
+    @field_validator("engine_cache_host_path")
+    @classmethod
+    def _absolute_host_path(cls, value: str | None) -> str | None:
+        if value and not value.startswith("/"):
+            raise ValueError(f"engine cache hostPath {value!r} must be an absolute path on the node")
+        return value or None
+
+    @field_validator("engine_cache_size_budget", mode="before")
+    @classmethod
+    def _budget_bytes(cls, value: object) -> int:
+        return quantity_bytes(value)
 
     @model_validator(mode="after")
     def _isolated_builds_have_a_namespace(self) -> OperatorConfig:

@@ -21,8 +21,12 @@ CA_VOLUME = "llmengine-ca"
 CA_DIR = "/etc/llmengine/ca"
 CA_FILE = "ca.crt"
 CA_PATH = f"{CA_DIR}/{CA_FILE}"
-OPERATOR_VOLUMES = frozenset({"request", "work", "tmp", "shm", "engine", "engine-grant", CA_VOLUME})
-OPERATOR_MOUNT_PATHS = frozenset({"/work", "/tmp", "/engine", "/dev/shm"})
+ENGINE_CACHE_VOLUME = "engine-cache"  # the node-local engine cache of serving pods (render/cache.py)
+ENGINE_CACHE_DIR = "/engine-cache"
+OPERATOR_VOLUMES = frozenset(
+    {"request", "work", "tmp", "shm", "engine", "engine-grant", CA_VOLUME, ENGINE_CACHE_VOLUME}
+)
+OPERATOR_MOUNT_PATHS = frozenset({"/work", "/tmp", "/engine", "/dev/shm", ENGINE_CACHE_DIR})
 OPERATOR_MOUNT_ROOT = "/etc/llmengine"  # request files and the CA bundle live below it
 # Variables a CA bundle sets, each pointing at the mounted file: boto3 (the store), requests (huggingface_hub
 # before 1.0, transformers), and OpenSSL's default for Python's ssl, httpx (huggingface_hub 1.x) and curl.

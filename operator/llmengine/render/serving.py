@@ -11,6 +11,7 @@ from llmengine.api.v1alpha1 import LLMEngine, RuntimeLimits
 from llmengine.plan.pods import resolve
 from llmengine.render import common as c
 from llmengine.render import pods
+from llmengine.render.cache import mount_engine_cache
 
 ENGINE_DIR = "/engine"
 # spec.serving.runtime key -> `llmengine serve-engine run` flag. All are runtime knobs: no rebuild.
@@ -157,6 +158,7 @@ def deployment(
     }
     if target.node_selector:
         pod_spec["nodeSelector"] = dict(target.node_selector)
+    mount_engine_cache(pod_spec, fetch, server, cfg)
     pods.shape_container(fetch, pod)
     pods.shape_container(server, pod, serving.env or [])
     pods.shape_pod(pod_spec, pod)
