@@ -269,3 +269,45 @@ def test_s3_object_round_trip(dev_cluster: ClusterInfo) -> None:
     key = f"probe/{uuid.uuid4().hex}"
     s3.put_object(Bucket=dev_cluster.s3_bucket, Key=key, Body=b"hello engines")
     assert s3.get_object(Bucket=dev_cluster.s3_bucket, Key=key)["Body"].read() == b"hello engines"
+
+
+def test_runner_gives_pods_on_one_node_one_host_path_and_other_nodes_their_own(api: Any, namespace: str) -> None:
+    """hostPath volumes are per simulated node: a second pod on a node sees what the first left there, a pod on
+    another node does not."""
+    core = client.CoreV1Api(api)
+    host_path = f"/var/cache/{namespace}"
+    # Paths inside a script are not rewritten to the runner's directories; paths in the environment are.
+    script = 'echo "$POD" >> "$SEEN"; tr "\\n" " " < "$SEEN" > /dev/termination-log'
+
+    def run(name: str, node: str) -> str:
+        core.create_namespaced_pod(
+            namespace,
+            {
+                "metadata": {"name": name, "annotations": {"devcluster.llmengine.io/run": "true"}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "nodeSelector": {"kubernetes.io/hostname": node},
+                    "tolerations": [GPU_TOLERATION],
+                    "volumes": [{"name": "h", "hostPath": {"path": host_path, "type": "DirectoryOrCreate"}}],
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "busybox",
+                            "command": ["sh", "-c", script],
+                            "env": [{"name": "POD", "value": name}, {"name": "SEEN", "value": "/host/seen"}],
+                            "volumeMounts": [{"name": "h", "mountPath": "/host"}],
+                        }
+                    ],
+                },
+            },
+        )
+
+        def finished() -> Any:
+            st = core.read_namespaced_pod(name, namespace).status
+            return st.container_statuses[0].state.terminated if st.container_statuses else None
+
+        return str(wait_for(f"pod {name} finished", finished, timeout=60).message).strip()
+
+    assert run("first", "h100-80gb-0") == "first"
+    assert run("second", "h100-80gb-0") == "first second"
+    assert run("elsewhere", "h100-80gb-1") == "elsewhere"

@@ -3,8 +3,10 @@
 kwok nodes run no containers. The runner watches pods bound to them and, for those it should execute,
 runs the container's command as a local process with the pod's environment (values, Secret and ConfigMap
 references, field references) and its ConfigMap, Secret and emptyDir volumes materialised in a scratch
-directory (mount paths in arguments and environment values are rewritten to it). It then reports the result
-through annotations that the kwok stages turn into pod status:
+directory (mount paths in arguments and environment values are rewritten to it). A hostPath volume is a directory
+of the pod's node (`node_dir`): pods on one simulated node share it, pods on others do not, and it outlives pods and
+runner restarts as a node's disk does. A deleted pod's emptyDirs are removed, as a kubelet removes them. It then
+reports the result through annotations that the kwok stages turn into pod status:
 
 - Job pods (restartPolicy Never/OnFailure): the main container runs; exit 0 -> Succeeded, else Failed, with the
   exit code and the termination message the process wrote.
@@ -58,6 +60,11 @@ log = logging.getLogger("llmengine.dev.runner")
 def work_dir(cluster_dir: Path) -> Path:
     """Where the runner materialises the pods of the cluster in `cluster_dir`."""
     return cluster_dir / "pods"
+
+
+def node_dir(cluster_dir: Path, node: str) -> Path:
+    """The root file system of simulated node `node`, as far as hostPath volumes see it."""
+    return cluster_dir / "nodes" / node
 
 
 def pod_dir(work: Path, pod: dict[str, Any]) -> Path:
@@ -223,6 +230,9 @@ class Runner:
     def _volumes(self, pod: dict[str, Any], root: Path) -> dict[str, Path]:
         out: dict[str, Path] = {}
         for v in pod["spec"].get("volumes") or []:
+            if "hostPath" in v:
+                out[v["name"]] = self._host_path(pod, v["hostPath"])
+                continue
             path = root / "volumes" / v["name"]
             path.mkdir(parents=True, exist_ok=True)
             files: dict[str, bytes] = {}
@@ -241,6 +251,12 @@ class Runner:
                 (path / fname).write_bytes(data)
             out[v["name"]] = path
         return out
+
+    def _host_path(self, pod: dict[str, Any], source: dict[str, Any]) -> Path:
+        """A hostPath on the pod's node (created, whatever the type asks: the runner has no node to refuse on)."""
+        path = node_dir(self.work.parent, pod["spec"]["nodeName"]) / str(source["path"]).lstrip("/")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _env(self, pod: dict[str, Any], c: dict[str, Any], root: Path) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root), "PYTHONUNBUFFERED": "1"}
@@ -441,6 +457,9 @@ class Runner:
                     pod = self.api.sanitize_for_serialization(ev["object"])
                     if ev["type"] == "DELETED":
                         self.kill(_key(pod))
+                        # A kubelet removes a deleted pod's emptyDirs (what links into a node cache goes with them);
+                        # its logs stay for the tests.
+                        shutil.rmtree(pod_dir(self.work, pod) / "volumes", ignore_errors=True)
                     else:
                         self.consider(pod)
             except ApiException as e:
