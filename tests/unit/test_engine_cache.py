@@ -145,12 +145,17 @@ def test_a_second_pod_on_the_node_links_the_verified_copy_without_fetching(tmp_p
     assert store.seen_during_fetch == [False]
 
 
-def test_a_restarted_init_container_replaces_its_links(tmp_path: Path) -> None:
+def test_a_restarted_init_container_replaces_its_links_or_the_files_it_fetched_itself(tmp_path: Path) -> None:
     cache, store = cache_at(tmp_path / "cache"), Store(tmp_path)
     provide(cache, store, "e1", tmp_path / "pod")
     again = provide(cache, store, "e1", tmp_path / "pod")
     assert again.hit and store.fetches() == ["e1"]
     assert_engine(tmp_path / "pod", "e1")
+    store.fetcher("e2")(tmp_path / "fell-back")  # an earlier run found no room and fetched into its emptyDir
+    provide(cache, store, "e2", tmp_path / "other")
+    assert provide(cache, store, "e2", tmp_path / "fell-back").hit
+    assert (tmp_path / "fell-back" / "rank0.engine").is_symlink()
+    assert_engine(tmp_path / "fell-back", "e2")
 
 
 def _one_copy_bytes(tmp_path: Path) -> int:

@@ -261,6 +261,7 @@ class EngineCache:
             os.symlink(lease, dest / LEASE_LINK)  # another file system: the server's flock and the grace remain
         for rel in engine_paths(manifest):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).unlink(missing_ok=True)  # an earlier run that fetched into the pod left its own file
             os.symlink(copy / rel, dest / rel)
 
     # -- room --------------------------------------------------------------------------------------------------
