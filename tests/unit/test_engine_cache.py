@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from llmengine.api.artifacts import Manifest
+from llmengine.api.artifacts import EngineGrant, GrantedEngine, Manifest, StoreLocation
 from llmengine.logging import configure_logging
 from llmengine.server import main as server_main
 from llmengine.server.cache import (
@@ -352,6 +352,10 @@ class FakeStore:
     def download_engine(self, digest: str, dest: Path, parallelism: int | None = None) -> Manifest:
         return self.store.fetcher(digest)(dest)
 
+    def download_granted(self, grant: EngineGrant, digest: str, dest: Path, parallelism: int | None = None) -> Manifest:
+        assert digest in grant.engines
+        return self.store.fetcher(digest)(dest)
+
 
 def test_serve_engine_download_with_a_cache_dir_reports_the_hit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -365,4 +369,27 @@ def test_serve_engine_download_with_a_cache_dir_reports_the_hit(
         reports.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert [(r["cacheHit"], r["fetchedBytes"] > 0) for r in reports] == [(False, True), (True, False)]
     assert store.fetches() == ["e1"]
+    assert_engine(tmp_path / "pod2", "e1")
+
+
+def test_a_download_through_a_grant_uses_the_cache_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = Store(tmp_path)
+    granted = GrantedEngine(manifest=manifest_for("e1", engine_files("e1")), urls={})
+    grant = EngineGrant(location=StoreLocation(bucket="b"), expires_at="2026-11-26T18:00:00Z", engines={"e1": granted})
+    (tmp_path / "grant.json").write_text(grant.model_dump_json(by_alias=True))
+    seams = server_main.Seams(store_factory=lambda loc: FakeStore(store))  # type: ignore[arg-type,return-value]
+    hits = []
+    for pod in ("pod1", "pod2"):
+        argv = [
+            "download",
+            "--digest",
+            "e1",
+            "--grant",
+            str(tmp_path / "grant.json"),
+            "--engine-dir",
+            str(tmp_path / pod),
+        ]
+        assert server_main.main([*argv, "--cache-dir", str(tmp_path / "cache")], seams) == 0
+        hits.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cacheHit"])
+    assert hits == [False, True] and store.fetches() == ["e1"]
     assert_engine(tmp_path / "pod2", "e1")

@@ -141,36 +141,41 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def download(args: argparse.Namespace, seams: Seams) -> Manifest:
     if not args.digest:
         raise ServeError("no engine digest: pass --digest or set LLMENGINE_ENGINE_DIGEST")
-    if args.grant is not None:
-        try:
-            grant = load_grant(args.grant)
-            store = seams.store_factory(grant.location)
-            return store.download_granted(grant, args.digest, args.engine_dir, parallelism=args.parallelism)
-        except StoreError as exc:
-            raise ServeError(str(exc)) from exc
-    if not args.bucket:
-        raise ServeError("no store bucket: pass --bucket or set LLMENGINE_STORE_BUCKET")
-    loc = StoreLocation(bucket=args.bucket, prefix=args.prefix, endpoint=args.endpoint, region=args.region)
     try:
-        store = seams.store_factory(loc)
-
-        def fetch(dest: Path) -> Manifest:
-            return store.download_engine(args.digest, dest, parallelism=args.parallelism)
-
+        size, fetch = engine_source(args, seams)
         if args.cache_dir is not None:
-            return from_cache(args, store, fetch)
+            return from_cache(args, size, fetch)
         return fetch(args.engine_dir)
     except StoreError as exc:
         raise ServeError(str(exc)) from exc
 
 
-def from_cache(args: argparse.Namespace, store: EngineStore, fetch: Callable[[Path], Manifest]) -> Manifest:
-    settings = CacheSettings(args.cache_dir, args.cache_budget_bytes, args.cache_verify, args.cache_lease_grace_seconds)
+def engine_source(args: argparse.Namespace, seams: Seams) -> tuple[Callable[[], int], Callable[[Path], Manifest]]:
+    """The engine's size in bytes (asked only when the node's cache must make room for it) and how to fetch and
+    verify it into a directory: through the grant's presigned URLs, or from the store with credentials."""
+    if args.grant is not None:
+        grant = load_grant(args.grant)
+        granted = seams.store_factory(grant.location)
+        entry = grant.engines.get(args.digest)
+        return (
+            lambda: entry.manifest.total_bytes if entry is not None else 0,  # the fetch then says what is missing
+            lambda dest: granted.download_granted(grant, args.digest, dest, parallelism=args.parallelism),
+        )
+    if not args.bucket:
+        raise ServeError("no store bucket: pass --bucket or set LLMENGINE_STORE_BUCKET")
+    store = seams.store_factory(
+        StoreLocation(bucket=args.bucket, prefix=args.prefix, endpoint=args.endpoint, region=args.region)
+    )
 
     def size() -> int:
         manifest = store.get_manifest(args.digest)
         return manifest.total_bytes if manifest is not None else 0  # the fetch then says it is not committed
 
+    return size, lambda dest: store.download_engine(args.digest, dest, parallelism=args.parallelism)
+
+
+def from_cache(args: argparse.Namespace, size: Callable[[], int], fetch: Callable[[Path], Manifest]) -> Manifest:
+    settings = CacheSettings(args.cache_dir, args.cache_budget_bytes, args.cache_verify, args.cache_lease_grace_seconds)
     outcome = EngineCache(settings).provide(args.digest, args.engine_dir, size, fetch)
     # stdout carries the command's machine-readable result (as preflight's report): what the start cost.
     print(
