@@ -11,7 +11,8 @@ It also times the two ways to check a cached copy on a hit: the stat rule (size 
 record written after full verification) and a full SHA-256 re-hash, with the file in the page cache and evicted
 from it (posix_fadvise DONTNEED). Sizes that do not fit the free disk (about 2x the size plus 2 GiB at the peak:
 the store's copy and one local copy) are reported as skipped. Each size runs --repeat times and the tables show
-medians (the machine may be shared). Prints markdown tables.
+medians (the machine may be shared); before each fetch the store's files are evicted from the page cache, so
+that the baseline and the cold node read the store from disk alike. Prints markdown tables.
 
     .venv/bin/python scripts/bench_cache.py --sizes-gib 1 8 32
 """
@@ -98,11 +99,20 @@ def evict_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
+def evict_store(scratch: Path) -> None:
+    """Every fetch reads the store's objects from disk: none gains from the page cache an earlier fetch filled."""
+    for p in (scratch / "s3").rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            evict_from_page_cache(p)
+
+
 def one_run(ep: S3Endpoint, digest: str, scratch: Path) -> dict[str, float]:
     """Baseline, cold node, warm node, then the checks of the copy the cold run left: seconds each."""
+    evict_store(scratch)
     base, _ = fetch_engine(ep, digest, scratch / "pod-plain", None)
     shutil.rmtree(scratch / "pod-plain")
     cache = scratch / "node-cache"
+    evict_store(scratch)
     cold, cold_report = fetch_engine(ep, digest, scratch / "pod-1", cache)
     warm, warm_report = fetch_engine(ep, digest, scratch / "pod-2", cache)
     assert cold_report.get("cacheHit") is False, cold_report
