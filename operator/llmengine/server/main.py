@@ -103,7 +103,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="stat",
         help="check of a cached copy: sizes and mtimes against its verification record, or a full SHA-256 re-hash",
     )
-    p.add_argument("--cache-lease-grace-seconds", type=float, default=DEFAULT_LEASE_GRACE_S, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--cache-lease-grace-seconds",
+        type=float,
+        default=DEFAULT_LEASE_GRACE_S,
+        help="how long a lease that no pod links and no server locks still keeps its copy from eviction",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer dir or HF name (default: the engine dir)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000, help="public port (the metering proxy's, else trtllm-serve's)")
