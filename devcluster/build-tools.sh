@@ -11,6 +11,13 @@ export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
 mkdir -p "$CACHE"
 
 die() { echo "devcluster: $*" >&2; exit 1; }
+# A login shell of a user other than the one who installed Go may not have its directory on PATH: look where the
+# official archive and the common packages put it before giving up.
+if ! command -v go >/dev/null 2>&1; then
+  for d in /usr/local/go/bin /usr/lib/go/bin "$HOME/go/bin" "$HOME/.local/go/bin"; do
+    if [ -x "$d/go" ]; then export PATH="$d:$PATH"; break; fi
+  done
+fi
 command -v go >/dev/null 2>&1 || die "Go is not installed or not on PATH; install Go >= 1.24 (https://go.dev/doc/install) and retry."
 builddate=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
