@@ -339,3 +339,28 @@ async def test_no_series_and_prometheus_down_say_why_in_the_view() -> None:
 
 def test_fetch_is_a_value() -> None:
     assert Fetch(1.0, None, "x") == Fetch(1.0, None, "x")
+
+
+# ---- the dev cluster's Prometheus ----
+
+
+def test_the_dev_prometheus_targets_each_running_serving_pod_at_its_engines_serving_path() -> None:
+    from llmengine.dev.prometheus import targets
+    from llmengine.dev.servingpath import ServingPathInfo
+
+    def pod(name: str, engine: str, phase: str = "Running") -> dict[str, Any]:
+        labels = {"llmengine.io/engine": engine, "llmengine.io/engine-digest": SHORT}
+        return {"metadata": {"namespace": "team", "name": name, "labels": labels}, "status": {"phase": phase}}
+
+    paths = [ServingPathInfo("team", "chat", "http://127.0.0.1:4321", "")]
+    pods = [pod("chat-b", "chat"), pod("chat-a", "chat"), pod("chat-c", "chat", "Succeeded"), pod("x-a", "other")]
+    found = targets(pods, paths)
+    assert [t["targets"] for t in found] == [["127.0.0.1:4321"], ["127.0.0.1:4321"]]
+    assert found[0]["labels"] == {
+        "__meta_kubernetes_namespace": "team",
+        "__meta_kubernetes_pod_name": "chat-a",
+        "__meta_kubernetes_pod_label_llmengine_io_engine": "chat",
+        "__meta_kubernetes_pod_label_llmengine_io_engine_digest": SHORT,
+        "__param_namespace": "team",
+        "__param_pod": "chat-a",
+    }
