@@ -62,7 +62,8 @@ class PrometheusSource:
     async def _fetch(self) -> Fetch:
         t0 = time.perf_counter()
         try:
-            reading = promql.parse(await self.client.query(self.query))
+            doc = await self.client.query(self.query)
+            reading = await asyncio.to_thread(promql.parse, doc)  # 1,000 engines: ~0.6 s of CPU
         except (PrometheusError, promql.PrometheusAnswerError) as e:
             metrics.TRAFFIC_QUERIES.labels("error").inc()
             log.warning("cannot read the serving pods' traffic from Prometheus", url=self.client.url, error=str(e))
