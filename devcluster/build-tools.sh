@@ -11,6 +11,13 @@ export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
 mkdir -p "$CACHE"
 
 die() { echo "devcluster: $*" >&2; exit 1; }
+# A login shell of a user other than the one who installed Go may not have its directory on PATH: look where the
+# official archive and the common packages put it before giving up.
+if ! command -v go >/dev/null 2>&1; then
+  for d in /usr/local/go/bin /usr/lib/go/bin "$HOME/go/bin" "$HOME/.local/go/bin"; do
+    if [ -x "$d/go" ]; then export PATH="$d:$PATH"; break; fi
+  done
+fi
 command -v go >/dev/null 2>&1 || die "Go is not installed or not on PATH; install Go >= 1.24 (https://go.dev/doc/install) and retry."
 builddate=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
@@ -112,6 +119,22 @@ build_promtool() {
   touch "$(done_stamp $d)"
 }
 
+# The Prometheus server, for the operator's `traffic.source: prometheus` tests (llmengine.dev.prometheus runs it).
+# Built like promtool: remove_all_sd keeps only static and file service discovery (all the dev cluster needs), and
+# without the builtinassets tag the web UI is left out; the HTTP API (/api/v1/query) is all the operator reads.
+build_prometheus() {
+  local d="prometheus-$PROMETHEUS_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
+  echo "devcluster: building prometheus $PROMETHEUS_VERSION" >&2
+  check_proxy "github.com/prometheus/prometheus@$PROMETHEUS_VERSION"
+  local w="$CACHE/$d/src"; new_module "$w" llmengine.dev/prometheus
+  local m="${PROMETHEUS_VERSION#v0.}" v; v="${m:0:1}.${m:1}"
+  (cd "$w" && go get "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION" >/dev/null \
+    && go build -trimpath -tags remove_all_sd -ldflags "-s -w -X github.com/prometheus/common/version.Version=$v" \
+      -o "$CACHE/$d/bin/prometheus" github.com/prometheus/prometheus/cmd/prometheus)
+  rm -rf "$w"
+  touch "$(done_stamp $d)"
+}
+
 # Not a binary: the CustomResourceDefinitions of the prometheus-operator, from its module's example/ directory.
 build_monitoring-crds() {
   local d="monitoring-crds-$PROMETHEUS_OPERATOR_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
@@ -132,16 +155,16 @@ version_of() {
   case $1 in
     etcd) echo "$ETCD_VERSION" ;; kwok) echo "$KWOK_VERSION" ;; helm) echo "$HELM_VERSION" ;;
     versitygw) echo "$VERSITYGW_VERSION" ;; kubernetes) echo "$KUBERNETES_VERSION" ;;
-    promtool) echo "$PROMETHEUS_VERSION" ;; monitoring-crds) echo "$PROMETHEUS_OPERATOR_VERSION" ;;
+    promtool|prometheus) echo "$PROMETHEUS_VERSION" ;; monitoring-crds) echo "$PROMETHEUS_OPERATOR_VERSION" ;;
   esac
 }
 
 # One progress line per component; the Go tool's own output goes to a log, shown (its end) only on failure.
-all="etcd kwok helm versitygw kubernetes promtool monitoring-crds"
+all="etcd kwok helm versitygw kubernetes promtool prometheus monitoring-crds"
 logs="$CACHE/logs"; mkdir -p "$logs"
 for c in ${*:-$all}; do
   case $c in
-    etcd|kwok|helm|versitygw|kubernetes|promtool|monitoring-crds) ;;
+    etcd|kwok|helm|versitygw|kubernetes|promtool|prometheus|monitoring-crds) ;;
     *) die "unknown component '$c' (choose from: $all)" ;;
   esac
   v=$(version_of "$c")

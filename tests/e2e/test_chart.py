@@ -835,6 +835,43 @@ def test_network_policy_follows_watched_namespaces_traffic_and_webhook_switches(
     assert (53, "UDP") not in _egress_ports(np)
 
 
+def test_the_prometheus_traffic_source_is_configured_by_reference_and_reaches_only_prometheus() -> None:
+    prom = ("--set", "traffic.source=prometheus", "--set", "traffic.prometheus.url=https://prom.monitoring:9091")
+    refs = (
+        "--set",
+        "traffic.prometheus.bearerTokenSecret.name=prom-token",
+        "--set",
+        "traffic.prometheus.caConfigMap.name=prom-ca",
+    )
+    objs = render(
+        *prom, *refs, "--set", 'traffic.prometheus.selector=cluster="a"', "--set", "networkPolicy.enabled=true"
+    )
+    c = _container(objs)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    cfg = OperatorConfig.from_env({k: v for k, v in env.items() if v is not None})
+    assert (cfg.traffic_source, cfg.traffic_prometheus_url) == ("prometheus", "https://prom.monitoring:9091")
+    assert cfg.traffic_prometheus_selector == 'cluster="a"' and cfg.traffic_prometheus_timeout_seconds == 10
+    assert cfg.traffic_prometheus_bearer_token_file == "/etc/llmengine/prometheus/token/token"
+    assert cfg.traffic_prometheus_ca_file == "/etc/llmengine/prometheus/ca/ca.crt"
+    assert not any("valueFrom" in e for e in c["env"] if e["name"].startswith("LLMENGINE_TRAFFIC"))  # no token in env
+    volumes = {v["name"]: v for v in _deployment(objs)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["prometheus-token"]["secret"] == {
+        "secretName": "prom-token",
+        "items": [{"key": "token", "path": "token"}],
+    }
+    assert volumes["prometheus-ca"]["configMap"] == {"name": "prom-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    (np,) = by_kind(objs, "NetworkPolicy")
+    ports = _egress_ports(np)
+    assert (9091, "TCP") in ports and (8000, "TCP") not in ports  # Prometheus, not the serving pods
+    # Without a URL the chart refuses to render, naming the value.
+    with pytest.raises(
+        AssertionError, match=r"traffic\.prometheus\.url is required when traffic\.source is prometheus"
+    ):
+        render("--set", "traffic.source=prometheus")
+    # The other sources render nothing of it.
+    assert not [e for e in _container(render()).get("env", []) if "PROMETHEUS" in e["name"]]
+
+
 def test_notes_say_how_to_check_the_install_and_where_the_docs_are(tmp_path: Path) -> None:
     notes = render_notes(work=tmp_path / "a")
     assert "kubectl -n llmengine-system rollout status deploy/llmengine-operator" in notes

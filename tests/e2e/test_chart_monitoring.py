@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from llmengine.dev import prometheus as dev_prometheus
 from llmengine.dev import tools
+from llmengine.plan import promql
 from llmengine.render import common
 from llmengine.server.meter import METRICS_PATH
 from tests.e2e.chart_harness import CHART, KUBE_VERSION, by_kind, helm, render
@@ -142,6 +144,23 @@ def test_serving_pod_monitor_selects_the_serving_pods_the_operator_renders() -> 
         "engine_digest": [_sanitized(common.DIGEST_LABEL)],
     }
     assert common.ENGINE_LABEL in labels and common.DIGEST_LABEL in labels
+
+
+def test_the_prometheus_traffic_source_and_the_dev_prometheus_agree_with_the_serving_pod_monitor() -> None:
+    """traffic.source prometheus selects series by the labels the PodMonitor gives them; the dev cluster's Prometheus
+    (llmengine.dev.prometheus) selects and relabels the pods as the PodMonitor does."""
+    (pm,) = by_kind(render("--set", "metrics.servingPodMonitor.enabled=true"), "PodMonitor")
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    relabelings = [{"source_labels": r["sourceLabels"], "target_label": r["targetLabel"]} for r in ep["relabelings"]]
+    assert relabelings == dev_prometheus.POD_MONITOR_RELABELINGS
+    assert {r["target_label"] for r in relabelings} == {promql.ENGINE_LABEL, promql.DIGEST_LABEL}
+    assert pm["spec"]["selector"]["matchLabels"] == dev_prometheus.SELECTOR
+    assert ep["path"] == dev_prometheus.config(Path("t"), 1)["scrape_configs"][0]["metrics_path"]
+    # The prometheus-operator's own labels of every PodMonitor target, which the query groups by too.
+    assert [r["target_label"] for r in dev_prometheus.OPERATOR_RELABELINGS] == [
+        promql.NAMESPACE_LABEL,
+        promql.POD_LABEL,
+    ]
 
 
 def test_serving_pod_monitor_in_namespaced_mode_watches_only_those_namespaces() -> None:

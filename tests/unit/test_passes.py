@@ -178,6 +178,22 @@ def _traffic(prompt: int, n: int = 200) -> TrafficView:
     return TrafficView(_snap(600, a=pod), older, ("http://10.0.0.1:8000/llmengine/metrics",), True)
 
 
+def test_no_metrics_says_why_the_source_read_nothing() -> None:
+    p = Passes(committed=True, deployment=deployment())
+    p()
+    pods = p(traffic=TrafficView(None, None, ("http://10.0.0.1:8000/llmengine/metrics",), False))
+    assert pods.condition("EnvelopeExceeded")["reason"] == "NoMetrics"
+    assert pods.condition("EnvelopeExceeded")["message"].startswith("no serving pod answered at http://10.0.0.1")
+    down = "cannot read traffic from Prometheus at http://prometheus:9090: connection refused"
+    prom = p(traffic=TrafficView(None, None, (), False, down))
+    assert (prom.condition("EnvelopeExceeded")["reason"], prom.condition("EnvelopeExceeded")["message"]) == (
+        "NoMetrics",
+        down,
+    )
+    # A reading that arrives judges as the pods source's does.
+    assert p(traffic=_traffic(300)).condition("EnvelopeExceeded")["reason"] == "WithinEnvelope"
+
+
 def test_traffic_beyond_the_envelope_warns_once_and_auto_raises_the_shapes_in_camel_case() -> None:
     auto = SPEC.model_copy(update={"rebuild_policy": RebuildPolicy(mode="Auto", cooldown="1h", min_requests=100)})
     p = Passes(spec=auto, committed=True, deployment=deployment(), fits=lambda shapes: None)

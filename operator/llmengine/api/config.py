@@ -13,6 +13,9 @@ from llmengine.api.artifacts import StoreLocation
 from llmengine.api.pods import OperandPods
 
 DEFAULT_TRTLLM_VERSION = "1.2.1"
+# PromQL label matchers as written inside braces: name, operator, double-quoted value; comma-separated (or none).
+_MATCHER = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*'
+LABEL_MATCHERS = re.compile(rf"^({_MATCHER}(,{_MATCHER})*,?\s*)?$")
 DEFAULT_BUILDER_IMAGE = f"ghcr.io/llmengine/llmengine-builder:0.1.0-trtllm{DEFAULT_TRTLLM_VERSION}"
 DEFAULT_SERVER_IMAGE = f"ghcr.io/llmengine/llmengine-server:0.1.0-trtllm{DEFAULT_TRTLLM_VERSION}"
 DEFAULT_ENGINE_CACHE_BUDGET = 200 * 1024**3
@@ -108,14 +111,24 @@ class OperatorConfig(BaseModel):
     json_logs: bool = True
     # Kopf peering (several replicas): a peer without a keep-alive for this long is gone; takeover is within it.
     peering_lifetime_seconds: int = Field(default=60, ge=5)
-    # Traffic-aware rebuilds: "pods" scrapes each ready serving pod's metering endpoint; "off" observes nothing.
-    traffic_source: Literal["pods", "off"] = "pods"
+    # Traffic-aware rebuilds: "pods" scrapes each ready serving pod's metering endpoint; "prometheus" reads the same
+    # counters from a Prometheus server that scrapes them (one PromQL query per interval for every engine); "off"
+    # observes nothing.
+    traffic_source: Literal["pods", "prometheus", "off"] = "pods"
     # Where a pod's metrics are: {pod_ip}, {port} (spec.serving.port), {namespace}, {pod} are filled in.
     traffic_url_template: str = "http://{pod_ip}:{port}/llmengine/metrics"
     traffic_scrape_timeout_seconds: float = Field(default=3.0, gt=0)
     # At most one scrape of an engine's pods per interval, however often its passes run (each status write, Job or
     # Deployment event wakes a pass).
     traffic_scrape_interval_seconds: float = Field(default=15.0, ge=0)
+    # traffic.source prometheus: the server's base URL (the one /api/v1/query is under), extra label matchers for a
+    # Prometheus that sees more than this cluster (`cluster="a"`), the query's timeout, and files (mounted from a
+    # Secret and a ConfigMap) with a bearer token and the CA certificates that sign the server's.
+    traffic_prometheus_url: str | None = Field(default=None, pattern=r"^https?://")
+    traffic_prometheus_selector: str = ""
+    traffic_prometheus_timeout_seconds: float = Field(default=10.0, gt=0)
+    traffic_prometheus_bearer_token_file: str | None = None
+    traffic_prometheus_ca_file: str | None = None
     # Defaults of the build, benchmark and serving pods (the chart's enginePods); each engine's spec.pods merges
     # over them (plan/pods.py).
     engine_pods: OperandPods = Field(default_factory=OperandPods)
@@ -145,6 +158,19 @@ class OperatorConfig(BaseModel):
     def _isolated_builds_have_a_namespace(self) -> OperatorConfig:
         if self.store_access == "isolated" and not self.build_namespace:
             raise ValueError("store access 'isolated' needs LLMENGINE_BUILD_NAMESPACE (the operator's namespace)")
+        return self
+
+    @model_validator(mode="after")
+    def _prometheus_source_is_reachable(self) -> OperatorConfig:
+        if self.traffic_source == "prometheus" and not self.traffic_prometheus_url:
+            raise ValueError(
+                "traffic source 'prometheus' needs LLMENGINE_TRAFFIC_PROMETHEUS_URL (traffic.prometheus.url)"
+            )
+        if not LABEL_MATCHERS.match(self.traffic_prometheus_selector):
+            raise ValueError(
+                f"LLMENGINE_TRAFFIC_PROMETHEUS_SELECTOR (traffic.prometheus.selector) is not PromQL label matchers: "
+                f'{self.traffic_prometheus_selector!r}; write them as name="value", comma-separated'
+            )
         return self
 
     @property

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -163,5 +164,44 @@ def run_serving_path(info: ClusterInfo, ns: str, engine: str, log_dir: Path) -> 
         p.terminate()
         try:
             p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+@contextmanager
+def run_prometheus(
+    info: ClusterInfo, namespaces: Sequence[str], log_dir: Path, port: int | None = None, scrape_interval: float = 0.5
+) -> Iterator[str]:
+    """A real Prometheus (llmengine.dev.prometheus) scraping the serving paths of these namespaces' serving pods, with
+    the labels the chart's serving PodMonitor gives them; yields its URL once it is ready."""
+    work = log_dir / f"prometheus-{uuid.uuid4().hex[:6]}"
+    work.mkdir(parents=True)
+    log = work / "runner.log"
+    cmd = [sys.executable, "-m", "llmengine.dev.prometheus", "--cluster-dir", info.state_dir, "--work-dir", str(work)]
+    cmd += ["--port", str(port or free_port()), "--scrape-interval", str(scrape_interval), "--interval", "0.5"]
+    for ns in namespaces:
+        cmd += ["--namespace", ns]
+    with open(log, "ab") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def ready() -> str | None:
+        if p.poll() is not None:
+            raise RuntimeError(f"the Prometheus runner exited ({p.returncode}): {log.read_text(errors='replace')}")
+        state = work / "prometheus.json"
+        if not state.exists():
+            return None
+        url = str(json.loads(state.read_text())["url"])
+        try:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as r:
+                return url if r.status == 200 else None
+        except OSError:  # still starting: refused, or 503 while the TSDB opens
+            return None
+
+    try:
+        yield wait_for("Prometheus ready", ready, timeout=60, interval=0.2)
+    finally:
+        p.terminate()
+        try:
+            p.wait(15)
         except subprocess.TimeoutExpired:
             p.kill()

@@ -38,6 +38,7 @@ _COMPONENT_OF = {
     "kube-scheduler": ("kubernetes", "KUBERNETES_VERSION"),
     "kubectl": ("kubernetes", "KUBERNETES_VERSION"),
     "promtool": ("promtool", "PROMETHEUS_VERSION"),
+    "prometheus": ("prometheus", "PROMETHEUS_VERSION"),
 }
 
 

@@ -24,6 +24,7 @@ QUEUE_TIME = ("trtllm_request_queue_time_seconds", "request_queue_time_seconds")
 TRTLLM_SUCCESS = ("trtllm_request_success", "request_success")  # counter *_total{finished_reason}
 
 HISTOGRAMS = (PROMPT_TOKENS, OUTPUT_TOKENS, CONCURRENCY, *QUEUE_TIME)
+COUNTERS = (REQUESTS, *TRTLLM_SUCCESS)
 
 
 @dataclass(frozen=True)
@@ -85,25 +86,34 @@ def parse_metrics(text: str) -> PodMetrics:
 
 
 def _parse(text: str) -> PodMetrics:
+    samples: list[tuple[str, Mapping[str, str], float]] = []
+    for fam in text_string_to_metric_families(text):
+        wanted = fam.name in HISTOGRAMS if fam.type == "histogram" else fam.name in COUNTERS
+        if wanted and fam.type in ("histogram", "counter"):
+            samples.extend((s.name, s.labels, float(s.value)) for s in fam.samples)
+    return assemble(samples)
+
+
+def assemble(samples: Iterable[tuple[str, Mapping[str, str], float]]) -> PodMetrics:
+    """One pod's metrics from its samples (series name, labels, value), summed over label sets other than `le`,
+    `result` and `finished_reason`. Both sources build their snapshots here: the pods' text and Prometheus's
+    answer (llmengine.plan.promql) give the judge the same numbers."""
     hists: dict[str, dict[str, Any]] = {}
     counters: dict[tuple[str, str], float] = {}
-    for fam in text_string_to_metric_families(text):
-        if fam.type == "histogram" and fam.name in HISTOGRAMS:
-            acc = hists.setdefault(fam.name, {"buckets": {}, "count": 0.0, "sum": 0.0})
-            for s in fam.samples:
-                if s.name.endswith("_bucket"):
-                    le = float(s.labels.get("le", "nan"))
-                    acc["buckets"][le] = acc["buckets"].get(le, 0.0) + float(s.value)
-                elif s.name.endswith("_count"):
-                    acc["count"] += float(s.value)
-                elif s.name.endswith("_sum"):
-                    acc["sum"] += float(s.value)
-        elif fam.type == "counter" and fam.name in (REQUESTS, *TRTLLM_SUCCESS):
-            label = "result" if fam.name == REQUESTS else "finished_reason"
-            for s in fam.samples:
-                if s.name.endswith("_total"):
-                    key = (fam.name, str(s.labels.get(label, "")))
-                    counters[key] = counters.get(key, 0.0) + float(s.value)
+    for name, labels, value in samples:
+        if math.isnan(value):
+            continue
+        family, _, suffix = name.rpartition("_")
+        if family in HISTOGRAMS and suffix in ("bucket", "count", "sum"):
+            acc = hists.setdefault(family, {"buckets": {}, "count": 0.0, "sum": 0.0})
+            if suffix == "bucket":
+                le = float(labels.get("le", "nan"))
+                acc["buckets"][le] = acc["buckets"].get(le, 0.0) + value
+            else:
+                acc[suffix] += value
+        elif family in COUNTERS and suffix == "total":
+            key = (family, str(labels.get("result" if family == REQUESTS else "finished_reason", "")))
+            counters[key] = counters.get(key, 0.0) + value
     out: dict[str, Hist] = {}
     for name, acc in hists.items():
         bounds = tuple(sorted(b for b in acc["buckets"] if not math.isnan(b)))

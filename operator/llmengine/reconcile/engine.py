@@ -8,16 +8,31 @@ from typing import Any
 
 from llmengine.api.config import OperatorConfig
 from llmengine.clients.kube import Kube
+from llmengine.clients.prometheus import Prometheus
 from llmengine.reconcile import metrics
 from llmengine.reconcile.act import Actor, EventSink
 from llmengine.reconcile.decide import decide
 from llmengine.reconcile.gather import DeploymentLookup, Gatherer, Memory
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.stores import Stores
+from llmengine.reconcile.traffic_source import PrometheusSource
 
 
 def _no_events(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     return None
+
+
+def prometheus_source(cfg: OperatorConfig) -> PrometheusSource | None:
+    """traffic.source prometheus: the one reading every engine's pass shares."""
+    if cfg.traffic_source != "prometheus" or not cfg.traffic_prometheus_url:
+        return None
+    client = Prometheus(
+        cfg.traffic_prometheus_url,
+        cfg.traffic_prometheus_timeout_seconds,
+        cfg.traffic_prometheus_bearer_token_file,
+        cfg.traffic_prometheus_ca_file,
+    )
+    return PrometheusSource(client, cfg.traffic_prometheus_selector, cfg.traffic_scrape_interval_seconds)
 
 
 class Reconciler:
@@ -26,7 +41,7 @@ class Reconciler:
         self.queue = BuildQueue(cfg.build_concurrency_per_pool)
         self.memory = Memory()
         stores = Stores(kube, cfg.ca_bundle)
-        self.gatherer = Gatherer(kube, cfg, self.queue, self.memory, stores)
+        self.gatherer = Gatherer(kube, cfg, self.queue, self.memory, stores, prometheus=prometheus_source(cfg))
         self.actor = Actor(kube, cfg, self.queue, self.memory, stores, events or _no_events)
 
     async def reconcile(self, body: Mapping[str, Any], deployments: DeploymentLookup | None = None) -> float | None:

@@ -23,6 +23,7 @@ from llmengine.reconcile import metrics
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.snapshot import BuildLimits, Snapshot, TrafficView
 from llmengine.reconcile.stores import StoreAccess, Stores
+from llmengine.reconcile.traffic_source import PrometheusSource
 from llmengine.reconcile.views import (
     AttachmentView,
     DeploymentView,
@@ -97,8 +98,10 @@ class Gatherer:
         memory: Memory,
         stores: Stores,
         clock: Callable[[], float] = time.monotonic,
+        prometheus: PrometheusSource | None = None,
     ) -> None:
         self.kube = kube
+        self.prometheus = prometheus  # traffic.source prometheus: the fleet's shared reading
         self.cfg = cfg
         self.queue = queue
         self.memory = memory
@@ -329,36 +332,53 @@ class Gatherer:
 
     # ---- traffic ----
     async def _traffic(self, ns: str, name: str, plan: Plan, port: int, window_text: str) -> TrafficView | None:
-        """Scrape the desired engine's ready pods (at most once per scrape interval) into the engine's series."""
+        """Read the desired engine's traffic (at most once per scrape interval) into the engine's series."""
         key = (ns, name)
         series = self.memory.series.get(key)
         if series is None or series.digest != plan.engine_digest:
             series = self.memory.series[key] = _Series(plan.engine_digest)
-        window = envelope.parse_duration(window_text)
         at = self.clock()
-        asked: tuple[str, ...] = ()
-        answered = False
-        scraped_now = at - series.last_scrape >= self.cfg.traffic_scrape_interval_seconds
-        if scraped_now:
-            series.last_scrape = at
-            labels = {**serving.instance_labels(name), common.DIGEST_LABEL: plan.engine_digest[:12]}
-            pods = await self.kube.list_pods(ns, common.label_selector(labels))
-            urls = {
-                p["metadata"]["name"]: u
-                for p in pods
-                if scrape.ready(p) and (u := scrape.pod_url(self.cfg.traffic_url_template, p, port))
-            }
-            asked = tuple(sorted(urls.values()))
-            scraped = await scrape.scrape(urls, self.cfg.traffic_scrape_timeout_seconds)
-            if scraped:
-                answered = True
-                series.snapshots.append(tr.snapshot(at, scraped))
-                series.snapshots = tr.prune(series.snapshots, at, window)
+        if at - series.last_scrape < self.cfg.traffic_scrape_interval_seconds:
+            return None  # nothing new: the status keeps what the last reading said
+        series.last_scrape = at
+        if self.prometheus is not None:
+            at, read, error = await self._from_prometheus(ns, name, plan.engine_digest)
+            asked: tuple[str, ...] = ()
+        else:
+            asked, read = await self._from_pods(ns, name, plan.engine_digest, port)
+            error = None
+        window = envelope.parse_duration(window_text)
+        # A reading of Prometheus's that this engine already holds (the fleet's reading is shared) is not new.
+        if read and not (self.prometheus is not None and series.snapshots and series.snapshots[-1].at >= at):
+            series.snapshots.append(tr.snapshot(at, read))
+            series.snapshots = tr.prune(series.snapshots, at, window)
         newest = series.snapshots[-1] if series.snapshots else None
         start = tr.window_start(series.snapshots[:-1], at, window) if newest else None
-        if not scraped_now:
-            return None  # nothing new: the status keeps what the last scrape said
-        return TrafficView(newest, start, asked, answered)
+        return TrafficView(newest, start, asked, bool(read), error)
+
+    async def _from_pods(
+        self, ns: str, name: str, digest: str, port: int
+    ) -> tuple[tuple[str, ...], dict[str, tr.PodMetrics]]:
+        """Scrape the engine's ready serving pods: the URLs asked, and what answered."""
+        labels = {**serving.instance_labels(name), common.DIGEST_LABEL: digest[:12]}
+        pods = await self.kube.list_pods(ns, common.label_selector(labels))
+        urls = {
+            p["metadata"]["name"]: u
+            for p in pods
+            if scrape.ready(p) and (u := scrape.pod_url(self.cfg.traffic_url_template, p, port))
+        }
+        return tuple(sorted(urls.values())), await scrape.scrape(urls, self.cfg.traffic_scrape_timeout_seconds)
+
+    async def _from_prometheus(
+        self, ns: str, name: str, digest: str
+    ) -> tuple[float, dict[str, tr.PodMetrics], str | None]:
+        """The engine's serving pods in the fleet's shared reading: when it was taken, the pods, or why none."""
+        assert self.prometheus is not None
+        fetch = await self.prometheus.read()
+        if fetch.reading is None:
+            return fetch.at, {}, fetch.error
+        pods = fetch.reading.pods(ns, name, digest)
+        return fetch.at, pods, None if pods else self.prometheus.missing(ns, name, digest)
 
 
 def _rv(obj: Mapping[str, Any]) -> int:

@@ -25,6 +25,20 @@ RECONCILE_SECONDS = Histogram(
 )
 RECONCILE_ERRORS = Counter("llmengine_reconcile_errors_total", "Reconcile passes that raised")
 ENGINES = Gauge("llmengine_engines", "LLMEngines by phase", ["phase"])
+# traffic.source prometheus: one query serves every engine (reconcile/traffic_source.py).
+TRAFFIC_QUERIES = Counter(
+    "llmengine_traffic_queries_total",
+    "PromQL queries for the serving pods' traffic (traffic.source prometheus) by result: ok or error",
+    ["result"],
+)
+TRAFFIC_QUERY_SECONDS = Histogram(
+    "llmengine_traffic_query_duration_seconds",
+    "Latency of one PromQL query for the serving pods' traffic, answer read and parsed",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TRAFFIC_SERIES = Gauge(
+    "llmengine_traffic_series", "Series in the last answer to the query for the serving pods' traffic"
+)
 PHASES = ("Pending", "Queued", "Building", "Deploying", "Ready", "Degraded", "Failed")
 
 

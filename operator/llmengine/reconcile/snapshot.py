@@ -39,7 +39,8 @@ class TrafficView:
     newest: traffic.Snapshot | None  # the newest snapshot of this engine's traffic (None: none yet)
     start: traffic.Snapshot | None  # where the window starts (None: one snapshot only so far)
     asked: tuple[str, ...] = ()  # metrics URLs of the ready pods asked this pass
-    answered: bool = False  # some pod answered this pass
+    answered: bool = False  # some pod answered this pass (traffic.source prometheus: Prometheus had its series)
+    error: str | None = None  # why nothing was read this pass, when the source says more than `asked` does
 
 
 def _never(_: dict[str, int]) -> str | None:

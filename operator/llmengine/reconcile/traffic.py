@@ -46,6 +46,8 @@ def judge(snap: Snapshot, st: LLMEngineStatus, events: list[Event]) -> bool:
             setc(
                 "Unknown", "Observing", "first snapshot of this engine's traffic taken; the profile needs a second one"
             )
+        elif view.error:
+            setc("Unknown", "NoMetrics", view.error)
         elif view.asked:
             n = len(view.asked)
             shown = ", ".join(sorted(view.asked)[:3]) + (f" and {n - 3} more" if n > 3 else "")
