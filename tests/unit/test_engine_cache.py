@@ -9,11 +9,12 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from llmengine.api.artifacts import EngineGrant, GrantedEngine, Manifest, StoreLocation
 from llmengine.logging import configure_logging
@@ -34,9 +35,12 @@ KiB = 1024
 
 
 @pytest.fixture(autouse=True)
-def _logs_to_this_tests_stderr() -> None:
-    """The cache logs evictions; an earlier test's `main()` may have pointed structlog at a stream now closed."""
+def _logs_to_this_tests_stderr() -> Iterator[None]:
+    """The cache logs evictions; an earlier test's `main()` may have pointed structlog at a stream now closed. This
+    test's stderr is closed after it in turn: later tests get structlog's defaults back."""
     configure_logging(json=True)
+    yield
+    structlog.reset_defaults()
 
 
 def engine_files(digest: str, size: int = 64 * KiB) -> dict[str, bytes]:
