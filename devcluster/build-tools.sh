@@ -75,6 +75,21 @@ build_versitygw() {
   touch "$(done_stamp $d)"
 }
 
+# Not part of the dev cluster: a peer the engine store benchmark (scripts/bench_store.py) measures against.
+build_s5cmd() {
+  local d="s5cmd-$S5CMD_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
+  echo "devcluster: building s5cmd $S5CMD_VERSION" >&2
+  check_proxy "github.com/peak/s5cmd/v2@$S5CMD_VERSION"
+  # A wrapper module, as for etcd: the proxy serves v2's versions but not its version list, which `go install
+  # pkg@version` asks for (module deprecation).
+  local w="$CACHE/$d/src"; new_module "$w" llmengine.dev/s5cmd
+  (cd "$w" && go get "github.com/peak/s5cmd/v2@$S5CMD_VERSION" >/dev/null \
+    && go build -trimpath -ldflags "-s -w -X github.com/peak/s5cmd/v2/version.Version=$S5CMD_VERSION -X github.com/peak/s5cmd/v2/version.GitCommit=module" \
+      -o "$CACHE/$d/bin/s5cmd" github.com/peak/s5cmd/v2)
+  rm -rf "$w"
+  touch "$(done_stamp $d)"
+}
+
 build_kubernetes() {
   local d="kubernetes-$KUBERNETES_VERSION"; [ -f "$(done_stamp $d)" ] && return 0
   echo "devcluster: building kubernetes $KUBERNETES_VERSION (cold: 25-40 min on 2 cores)" >&2
@@ -156,6 +171,7 @@ version_of() {
     etcd) echo "$ETCD_VERSION" ;; kwok) echo "$KWOK_VERSION" ;; helm) echo "$HELM_VERSION" ;;
     versitygw) echo "$VERSITYGW_VERSION" ;; kubernetes) echo "$KUBERNETES_VERSION" ;;
     promtool|prometheus) echo "$PROMETHEUS_VERSION" ;; monitoring-crds) echo "$PROMETHEUS_OPERATOR_VERSION" ;;
+    s5cmd) echo "$S5CMD_VERSION" ;;
   esac
 }
 
@@ -164,7 +180,7 @@ all="etcd kwok helm versitygw kubernetes promtool prometheus monitoring-crds"
 logs="$CACHE/logs"; mkdir -p "$logs"
 for c in ${*:-$all}; do
   case $c in
-    etcd|kwok|helm|versitygw|kubernetes|promtool|prometheus|monitoring-crds) ;;
+    etcd|kwok|helm|versitygw|kubernetes|promtool|prometheus|monitoring-crds|s5cmd) ;;
     *) die "unknown component '$c' (choose from: $all)" ;;
   esac
   v=$(version_of "$c")

@@ -1,75 +1,83 @@
-"""Engine store throughput against a real S3 server (versitygw) on loopback.
+"""Engine store throughput against the clients a user could pick instead, on one versitygw on loopback.
 
-Uploads and downloads one engine file of --size-gib through EngineStore (tuned multipart, streaming SHA-256,
-parallel ranged GETs, verification), next to a plain local copy of the same bytes and boto3's default
-TransferConfig (no hashing, no verification). Prints a markdown table.
+One run starts one S3 server (llmengine.dev.s3.start_s3, versitygw's posix backend) and, for each size, uploads and
+downloads the same bytes through every client with the same part size and the same number of parallel streams:
 
-    .venv/bin/python scripts/bench_store.py --size-gib 4
+- ours: EngineStore.upload_engine / download_engine (SHA-256 of every byte into the manifest on the way up, verified
+  against it on the way down, manifest commit);
+- boto3: upload_file / download_file with a TransferConfig tuned to the same parts and streams;
+- crt: the AWS Common Runtime S3 client through s3transfer's CRTTransferManager (what `boto3[crt]` uses), with the
+  same part size and at most as many connections;
+- obstore: obstore.put (multipart) and parallel obstore.get_range calls written with os.pwrite;
+- s5cmd: `s5cmd cp --part-size --concurrency`, built from its Go module (devcluster/build-tools.sh s5cmd).
+
+Only ours hashes and verifies; the peers move bytes (the CRT adds its own CRC32 to uploads). Rounds rotate the
+order of the clients; the table shows medians in MB/s (10^6 bytes) and the ratio of ours to the best peer.
+
+    .venv/bin/python scripts/bench_store.py                      # 1 and 4 GiB, 3 rounds, every client
+    .venv/bin/python scripts/bench_store.py --sizes-gib 1 --rounds 1 --clients ours s5cmd
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Protocol
 
 from boto3.s3.transfer import TransferConfig
 
 from llmengine.api.artifacts import BuildShapes, Provenance, StoreLocation
 from llmengine.builder.testcompiler import write_pseudo_random
-from llmengine.clients.store import EngineStore, S3Config, TransferTuning, make_s3_client
-from llmengine.dev import proc
-from llmengine.dev.s3 import start_s3
+from llmengine.clients.store import EngineStore, S3Client, S3Config, TransferTuning, make_s3_client
+from llmengine.dev import proc, tools
+from llmengine.dev.s3 import S3Endpoint, start_s3
 from llmengine.logging import configure_logging
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+BUCKET = "bench"
+FILE = "rank0.engine"
+CLIENTS = ("ours", "boto3", "crt", "obstore", "s5cmd")
+PEER_PACKAGES = "pip install 'boto3[crt]' obstore (or: pip install -e '.[dev]')"
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t = time.monotonic()
-    fn()
-    return time.monotonic() - t
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size-gib", type=float, default=4.0)
-    p.add_argument("--part-size-mib", type=int, default=TransferTuning().part_size // MiB)
-    p.add_argument("--concurrency", type=int, default=TransferTuning().concurrency)
-    p.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
-    p.add_argument("--skip-default", action="store_true", help="skip the boto3 default TransferConfig rows")
-    args = p.parse_args()
-    configure_logging(json=False, level="WARNING")
+def load() -> str:
+    """The 1/5/15-minute load averages, as uptime prints them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    size = int(args.size_gib * 1024 * MiB)
-    scratch = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
-    ep, server = start_s3(scratch / "s3")
-    rows: list[tuple[str, float]] = []
-    try:
-        client = make_s3_client(
-            S3Config(endpoint=ep.endpoint, access_key_id=ep.access_key, secret_access_key=ep.secret_key)
-        )
-        client.create_bucket(Bucket="bench")
-        tuning = TransferTuning(
-            part_size=args.part_size_mib * MiB, concurrency=args.concurrency, ranged_threshold=args.part_size_mib * MiB
-        )
-        store = EngineStore(client, StoreLocation(bucket="bench", endpoint=ep.endpoint), tuning)
-        src = scratch / "engine"
-        src.mkdir()
-        rows.append(
-            ("generate (test compiler writer)", timed(lambda: write_pseudo_random(src / "rank0.engine", size, 0)))
-        )
-        rows.append(
-            ("local copy (shutil.copyfile)", timed(lambda: shutil.copyfile(src / "rank0.engine", scratch / "copy")))
-        )
-        (scratch / "copy").unlink()
 
-        prov = Provenance(
+class Client(Protocol):
+    name: str
+
+    def upload(self, src: Path, key: str) -> None: ...
+
+    def download(self, key: str, dest: Path) -> None: ...
+
+
+class Ours:
+    """EngineStore: the source directory holds only the engine file; the key is the engine digest."""
+
+    name = "ours"
+
+    def __init__(self, client: S3Client, ep: S3Endpoint, tuning: TransferTuning) -> None:
+        self.store = EngineStore(client, StoreLocation(bucket=BUCKET, endpoint=ep.endpoint), tuning)
+        self.shapes = BuildShapes(max_batch_size=1, max_input_len=1, max_seq_len=1, max_num_tokens=1)
+        self.prov = Provenance(
             builder_image="bench",
             trtllm_version="1.2.1",
             compiler="test",
@@ -79,53 +87,253 @@ def main() -> None:
             build_seconds=0,
             test_build=True,
         )
-        shapes = BuildShapes(max_batch_size=1, max_input_len=1, max_seq_len=1, max_num_tokens=1)
 
-        def upload() -> None:
-            store.upload_engine("bench", src, backend="tensorrt", tp_size=1, pp_size=1, shapes=shapes, provenance=prov)
-
-        rows.append(("EngineStore upload (+SHA-256, manifest)", timed(upload)))
-        rows.append(
-            (
-                "EngineStore download (+ranged GETs, SHA-256 verify)",
-                timed(lambda: store.download_engine("bench", scratch / "down")),
-            )
+    def upload(self, src: Path, key: str) -> None:
+        self.store.upload_engine(
+            key, src.parent, backend="tensorrt", tp_size=1, pp_size=1, shapes=self.shapes, provenance=self.prov
         )
-        shutil.rmtree(scratch / "down")
-        if not args.skip_default:
-            default = TransferConfig()
-            rows.append(
-                (
-                    "boto3 default TransferConfig upload_file",
-                    timed(
-                        lambda: client.upload_file(
-                            str(src / "rank0.engine"), "bench", "default/rank0.engine", Config=default
-                        )
-                    ),
-                )
-            )
-            rows.append(
-                (
-                    "boto3 default TransferConfig download_file",
-                    timed(
-                        lambda: client.download_file(
-                            "bench", "default/rank0.engine", str(scratch / "dl"), Config=default
-                        )
-                    ),
-                )
-            )
+
+    def download(self, key: str, dest: Path) -> None:
+        self.store.download_engine(key, dest.parent)
+
+
+class Boto3:
+    name = "boto3"
+
+    def __init__(self, client: S3Client, part: int, conc: int) -> None:
+        self.client = client
+        self.config = TransferConfig(
+            multipart_threshold=part, multipart_chunksize=part, max_concurrency=conc, io_chunksize=MiB
+        )
+
+    def upload(self, src: Path, key: str) -> None:
+        self.client.upload_file(str(src), BUCKET, key, Config=self.config)
+
+    def download(self, key: str, dest: Path) -> None:
+        self.client.download_file(BUCKET, key, str(dest), Config=self.config)
+
+
+class Crt:
+    name = "crt"
+
+    def __init__(self, ep: S3Endpoint, part: int, conc: int) -> None:
+        try:
+            import awscrt.s3
+            from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup
+            from botocore.config import Config
+            from botocore.credentials import Credentials
+            from botocore.session import Session
+            from s3transfer.crt import BotocoreCRTCredentialsWrapper, BotocoreCRTRequestSerializer, CRTTransferManager
+        except ImportError as exc:
+            raise SystemExit(f"the crt client needs awscrt: {PEER_PACKAGES}") from exc
+        creds = BotocoreCRTCredentialsWrapper(Credentials(ep.access_key, ep.secret_key)).to_crt_credentials_provider()
+        elg = EventLoopGroup()
+        crt = awscrt.s3.S3Client(
+            bootstrap=ClientBootstrap(elg, DefaultHostResolver(elg)),
+            region=ep.region,
+            credential_provider=creds,
+            part_size=part,
+            multipart_upload_threshold=part,
+            tls_mode=awscrt.s3.S3RequestTlsMode.DISABLED,
+            max_active_connections_override=conc,
+        )
+        serializer = BotocoreCRTRequestSerializer(
+            Session(),
+            {
+                "region_name": ep.region,
+                "endpoint_url": ep.endpoint,
+                "aws_access_key_id": ep.access_key,
+                "aws_secret_access_key": ep.secret_key,
+                "config": Config(s3={"addressing_style": "path"}),
+            },
+        )
+        self.tm: Any = CRTTransferManager(crt, serializer)
+
+    def upload(self, src: Path, key: str) -> None:
+        self.tm.upload(str(src), BUCKET, key).result()
+
+    def download(self, key: str, dest: Path) -> None:
+        self.tm.download(BUCKET, key, str(dest)).result()
+
+
+class Obstore:
+    name = "obstore"
+
+    def __init__(self, ep: S3Endpoint, part: int, conc: int) -> None:
+        try:
+            import obstore
+            from obstore.store import S3Store
+        except ImportError as exc:
+            raise SystemExit(f"the obstore client needs obstore: {PEER_PACKAGES}") from exc
+        self.obstore: Any = obstore
+        self.store = S3Store(
+            BUCKET,
+            endpoint=ep.endpoint,
+            access_key_id=ep.access_key,
+            secret_access_key=ep.secret_key,
+            region=ep.region,
+            client_options={"allow_http": True, "timeout": "300s"},
+        )
+        self.part, self.conc = part, conc
+
+    def upload(self, src: Path, key: str) -> None:
+        self.obstore.put(self.store, key, src, chunk_size=self.part, max_concurrency=self.conc)
+
+    def download(self, key: str, dest: Path) -> None:
+        size = int(self.obstore.head(self.store, key)["size"])
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+        def get(off: int) -> None:
+            buf = self.obstore.get_range(self.store, key, start=off, length=min(self.part, size - off))
+            view = memoryview(buf)
+            while view:
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+
+        try:
+            with ThreadPoolExecutor(max_workers=self.conc) as pool:
+                list(pool.map(get, range(0, size, self.part)))
+        finally:
+            os.close(fd)
+
+
+class S5cmd:
+    name = "s5cmd"
+
+    def __init__(self, ep: S3Endpoint, part: int, conc: int) -> None:
+        try:
+            self.binary = str(tools.binary("s5cmd"))
+        except tools.ToolMissing as exc:
+            raise SystemExit(str(exc)) from exc
+        self.env = {**os.environ, **ep.env(), "AWS_ENDPOINT_URL_S3": ""}
+        self.args = ["--endpoint-url", ep.endpoint]
+        self.cp = ["cp", "--part-size", str(part // MiB), "--concurrency", str(conc)]
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([self.binary, *self.args, *self.cp, *args], env=self.env, check=True, capture_output=True)
+
+    def upload(self, src: Path, key: str) -> None:
+        self._run(str(src), f"s3://{BUCKET}/{key}")
+
+    def download(self, key: str, dest: Path) -> None:
+        self._run(f"s3://{BUCKET}/{key}", str(dest))
+
+
+def make_clients(names: list[str], s3: S3Client, ep: S3Endpoint, part: int, conc: int) -> list[Client]:
+    tuning = TransferTuning(part_size=part, concurrency=conc, ranged_threshold=part)
+    makers: dict[str, Callable[[], Client]] = {
+        "ours": lambda: Ours(s3, ep, tuning),
+        "boto3": lambda: Boto3(s3, part, conc),
+        "crt": lambda: Crt(ep, part, conc),
+        "obstore": lambda: Obstore(ep, part, conc),
+        "s5cmd": lambda: S5cmd(ep, part, conc),
+    }
+    return [makers[n]() for n in names]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def empty_bucket(s3: S3Client) -> None:
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        objs: list[Any] = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if objs:
+            s3.delete_objects(Bucket=BUCKET, Delete={"Objects": objs, "Quiet": True})
+
+
+def measure(
+    clients: list[Client], s3: S3Client, scratch: Path, size: int, rounds: int
+) -> tuple[dict[str, dict[str, list[float]]], list[str]]:
+    """Seconds per client and direction over the rounds, and the load average before each round."""
+    src = scratch / f"src-{size}" / FILE
+    src.parent.mkdir()
+    log(f"writing {size / GiB:g} GiB of test bytes")
+    write_pseudo_random(src, size, 0)
+    secs: dict[str, dict[str, list[float]]] = {c.name: {"upload": [], "download": []} for c in clients}
+    loads = []
+    for r in range(rounds):
+        loads.append(load())
+        log(f"{size / GiB:g} GiB round {r + 1}/{rounds}, load {loads[-1]}")
+        order = clients[r % len(clients) :] + clients[: r % len(clients)]
+        for c in order:
+            key = f"{c.name}-{size}-{r}"
+            dest = scratch / "down" / FILE
+            dest.parent.mkdir()
+            up = timed(lambda c=c, key=key: c.upload(src, key))  # type: ignore[misc]
+            down = timed(lambda c=c, key=key, dest=dest: c.download(key, dest))  # type: ignore[misc]
+            if dest.stat().st_size != size:
+                raise SystemExit(f"{c.name} downloaded {dest.stat().st_size} bytes, expected {size}")
+            secs[c.name]["upload"].append(up)
+            secs[c.name]["download"].append(down)
+            log(f"  {c.name:8} up {size / up / 1e6:7.0f} MB/s  down {size / down / 1e6:7.0f} MB/s")
+            shutil.rmtree(dest.parent)
+            empty_bucket(s3)
+    shutil.rmtree(src.parent)
+    return secs, loads
+
+
+def table(size: int, secs: dict[str, dict[str, list[float]]]) -> list[str]:
+    def rate(name: str, direction: str) -> float:
+        return size / statistics.median(secs[name][direction]) / 1e6
+
+    lines = [
+        f"| {size / GiB:g} GiB | upload MB/s | download MB/s |",
+        "|---|---:|---:|",
+    ]
+    for name in secs:
+        lines.append(f"| {name} | {rate(name, 'upload'):.0f} | {rate(name, 'download'):.0f} |")
+    peers = [n for n in secs if n != "ours"]
+    if "ours" in secs and peers:
+        cells = []
+        for d in ("upload", "download"):
+            best = max(peers, key=lambda n, d=d: rate(n, d))  # type: ignore[misc]
+            cells.append(f"{rate('ours', d) / rate(best, d):.2f}x of {best}")
+        lines.append(f"| ours / best peer | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes-gib", type=float, nargs="+", default=[1.0, 4.0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--part-size-mib", type=int, default=TransferTuning().part_size // MiB)
+    p.add_argument("--concurrency", type=int, default=TransferTuning().concurrency)
+    p.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
+    p.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--json", type=Path, default=None, help="also write every round's seconds here")
+    args = p.parse_args()
+    configure_logging(json=False, level="WARNING")
+    part, conc = args.part_size_mib * MiB, args.concurrency
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
+    ep, server = start_s3(scratch / "s3")
+    results: dict[str, Any] = {}
+    try:
+        s3 = make_s3_client(
+            S3Config(endpoint=ep.endpoint, access_key_id=ep.access_key, secret_access_key=ep.secret_key)
+        )
+        s3.create_bucket(Bucket=BUCKET)
+        clients = make_clients(args.clients, s3, ep, part, conc)
+        for gib in args.sizes_gib:
+            size = int(gib * GiB)
+            results[f"{gib:g}"] = measure(clients, s3, scratch, size, args.rounds)
     finally:
         proc.stop_pid(server.pid)
         shutil.rmtree(scratch, ignore_errors=True)
 
     print(
-        f"\n{args.size_gib:g} GiB, part {args.part_size_mib} MiB, concurrency {args.concurrency}, "
-        f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}\n"
+        f"\nversitygw {tools.versions()['VERSITYGW_VERSION']} on loopback; part {args.part_size_mib} MiB, "
+        f"{conc} streams, median of {args.rounds} rounds; {os.cpu_count()} CPUs, {platform.machine()}, "
+        f"Python {platform.python_version()}; load average after the run {load()}\n"
     )
-    print("| operation | seconds | MiB/s |")
-    print("|---|---:|---:|")
-    for name, secs in rows:
-        print(f"| {name} | {secs:.1f} | {size / MiB / secs:.0f} |")
+    for gib, (secs, loads) in results.items():
+        print(f"load average (1/5/15 min) before each round of {gib} GiB: {'; '.join(loads)}\n")
+        print("\n".join(table(int(float(gib) * GiB), secs)) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({g: {"seconds": s, "loads": ld} for g, (s, ld) in results.items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ _COMPONENT_OF = {
     "kubectl": ("kubernetes", "KUBERNETES_VERSION"),
     "promtool": ("promtool", "PROMETHEUS_VERSION"),
     "prometheus": ("prometheus", "PROMETHEUS_VERSION"),
+    "s5cmd": ("s5cmd", "S5CMD_VERSION"),
 }
 
 
