@@ -12,7 +12,9 @@ downloads the same bytes through every client with the same part size and the sa
 - s5cmd: `s5cmd cp --part-size --concurrency`, built from its Go module (devcluster/build-tools.sh s5cmd).
 
 Only ours hashes and verifies; the peers move bytes (the CRT adds its own CRC32 to uploads). Rounds rotate the
-order of the clients; the table shows medians in MB/s (10^6 bytes) and the ratio of ours to the best peer.
+order of the clients; the table shows medians in MB/s (10^6 bytes), the ratio of ours to the best peer, and the CPU
+time the client spent per GiB (every thread of this process, or the s5cmd process; the server's is not counted),
+which a loaded machine disturbs less than the wall time.
 
     .venv/bin/python scripts/bench_store.py                      # 1 and 4 GiB, 3 rounds, every client
     .venv/bin/python scripts/bench_store.py --sizes-gib 1 --rounds 1 --clients ours s5cmd
@@ -231,10 +233,17 @@ def make_clients(names: list[str], s3: S3Client, ep: S3Endpoint, part: int, conc
     return [makers[n]() for n in names]
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread) and of its finished children (s5cmd)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds and client CPU seconds of fn()."""
+    c, t = cpu_seconds(), time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, cpu_seconds() - c
 
 
 def empty_bucket(s3: S3Client) -> None:
@@ -252,7 +261,9 @@ def measure(
     src.parent.mkdir()
     log(f"writing {size / GiB:g} GiB of test bytes")
     write_pseudo_random(src, size, 0)
-    secs: dict[str, dict[str, list[float]]] = {c.name: {"upload": [], "download": []} for c in clients}
+    secs: dict[str, dict[str, list[float]]] = {
+        c.name: {d: [] for d in ("upload", "download", "upload_cpu", "download_cpu")} for c in clients
+    }
     loads = []
     for r in range(rounds):
         loads.append(load())
@@ -262,13 +273,17 @@ def measure(
             key = f"{c.name}-{size}-{r}"
             dest = scratch / "down" / FILE
             dest.parent.mkdir()
-            up = timed(lambda c=c, key=key: c.upload(src, key))  # type: ignore[misc]
-            down = timed(lambda c=c, key=key, dest=dest: c.download(key, dest))  # type: ignore[misc]
+            up, up_cpu = timed(lambda c=c, key=key: c.upload(src, key))  # type: ignore[misc]
+            down, down_cpu = timed(lambda c=c, key=key, dest=dest: c.download(key, dest))  # type: ignore[misc]
             if dest.stat().st_size != size:
                 raise SystemExit(f"{c.name} downloaded {dest.stat().st_size} bytes, expected {size}")
-            secs[c.name]["upload"].append(up)
-            secs[c.name]["download"].append(down)
-            log(f"  {c.name:8} up {size / up / 1e6:7.0f} MB/s  down {size / down / 1e6:7.0f} MB/s")
+            for d, wall, cpu in (("upload", up, up_cpu), ("download", down, down_cpu)):
+                secs[c.name][d].append(wall)
+                secs[c.name][d + "_cpu"].append(cpu)
+            log(
+                f"  {c.name:8} up {size / up / 1e6:5.0f} MB/s {up_cpu:5.1f} CPU s   "
+                f"down {size / down / 1e6:5.0f} MB/s {down_cpu:5.1f} CPU s"
+            )
             shutil.rmtree(dest.parent)
             empty_bucket(s3)
     shutil.rmtree(src.parent)
@@ -279,19 +294,25 @@ def table(size: int, secs: dict[str, dict[str, list[float]]]) -> list[str]:
     def rate(name: str, direction: str) -> float:
         return size / statistics.median(secs[name][direction]) / 1e6
 
+    def cpu(name: str, direction: str) -> float:
+        return statistics.median(secs[name][direction + "_cpu"]) / (size / GiB)
+
     lines = [
-        f"| {size / GiB:g} GiB | upload MB/s | download MB/s |",
-        "|---|---:|---:|",
+        f"| {size / GiB:g} GiB | upload MB/s | download MB/s | upload client CPU s/GiB | download client CPU s/GiB |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name in secs:
-        lines.append(f"| {name} | {rate(name, 'upload'):.0f} | {rate(name, 'download'):.0f} |")
+        lines.append(
+            f"| {name} | {rate(name, 'upload'):.0f} | {rate(name, 'download'):.0f} "
+            f"| {cpu(name, 'upload'):.2f} | {cpu(name, 'download'):.2f} |"
+        )
     peers = [n for n in secs if n != "ours"]
     if "ours" in secs and peers:
         cells = []
         for d in ("upload", "download"):
             best = max(peers, key=lambda n, d=d: rate(n, d))  # type: ignore[misc]
             cells.append(f"{rate('ours', d) / rate(best, d):.2f}x of {best}")
-        lines.append(f"| ours / best peer | {cells[0]} | {cells[1]} |")
+        lines.append(f"| ours / best peer | {cells[0]} | {cells[1]} | | |")
     return lines
 
 

@@ -218,3 +218,40 @@ def test_a_store_error_names_the_settings_the_engine_uses() -> None:
     assert str(reach) == (
         "cannot reach S3 endpoint http://s3:9000: check the operator's default store (chart value store.endpoint)"
     )
+
+
+def test_a_part_body_hands_out_views_of_its_buffer_and_rewinds_for_a_retry() -> None:
+    from llmengine.clients.store.files import PartBody
+
+    buf = bytearray(b"0123456789")
+    body = PartBody(memoryview(buf)[:8])
+    assert len(body) == 8
+    first = body.read(5)
+    assert isinstance(first, memoryview) and bytes(first) == b"01234"
+    assert bytes(body.read(100)) == b"567" and bytes(body.read(1)) == b"" and body.tell() == 8
+    assert body.seek(0) == 0 and bytes(body.read()) == b"01234567"  # what a retried request sends again
+
+
+class _Sent(Exception):
+    pass
+
+
+def test_part_uploads_are_signed_without_hashing_the_body_again() -> None:
+    """The manifest's SHA-256 is the body's integrity: the signature covers the request, not a second hash."""
+    from llmengine.clients.store import make_s3_client
+    from llmengine.clients.store.files import PartBody
+
+    client = make_s3_client(S3Config(endpoint=EP, access_key_id="AKIAEXAMPLE", secret_access_key="s3cr3t-value"))
+    seen: list[Any] = []
+
+    def capture(request: Any, **_: Any) -> None:
+        seen.append(request)
+        raise _Sent
+
+    client.meta.events.register("before-send.s3.UploadPart", capture)
+    body: Any = PartBody(memoryview(bytearray(b"x" * MiB)))
+    with pytest.raises(_Sent):
+        client.upload_part(Bucket="b", Key="k", UploadId="u", PartNumber=1, Body=body)
+    headers = seen[0].headers
+    assert headers["X-Amz-Content-SHA256"] in (b"UNSIGNED-PAYLOAD", "UNSIGNED-PAYLOAD")
+    assert "Signature=" in str(headers["Authorization"]) and int(headers["Content-Length"]) == MiB
