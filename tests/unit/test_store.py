@@ -220,16 +220,18 @@ def test_a_store_error_names_the_settings_the_engine_uses() -> None:
     )
 
 
-def test_a_part_body_hands_out_views_of_its_buffer_and_rewinds_for_a_retry() -> None:
-    from llmengine.clients.store.files import PartBody
+def test_a_file_part_is_read_from_the_file_as_it_is_sent_and_rewinds_for_a_retry(tmp_path: Any) -> None:
+    from llmengine.clients.store.files import FilePart
 
-    buf = bytearray(b"0123456789")
-    body = PartBody(memoryview(buf)[:8])
-    assert len(body) == 8
-    first = body.read(5)
-    assert isinstance(first, memoryview) and bytes(first) == b"01234"
-    assert bytes(body.read(100)) == b"567" and bytes(body.read(1)) == b"" and body.tell() == 8
-    assert body.seek(0) == 0 and bytes(body.read()) == b"01234567"  # what a retried request sends again
+    (tmp_path / "f").write_bytes(b"0123456789")
+    with open(tmp_path / "f", "rb") as f:
+        body = FilePart(f.fileno(), 2, 6, "f")
+        assert len(body) == 6
+        assert bytes(body.read(4)) == b"2345" and bytes(body.read(100)) == b"67" and bytes(body.read(1)) == b""
+        assert body.tell() == 6 and len(body) == 0
+        assert body.seek(0) == 0 and bytes(body.read()) == b"234567"  # what a retried request sends again
+        with pytest.raises(OSError, match="ended at 10 bytes"):
+            FilePart(f.fileno(), 8, 4, "f").read()  # the file is shorter than the part: never a short part
 
 
 class _Sent(Exception):
@@ -239,7 +241,6 @@ class _Sent(Exception):
 def test_part_uploads_are_signed_without_hashing_the_body_again() -> None:
     """The manifest's SHA-256 is the body's integrity: the signature covers the request, not a second hash."""
     from llmengine.clients.store import make_s3_client
-    from llmengine.clients.store.files import PartBody
 
     client = make_s3_client(S3Config(endpoint=EP, access_key_id="AKIAEXAMPLE", secret_access_key="s3cr3t-value"))
     seen: list[Any] = []
@@ -249,7 +250,7 @@ def test_part_uploads_are_signed_without_hashing_the_body_again() -> None:
         raise _Sent
 
     client.meta.events.register("before-send.s3.UploadPart", capture)
-    body: Any = PartBody(memoryview(bytearray(b"x" * MiB)))
+    body = b"x" * MiB
     with pytest.raises(_Sent):
         client.upload_part(Bucket="b", Key="k", UploadId="u", PartNumber=1, Body=body)
     headers = seen[0].headers

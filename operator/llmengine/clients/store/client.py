@@ -87,7 +87,8 @@ class TransferTuning:
     """Part size and parallelism of uploads and downloads.
 
     64 MiB parts keep a 140 GB rank file well under S3's 10,000-part limit and amortise per-request overhead;
-    8 streams saturate a 10-25 Gbit/s link to S3 without holding more than ~(concurrency + 1) parts in memory.
+    8 streams saturate a 10-25 Gbit/s link to S3; neither direction holds whole parts in memory (parts are read from
+    the file as they are sent, and written to it as they arrive).
     """
 
     part_size: int = 64 * MiB

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import io
 import os
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -38,7 +37,7 @@ from llmengine.clients.store.errors import (
     error_code,
     translate_error,
 )
-from llmengine.clients.store.files import FileJob, PartBody, already_present, byte_ranges, hash_range, read_into
+from llmengine.clients.store.files import FileJob, FilePart, already_present, byte_ranges, hash_range
 from llmengine.clients.store.layout import (
     BUILDS_DIR,
     MANIFEST_NAME,
@@ -209,11 +208,14 @@ class EngineStore:
     # -- upload ----------------------------------------------------------------------------------------------------
 
     def upload_file(self, local: Path, key: str, progress: Progress | None = None) -> tuple[str, int]:
-        """Upload one file; returns (sha256, size), the hash computed while reading it once.
+        """Upload one file; returns (sha256, size).
 
-        Files above the part size go up as a multipart upload, `concurrency` parts at a time with at most
-        concurrency + 1 parts in memory. Each part (and the single PUT of a small file) is retried on its own while
-        the store is unreachable, within the retry budget: an outage costs the parts in flight, not the file.
+        Files above the part size go up as a multipart upload, `concurrency` parts at a time, each part read from
+        the file as it is sent; this thread meanwhile hashes the file in order (the hash never waits on the
+        network, and no part is held in memory). Each part (and the single PUT of a small file) is retried on its
+        own while the store is unreachable, within the retry budget: an outage costs the parts in flight, not the
+        file. A file that changes size while uploading fails the upload; the manifest's SHA-256 is what every
+        download verifies, so bytes that changed in place between the two reads could never be served.
         """
         size = local.stat().st_size
         prog = progress or Progress(get_logger(), "upload", size, self.tuning.progress_interval_s)
@@ -229,48 +231,38 @@ class EngineStore:
                 prog.add(len(data))
                 read = len(data)
             else:
-                read = self._multipart(local.name, f, key, part, sha, prog)
+                read = self._multipart(local.name, f, size, key, part, sha, prog)
         if read != size:
             raise StoreError(f"{local} changed size while uploading ({size} -> {read} bytes)")
         return sha.hexdigest(), size
 
-    def _multipart(self, name: str, f: io.FileIO, key: str, part: int, sha: Any, prog: Progress) -> int:
-        """The parts of one file, read in order into reused buffers (a fresh 64 MiB buffer per part costs a page
-        fault per 4 KiB), hashed into `sha` on this thread while the pool sends the parts before them."""
+    def _multipart(self, name: str, f: io.FileIO, size: int, key: str, part: int, sha: Any, prog: Progress) -> int:
+        """The parts go up from the pool while this thread hashes the file; returns the bytes hashed (size, unless
+        the file changed size)."""
         bucket = self.location.bucket
         started = self._patient(f"upload {name}", lambda: self.client.create_multipart_upload(Bucket=bucket, Key=key))
         upload_id = started["UploadId"]
-        done: list[Any] = []  # CompletedPartTypeDef
-        inflight: deque[tuple[Future[dict[str, Any]], bytearray]] = deque()
-        free: list[bytearray] = []
-        read = 0
+        futs: list[Future[dict[str, Any]]] = []
         try:
             conc = max(1, self.tuning.concurrency)
             with ThreadPoolExecutor(max_workers=conc, thread_name_prefix="s3put") as pool:
                 try:
-                    number = 0
-                    while True:
-                        if len(inflight) > conc:
-                            fut, buf = inflight.popleft()
-                            done.append(fut.result())
-                            free.append(buf)  # its part is in the store: the buffer is ours again
-                        buf = free.pop() if free else bytearray(part)
-                        n = read_into(f, buf)
-                        if n == 0:
-                            break
-                        view = memoryview(buf)[:n]
-                        sha.update(view)
-                        read += n
-                        number += 1
-                        inflight.append((pool.submit(self._put_part, name, key, upload_id, number, view, prog), buf))
-                        if n < part:
-                            break
-                    done += [fut.result() for fut, _ in inflight]
+                    for number, (off, ln) in enumerate(byte_ranges(size, part), 1):
+                        futs.append(
+                            pool.submit(self._put_part, name, f.fileno(), key, upload_id, number, off, ln, prog)
+                        )
+                    read = hash_range(f, 0, size, sha, bytearray(8 * MiB))
+                    if f.read(1):
+                        read += 1  # grew: counted as changed, whatever the parts got
+                    done = [fut.result() for fut in futs]
                 except BaseException:
-                    for fut, _ in inflight:
+                    for fut in futs:
                         fut.cancel()  # parts not started yet would each wait out a budget of their own
                     raise
-            self._patient(f"upload {name}", lambda: self._complete(key, upload_id, done, read))
+            if read == size:
+                self._patient(f"upload {name}", lambda: self._complete(key, upload_id, done, size))
+            else:
+                raise StoreError(f"{name} changed size while uploading ({size} -> {read}+ bytes)")
         except BaseException:
             with contextlib.suppress(Exception):
                 self._patient(
@@ -295,16 +287,16 @@ class EngineStore:
                 raise
 
     def _put_part(
-        self, name: str, key: str, upload_id: str, number: int, data: memoryview, prog: Progress
+        self, name: str, fd: int, key: str, upload_id: str, number: int, offset: int, length: int, prog: Progress
     ) -> dict[str, Any]:
         bucket = self.location.bucket
 
         def put() -> Any:
-            body: Any = PartBody(data)  # file-like, as botocore takes it (its stubs know no such class)
+            body: Any = FilePart(fd, offset, length, name)  # file-like, as botocore takes it (not in its stubs)
             return self.client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body)
 
         got = self._patient(f"upload {name} part {number}", put)
-        prog.add(len(data))
+        prog.add(length)
         return {"PartNumber": number, "ETag": got["ETag"]}
 
     def upload_engine(

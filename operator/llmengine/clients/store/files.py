@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,51 +33,54 @@ def byte_ranges(size: int, part: int) -> list[tuple[int, int]]:
     return [(off, min(part, size - off)) for off in range(0, size, part)]
 
 
-def hash_range(f: io.RawIOBase, offset: int, length: int, sha: Any, buf: bytearray) -> None:
-    """Hash [offset, offset + length) of f into sha, read through buf (reused: no allocation per block)."""
+def hash_range(f: io.RawIOBase, offset: int, length: int, sha: Any, buf: bytearray) -> int:
+    """Hash [offset, offset + length) of f into sha, read through buf (reused: no allocation per block). Returns the
+    bytes hashed: fewer than length only when the file ends first."""
     f.seek(offset)
-    left = length
+    done = 0
     with memoryview(buf) as view:
-        while left:
-            n = f.readinto(view[: min(len(view), left)])
+        while done < length:
+            n = f.readinto(view[: min(len(view), length - done)])
             if not n:
                 break
             sha.update(view[:n])
-            left -= n
+            done += n
+    return done
 
 
-def read_into(f: io.RawIOBase, buf: bytearray) -> int:
-    """Fill buf from f; fewer bytes than its length only at the end of the file. Returns the bytes read."""
-    got = 0
-    with memoryview(buf) as view:
-        while got < len(buf):
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
-    return got
+class FilePart:
+    """A request body that is one part of a local file, read from the file as the HTTP stack sends it, block by
+    block through one reused buffer: no part-sized buffer (a fresh 64 MiB one costs a page fault per 4 KiB) and no
+    copy of it. Seekable, so a retried request sends the part again from its start."""
 
-
-class PartBody:
-    """A request body over a reused buffer, without copying it: a bytearray body is copied into fresh bytes by the
-    HTTP stack (a page fault per 4 KiB of every part); a file-like one is read in blocks, and these blocks are views
-    of the buffer. Seekable, so a retried request sends it again from the start."""
-
-    def __init__(self, data: memoryview) -> None:
-        self._data, self._pos = data, 0
+    def __init__(self, fd: int, offset: int, length: int, name: str) -> None:
+        self._fd, self._offset, self._length, self._name = fd, offset, length, name
+        self._pos = 0
+        self._block = bytearray()
 
     def __len__(self) -> int:
-        return len(self._data) - self._pos
+        return self._length - self._pos
 
     def read(self, n: int | None = -1) -> memoryview:
-        end = len(self._data) if n is None or n < 0 else min(len(self._data), self._pos + n)
-        out = self._data[self._pos : end]
-        self._pos = end
-        return out
+        """The next n bytes, as a view that stays valid until the next read (the HTTP stack sends each block before
+        it reads the next)."""
+        left = self._length - self._pos
+        n = left if n is None or n < 0 else min(n, left)
+        if len(self._block) < n:
+            self._block = bytearray(n)
+        view = memoryview(self._block)[:n]
+        got = 0
+        while got < n:
+            r = os.preadv(self._fd, [view[got:]], self._offset + self._pos + got)
+            if not r:
+                raise OSError(f"'{self._name}' ended at {self._offset + self._pos + got} bytes while uploading it")
+            got += r
+        self._pos += n
+        return view
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
-        self._pos = max(0, min(len(self._data), base + offset))
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, min(self._length, base + offset))
         return self._pos
 
     def tell(self) -> int:
