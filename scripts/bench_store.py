@@ -155,7 +155,11 @@ class Crt:
         self.tm.upload(str(src), BUCKET, key).result()
 
     def download(self, key: str, dest: Path) -> None:
-        self.tm.download(BUCKET, key, str(dest)).result()
+        fut = self.tm.download(BUCKET, key, str(dest))
+        fut.result()
+        # result() returns when the last byte is in the temporary file; the rename to dest is a done-callback that
+        # may still be running (s3transfer's own S3Transfer returns here as well). The download ends with it.
+        fut._coordinator.wait_until_on_done_callbacks_complete()
 
 
 class Obstore:
