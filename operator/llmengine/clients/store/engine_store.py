@@ -37,7 +37,7 @@ from llmengine.clients.store.errors import (
     error_code,
     translate_error,
 )
-from llmengine.clients.store.files import FileJob, FilePart, already_present, byte_ranges, hash_range
+from llmengine.clients.store.files import HASH_BLOCK, FileJob, FilePart, already_present, byte_ranges, hash_range
 from llmengine.clients.store.layout import (
     BUILDS_DIR,
     MANIFEST_NAME,
@@ -251,7 +251,7 @@ class EngineStore:
                         futs.append(
                             pool.submit(self._put_part, name, f.fileno(), key, upload_id, number, off, ln, prog)
                         )
-                    read = hash_range(f, 0, size, sha, bytearray(8 * MiB))
+                    read = hash_range(f, 0, size, sha, bytearray(HASH_BLOCK))
                     if f.read(1):
                         read += 1  # grew: counted as changed, whatever the parts got
                     done = [fut.result() for fut in futs]
@@ -641,7 +641,7 @@ class EngineStore:
 
     def _finish_file(self, job: FileJob, futs: list[tuple[int, int, Future[None]]]) -> None:
         sha = hashlib.sha256()
-        buf = bytearray(8 * MiB)
+        buf = bytearray(HASH_BLOCK)
         with open(job.partial, "rb", buffering=0) as f:
             for off, ln, fut in futs:
                 fut.result()
