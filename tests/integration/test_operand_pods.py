@@ -250,7 +250,7 @@ def test_an_engine_shaped_by_chart_defaults_and_its_spec_builds_and_serves_throu
     ("pods", "message"),
     [
         ({"caBundle": {}}, "caBundle: set exactly one of configMapKeyRef or secretKeyRef"),
-        ({"serving": {"volumes": [{"name": "engine", "emptyDir": {}}]}}, "engine, engine-grant, llmengine-ca"),
+        ({"serving": {"volumes": [{"name": "engine", "emptyDir": {}}]}}, "are the operator's: set another name"),
         ({"volumeMounts": [{"name": "x", "mountPath": "/etc/llmengine/ca"}]}, "set another mountPath"),
         ({"env": [{"name": "A", "value": "x", "valueFrom": {"fieldRef": {"fieldPath": "a"}}}]}, "not both"),
         ({"envFrom": [{"prefix": "A_"}]}, "envFrom: set exactly one of configMapRef or secretRef"),
