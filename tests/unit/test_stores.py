@@ -33,7 +33,7 @@ def stores(monkeypatch: pytest.MonkeyPatch) -> tuple[st.Stores, FakeStore, list[
     monkeypatch.setattr(st.time, "monotonic", lambda: now[0])
     s = st.Stores(cast(Any, None))
     fake = FakeStore()
-    s._clients[("ml", None, LOC)] = cast(Any, fake)
+    s._clients[(LOC, True)] = cast(Any, fake)
     return s, fake, now
 
 
@@ -52,3 +52,27 @@ async def test_a_quarantine_is_seen_at_once(stores: Any) -> None:
     assert (await s.view("ml", ACCESS, "d")).committed
     await s.quarantine("ml", ACCESS, "d", "rank0.engine failed verification")
     assert (await s.view("ml", ACCESS, "d")).committed is False and fake.asked == 2
+
+
+class FakeKube:
+    def __init__(self, secrets: dict[tuple[str, str], dict[str, str]]) -> None:
+        self.secrets = secrets
+
+    async def get_secret_data(self, ns: str, name: str) -> dict[str, str] | None:
+        return self.secrets.get((ns, name))
+
+
+async def test_one_client_per_location_and_credentials_whatever_the_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[Any] = []
+    monkeypatch.setattr(st, "make_s3_client", lambda cfg: made.append(cfg) or object())
+    creds = {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s"}
+    other = {"AWS_ACCESS_KEY_ID": "b", "AWS_SECRET_ACCESS_KEY": "t"}
+    kube = FakeKube({("team-a", "s3"): creds, ("team-b", "s3"): creds, ("team-c", "s3"): other})
+    s = st.Stores(cast(Any, kube))
+    explicit = st.StoreAccess(LOC, "s3", explicit=True, default=False)
+    a = await s.client("team-a", explicit)
+    assert await s.client("team-b", explicit) is a  # the same credentials in another namespace
+    assert await s.client("team-c", explicit) is not a  # other credentials
+    ambient = await s.client("team-a", ACCESS)
+    assert await s.client("team-b", ACCESS) is ambient  # the operator's own credentials
+    assert len(made) == 3

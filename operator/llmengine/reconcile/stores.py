@@ -113,7 +113,9 @@ class Stores:
         return EngineGrant(location=access.location, expires_at=iso(expires), engines=engines)
 
     async def client(self, ns: str, access: StoreAccess) -> EngineStore:
-        key: tuple[Any, ...] = (ns, access.pod_secret, access.location)
+        # One client per location and the credentials it signs with (a boto3 client holds several MiB), shared by
+        # the engines of every namespace that use them; the namespace only says where a credentials Secret is read.
+        key: tuple[Any, ...] = (access.location, access.default)
         creds: dict[str, str] = {}
         if access.explicit and access.pod_secret:
             data = await self.kube.get_secret_data(ns, access.pod_secret)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,9 +53,26 @@ class S3Config:
 def make_s3_client(cfg: S3Config) -> S3Client:
     """A boto3 S3 client: path-style addressing (S3-compatible servers), standard retries, bounded timeouts.
 
-    Each call gets its own boto3 Session: sessions are not thread-safe, clients are.
+    Clients with explicit keys come from one shared Session, created one at a time (sessions are not thread-safe,
+    clients are): a Session of its own parses the S3 service model again, ~12 MiB per client, where clients of one
+    Session share it (~0.3 MiB each). A client without keys gets a Session of its own, so that it resolves boto3's
+    default credential chain when it is made, as before.
     """
-    session = boto3.session.Session()
+    explicit = cfg.access_key_id is not None or cfg.secret_access_key is not None
+    with _SESSION_LOCK:
+        session = _shared_session() if explicit else boto3.session.Session()
+        return _client(session, cfg)
+
+
+_SESSION_LOCK = threading.Lock()
+
+
+@functools.cache
+def _shared_session() -> boto3.session.Session:
+    return boto3.session.Session()
+
+
+def _client(session: boto3.session.Session, cfg: S3Config) -> S3Client:
     config = Config(
         # Requests are signed, bodies are not (x-amz-content-sha256: UNSIGNED-PAYLOAD, over https and http alike).
         # Signing a body hashes it a second time: the upload already hashes every byte for the manifest, and every
