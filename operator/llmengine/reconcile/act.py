@@ -34,7 +34,7 @@ from llmengine.reconcile.gather import Memory, Target
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.snapshot import Snapshot
 from llmengine.reconcile.stores import StoreAccess, Stores
-from llmengine.reconcile.views import GrantView
+from llmengine.reconcile.views import GrantView, deployment_essentials
 from llmengine.render import attachments, common, grants, serving
 from llmengine.render import bench as render_bench
 from llmengine.render import build as render_build
@@ -297,8 +297,9 @@ class Actor:
         elif changed and current.resource_version:
             stored = await self.kube.replace_deployment(desired, current.resource_version)
         if stored is not None:
-            # What the next pass reads until the watch (the operator's cache of Deployments) has caught up.
-            self.memory.deployments[(snap.namespace, snap.name)] = (time.monotonic(), stored)
+            # What the next pass reads until the watch (the operator's cache of Deployments) has caught up; only
+            # what a pass reads of it, as the watch keeps.
+            self.memory.deployments[(snap.namespace, snap.name)] = (time.monotonic(), deployment_essentials(stored))
         if changed or snap.status.url is None:
             # With the Deployment it fronts; not looked up on every pass (a create of an existing one is a no-op).
             await self.kube.create(serving.service(engine))

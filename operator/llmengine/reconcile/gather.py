@@ -66,7 +66,8 @@ class Memory:
 
     def __init__(self) -> None:
         # The status each engine's last write stored, by resourceVersion: Kopf's body may not have caught up yet.
-        self.written: dict[Key, tuple[str, dict[str, Any]]] = {}
+        # Once it has, only the version is kept (to know the write's echo); the status itself is None.
+        self.written: dict[Key, tuple[str, dict[str, Any] | None]] = {}
         self.series: dict[Key, _Series] = {}
         self.phases: dict[Key, str] = {}  # last phase (llmengine_engines)
         self.hits: dict[Key, str] = {}  # the identity a store hit was last counted for
@@ -267,14 +268,18 @@ class Gatherer:
         """The body's status, or the one our last write stored when the body (a watch event behind) is older."""
         md = body["metadata"]
         status = copy.deepcopy(dict(body.get("status") or {}))
-        written = self.memory.written.get((md["namespace"], md["name"]))
-        if written is None:
+        key = (md["namespace"], md["name"])
+        written = self.memory.written.get(key)
+        if written is None or written[1] is None:
             return status
         try:
             newer = int(written[0]) > int(md.get("resourceVersion") or 0)
         except ValueError:  # resourceVersions are opaque; etcd's are integers, anything else: trust the body
             newer = False
-        return copy.deepcopy(written[1]) if newer else status
+        if newer:
+            return copy.deepcopy(written[1])
+        self.memory.written[key] = (written[0], None)  # the body has caught up: its copy of the status is enough
+        return status
 
     # ---- the store ----
     def _access(self, spec: LLMEngineSpec, location: StoreLocation) -> StoreAccess:
