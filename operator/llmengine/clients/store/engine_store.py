@@ -443,13 +443,31 @@ class EngineStore:
         extra = sorted(k for k in listed if k not in expected and (base or not k.startswith(builds)))
         if extra:
             log.warning("store has objects the manifest does not list; ignoring them", objects=extra[:10])
+        return self._download_verified(manifest, dest_dir, parallelism, log, None, total_bytes=manifest.total_bytes)
+
+    def _download_verified(
+        self,
+        manifest: Manifest,
+        dest_dir: Path,
+        parallelism: int | None,
+        log: Any,
+        urls: dict[str, str] | None,
+        **started: Any,
+    ) -> Manifest:
+        """Every file of the manifest into dest_dir, each checked against its size and SHA-256 (read by key, or
+        through `urls` by manifest path), then the manifest itself."""
         dest_dir.mkdir(parents=True, exist_ok=True)
         self._check_dest(dest_dir, manifest)
         prog = Progress(log, "download", manifest.total_bytes, self.tuning.progress_interval_s)
-        log.info("download started", uri=self.uri(digest), files=len(manifest.files), total_bytes=manifest.total_bytes)
+        log.info("download started", uri=self.uri(manifest.engine_digest), files=len(manifest.files), **started)
         jobs = [
             FileJob(
-                key=self.key(digest, base + f.path), dest=dest_dir / f.path, size=f.size, sha256=f.sha256, name=f.path
+                key=self.file_key(manifest, f.path),
+                dest=dest_dir / f.path,
+                size=f.size,
+                sha256=f.sha256,
+                name=f.path,
+                url=urls[f.path] if urls is not None else None,
             )
             for f in manifest.files
         ]
@@ -475,25 +493,7 @@ class EngineStore:
         missing = [f.path for f in manifest.files if f.path not in entry.urls]
         if missing:
             raise IntegrityError(f"the engine grant has no URL for '{missing[0]}'", missing[0])
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        self._check_dest(dest_dir, manifest)
-        prog = Progress(log, "download", manifest.total_bytes, self.tuning.progress_interval_s)
-        log.info("download started", uri=self.uri(digest), files=len(manifest.files), grant_expires=grant.expires_at)
-        jobs = [
-            FileJob(
-                key=self.file_key(manifest, f.path),
-                dest=dest_dir / f.path,
-                size=f.size,
-                sha256=f.sha256,
-                name=f.path,
-                url=entry.urls[f.path],
-            )
-            for f in manifest.files
-        ]
-        self._download_files(jobs, parallelism or self.tuning.concurrency, prog)
-        (dest_dir / MANIFEST_NAME).write_text(manifest.to_json())
-        log.info("download verified", dest=str(dest_dir), files=len(jobs), **prog.summary())
-        return manifest
+        return self._download_verified(manifest, dest_dir, parallelism, log, entry.urls, grant_expires=grant.expires_at)
 
     def grant(self, digest: str, expires_in: int) -> GrantedEngine:
         """Presigned GET URLs, valid `expires_in` seconds, for every file of a committed engine (signing is local:
