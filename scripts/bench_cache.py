@@ -31,11 +31,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from llmengine.api.artifacts import BuildShapes, Provenance, StoreLocation
+from llmengine.api.artifacts import StoreLocation
 from llmengine.builder.testcompiler import write_pseudo_random
 from llmengine.clients.store import EngineStore, S3Config, TransferTuning, make_s3_client
 from llmengine.dev import proc
 from llmengine.dev.s3 import S3Endpoint, start_s3
+from llmengine.dev.seed import BENCH_SHAPES, bench_provenance
 from llmengine.logging import configure_logging
 from llmengine.server.cache import check
 
@@ -59,18 +60,9 @@ def commit_engine(store: EngineStore, digest: str, size: int, scratch: Path) -> 
     src.mkdir()
     write_pseudo_random(src / "rank0.engine", size, 0)
     (src / "config.json").write_text('{"bench": true}')
-    prov = Provenance(
-        builder_image="bench",
-        trtllm_version="1.2.1",
-        compiler="test",
-        gpu_class="none",
-        sm="0.0",
-        build_time="now",
-        build_seconds=0,
-        test_build=True,
+    store.upload_engine(
+        digest, src, backend="tensorrt", tp_size=1, pp_size=1, shapes=BENCH_SHAPES, provenance=bench_provenance()
     )
-    shapes = BuildShapes(max_batch_size=1, max_input_len=1, max_seq_len=1, max_num_tokens=1)
-    store.upload_engine(digest, src, backend="tensorrt", tp_size=1, pp_size=1, shapes=shapes, provenance=prov)
     shutil.rmtree(src)  # only the store's copy stays: the disk holds the store and one local copy at a time
 
 

@@ -39,11 +39,12 @@ from typing import Any, Protocol
 
 from boto3.s3.transfer import TransferConfig
 
-from llmengine.api.artifacts import BuildShapes, Provenance, StoreLocation
+from llmengine.api.artifacts import StoreLocation
 from llmengine.builder.testcompiler import write_pseudo_random
 from llmengine.clients.store import EngineStore, S3Client, S3Config, TransferTuning, make_s3_client
 from llmengine.dev import proc, tools
 from llmengine.dev.s3 import S3Endpoint, start_s3
+from llmengine.dev.seed import BENCH_SHAPES, bench_provenance
 from llmengine.logging import configure_logging
 
 MiB = 1024 * 1024
@@ -78,17 +79,8 @@ class Ours:
 
     def __init__(self, client: S3Client, ep: S3Endpoint, tuning: TransferTuning) -> None:
         self.store = EngineStore(client, StoreLocation(bucket=BUCKET, endpoint=ep.endpoint), tuning)
-        self.shapes = BuildShapes(max_batch_size=1, max_input_len=1, max_seq_len=1, max_num_tokens=1)
-        self.prov = Provenance(
-            builder_image="bench",
-            trtllm_version="1.2.1",
-            compiler="test",
-            gpu_class="none",
-            sm="0.0",
-            build_time="now",
-            build_seconds=0,
-            test_build=True,
-        )
+        self.shapes = BENCH_SHAPES
+        self.prov = bench_provenance()
 
     def upload(self, src: Path, key: str) -> None:
         self.store.upload_engine(

@@ -281,12 +281,7 @@ class Operator:
 
     def __exit__(self, *exc: Any) -> None:
         if self.p is not None:
-            self.p.terminate()
-            try:
-                self.p.wait(15)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+            proc.stop_child(self.p, 15)
 
     @property
     def pid(self) -> int:

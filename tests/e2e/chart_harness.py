@@ -314,12 +314,7 @@ def run_as_deployment(
             wait_for("operator webhook listening", lambda: _listening(webhook_port, p), timeout=60, interval=0.2)
         yield handle
     finally:
-        p.terminate()
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        proc.stop_child(p, 15)
         # Shown by pytest when the test fails.
         print(f"----- operator log {log} -----\n" + "\n".join(handle.log_lines()[-80:]))
 

@@ -17,7 +17,7 @@ from typing import Any
 from kubernetes import client
 
 from llmengine.dev.cluster import ClusterInfo, wait_for
-from llmengine.dev.proc import free_port
+from llmengine.dev.proc import free_port, stop_child
 from llmengine.dev.servingpath import ServingPathInfo, serving_paths
 
 
@@ -123,12 +123,7 @@ def run_operator(
     try:
         yield Handle()
     finally:
-        p = holder["p"]
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        stop_child(holder["p"])
 
 
 def jobs(api: Any, ns: str) -> list[Any]:
@@ -161,11 +156,7 @@ def run_serving_path(info: ClusterInfo, ns: str, engine: str, log_dir: Path) -> 
     try:
         yield wait_for(f"the serving path of {ns}/{engine}", up, timeout=30, interval=0.2)
     finally:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        stop_child(p)
 
 
 @contextmanager
@@ -200,8 +191,4 @@ def run_prometheus(
     try:
         yield wait_for("Prometheus ready", ready, timeout=60, interval=0.2)
     finally:
-        p.terminate()
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
+        stop_child(p, 15)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -73,6 +74,16 @@ def alive(pid: int) -> bool:
         if done == pid:
             return False
     return True
+
+
+def stop_child(p: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM a child process started here, SIGKILL after the grace period, and reap it."""
+    p.terminate()
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
 
 
 def stop_pid(pid: int, grace: float = 10.0) -> None:

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from llmengine.dev import tools
-from llmengine.dev.proc import free_port
+from llmengine.dev.proc import free_port, stop_child
 from llmengine.dev.servingpath import ServingPathInfo, serving_paths
 from llmengine.logging import configure_logging, get_logger
 from llmengine.render import common
@@ -168,11 +168,7 @@ async def serve(args: argparse.Namespace) -> None:
                 await asyncio.wait_for(stop.wait(), args.interval)
     finally:
         state.unlink(missing_ok=True)
-        child.terminate()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
+        stop_child(child)
 
 
 def main(argv: list[str] | None = None) -> int:

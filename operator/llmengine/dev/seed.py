@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from llmengine.api.artifacts import BuildShapes, Provenance
 from llmengine.dev.cluster import ClusterInfo
 
 # The model facts engine() declares for the tiny checkpoint (a two-layer Llama, as upload_tiny_checkpoint writes it).
@@ -167,3 +168,20 @@ def build_request(compiler: str = "test", **kw: Any) -> Any:
     if plan.build_request is None:
         raise ValueError(f"engine_manifest({kw}) does not plan: {plan.errors}")
     return plan.build_request
+
+
+# A stored engine's metadata for benchmarks of the store itself (no model, no build: bytes only).
+BENCH_SHAPES = BuildShapes(max_batch_size=1, max_input_len=1, max_seq_len=1, max_num_tokens=1)
+
+
+def bench_provenance() -> Provenance:
+    return Provenance(
+        builder_image="bench",
+        trtllm_version="1.2.1",
+        compiler="test",
+        gpu_class="none",
+        sm="0.0",
+        build_time="now",
+        build_seconds=0,
+        test_build=True,
+    )
