@@ -13,9 +13,10 @@ from llmengine.reconcile.actions import AdoptBuildJob, Grant, Serve
 from llmengine.reconcile.snapshot import Snapshot
 from llmengine.reconcile.views import GrantView, grant_view
 from llmengine.render import common, grants
-from tests.unit.passes import NOW, deployment, job, run, snapshot
+from tests.unit.passes import NOW, SPEC, deployment, job, run, snapshot
 
 D, OLD = "a" * 64, "b" * 64
+SPEC_TARGET = SPEC.target
 HOURS_12 = 12 * 3600
 
 
@@ -123,3 +124,25 @@ def replace_store(cfg: OperatorConfig) -> OperatorConfig:
 def test_grant_volume_is_read_only_and_named_as_the_operators() -> None:
     assert common.GRANT_MOUNT["readOnly"] is True
     assert common.grant_volume("s") == {"name": common.GRANT_VOLUME, "secret": {"secretName": "s"}}
+
+
+def test_the_token_copy_is_the_secret_the_shared_build_pod_reads() -> None:
+    from llmengine.render import build as render_build
+
+    where = common.Placement(
+        namespace="llmengine-system",
+        owners=[],
+        short_digest="e-0123456789ab",
+        pool="h100-80gb",
+        product_labels=["NVIDIA-H100-80GB-HBM3"],
+        gpu_resource="nvidia.com/gpu",
+        gpu_count=1,
+        target=SPEC_TARGET,
+        store_secret="s3-creds",
+        hf_token=None,
+    )
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "llme-build-0123456789ab", "uid": "j1"}
+    copy = render_build.token_copy(where, owner, "hf_secret")
+    assert copy["metadata"]["name"] == render_build.token_copy_name(where.short_digest) == "llme-build-0123456789ab-hf"
+    assert copy["metadata"]["namespace"] == "llmengine-system" and copy["metadata"]["ownerReferences"] == [owner]
+    assert copy["stringData"] == {render_build.TOKEN_KEY: "hf_secret"}

@@ -214,9 +214,8 @@ class Actor:
         assert request is not None
         token = where.hf_token
         if token is not None:
-            where = dataclasses.replace(
-                where, hf_token=SecretKeySelector(name=f"{common.build_job_name(where.short_digest)}-hf", key="token")
-            )
+            copy = SecretKeySelector(name=render_build.token_copy_name(where.short_digest), key=render_build.TOKEN_KEY)
+            where = dataclasses.replace(where, hf_token=copy)
         job = render_build.build_job(request=request, where=where, attempt=attempt, cfg=self.cfg)
         self.queue.reserve(target.pool, target.build_key)
         stored = await self.kube.create_job(job)
@@ -239,20 +238,7 @@ class Actor:
                 why = f"Secret {token.name!r} (key {token.key!r}) not found in namespace {snap.namespace!r}"
                 self.events(_ref(snap), "Warning", "TokenNotFound", f"the build of {snap.plan.short_digest}: {why}")
                 return
-            await self.kube.create(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "type": "Opaque",
-                    "metadata": {
-                        "name": where.hf_token.name if where.hf_token else "",
-                        "namespace": where.namespace,
-                        "labels": render_build.build_labels(where.short_digest, where.pool),
-                        "ownerReferences": [owner],
-                    },
-                    "stringData": {"token": value},
-                }
-            )
+            await self.kube.create(render_build.token_copy(where, owner, value))
 
     async def _start_bench(self, snap: Snapshot, target: Target) -> None:
         access, engine = target.access, target.engine

@@ -45,3 +45,27 @@ def build_job(*, request: BuildRequest, where: c.Placement, attempt: int, cfg: O
         active_deadline_seconds=cfg.build_active_deadline_seconds,
         ttl_seconds_after_finished=cfg.build_ttl_seconds_after_finished,
     )
+
+
+TOKEN_KEY = "token"
+
+
+def token_copy_name(short_digest: str) -> str:
+    """The copy of an engine's Hugging Face token next to a build in the operator's namespace."""
+    return f"{c.build_job_name(short_digest)}-hf"
+
+
+def token_copy(where: c.Placement, job_owner: dict[str, Any], token: str) -> dict[str, Any]:
+    """That copy as a Secret owned by the build Job, so that it goes when the Job goes (by value: it is a Secret)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": token_copy_name(where.short_digest),
+            "namespace": where.namespace,
+            "labels": build_labels(where.short_digest, where.pool),
+            "ownerReferences": [job_owner],
+        },
+        "stringData": {TOKEN_KEY: token},
+    }
