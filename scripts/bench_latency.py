@@ -155,6 +155,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="per wait (s)")
     ap.add_argument("--serving-exec", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--name", default=f"bench-latency-{os.getpid()}")
+    bl.add_operator_env_arg(ap)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
 
@@ -169,7 +170,13 @@ def main() -> int:
     samples: list[dict[str, Any]] = []
     t_start = time.monotonic()
     src = bl.source()  # at the start: the code the operator subprocesses import
-    with bl.Bench(args.name, {"h100-80gb": 64, "a100-80gb": 64}, keep=args.keep, runner_args=runner) as bench:
+    with bl.Bench(
+        args.name,
+        {"h100-80gb": 64, "a100-80gb": 64},
+        keep=args.keep,
+        runner_args=runner,
+        operator_env=args.operator_env,
+    ) as bench:
         ns = bench.namespace("latency")
         model = bench.checkpoint()
         co = client.CustomObjectsApi(bench.new_api())

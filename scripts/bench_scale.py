@@ -436,6 +436,7 @@ def main() -> int:
     ap.add_argument("--serving-exec", action="store_true", help="run serving pods' download init containers")
     ap.add_argument("--skip", action="append", default=[], choices=["baseline", "hits", "builds"])
     ap.add_argument("--name", default=f"bench-scale-{os.getpid()}")
+    bl.add_operator_env_arg(ap)
     ap.add_argument("--keep", action="store_true", help="leave the dev cluster running")
     args = ap.parse_args()
 
@@ -448,7 +449,7 @@ def main() -> int:
     failures: list[str] = []
     t_start = time.monotonic()
     src = bl.source()  # at the start: the code the operator subprocesses import
-    with bl.Bench(args.name, gpus, keep=args.keep, runner_args=runner) as bench:
+    with bl.Bench(args.name, gpus, keep=args.keep, runner_args=runner, operator_env=args.operator_env) as bench:
         model = bench.checkpoint()
         if not {"baseline", "hits"} <= set(args.skip):
             template = seed(bench, model, args)

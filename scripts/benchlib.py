@@ -108,13 +108,47 @@ def fleet(pools: dict[str, int], gpus_per_node: int = 64) -> dict[str, Any]:
     return {"gpuTaint": {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}, "pools": out}
 
 
+def runtime_python() -> str:
+    """A Python with this package and its runtime dependencies only, as the operator image installs it (no dev
+    extras, so none of the libraries that only the dev tools and the benchmarks use are there for Kopf to import):
+    a venv under the tool cache, made once per pyproject.toml, the package installed editable from this checkout."""
+    import hashlib
+
+    key = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    venv = tools.cache_root() / f"operator-runtime-venv-{key}"
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").exists():
+        log(f"making the operator's runtime venv {venv} (pip install -e {REPO}, no extras)")
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO)], check=True)
+        (venv / ".installed").touch()
+    return str(python)
+
+
+def add_operator_env_arg(ap: Any) -> None:
+    ap.add_argument(
+        "--operator-env",
+        choices=["runtime", "dev"],
+        default="runtime",
+        help="the operator's Python: 'runtime' (the package and its dependencies only, as in the operator image; "
+        "the default) or 'dev' (this venv, dev extras and all)",
+    )
+
+
 class Bench:
     """A dev cluster of its own for one benchmark run, torn down on exit unless keep."""
 
     def __init__(
-        self, name: str, gpus: dict[str, int], keep: bool = False, runner_args: list[str] | None = None
+        self,
+        name: str,
+        gpus: dict[str, int],
+        keep: bool = False,
+        runner_args: list[str] | None = None,
+        operator_env: str = "dev",
     ) -> None:
         self.name = name
+        # The Python the operator runs on: this one ("dev": the dev extras installed too), or "runtime".
+        self.operator_python = runtime_python() if operator_env == "runtime" else sys.executable
         self.keep = keep
         self.runner_args = runner_args
         self.dir = state_home() / name
@@ -266,6 +300,7 @@ class Operator:
         self.cmd, self.env = operator_command(
             str(bench.operator_kubeconfig), namespaces, self.metrics_port, extra_env=extra_env
         )
+        self.cmd[0] = bench.operator_python
         self.p: subprocess.Popen[bytes] | None = None
         self.rss_peak_kib = 0
 

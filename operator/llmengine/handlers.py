@@ -81,16 +81,9 @@ def _post_event(body: Any, type_: str, reason: str, message: str) -> None:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    from kubernetes import client, config
+    from llmengine.clients.kube import Kube, connection
 
-    from llmengine.clients.kube import Kube
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    api = client.ApiClient()
-    kube = Kube(api)
+    kube = memo.kube = Kube(lambda: connection(settings), timeout_s=60)
     memo.cfg = OperatorConfig.from_env()
     memo.reconciler = Reconciler(kube, memo.cfg, events=_post_event)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
@@ -134,6 +127,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keeper
+    kube = memo.get("kube")
+    if kube is not None:
+        await kube.close()
 
 
 def _webhook_server(w: WebhookOptions) -> kopf.WebhookServer:
@@ -178,8 +174,10 @@ def enable_webhook(memo: kopf.Memo, options: WebhookOptions) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> Any:
-    return kopf.login_via_client(**kwargs)
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    from llmengine.clients.kube import connection
+
+    return connection(settings)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0, initial_delay=0)

@@ -160,7 +160,12 @@ def read_cluster(context: str | None, plan_kwargs: dict[str, Any], kubeconfig: s
     """Live LLMEngines of every namespace, through the kubeconfig (--kubeconfig or KUBECONFIG, optional context)."""
     try:
         from kubernetes import client, config
-
+    except ImportError:
+        raise InputError(
+            "--against cluster reads live LLMEngines through the kubernetes client library: "
+            "pip install 'llmengine-operator[cluster]'"
+        ) from None
+    try:
         load_kube_config: Any = config.load_kube_config  # untyped in the client library
         load_kube_config(config_file=kubeconfig, context=context)
         listing = client.CustomObjectsApi().list_cluster_custom_object(GROUP, VERSION, PLURAL)

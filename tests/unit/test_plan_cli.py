@@ -192,6 +192,17 @@ def test_against_cluster_without_kubeconfig_exits_2(tmp_path: Path, monkeypatch:
     assert rc == 2 and "cluster:nowhere" in err
 
 
+def test_against_cluster_without_the_client_library_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "kubernetes", None)  # installed without the [cluster] extra
+    f = write(tmp_path / "a.yaml", engine("a"))
+    rc, _, err = run("-f", f, "--against", "cluster")
+    assert rc == 2 and "llmengine-operator[cluster]" in err
+
+
 def test_against_cluster_reads_live_engines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from llmengine import plan_cli as cli
 

@@ -1,17 +1,20 @@
-"""Thin async adapter over the synchronous Kubernetes client's REST layer: every call runs in a worker thread."""
+"""Async Kubernetes requests by path over one aiohttp session (the library Kopf itself talks to the API server with):
+objects as the JSON the API server sends, no generated API classes, no worker threads."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
+import aiohttp
+import kopf
 
 from llmengine import GROUP, PLURAL, VERSION
+
+_log = logging.getLogger("llmengine.kube")
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -31,7 +34,8 @@ def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
 
 
 class ApiError(Exception):
-    """A write the API server refused, with its HTTP status and reason."""
+    """A request the API server refused: its HTTP status and the reason it gave (its Status message when it sent
+    one, else the HTTP reason phrase)."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(f"{status} {reason}")
@@ -67,12 +71,42 @@ def _named(path: str, name: str | None) -> str:
 
 class Kube:
     """Requests by path, objects as the JSON the API server sends: no generated API classes (tens of MiB of code
-    imported) and no typed models built and converted back to dicts on every read."""
+    imported) and no typed models built and converted back to dicts on every read.
 
-    def __init__(self, api: client.ApiClient) -> None:
-        self.api = api
+    `connect` gives the credentials (Kopf's ConnectionInfo, from the same login as Kopf's own session); they are asked
+    again once when the API server answers 401 (a rotated service-account token). At most `connections` requests are
+    in flight at once; the others wait for a free connection."""
 
-    def _request(
+    def __init__(
+        self,
+        connect: Callable[[], kopf.ConnectionInfo],
+        connections: int = 16,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self._connect = connect
+        self._connections = connections
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self._server = ""
+
+    def _open(self) -> aiohttp.ClientSession:
+        info = self._connect()
+        self._server = info.server.rstrip("/")
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self._connections, ssl=info.as_ssl_context()),
+            headers={**info.as_http_headers(), "Accept": "application/json", "User-Agent": "llmengine-operator"},
+            proxy=info.proxy_url,
+            trust_env=info.trust_env,
+            timeout=self._timeout,
+        )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(
         self,
         method: str,
         path: str,
@@ -80,34 +114,26 @@ class Kube:
         query: Mapping[str, str] | None = None,
         content_type: str | None = None,
     ) -> Any:
-        """One request (synchronous: run it through _call); the decoded JSON answer. ApiException on a non-2xx."""
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type or "application/json"
-        params = self.api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=list((query or {}).items()),
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        rsp = self.api.call_api(*params)
-        data = rsp.read()
-        if not 200 <= rsp.status <= 299:
-            raise ApiException.from_response(
-                http_resp=rsp, body=data.decode(errors="replace") if data else None, data=None
-            )
-        return json.loads(data) if data else None
-
-    async def _call(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(self._request, method, path, *args, **kwargs)
+        """One request; the decoded JSON answer. ApiError on a non-2xx answer."""
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": content_type or "application/json"} if body is not None else None
+        for attempt in (1, 2):
+            session = self._session or self._open()
+            async with session.request(method, self._server + path, data=data, params=query, headers=headers) as rsp:
+                raw = await rsp.read()
+                if rsp.status == 401 and attempt == 1:
+                    await self.close()  # credentials rotated: log in again once
+                    continue
+                if not 200 <= rsp.status <= 299:
+                    raise ApiError(rsp.status, _reason(raw, rsp.reason))
+                return json.loads(raw) if raw else None
+        raise AssertionError("unreachable")
 
     async def _get(self, path: str) -> dict[str, Any] | None:
         """The object exactly as the API server sent it; None on 404."""
         try:
             obj = await self._call("GET", path)
-        except ApiException as e:
+        except ApiError as e:
             if e.status == 404:
                 return None
             raise
@@ -133,10 +159,10 @@ class Kube:
         ns = obj["metadata"]["namespace"]
         try:
             await self._call("POST", _custom(group, version, plural, ns), obj)
-        except ApiException as e:
+        except ApiError as e:
             if e.status == 409:
                 return False
-            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+            raise
         return True
 
     async def replace_object(
@@ -144,15 +170,12 @@ class Kube:
     ) -> None:
         md = obj["metadata"]
         body = {**obj, "metadata": {**md, "resourceVersion": resource_version}}
-        try:
-            await self._call("PUT", _custom(group, version, plural, md["namespace"], md["name"]), body)
-        except ApiException as e:
-            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+        await self._call("PUT", _custom(group, version, plural, md["namespace"], md["name"]), body)
 
     async def delete_object(self, group: str, version: str, plural: str, ns: str, name: str) -> None:
         try:
             await self._call("DELETE", _custom(group, version, plural, ns, name))
-        except ApiException as e:
+        except ApiError as e:
             if e.status != 404:
                 raise
 
@@ -182,7 +205,7 @@ class Kube:
         """Create; the object as stored, None when it already exists."""
         try:
             got = await self._call("POST", _path(obj["kind"], obj["metadata"]["namespace"]), obj)
-        except ApiException as e:
+        except ApiError as e:
             if e.status == 409:
                 return None
             raise
@@ -222,7 +245,7 @@ class Kube:
         patch = {"metadata": {"ownerReferences": [owner]}}
         try:
             await self._call("PATCH", _path(kind, ns, name), patch, content_type=STRATEGIC_MERGE_PATCH)
-        except ApiException as e:
+        except ApiError as e:
             if e.status != 404:
                 raise
 
@@ -231,23 +254,17 @@ class Kube:
     ) -> None:
         """Set a Secret's data: a merge patch of the Secret last read at `resource_version` (409 when it changed since),
         or a create when there was none (409 when another writer created it first)."""
-        try:
-            if resource_version is None:
-                body = {"metadata": {"name": name, "namespace": ns}, "type": "Opaque", "data": dict(data)}
-                await self._call("POST", _path("Secret", ns), body)
-            else:
-                patch = {"metadata": {"resourceVersion": resource_version}, "data": dict(data)}
-                await self._call("PATCH", _path("Secret", ns, name), patch, content_type=MERGE_PATCH)
-        except ApiException as e:
-            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+        if resource_version is None:
+            body = {"metadata": {"name": name, "namespace": ns}, "type": "Opaque", "data": dict(data)}
+            await self._call("POST", _path("Secret", ns), body)
+        else:
+            patch = {"metadata": {"resourceVersion": resource_version}, "data": dict(data)}
+            await self._call("PATCH", _path("Secret", ns, name), patch, content_type=MERGE_PATCH)
 
     async def patch_webhook_configuration(self, name: str, patch: Mapping[str, Any]) -> None:
         """Strategic merge patch: webhooks merge by name, so fields of each webhook not in the patch are kept."""
-        try:
-            path = f"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/{quote(name)}"
-            await self._call("PATCH", path, dict(patch), content_type=STRATEGIC_MERGE_PATCH)
-        except ApiException as e:
-            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+        path = f"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/{quote(name)}"
+        await self._call("PATCH", path, dict(patch), content_type=STRATEGIC_MERGE_PATCH)
 
     async def create_peering(self, plural: str, name: str, ns: str | None) -> bool:
         """Create a Kopf peering object (kopf.dev/v1, `plural`), cluster-wide or in `ns`; False when it exists."""
@@ -256,17 +273,17 @@ class Kube:
             if ns is None:
                 body["kind"] = "ClusterKopfPeering"
             await self._call("POST", _custom("kopf.dev", "v1", plural, ns), body)
-        except ApiException as e:
+        except ApiError as e:
             if e.status == 409:
                 return False
-            raise ApiError(int(e.status or 0), str(e.reason or "")) from e
+            raise
         return True
 
     async def delete_job(self, ns: str, name: str) -> None:
         for kind in ("Job", "ConfigMap"):
             try:
                 await self._call("DELETE", _path(kind, ns, name), query={"propagationPolicy": "Background"})
-            except ApiException as e:
+            except ApiError as e:
                 if e.status != 404:
                     raise
 
@@ -275,3 +292,30 @@ class Kube:
         path = _custom(GROUP, VERSION, PLURAL, ns, name) + "/status"
         res = await self._call("PATCH", path, {"status": patch}, content_type=MERGE_PATCH)
         return dict(res) if isinstance(res, Mapping) else {}
+
+
+def _reason(raw: bytes, fallback: str | None) -> str:
+    """The API server's own message (a Status object's `message`), else the HTTP reason phrase."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if isinstance(doc, Mapping) and isinstance(doc.get("message"), str) and doc["message"]:
+        return str(doc["message"])
+    return fallback or ""
+
+
+def connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    """Credentials for Kopf's session and for Kube alike. In a pod: its service account. Elsewhere: the kubeconfig
+    (KUBECONFIG or ~/.kube/config, current context) when its user holds a token, a client certificate or a password;
+    a user that needs an exec plugin or an auth provider goes through the kubernetes client library, when installed."""
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is not None and (info.token or info.certificate_path or info.certificate_data or info.username):
+        return info
+    via_client = kopf.login_via_client(settings=settings, logger=_log)  # None without the kubernetes package
+    if via_client is None:
+        raise kopf.LoginError(
+            "no Kubernetes credentials: run in a pod with a service account, or point KUBECONFIG at a kubeconfig "
+            "whose user has a token or a client certificate (an exec plugin needs the kubernetes package installed)"
+        )
+    return via_client
