@@ -111,21 +111,17 @@ def breakdown(timeline: list[list[Any]], name: str, t_patch: float, t_job: float
         steps["wake_to_pass_start"] = start[0] - wake[0]
     calls: list[dict[str, Any]] = []
     if start and created:
-        # Every call in the window (the pass's and other passes' share the same threads): queued, thread, ended.
-        pending: dict[tuple[Any, ...], list[float]] = {}
+        # Every call in the window (this pass's and other passes', on one connection pool): queued and ended.
+        pending: dict[tuple[Any, ...], float] = {}
         for e in evs:
             if not (start[0] <= e[0] <= created[0]) or not e[1].startswith("call-"):
                 continue
             key = tuple(e[2:])
             if e[1] == "call-queued":
-                pending[key] = [e[0]]
-            elif e[1] == "call-started" and key in pending:
-                pending[key].append(e[0])
-            elif e[1] == "call-ended" and key in pending and len(pending[key]) == 2:
-                q, s = pending.pop(key)
-                calls.append(
-                    {"call": key[0], "args": key[1:], "wait_thread": s - q, "run": e[0] - s, "at": q - start[0]}
-                )
+                pending[key] = e[0]
+            elif e[1] == "call-ended" and key in pending:
+                q = pending.pop(key)
+                calls.append({"call": key[0], "args": key[1:], "run": e[0] - q, "at": q - start[0]})
         steps["pass_start_to_job_created"] = created[0] - start[0]
         sv = [e for e in evs if e[1].startswith("store-view") and start[0] <= e[0] <= created[0]]
         if len(sv) >= 2:

@@ -96,7 +96,7 @@ def _install() -> None:
 
     Reconciler.reconcile = traced_reconcile  # type: ignore[method-assign]
 
-    call, request = Kube._call, Kube._request
+    call = Kube._call
 
     async def traced_call(self: Any, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
         EVENTS.append((time.time(), "call-queued", method, path))
@@ -105,12 +105,7 @@ def _install() -> None:
         finally:
             EVENTS.append((time.time(), "call-ended", method, path))
 
-    def traced_request(self: Any, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
-        EVENTS.append((time.time(), "call-started", method, path))  # in the worker thread
-        return request(self, method, path, *args, **kwargs)
-
     Kube._call = traced_call  # type: ignore[method-assign]
-    Kube._request = traced_request  # type: ignore[method-assign]
 
     view = Stores.view
 
