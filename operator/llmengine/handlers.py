@@ -267,8 +267,9 @@ async def deployment_changed(meta: kopf.Meta, namespace: str | None, memo: kopf.
 
 
 # The serving Deployments as the watch sees them: a reconcile pass reads its engine's from here, not from the API.
+# Async, as every handler here: Kopf runs a sync handler in a worker thread, a thread hop per watch event.
 @kopf.index("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
-def serving_deployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+async def serving_deployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
     return {(namespace or "", name): deployment_essentials(body)}
 
 
@@ -282,7 +283,7 @@ def _lookup(index: kopf.Index[Any, Any]) -> Callable[[str, str], dict[str, Any] 
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def engine_deleted(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def engine_deleted(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
     namespace = namespace or ""
     # Never touches the store (engines stay there) and never fails: deletion can not wedge on this finalizer.
     memo.wakeups.drop(namespace, name)

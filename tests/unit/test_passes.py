@@ -46,6 +46,26 @@ def test_a_new_engine_builds_rolls_out_and_settles_with_one_event_per_transition
     assert quiet.decision.actions == (Serve(D, SERVER_IMAGE, 2),)  # idempotent: an unchanged render writes nothing
 
 
+def test_a_slow_rollout_is_looked_at_less_often_the_longer_it_takes() -> None:
+    """Pods not yet ready: a look every 5 s at first, then a quarter of the time waited so far, never over 30 s."""
+    p = Passes()
+    p(committed=True)
+    waits = []
+    for minutes in (0, 0.25, 1, 2, 10):
+        rolling = p(
+            committed=True,
+            deployment=deployment(observed_generation=0, updated=0, available=0, ready=0),
+            now=NOW + datetime.timedelta(minutes=minutes),
+        )
+        assert rolling.status["phase"] == "Deploying"
+        waits.append(rolling.requeue_after)
+    assert waits == [5.0, 5.0, 15.0, 30.0, 30.0]
+    ready = p(committed=True, deployment=deployment(), now=NOW + datetime.timedelta(minutes=11))
+    assert ready.status["phase"] == "Ready"
+    lost = p(committed=True, deployment=deployment(available=1, ready=1), now=NOW + datetime.timedelta(minutes=12))
+    assert lost.status["phase"] == "Degraded" and lost.requeue_after == 5.0  # a new loss: looked at soon again
+
+
 def test_a_full_pool_queues_then_starts_when_a_slot_frees() -> None:
     p = Passes()
     queued = p(queue_position=2)

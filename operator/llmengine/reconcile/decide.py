@@ -254,8 +254,9 @@ def _rollout_step(p: _Pass, dep: DeploymentView | None, digest: str) -> tuple[st
     deployed = bool(dep and dep.digest == digest and dep.rolled_out and dep.available >= snap.replicas)
     if not deployed:
         # A pod that can not start changes nothing the Deployment reports: look again soon, so that its problem
-        # (a crash loop, a failed download, no node) reaches the status within seconds.
-        p.soon(5.0)
+        # (a crash loop, a failed download, no node) reaches the status within seconds. Every pod that gets ready
+        # moves the Deployment's status, and that event wakes the engine at once: the look is for what no event says.
+        p.soon(_pod_look_seconds(snap))
     if _rolling_out(dep, digest):
         message = f"rolling out engine {digest[:12]}{trouble}"
         p.setc(cond.DEPLOYED, False, "RollingOut", message)
@@ -274,6 +275,19 @@ def _rollout_step(p: _Pass, dep: DeploymentView | None, digest: str) -> tuple[st
     message = f"serving engine {digest[:12]} on {snap.replicas} replica(s)"
     p.setc(cond.DEPLOYED, True, "Available", message)
     return READY, message
+
+
+# How often a pass looks at the pods of an engine that is not yet served by all its replicas: every 5 s at first,
+# then a quarter of the time it has been so, up to 30 s. A problem at the start shows within seconds; a long rollout
+# (1,000 engines at once, large engines downloading) is not looked at 12 times a minute per engine for its whole length.
+POD_LOOK_FIRST_S, POD_LOOK_MAX_S = 5.0, 30.0
+
+
+def _pod_look_seconds(snap: Snapshot) -> float:
+    old = cond.get_condition(snap.status.conditions, cond.DEPLOYED)
+    since = old.last_transition_time if old is not None and old.status == "False" else None
+    waited = seconds_between(since, iso(snap.now)) or 0.0
+    return min(POD_LOOK_MAX_S, max(POD_LOOK_FIRST_S, waited / 4))
 
 
 def _gate(snap: Snapshot, dep: DeploymentView | None) -> GateStep | None:
