@@ -174,10 +174,17 @@ def enable_webhook(memo: kopf.Memo, options: WebhookOptions) -> None:
 
 
 @kopf.on.login()
-def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
-    from llmengine.clients.kube import connection
+async def login(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> kopf.AiohttpSession:
+    """Kopf's session, with the operator's credentials and a bounded connection pool (Kopf's own has no limit)."""
+    from llmengine.clients.kube import connection, kopf_connections, session
 
-    return connection(settings)
+    info = connection(settings)
+    limit = kopf_connections(len(memo.get("watched_namespaces") or []))
+    return kopf.AiohttpSession(
+        server=info.server,
+        default_namespace=info.default_namespace,
+        aiohttp_session=session(info, limit),
+    )
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0, initial_delay=0)

@@ -92,13 +92,7 @@ class Kube:
     def _open(self) -> aiohttp.ClientSession:
         info = self._connect()
         self._server = info.server.rstrip("/")
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._connections, ssl=info.as_ssl_context()),
-            headers={**info.as_http_headers(), "Accept": "application/json", "User-Agent": "llmengine-operator"},
-            proxy=info.proxy_url,
-            trust_env=info.trust_env,
-            timeout=self._timeout,
-        )
+        self._session = session(info, self._connections, self._timeout)
         return self._session
 
     async def close(self) -> None:
@@ -303,6 +297,28 @@ def _reason(raw: bytes, fallback: str | None) -> str:
     if isinstance(doc, Mapping) and isinstance(doc.get("message"), str) and doc["message"]:
         return str(doc["message"])
     return fallback or ""
+
+
+def session(
+    info: kopf.ConnectionInfo, connections: int, timeout: aiohttp.ClientTimeout | None = None
+) -> aiohttp.ClientSession:
+    """An aiohttp session to the API server of `info` with at most `connections` open at once. Each TLS connection
+    holds a 256 KiB read buffer (asyncio's SSL protocol), so a pool without a limit (Kopf's own) that opens one
+    connection per concurrent request in a burst of 1,000 new objects costs tens of MiB at the peak."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, ssl=info.as_ssl_context()),
+        headers={**info.as_http_headers(), "Accept": "application/json", "User-Agent": "llmengine-operator"},
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+        timeout=timeout or aiohttp.client.DEFAULT_TIMEOUT,  # Kopf gives its own per request, watches included
+    )
+
+
+def kopf_connections(namespaces: int) -> int:
+    """Connections for Kopf's session: its watch streams stay open (LLMEngines, Jobs, Deployments and peering per
+    watched namespace, or once cluster-wide, plus its resource scan), and at least 32 more for its patches and
+    events."""
+    return 32 + 4 * max(1, namespaces) + 1
 
 
 def connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
