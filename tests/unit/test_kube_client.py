@@ -165,3 +165,17 @@ def test_connection_reads_a_static_kubeconfig_and_refuses_one_without_credential
     monkeypatch.setitem(__import__("sys").modules, "kubernetes", None)  # as in the operator image
     with pytest.raises(kopf.LoginError, match="exec plugin needs the kubernetes package"):
         connection(settings)
+
+
+def test_in_a_pod_the_api_server_is_where_the_service_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As client-go's in-cluster config: KUBERNETES_SERVICE_HOST and _PORT, not the DNS name Kopf's loader assumes."""
+    sa = kopf.ConnectionInfo(server="https://kubernetes.default.svc", token="sa-token", default_namespace="ops")
+    monkeypatch.setattr(kopf, "login_with_service_account", lambda **_: sa)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    info = connection(kopf.OperatorSettings())
+    assert (info.server, info.token, info.default_namespace) == ("https://10.96.0.1:443", "sa-token", "ops")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
+    assert connection(kopf.OperatorSettings()).server == "https://[fd00::1]:443"
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    assert connection(kopf.OperatorSettings()).server == "https://kubernetes.default.svc"

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -322,10 +324,15 @@ def kopf_connections(namespaces: int) -> int:
 
 
 def connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
-    """Credentials for Kopf's session and for Kube alike. In a pod: its service account. Elsewhere: the kubeconfig
-    (KUBECONFIG or ~/.kube/config, current context) when its user holds a token, a client certificate or a password;
-    a user that needs an exec plugin or an auth provider goes through the kubernetes client library, when installed."""
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    """Credentials for Kopf's session and for Kube alike. In a pod: its service account, and the API server at
+    KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT as client-go finds it (no cluster DNS needed). Elsewhere: the
+    kubeconfig (KUBECONFIG or ~/.kube/config, current context) when its user holds a token, a client certificate or a
+    password; a user that needs an exec plugin or an auth provider goes through the kubernetes client library, when
+    installed."""
+    info = kopf.login_with_service_account(settings=settings)
+    if info is not None:
+        return replace(info, server=_in_cluster_server() or info.server)
+    info = kopf.login_with_kubeconfig(settings=settings)
     if info is not None and (info.token or info.certificate_path or info.certificate_data or info.username):
         return info
     via_client = kopf.login_via_client(settings=settings, logger=_log)  # None without the kubernetes package
@@ -335,3 +342,10 @@ def connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
             "whose user has a token or a client certificate (an exec plugin needs the kubernetes package installed)"
         )
     return via_client
+
+
+def _in_cluster_server() -> str | None:
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return None
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
