@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "operator" / "llmengine"
-KINDS = {"Counter": "counter", "Gauge": "gauge", "Histogram": "histogram", "Summary": "summary", "Info": "info"}
+KINDS = {
+    "Counter": "counter",
+    "Gauge": "gauge",
+    "Histogram": "histogram",
+    "Summary": "summary",
+    "Info": "info",
+    # Families a custom collector makes at scrape time (per-engine series read from the operator's state).
+    "GaugeMetricFamily": "gauge",
+}
 
 
 @dataclass(frozen=True)

@@ -281,6 +281,8 @@ def test_an_autoscaled_engine_serves_the_autoscalers_count_and_drops_what_the_sp
 
 
 def test_per_engine_state_series_move_with_the_engine_and_go_with_it() -> None:
+    """The series are read from the engines' state when Prometheus scrapes: a moved state moves them, a gone engine
+    has none."""
     from prometheus_client import REGISTRY
 
     from llmengine.reconcile import metrics
@@ -292,15 +294,22 @@ def test_per_engine_state_series_move_with_the_engine_and_go_with_it() -> None:
         labels = {"namespace": "ml", "name": "m1", "type": type_, "status": status}
         return REGISTRY.get_sample_value("llmengine_engine_condition", labels)
 
-    building = {"phase": "Building", "Ready": "False", "Available": "False"}
-    metrics.engine_state("ml", "m1", {}, building)
-    assert value("Building") == 1 and cond("Available", "False") == 1
-    ready = {"phase": "Ready", "Ready": "True", "Available": "True"}
-    metrics.engine_state("ml", "m1", building, ready)
-    assert value("Building") is None and value("Ready") == 1
-    assert cond("Available", "False") is None and cond("Available", "True") == 1
-    metrics.engine_state("ml", "m1", ready, {})
-    assert value("Ready") is None and cond("Ready", "True") is None
+    states: dict[tuple[str, str], dict[str, str]] = {}
+    before = metrics.ENGINE_STATES.states
+    metrics.ENGINE_STATES.states = states
+    try:
+        states[("ml", "m1")] = {"phase": "Building", "Ready": "False", "Available": "False"}
+        states[("ml", "m2")] = {"phase": "Ready", "Ready": "True"}
+        assert value("Building") == 1 and cond("Available", "False") == 1
+        states[("ml", "m1")] = {"phase": "Ready", "Ready": "True", "Available": "True"}
+        assert value("Building") is None and value("Ready") == 1
+        assert cond("Available", "False") is None and cond("Available", "True") == 1
+        del states[("ml", "m1")]
+        assert value("Ready") is None and cond("Ready", "True") is None
+        labels = {"namespace": "ml", "name": "m2", "phase": "Ready"}
+        assert REGISTRY.get_sample_value("llmengine_engine_phase", labels) == 1
+    finally:
+        metrics.ENGINE_STATES.states = before
 
 
 def test_a_running_build_shows_its_stage_and_a_committed_one_none() -> None:

@@ -115,7 +115,6 @@ class Actor:
         metrics.move_engine(self.memory.phases.get(key), phase)
         self.memory.phases[key] = phase
         state: dict[str, str] = {"phase": phase, **{c.type: str(c.status) for c in d.status.conditions or []}}
-        metrics.engine_state(snap.namespace, snap.name, self.memory.state.get(key, {}), state)
         self.memory.state[key] = state
         digest = snap.plan.engine_digest
         build = d.status.build

@@ -49,6 +49,7 @@ class Reconciler:
         self.slots = asyncio.Semaphore(PASSES_AT_ONCE)
         self.queue = BuildQueue(cfg.build_concurrency_per_pool)
         self.memory = Memory()
+        metrics.ENGINE_STATES.states = self.memory.state  # the per-engine state series, read at scrape time
         stores = Stores(kube, cfg.ca_bundle)
         self.gatherer = Gatherer(kube, cfg, self.queue, self.memory, stores, prometheus=prometheus_source(cfg))
         self.actor = Actor(kube, cfg, self.queue, self.memory, stores, events or _no_events)

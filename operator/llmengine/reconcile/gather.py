@@ -86,7 +86,7 @@ class Memory:
         self.finished.pop(key, None)
         self.deployments.pop(key, None)
         self.grants.pop(key, None)
-        metrics.engine_state(*key, self.state.pop(key, {}), {})
+        self.state.pop(key, None)
         return self.phases.pop(key, None)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 BUILDS = Counter("llmengine_builds_total", "Build Jobs by result", ["result"])
 BUILD_SECONDS = Histogram(
@@ -56,35 +57,33 @@ def move_engine(before: str | None, after: str | None) -> None:
         ENGINES.labels(after).inc()
 
 
-# Per engine: one series per condition type, labelled with its current status (1), and one for the phase. A change
-# moves the series (the old label set is removed), so `== 1` selects exactly the engines in that state.
-ENGINE_CONDITION = Gauge(
-    "llmengine_engine_condition",
-    "Each LLMEngine's conditions: 1 on the series of its current status",
-    ["namespace", "name", "type", "status"],
-)
-ENGINE_PHASE = Gauge(
-    "llmengine_engine_phase",
-    "Each LLMEngine's phase: 1 on the series of its current phase",
-    ["namespace", "name", "phase"],
-)
+# Per engine: one series per condition type, labelled with its current status (1), and one for the phase, read at
+# scrape time from each engine's state as its last pass left it (Memory.state), so that `== 1` selects exactly the
+# engines in that state and a gone engine has no series. Nothing is kept per engine here: eight series objects per
+# engine were about 6 KiB each engine.
+class EngineStates(Collector):
+    def __init__(self) -> None:
+        self.states: Mapping[tuple[str, str], Mapping[str, str]] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        condition = GaugeMetricFamily(
+            "llmengine_engine_condition",
+            "Each LLMEngine's conditions: 1 on the series of its current status",
+            labels=["namespace", "name", "type", "status"],
+        )
+        phase = GaugeMetricFamily(
+            "llmengine_engine_phase",
+            "Each LLMEngine's phase: 1 on the series of its current phase",
+            labels=["namespace", "name", "phase"],
+        )
+        for (namespace, name), state in list(self.states.items()):  # read from the metrics server's thread
+            for key, value in state.items():
+                if key == "phase":
+                    phase.add_metric([namespace, name, value], 1)
+                else:
+                    condition.add_metric([namespace, name, key, value], 1)
+        return [condition, phase]
 
 
-def _series(namespace: str, name: str, key: str, value: str) -> tuple[Gauge, tuple[str, ...]]:
-    if key == "phase":
-        return ENGINE_PHASE, (namespace, name, value)
-    return ENGINE_CONDITION, (namespace, name, key, value)
-
-
-def engine_state(namespace: str, name: str, before: Mapping[str, str], after: Mapping[str, str]) -> None:
-    """Move an engine's state series from `before` to `after` ({"phase": ..., "<condition type>": status}); an
-    empty `after` removes them all (the engine is gone)."""
-    for key, old in before.items():
-        if after.get(key) != old:
-            gauge, labels = _series(namespace, name, key, old)
-            with contextlib.suppress(KeyError):
-                gauge.remove(*labels)
-    for key, new in after.items():
-        if before.get(key) != new:
-            gauge, labels = _series(namespace, name, key, new)
-            gauge.labels(*labels).set(1)
+ENGINE_STATES = EngineStates()
+REGISTRY.register(ENGINE_STATES)
