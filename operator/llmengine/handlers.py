@@ -67,6 +67,7 @@ class WebhookOptions:
 
 
 WEBHOOK_ID = "validate-llmengine"
+IDLE_WORKER_SECONDS = 0.5
 
 
 def _post_event(body: Any, type_: str, reason: str, message: str) -> None:
@@ -95,6 +96,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.reporting_instance = os.environ.get("POD_NAME") or socket.gethostname()
     settings.posting.event_name_prefix = "llmengine-"
     settings.watching.server_timeout = 300
+    # Kopf's per-object worker keeps the last watch event it processed (the whole object) while it waits for the next;
+    # 5 s by default. In a rollout of many engines every Deployment sends events for minutes, so the default kept a
+    # whole Deployment per engine in memory throughout; a worker that exits sooner lets it go.
+    settings.queueing.idle_timeout = IDLE_WORKER_SECONDS
     settings.networking.request_timeout = 60
     # A replica that dies without a goodbye is forgotten after this; the standby then takes over.
     settings.peering.lifetime = memo.cfg.peering_lifetime_seconds
