@@ -3,6 +3,7 @@ the serving pods' metrics); the only things kept are caches and the traffic seri
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import time
@@ -90,6 +91,24 @@ class Memory:
         return self.phases.pop(key, None)
 
 
+@dataclass
+class _Early:
+    """Reads started before the store's answer says whether they are needed; those not used are cancelled."""
+
+    job: asyncio.Future[dict[str, Any] | None] | None = None
+    pool: asyncio.Future[tuple[set[str], set[str], str | None]] | None = None
+
+    def drop(self) -> None:
+        for fut in (self.job, self.pool):
+            if fut is None:
+                continue
+            if fut.done():
+                if not fut.cancelled():
+                    fut.exception()  # retrieved: a failed read nobody needed is not an error
+            else:
+                fut.cancel()
+
+
 class Gatherer:
     def __init__(
         self,
@@ -162,78 +181,92 @@ class Gatherer:
 
         access = self._access(spec, req.store)
         digest = plan.engine_digest
-        store = await self.stores.view(ns, access, digest)
         pool = common.pool_name(plan.gpu.name, plan.mig_profile)
         job_name = common.build_job_name(plan.short_digest)
         bns = access.build_namespace or ns  # where the build Job runs
         key = f"{bns}/{job_name}"
-        self.queue.join((ns, name), pool, key)
-        # The builder commits before its Job is marked Complete: keep reading our build Job until its duration is
-        # recorded (build metrics, status.build.lastDurationSeconds), not only while the engine is uncommitted.
-        build = status.build
-        ours = build is not None and build.job == job_name and build.last_duration_seconds is None
-        job = None
-        if not store.committed or ours:
-            raw_job = await self.kube.get_job(bns, job_name)
-            pods = await self.kube.list_pods(bns, f"job-name={job_name}") if raw_job is not None else []
-            job = job_view(raw_job, pods)
-        progress = None
-        if job is not None and not job.ended and store.committed is False:
-            progress = await self.stores.progress(ns, access, digest)
-        position, elsewhere = 0, None
-        if store.committed is False and job is None:
-            store_key = common.store_key(req.store)
-            active, listed, elsewhere = await self._pool_builds(pool, bns, job_name, store_key)
-            if elsewhere is None:
-                claimed = self.queue.claim(f"{job_name}|{store_key}", key)
-                elsewhere = f"{claimed} (starting)" if claimed else None
-            if elsewhere is None:
-                position = self.queue.position(pool, key, active, listed)
-        elif store.committed:
-            self.queue.forget(key)
-        metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
-        dview = await self._deployment_with_pods(ns, dep, current, plan, replicas)
-        bench = None
-        if (
-            store.committed
-            and spec is not None
-            and spec.benchmark is not None
-            and (dview is None or dview.digest != digest)
+        store_key = common.store_key(req.store)
+        early = _Early()
+        if (status.desired_engine is None or status.desired_engine.digest != digest) and not self.stores.remembers(
+            access, digest
         ):
-            bench_name = render_bench.bench_job_name(plan.short_digest)
-            raw_bench = await self.kube.get_job(ns, bench_name)
-            pods = await self.kube.list_pods(ns, f"job-name={bench_name}") if raw_bench is not None else []
-            bench = bench_view(raw_bench, pods)
-        traffic = None
-        # Traffic is read (and the scrape interval spent) only when the desired engine serves every replica, as the
-        # decision needs it for a Ready engine.
-        serves = dview is not None and dview.digest == digest and dview.rolled_out and dview.available >= replicas
-        if base.traffic_on and serves:
-            traffic = await self._traffic(ns, name, plan, spec.serving.port, spec.rebuild_policy.window)
-        kinds = sorted({*attachments.wanted(spec), *(current.attachments if current else ())})
-        found: dict[str, AttachmentView | None] = {}
-        for kind in kinds:
-            k = common.ATTACHMENT_KINDS.get(kind)
-            if k is not None:
-                got = await self.kube.get_object(k.group, k.version, k.plural, ns, common.serving_name(name))
-                found[kind] = attachment_view(kind, got)
-        grant = await self._grant(ns, name) if access.isolated and store.committed else None
-        snap = dataclasses.replace(
-            base,
-            build_owned=not access.isolated,
-            grant_seconds=self.cfg.grant_seconds if access.isolated else None,
-            grant=grant,
-            attachments=found,
-            store=store,
-            job=job,
-            building_elsewhere=elsewhere,
-            progress=progress,
-            queue_position=position,
-            deployment=dview,
-            bench=bench,
-            traffic=traffic,
-        )
-        return snap, Target(engine, access, pool, key)
+            # An identity this engine has not had yet (a new engine, a spec change that rebuilds): most likely not
+            # committed, so its build Job and the pool's Jobs will be read too. Ask for them while the store answers,
+            # not after it: this is the path from an apply to its build Job. Never on an engine that stays put.
+            early.job = asyncio.ensure_future(self.kube.get_job(bns, job_name))
+            early.pool = asyncio.ensure_future(self._pool_builds(pool, bns, job_name, store_key))
+        try:
+            store = await self.stores.view(ns, access, digest)
+            self.queue.join((ns, name), pool, key)
+            # The builder commits before its Job is marked Complete: keep reading our build Job until its duration is
+            # recorded (build metrics, status.build.lastDurationSeconds), not only while the engine is uncommitted.
+            build = status.build
+            ours = build is not None and build.job == job_name and build.last_duration_seconds is None
+            job = None
+            if not store.committed or ours:
+                raw_job = await (early.job or self.kube.get_job(bns, job_name))
+                early.job = None
+                pods = await self.kube.list_pods(bns, f"job-name={job_name}") if raw_job is not None else []
+                job = job_view(raw_job, pods)
+            progress = None
+            if job is not None and not job.ended and store.committed is False:
+                progress = await self.stores.progress(ns, access, digest)
+            position, elsewhere = 0, None
+            if store.committed is False and job is None:
+                active, listed, elsewhere = await (early.pool or self._pool_builds(pool, bns, job_name, store_key))
+                early.pool = None
+                if elsewhere is None:
+                    claimed = self.queue.claim(f"{job_name}|{store_key}", key)
+                    elsewhere = f"{claimed} (starting)" if claimed else None
+                if elsewhere is None:
+                    position = self.queue.position(pool, key, active, listed)
+            elif store.committed:
+                self.queue.forget(key)
+            metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
+            dview = await self._deployment_with_pods(ns, dep, current, plan, replicas)
+            bench = None
+            if (
+                store.committed
+                and spec is not None
+                and spec.benchmark is not None
+                and (dview is None or dview.digest != digest)
+            ):
+                bench_name = render_bench.bench_job_name(plan.short_digest)
+                raw_bench = await self.kube.get_job(ns, bench_name)
+                pods = await self.kube.list_pods(ns, f"job-name={bench_name}") if raw_bench is not None else []
+                bench = bench_view(raw_bench, pods)
+            traffic = None
+            # Traffic is read (and the scrape interval spent) only when the desired engine serves every replica, as the
+            # decision needs it for a Ready engine.
+            serves = dview is not None and dview.digest == digest and dview.rolled_out and dview.available >= replicas
+            if base.traffic_on and serves:
+                traffic = await self._traffic(ns, name, plan, spec.serving.port, spec.rebuild_policy.window)
+            kinds = sorted({*attachments.wanted(spec), *(current.attachments if current else ())})
+            found: dict[str, AttachmentView | None] = {}
+            for kind in kinds:
+                k = common.ATTACHMENT_KINDS.get(kind)
+                if k is not None:
+                    got = await self.kube.get_object(k.group, k.version, k.plural, ns, common.serving_name(name))
+                    found[kind] = attachment_view(kind, got)
+            grant = await self._grant(ns, name) if access.isolated and store.committed else None
+            snap = dataclasses.replace(
+                base,
+                build_owned=not access.isolated,
+                grant_seconds=self.cfg.grant_seconds if access.isolated else None,
+                grant=grant,
+                attachments=found,
+                store=store,
+                job=job,
+                building_elsewhere=elsewhere,
+                progress=progress,
+                queue_position=position,
+                deployment=dview,
+                bench=bench,
+                traffic=traffic,
+            )
+            return snap, Target(engine, access, pool, key)
+        finally:
+            early.drop()
 
     async def _deployment(self, ns: str, name: str, lookup: DeploymentLookup | None) -> Mapping[str, Any] | None:
         """The serving Deployment: from the watch when there is one, else read; our own last write when it is newer

@@ -59,12 +59,16 @@ class Stores:
         loc = access.location
         return (loc.endpoint or "", loc.bucket, loc.prefix, digest)
 
+    def remembers(self, access: StoreAccess, digest: str) -> bool:
+        """Whether view() will answer committed from memory, without asking the store."""
+        seen = self._committed.get(self._commit_key(access, digest))
+        return seen is not None and time.monotonic() - seen < COMMITTED_TTL_SECONDS
+
     async def view(self, ns: str, access: StoreAccess, digest: str) -> StoreView:
         """Whether the engine is committed (remembered for COMMITTED_TTL_SECONDS once seen)."""
         uri = access.location.engine_uri(digest)
         ck = self._commit_key(access, digest)
-        seen = self._committed.get(ck)
-        if seen is not None and time.monotonic() - seen < COMMITTED_TTL_SECONDS:
+        if self.remembers(access, digest):
             return StoreView(True, None, uri)
         try:
             store = await self.client(ns, access)
