@@ -53,6 +53,14 @@ class Engines:
             raise AssertionError(f"{e}; status now: {json.dumps(self.get(name).get('status'), indent=1)}") from None
 
 
+# The glibc malloc settings of operator-image/Dockerfile, so that the operator runs here as in its image.
+OPERATOR_IMAGE_MALLOC = {
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_MMAP_THRESHOLD_": "131072",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+}
+
+
 def operator_command(
     kubeconfig: str,
     namespaces: Sequence[str],
@@ -75,6 +83,7 @@ def operator_command(
         "LLMENGINE_TRAFFIC_SCRAPE_INTERVAL_SECONDS": "2",
         "LLMENGINE_BUILD_BACKOFF_BASE_SECONDS": "1",
         "LLMENGINE_JSON_LOGS": "true",
+        **OPERATOR_IMAGE_MALLOC,
         **(extra_env or {}),
     }
     cmd = [sys.executable, "-m", "llmengine.cli", "operator", "--metrics-port", str(metrics_port)]
