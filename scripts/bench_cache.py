@@ -9,8 +9,9 @@ on loopback, then `llmengine serve-engine download` runs as a process, as fetch-
 
 It also times the two ways to check a cached copy on a hit: the stat rule (size and mtime of every file against the
 record written after full verification) and a full SHA-256 re-hash, with the file in the page cache and evicted
-from it (posix_fadvise DONTNEED). Sizes that do not fit the free disk (about 2x the size plus 2 GiB at the peak:
-the store's copy and one local copy) are reported as skipped. Each size runs --repeat times and the tables show
+from it (posix_fadvise DONTNEED). Sizes that do not fit the free disk (3x the size plus 2 GiB at the peak, during the
+upload: the source, the parts versitygw's posix backend writes, and the object it assembles from them on completion)
+are reported as skipped. Each size runs --repeat times and the tables show
 medians (the machine may be shared); before each fetch the store's files are evicted from the page cache, so
 that the baseline and the cold node read the store from disk alike. Prints markdown tables.
 
@@ -158,7 +159,7 @@ def main() -> None:
         client.create_bucket(Bucket="bench")
         store = EngineStore(client, StoreLocation(bucket="bench", endpoint=ep.endpoint), TransferTuning.from_env())
         for size_gib in args.sizes_gib:
-            need = int(2 * size_gib * GiB) + MARGIN
+            need = int(3 * size_gib * GiB) + MARGIN  # source + uploaded parts + the assembled object
             free = shutil.disk_usage(scratch).free
             if need > free:
                 skipped.append(f"{size_gib:g} GiB: needs {need / GiB:.0f} GiB free, {free / GiB:.1f} GiB available")
