@@ -131,6 +131,8 @@ async def test_a_rotated_token_is_read_again_once(api: tuple[FakeApiServer, str]
     try:
         assert await kube.list_pods("ns", "a=b")
         assert handed == ["token-1", "token-2"]
+        retired = list(kube._retired)  # the refused session stays open for requests still in flight on it
+        assert len(retired) == 1 and not retired[0].done()
         fake.tokens_accepted = {"Bearer token-3"}  # refused with every token it can get: the 401 is raised
         with pytest.raises(ApiError) as err:
             await kube.list_pods("ns", "a=b")
@@ -138,6 +140,7 @@ async def test_a_rotated_token_is_read_again_once(api: tuple[FakeApiServer, str]
         await kube.close()
     assert err.value.status == 401
     assert handed == ["token-1", "token-2", "token-2"]
+    assert not kube._retired and all(t.done() for t in retired)  # closing the client closes the refused ones too
 
 
 def test_connection_reads_a_static_kubeconfig_and_refuses_one_without_credentials(

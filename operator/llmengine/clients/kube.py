@@ -3,6 +3,7 @@ objects as the JSON the API server sends, no generated API classes, no worker th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -90,6 +91,7 @@ class Kube:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._server = ""
+        self._retired: set[asyncio.Task[None]] = set()
 
     def _open(self) -> aiohttp.ClientSession:
         info = self._connect()
@@ -101,6 +103,27 @@ class Kube:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        retired = list(self._retired)
+        for task in retired:
+            task.cancel()
+        await asyncio.gather(*retired, return_exceptions=True)
+
+    def _retire(self, old: aiohttp.ClientSession) -> None:
+        """The credentials of `old` were refused: the next request logs in again with a new session, while the
+        requests still in flight on `old` finish on it (it is closed once they have had their time)."""
+        if self._session is not old:
+            return  # another request has already replaced it
+        self._session = None
+
+        async def close_later() -> None:
+            try:
+                await asyncio.sleep(self._timeout.total or 60.0)
+            finally:
+                await old.close()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
 
     async def _call(
         self,
@@ -118,7 +141,7 @@ class Kube:
             async with session.request(method, self._server + path, data=data, params=query, headers=headers) as rsp:
                 raw = await rsp.read()
                 if rsp.status == 401 and attempt == 1:
-                    await self.close()  # credentials rotated: log in again once
+                    self._retire(session)  # credentials rotated: log in again once
                     continue
                 if not 200 <= rsp.status <= 299:
                     raise ApiError(rsp.status, _reason(raw, rsp.reason))
