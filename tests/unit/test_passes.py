@@ -66,6 +66,25 @@ def test_a_slow_rollout_is_looked_at_less_often_the_longer_it_takes() -> None:
     assert lost.status["phase"] == "Degraded" and lost.requeue_after == 5.0  # a new loss: looked at soon again
 
 
+def test_a_rollout_after_a_long_build_is_looked_at_every_5_s_at_first() -> None:
+    """Deployed has been False since the engine was created; the count starts when the engine is committed."""
+    p = Passes()
+    assert p().status["phase"] == "Building"
+    p(job=job(), now=NOW + datetime.timedelta(minutes=30))
+    built = p(
+        store=StoreView(True, None, f"s3://b/engines/{D}/"),
+        job=job(active=False, succeeded=True),
+        now=NOW + datetime.timedelta(hours=1),
+    )
+    assert built.status["phase"] == "Deploying" and built.requeue_after == 5.0
+    rolling = p(
+        committed=True,
+        deployment=deployment(observed_generation=0, updated=0, available=0, ready=0),
+        now=NOW + datetime.timedelta(hours=1, minutes=2),
+    )
+    assert rolling.status["phase"] == "Deploying" and rolling.requeue_after == 30.0
+
+
 def test_a_full_pool_queues_then_starts_when_a_slot_frees() -> None:
     p = Passes()
     queued = p(queue_position=2)

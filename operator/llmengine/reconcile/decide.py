@@ -256,7 +256,7 @@ def _rollout_step(p: _Pass, dep: DeploymentView | None, digest: str) -> tuple[st
         # A pod that can not start changes nothing the Deployment reports: look again soon, so that its problem
         # (a crash loop, a failed download, no node) reaches the status within seconds. Every pod that gets ready
         # moves the Deployment's status, and that event wakes the engine at once: the look is for what no event says.
-        p.soon(_pod_look_seconds(snap))
+        p.soon(_pod_look_seconds(p))
     if _rolling_out(dep, digest):
         message = f"rolling out engine {digest[:12]}{trouble}"
         p.setc(cond.DEPLOYED, False, "RollingOut", message)
@@ -283,10 +283,17 @@ def _rollout_step(p: _Pass, dep: DeploymentView | None, digest: str) -> tuple[st
 POD_LOOK_FIRST_S, POD_LOOK_MAX_S = 5.0, 30.0
 
 
-def _pod_look_seconds(snap: Snapshot) -> float:
-    old = cond.get_condition(snap.status.conditions, cond.DEPLOYED)
-    since = old.last_transition_time if old is not None and old.status == "False" else None
-    waited = seconds_between(since, iso(snap.now)) or 0.0
+def _pod_look_seconds(p: _Pass) -> float:
+    """Counted from when this rollout could start: the later of Deployed turning False and EngineBuilt turning True
+    (this pass's conditions), so that an engine that built for an hour is still looked at every 5 s as it rolls out.
+    Deployed not False yet: this pass is the start (a new loss, a new rollout)."""
+    deployed = cond.get_condition(p.conditions, cond.DEPLOYED)
+    if deployed is None or deployed.status != "False":
+        return POD_LOOK_FIRST_S
+    built = cond.get_condition(p.conditions, cond.ENGINE_BUILT)
+    starts = [deployed.last_transition_time, built.last_transition_time if built and built.status == "True" else None]
+    since = max((t for t in map(parse_iso, starts) if t is not None), default=p.snap.now)
+    waited = (p.snap.now - since).total_seconds()
     return min(POD_LOOK_MAX_S, max(POD_LOOK_FIRST_S, waited / 4))
 
 
