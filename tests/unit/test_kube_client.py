@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -164,6 +165,17 @@ def test_connection_reads_a_static_kubeconfig_and_refuses_one_without_credential
     monkeypatch.setenv("KUBECONFIG", kubeconfig({"token": "abc"}))
     info = connection(settings)
     assert (info.server, info.token) == ("https://10.0.0.1:6443", "abc")
+    # A path in a kubeconfig is relative to the kubeconfig's directory, not to where the operator runs.
+    (tmp_path / "ca.crt").write_text("not read here")
+    path = kubeconfig({"token": "abc"})
+    doc = json.loads(Path(path).read_text())
+    doc["clusters"][0]["cluster"]["certificate-authority"] = "ca.crt"
+    Path(path).write_text(json.dumps(doc))
+    monkeypatch.setenv("KUBECONFIG", path)
+    # The client library reads KUBECONFIG when it is first imported (in the operator: at its first login).
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", path)
+    monkeypatch.chdir("/")
+    assert connection(settings).ca_path == str(tmp_path / "ca.crt")
     monkeypatch.setenv("KUBECONFIG", kubeconfig({"exec": {"command": "aws", "apiVersion": "x"}}))
     monkeypatch.setitem(__import__("sys").modules, "kubernetes", None)  # as in the operator image
     with pytest.raises(kopf.LoginError, match="exec plugin needs the kubernetes package"):

@@ -348,23 +348,25 @@ def kopf_connections(namespaces: int) -> int:
 
 def connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
     """Credentials for Kopf's session and for Kube alike. In a pod: its service account, and the API server at
-    KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT as client-go finds it (no cluster DNS needed). Elsewhere: the
-    kubeconfig (KUBECONFIG or ~/.kube/config, current context) when its user holds a token, a client certificate or a
-    password; a user that needs an exec plugin or an auth provider goes through the kubernetes client library, when
-    installed."""
+    KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT as client-go finds it (no cluster DNS needed). Elsewhere, the
+    kubeconfig (KUBECONFIG or ~/.kube/config, current context): read by the kubernetes client library when it is
+    installed (exec plugins, auth providers, paths relative to the kubeconfig), else by Kopf's own reader, which takes
+    a token, a client certificate or a password."""
     info = kopf.login_with_service_account(settings=settings)
     if info is not None:
         return replace(info, server=_in_cluster_server() or info.server)
-    info = kopf.login_with_kubeconfig(settings=settings)
-    if info is not None and (info.token or info.certificate_path or info.certificate_data or info.username):
-        return info
-    via_client = kopf.login_via_client(settings=settings, logger=_log)  # None without the kubernetes package
-    if via_client is None:
+    try:
+        info = kopf.login_via_client(settings=settings, logger=_log)  # None without the kubernetes package
+    except kopf.LoginError:
+        info = None
+    info = info or kopf.login_with_kubeconfig(settings=settings)
+    if info is None or not (info.token or info.certificate_path or info.certificate_data or info.username):
         raise kopf.LoginError(
             "no Kubernetes credentials: run in a pod with a service account, or point KUBECONFIG at a kubeconfig "
-            "whose user has a token or a client certificate (an exec plugin needs the kubernetes package installed)"
+            "whose user has a token or a client certificate (an exec plugin needs the kubernetes package installed: "
+            "pip install 'llmengine-operator[cluster]')"
         )
-    return via_client
+    return info
 
 
 def _in_cluster_server() -> str | None:
