@@ -178,16 +178,12 @@ def run_latency(bench: bl.Bench, model: str, args: argparse.Namespace) -> dict[s
         xs = [r[k] for r in rows if r.get(k) is not None]
         if xs:
             summary[k] = {"p50": round(statistics.median(xs), 3), "max": round(max(xs), 3), "n": len(xs)}
-    by_call: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    by_call: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         for c in r["calls"]:
-            by_call[c["call"]].append((c["wait_thread"], c["run"]))
+            by_call[c["call"]].append(c["run"])
     summary["calls_in_window"] = {
-        k: {
-            "count_per_sample": round(len(v) / len(rows), 1),
-            "wait_thread_p50": round(statistics.median(w for w, _ in v), 3),
-            "run_p50": round(statistics.median(r for _, r in v), 3),
-        }
+        k: {"count_per_sample": round(len(v) / len(rows), 1), "run_p50": round(statistics.median(v), 3)}
         for k, v in sorted(by_call.items())
     }
     summary["samples"] = [

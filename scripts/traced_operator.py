@@ -2,8 +2,8 @@
 
 - Memory: with PROFILE_TRACE_FRAMES > 0, tracemalloc runs from the start; SIGUSR1 writes a snapshot to
   $PROFILE_DIR/snapshot-<n>.bin (n counts from 0).
-- Timeline: every watch event Kopf processes, every wake-up, reconcile pass and Kubernetes call (queued, started in
-  a worker thread, ended), and every store look-up, with wall-clock times (time.time(), comparable across processes
+- Timeline: every watch event Kopf processes, every wake-up, reconcile pass and Kubernetes call (queued on the
+  session's pool, ended), and every store look-up, with wall-clock times (time.time(), comparable across processes
   of one machine); SIGUSR2 writes them to $PROFILE_DIR/timeline.jsonl.
 
     PROFILE_DIR=/tmp/p python scripts/traced_operator.py operator --namespace x ...

@@ -84,7 +84,8 @@ def _post_event(body: Any, type_: str, reason: str, message: str) -> None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     from llmengine.clients.kube import Kube, connection
 
-    kube = memo.kube = Kube(lambda: connection(settings), timeout_s=60)
+    settings.networking.request_timeout = 60
+    kube = memo.kube = Kube(lambda: connection(settings), timeout_s=settings.networking.request_timeout)
     memo.cfg = OperatorConfig.from_env()
     memo.reconciler = Reconciler(kube, memo.cfg, events=_post_event)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
@@ -100,7 +101,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # 5 s by default. In a rollout of many engines every Deployment sends events for minutes, so the default kept a
     # whole Deployment per engine in memory throughout; a worker that exits sooner lets it go.
     settings.queueing.idle_timeout = IDLE_WORKER_SECONDS
-    settings.networking.request_timeout = 60
     # A replica that dies without a goodbye is forgotten after this; the standby then takes over.
     settings.peering.lifetime = memo.cfg.peering_lifetime_seconds
     if settings.peering.mandatory:
@@ -181,14 +181,14 @@ def enable_webhook(memo: kopf.Memo, options: WebhookOptions) -> None:
 @kopf.on.login()
 async def login(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> kopf.AiohttpSession:
     """Kopf's session, with the operator's credentials and a bounded connection pool (Kopf's own has no limit)."""
-    from llmengine.clients.kube import connection, kopf_connections, session
+    from llmengine.clients.kube import api_session, connection, kopf_connections
 
     info = connection(settings)
     limit = kopf_connections(len(memo.get("watched_namespaces") or []))
     return kopf.AiohttpSession(
         server=info.server,
         default_namespace=info.default_namespace,
-        aiohttp_session=session(info, limit),
+        aiohttp_session=api_session(info, limit),
     )
 
 

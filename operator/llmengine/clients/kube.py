@@ -54,6 +54,7 @@ _KIND_PATHS = {
     "Service": ("/api/v1", "services"),
     "Secret": ("/api/v1", "secrets"),
 }
+WEBHOOK_CONFIGURATIONS = "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations"
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
@@ -96,7 +97,7 @@ class Kube:
     def _open(self) -> aiohttp.ClientSession:
         info = self._connect()
         self._server = info.server.rstrip("/")
-        self._session = session(info, self._connections, self._timeout)
+        self._session = api_session(info, self._connections, self._timeout)
         return self._session
 
     async def close(self) -> None:
@@ -211,7 +212,7 @@ class Kube:
         return await self._get(_path("Secret", ns, name))
 
     async def get_webhook_configuration(self, name: str) -> dict[str, Any] | None:
-        return await self._get(f"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/{quote(name)}")
+        return await self._get(_named(WEBHOOK_CONFIGURATIONS, name))
 
     async def list_pods(self, ns: str, label_selector: str) -> list[dict[str, Any]]:
         return await self._list(f"/api/v1/namespaces/{quote(ns, safe='')}/pods", label_selector)
@@ -282,8 +283,7 @@ class Kube:
 
     async def patch_webhook_configuration(self, name: str, patch: Mapping[str, Any]) -> None:
         """Strategic merge patch: webhooks merge by name, so fields of each webhook not in the patch are kept."""
-        path = f"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/{quote(name)}"
-        await self._call("PATCH", path, dict(patch), content_type=STRATEGIC_MERGE_PATCH)
+        await self._call("PATCH", _named(WEBHOOK_CONFIGURATIONS, name), dict(patch), content_type=STRATEGIC_MERGE_PATCH)
 
     async def create_peering(self, plural: str, name: str, ns: str | None) -> bool:
         """Create a Kopf peering object (kopf.dev/v1, `plural`), cluster-wide or in `ns`; False when it exists."""
@@ -324,7 +324,7 @@ def _reason(raw: bytes, fallback: str | None) -> str:
     return fallback or ""
 
 
-def session(
+def api_session(
     info: kopf.ConnectionInfo, connections: int, timeout: aiohttp.ClientTimeout | None = None
 ) -> aiohttp.ClientSession:
     """An aiohttp session to the API server of `info` with at most `connections` open at once. Each TLS connection

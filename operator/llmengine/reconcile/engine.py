@@ -36,7 +36,7 @@ def prometheus_source(cfg: OperatorConfig) -> PrometheusSource | None:
     return PrometheusSource(client, cfg.traffic_prometheus_selector, cfg.traffic_scrape_interval_seconds)
 
 
-# Passes in progress at once. Every Kubernetes and store call of a pass goes through the event loop's default
+# Passes in progress at once. Kubernetes calls share a pool of 16 connections and store calls the event loop's default
 # executor (a few threads), so more passes at once only wait there, each holding what it has read, parsed and
 # rendered so far: after an apply of 1,000 engines that was most of the operator's peak memory, which the allocator
 # then keeps. A pass waits for a slot instead, before it reads anything.
