@@ -187,12 +187,12 @@ class Gatherer:
         key = f"{bns}/{job_name}"
         store_key = common.store_key(req.store)
         early = _Early()
-        if (status.desired_engine is None or status.desired_engine.digest != digest) and not self.stores.remembers(
-            access, digest
-        ):
-            # An identity this engine has not had yet (a new engine, a spec change that rebuilds): most likely not
-            # committed, so its build Job and the pool's Jobs will be read too. Ask for them while the store answers,
-            # not after it: this is the path from an apply to its build Job. Never on an engine that stays put.
+        moved = status.desired_engine is not None and status.desired_engine.digest != digest
+        if moved and not self.stores.remembers(access, digest):
+            # A spec change that moved the identity: most likely a rebuild, so its build Job and the pool's Jobs will
+            # be read too. Ask for them while the store answers, not after it: this is the path from an edit to its
+            # build Job. Not on a new engine (a fleet applied against a store that holds its engines would read them
+            # all for nothing), never on an engine that stays put.
             early.job = asyncio.ensure_future(self.kube.get_job(bns, job_name))
             early.pool = asyncio.ensure_future(self._pool_builds(pool, bns, job_name, store_key))
         try:
