@@ -10,6 +10,7 @@ the benchmark itself).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import ssl
@@ -112,8 +113,6 @@ def runtime_python() -> str:
     """A Python with this package and its runtime dependencies only, as the operator image installs it (no dev
     extras, so none of the libraries that only the dev tools and the benchmarks use are there for Kopf to import):
     a venv under the tool cache, made once per pyproject.toml, the package installed editable from this checkout."""
-    import hashlib
-
     key = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
     venv = tools.cache_root() / f"operator-runtime-venv-{key}"
     python = venv / "bin" / "python"
