@@ -93,7 +93,8 @@ class Memory:
 
 @dataclass
 class _Early:
-    """Reads started before the store's answer says whether they are needed; those not used are cancelled."""
+    """Reads started before the store's answer says whether they are needed; drop() cancels those not awaited and
+    retrieves the outcome of the others."""
 
     job: asyncio.Future[dict[str, Any] | None] | None = None
     pool: asyncio.Future[tuple[set[str], set[str], str | None]] | None = None
@@ -205,7 +206,6 @@ class Gatherer:
             job = None
             if not store.committed or ours:
                 raw_job = await (early.job or self.kube.get_job(bns, job_name))
-                early.job = None
                 pods = await self.kube.list_pods(bns, f"job-name={job_name}") if raw_job is not None else []
                 job = job_view(raw_job, pods)
             progress = None
@@ -214,7 +214,6 @@ class Gatherer:
             position, elsewhere = 0, None
             if store.committed is False and job is None:
                 active, listed, elsewhere = await (early.pool or self._pool_builds(pool, bns, job_name, store_key))
-                early.pool = None
                 if elsewhere is None:
                     claimed = self.queue.claim(f"{job_name}|{store_key}", key)
                     elsewhere = f"{claimed} (starting)" if claimed else None
@@ -223,50 +222,50 @@ class Gatherer:
             elif store.committed:
                 self.queue.forget(key)
             metrics.QUEUE_DEPTH.labels(pool).set(self.queue.depth(pool))
-            dview = await self._deployment_with_pods(ns, dep, current, plan, replicas)
-            bench = None
-            if (
-                store.committed
-                and spec is not None
-                and spec.benchmark is not None
-                and (dview is None or dview.digest != digest)
-            ):
-                bench_name = render_bench.bench_job_name(plan.short_digest)
-                raw_bench = await self.kube.get_job(ns, bench_name)
-                pods = await self.kube.list_pods(ns, f"job-name={bench_name}") if raw_bench is not None else []
-                bench = bench_view(raw_bench, pods)
-            traffic = None
-            # Traffic is read (and the scrape interval spent) only when the desired engine serves every replica, as the
-            # decision needs it for a Ready engine.
-            serves = dview is not None and dview.digest == digest and dview.rolled_out and dview.available >= replicas
-            if base.traffic_on and serves:
-                traffic = await self._traffic(ns, name, plan, spec.serving.port, spec.rebuild_policy.window)
-            kinds = sorted({*attachments.wanted(spec), *(current.attachments if current else ())})
-            found: dict[str, AttachmentView | None] = {}
-            for kind in kinds:
-                k = common.ATTACHMENT_KINDS.get(kind)
-                if k is not None:
-                    got = await self.kube.get_object(k.group, k.version, k.plural, ns, common.serving_name(name))
-                    found[kind] = attachment_view(kind, got)
-            grant = await self._grant(ns, name) if access.isolated and store.committed else None
-            snap = dataclasses.replace(
-                base,
-                build_owned=not access.isolated,
-                grant_seconds=self.cfg.grant_seconds if access.isolated else None,
-                grant=grant,
-                attachments=found,
-                store=store,
-                job=job,
-                building_elsewhere=elsewhere,
-                progress=progress,
-                queue_position=position,
-                deployment=dview,
-                bench=bench,
-                traffic=traffic,
-            )
-            return snap, Target(engine, access, pool, key)
         finally:
             early.drop()
+        dview = await self._deployment_with_pods(ns, dep, current, plan, replicas)
+        bench = None
+        if (
+            store.committed
+            and spec is not None
+            and spec.benchmark is not None
+            and (dview is None or dview.digest != digest)
+        ):
+            bench_name = render_bench.bench_job_name(plan.short_digest)
+            raw_bench = await self.kube.get_job(ns, bench_name)
+            pods = await self.kube.list_pods(ns, f"job-name={bench_name}") if raw_bench is not None else []
+            bench = bench_view(raw_bench, pods)
+        traffic = None
+        # Traffic is read (and the scrape interval spent) only when the desired engine serves every replica, as the
+        # decision needs it for a Ready engine.
+        serves = dview is not None and dview.digest == digest and dview.rolled_out and dview.available >= replicas
+        if base.traffic_on and serves:
+            traffic = await self._traffic(ns, name, plan, spec.serving.port, spec.rebuild_policy.window)
+        kinds = sorted({*attachments.wanted(spec), *(current.attachments if current else ())})
+        found: dict[str, AttachmentView | None] = {}
+        for kind in kinds:
+            k = common.ATTACHMENT_KINDS.get(kind)
+            if k is not None:
+                got = await self.kube.get_object(k.group, k.version, k.plural, ns, common.serving_name(name))
+                found[kind] = attachment_view(kind, got)
+        grant = await self._grant(ns, name) if access.isolated and store.committed else None
+        snap = dataclasses.replace(
+            base,
+            build_owned=not access.isolated,
+            grant_seconds=self.cfg.grant_seconds if access.isolated else None,
+            grant=grant,
+            attachments=found,
+            store=store,
+            job=job,
+            building_elsewhere=elsewhere,
+            progress=progress,
+            queue_position=position,
+            deployment=dview,
+            bench=bench,
+            traffic=traffic,
+        )
+        return snap, Target(engine, access, pool, key)
 
     async def _deployment(self, ns: str, name: str, lookup: DeploymentLookup | None) -> Mapping[str, Any] | None:
         """The serving Deployment: from the watch when there is one, else read; our own last write when it is newer
