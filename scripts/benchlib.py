@@ -297,9 +297,12 @@ class Operator:
         self.log_path = bench.dir / "logs" / f"operator-bench-{int(time.time())}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.cmd, self.env = operator_command(
-            str(bench.operator_kubeconfig), namespaces, self.metrics_port, extra_env=extra_env
+            str(bench.operator_kubeconfig),
+            namespaces,
+            self.metrics_port,
+            extra_env=extra_env,
+            python=bench.operator_python,
         )
-        self.cmd[0] = bench.operator_python
         self.p: subprocess.Popen[bytes] | None = None
         self.rss_peak_kib = 0
 

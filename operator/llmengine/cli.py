@@ -17,13 +17,18 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "serve-engine": ("llmengine.server.main", "main", "download, verify and serve a committed engine"),
     "dev": ("llmengine.dev.cli", "main", "run a local simulated GPU cluster with S3 (up|down|status|env|logs|traffic)"),
+    "slim-botocore-data": (
+        "llmengine.clients.store.slimdata",
+        "main",
+        "write botocore's data cut to the store's S3 calls (the operator image; LLMENGINE_BOTOCORE_DATA)",
+    ),
     "generate": ("llmengine.generate", "main", "write the CRD (from the API models) and the chart's README"),
 }
 
 
 def usage() -> str:
     lines = ["usage: llmengine COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<14}{help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<19}{help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

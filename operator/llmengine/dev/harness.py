@@ -3,6 +3,8 @@ the LLMEngines, Jobs and Deployments it makes."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -16,6 +18,8 @@ from typing import Any
 
 from kubernetes import client
 
+from llmengine.clients.store import slimdata
+from llmengine.dev import tools
 from llmengine.dev.cluster import ClusterInfo, wait_for
 from llmengine.dev.proc import free_port, stop_child
 from llmengine.dev.servingpath import ServingPathInfo, serving_paths
@@ -61,15 +65,28 @@ OPERATOR_IMAGE_MALLOC = {
 }
 
 
+@functools.cache
+def operator_image_botocore_data(python: str = sys.executable) -> str:
+    """The slim botocore data the operator image carries (LLMENGINE_BOTOCORE_DATA), written by `python`'s
+    `llmengine slim-botocore-data` from its botocore into the tool cache, once per process."""
+    dest = tools.cache_root() / "botocore-data" / hashlib.sha256(python.encode()).hexdigest()[:12]
+    subprocess.run(
+        [python, "-m", "llmengine.cli", "slim-botocore-data", str(dest)], check=True, stdout=subprocess.DEVNULL
+    )
+    return str(dest)
+
+
 def operator_command(
     kubeconfig: str,
     namespaces: Sequence[str],
     metrics_port: int = 0,
     extra_env: dict[str, str] | None = None,
     extra_args: Sequence[str] = (),
+    python: str = sys.executable,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of `llmengine operator` as the tests and the benchmarks run it: the test
-    compiler, small engines, dev images, a 5 s resync, no store credentials of its own (engines name a Secret)."""
+    compiler, small engines, dev images, a 5 s resync, no store credentials of its own (engines name a Secret); the
+    malloc settings and the slim botocore data of the operator image."""
     # No store credentials of its own unless extra_env gives some (the operator of isolated store access).
     inherited = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     env = {
@@ -84,9 +101,10 @@ def operator_command(
         "LLMENGINE_BUILD_BACKOFF_BASE_SECONDS": "1",
         "LLMENGINE_JSON_LOGS": "true",
         **OPERATOR_IMAGE_MALLOC,
+        slimdata.ENV: operator_image_botocore_data(python),
         **(extra_env or {}),
     }
-    cmd = [sys.executable, "-m", "llmengine.cli", "operator", "--metrics-port", str(metrics_port)]
+    cmd = [python, "-m", "llmengine.cli", "operator", "--metrics-port", str(metrics_port)]
     for ns in namespaces:
         cmd += ["--namespace", ns]
     # Kopf reads port 0 as "no port" (80): a free one, so that two operators can run side by side.

@@ -7,12 +7,15 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
+import botocore.session
 from botocore.config import Config
 
 from llmengine.api.artifacts import StoreLocation
+from llmengine.clients.store import slimdata
 from llmengine.clients.store.layout import MiB
 
 if TYPE_CHECKING:
@@ -60,7 +63,7 @@ def make_s3_client(cfg: S3Config) -> S3Client:
     """
     explicit = cfg.access_key_id is not None or cfg.secret_access_key is not None
     with _SESSION_LOCK:
-        session = _shared_session() if explicit else boto3.session.Session()
+        session = _shared_session() if explicit else _new_session()
         return _client(session, cfg)
 
 
@@ -69,7 +72,21 @@ _SESSION_LOCK = threading.Lock()
 
 @functools.cache
 def _shared_session() -> boto3.session.Session:
-    return boto3.session.Session()
+    return _new_session()
+
+
+@functools.cache
+def _slim_data() -> Path | None:
+    return slimdata.usable()
+
+
+def _new_session() -> boto3.session.Session:
+    """A boto3 Session on botocore's data, or on the slim copy LLMENGINE_BOTOCORE_DATA names (slimdata.py)."""
+    core = botocore.session.get_session()
+    slim = _slim_data()
+    if slim is not None:
+        slimdata.apply(core, slim)
+    return boto3.session.Session(botocore_session=core)
 
 
 def _client(session: boto3.session.Session, cfg: S3Config) -> S3Client:
