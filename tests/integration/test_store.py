@@ -101,6 +101,14 @@ def test_round_trip_of_a_multi_gib_engine_uses_multipart_and_ranged_reads(
     assert manifest.total_bytes == 2 * rank_bytes + 2
     for f in manifest.files:
         assert f.sha256 == file_sha256(src / f.path)
+        if f.size > store.tuning.part_size:  # uploaded in parts: each part's digest, as downloads verify them
+            assert f.part_size == store.tuning.part_size and f.part_sha256 is not None
+            with open(src / f.path, "rb") as fh:
+                assert f.part_sha256 == [
+                    hashlib.sha256(fh.read(f.part_size)).hexdigest() for _ in range(-(-f.size // f.part_size))
+                ]
+        else:
+            assert f.part_sha256 is None
     head = store.client.head_object(Bucket=s3_bucket, Key=store.file_key(manifest, "rank0.engine"))
     assert head["ETag"].strip('"').endswith(f"-{parts}"), head["ETag"]  # a multipart object of `parts` parts
 
@@ -141,6 +149,79 @@ def test_a_corrupted_byte_is_refused_naming_the_file(committed: EngineStore, tmp
     assert exc.value.path == "rank1.engine" and "failed verification" in str(exc.value)
     assert not (tmp_path / "out" / "rank1.engine").exists()
     assert not list((tmp_path / "out").rglob("*.llmengine-partial"))
+
+
+@pytest.fixture
+def in_parts(s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path) -> EngineStore:
+    """An engine whose rank files went up in 5 MiB parts (12 MiB + 7 bytes: three parts each)."""
+    store = make_store(s3_endpoint, s3_bucket, TransferTuning(part_size=5 * MiB, ranged_threshold=5 * MiB))
+    upload(store, "eng", small_engine(tmp_path / "src", size=12 * MiB + 7))
+    return store
+
+
+def _corrupt(store: EngineStore, path: str, at: int) -> None:
+    key = _file(store, path)
+    data = bytearray(store.client.get_object(Bucket=store.location.bucket, Key=key)["Body"].read())
+    data[at] ^= 0x01
+    store.client.put_object(Bucket=store.location.bucket, Key=key, Body=bytes(data))
+
+
+def test_a_corrupted_byte_in_a_file_uploaded_in_parts_is_refused_naming_the_file_and_part(
+    in_parts: EngineStore, tmp_path: Path
+) -> None:
+    manifest = in_parts.get_manifest("eng")
+    assert manifest is not None
+    assert all(f.part_sha256 is not None and len(f.part_sha256) == 3 for f in manifest.files if "rank" in f.path)
+    _corrupt(in_parts, "rank0.engine", 11 * MiB)  # in the third part
+    with pytest.raises(IntegrityError, match=r"failed verification: part 3 of 3") as exc:
+        in_parts.download_engine("eng", tmp_path / "out")
+    assert exc.value.path == "rank0.engine"
+    assert not (tmp_path / "out" / "rank0.engine").exists()
+    assert not list((tmp_path / "out").rglob("*.llmengine-partial"))
+
+
+def test_an_engine_committed_without_part_digests_is_verified_whole(in_parts: EngineStore, tmp_path: Path) -> None:
+    """A manifest written before part digests existed: each file's SHA-256, hashed in order, still decides."""
+    manifest = in_parts.get_manifest("eng")
+    assert manifest is not None
+    old = manifest.model_copy(
+        update={"files": [f.model_copy(update={"part_size": None, "part_sha256": None}) for f in manifest.files]}
+    )
+    bucket = in_parts.location.bucket
+    in_parts.client.put_object(Bucket=bucket, Key=in_parts.key("eng", "manifest.json"), Body=old.to_json().encode())
+    assert (
+        "partSha256"
+        not in in_parts.client.get_object(Bucket=bucket, Key=in_parts.key("eng", "manifest.json"))["Body"]
+        .read()
+        .decode()
+    )
+    assert in_parts.download_engine("eng", tmp_path / "good") == old
+    for f in old.files:
+        assert file_sha256(tmp_path / "good" / f.path) == f.sha256
+    _corrupt(in_parts, "rank1.engine", 6 * MiB)
+    with pytest.raises(IntegrityError, match="failed verification: sha256") as exc:
+        in_parts.download_engine("eng", tmp_path / "bad")
+    assert exc.value.path == "rank1.engine"
+
+
+def test_a_file_that_changes_while_uploading_fails_the_upload(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Its whole-file digest and its parts' would be of different bytes: nothing is committed."""
+    from llmengine.clients.store.progress import Progress
+
+    store = make_store(s3_endpoint, s3_bucket, TransferTuning(part_size=5 * MiB, ranged_threshold=5 * MiB))
+    src = small_engine(tmp_path / "src", ranks=1, size=12 * MiB)
+    target = src / "rank0.engine"
+
+    class Touching(Progress):
+        def add(self, n: int) -> None:
+            super().add(n)
+            st = target.stat()
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # written to, in place
+
+    with pytest.raises(StoreError, match="changed while uploading"):
+        store.upload_file(target, store.key("eng", "rank0.engine"), Touching(None, "upload", 12 * MiB, 3600))
 
 
 def test_a_truncated_object_is_refused(committed: EngineStore, tmp_path: Path) -> None:

@@ -256,3 +256,105 @@ def test_part_uploads_are_signed_without_hashing_the_body_again() -> None:
     headers = seen[0].headers
     assert headers["X-Amz-Content-SHA256"] in (b"UNSIGNED-PAYLOAD", "UNSIGNED-PAYLOAD")
     assert "Signature=" in str(headers["Authorization"]) and int(headers["Content-Length"]) == MiB
+
+
+def test_a_file_part_hashes_what_it_sends_and_rehashes_when_not_sent_whole(tmp_path: Any) -> None:
+    import hashlib
+
+    from llmengine.clients.store.files import FilePart
+
+    data = bytes(range(256)) * 40
+    (tmp_path / "f").write_bytes(data)
+    want = hashlib.sha256(data[100:5100]).hexdigest()
+    with open(tmp_path / "f", "rb") as f:
+        sent = FilePart(f.fileno(), 100, 5000, "f")
+        while sent.read(1024):
+            pass
+        assert sent.sha256() == want
+        retried = FilePart(f.fileno(), 100, 5000, "f")
+        retried.read(3000)
+        retried.seek(0)  # a retry sends it again from the start: the first attempt's bytes do not count twice
+        while retried.read(700):
+            pass
+        assert retried.sha256() == want
+        skipped = FilePart(f.fileno(), 100, 5000, "f")
+        skipped.seek(10)
+        skipped.read()  # never sent from its start: the digest comes from the file, not from half the bytes
+        assert skipped.sha256() == want
+        assert FilePart(f.fileno(), 100, 5000, "f").sha256() == want
+
+
+@pytest.mark.parametrize(
+    ("size", "part_size", "digests", "ok"),
+    [
+        (10, 4, 3, True),
+        (8, 4, 2, True),
+        (8, 4, 3, False),  # one digest too many
+        (10, 4, 2, False),  # the last 2 bytes covered by none
+        (10, 0, 0, False),
+        (10, None, 1, False),  # digests without a part size
+        (10, 4, None, False),  # a part size without digests
+    ],
+)
+def test_manifest_part_digests_must_cover_the_file_exactly(
+    size: int, part_size: int | None, digests: int | None, ok: bool
+) -> None:
+    entry = ManifestFile(
+        path="rank0.engine",
+        sha256="0" * 64,
+        size=size,
+        part_size=part_size,
+        part_sha256=None if digests is None else ["1" * 64] * digests,
+    )
+    if ok:
+        check_manifest_paths([entry])
+    else:
+        with pytest.raises(IntegrityError, match="part digests that do not cover"):
+            check_manifest_paths([entry])
+    with pytest.raises(IntegrityError, match="part digests"):
+        check_manifest_paths([entry.model_copy(update={"part_size": 4, "part_sha256": ["ab"] * 3})])
+
+
+class _Response:
+    """What http.client leaves when the server closes the connection after 3 of 10 promised bytes."""
+
+    def __init__(self) -> None:
+        import http.client
+        import io
+
+        class Sock:
+            def makefile(self, mode: str) -> Any:
+                return io.BufferedReader(io.BytesIO(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
+
+        self._fp = http.client.HTTPResponse(Sock())  # type: ignore[arg-type]
+        self._fp.begin()
+
+
+def test_a_body_cut_short_raises_a_transient_error_when_read_straight_from_http_client() -> None:
+    import http.client
+
+    from llmengine.clients.store.errors import is_transient
+    from llmengine.clients.store.files import body_reader
+
+    class Body:
+        _raw_stream = _Response()
+
+    readinto = body_reader(Body())
+    buf = memoryview(bytearray(8))
+    assert readinto(buf) == 3 and bytes(buf[:3]) == b"abc"
+    with pytest.raises(http.client.IncompleteRead) as exc:
+        readinto(buf)
+    assert is_transient(exc.value)  # the store's retry asks again for the bytes still missing
+
+
+def test_a_body_without_an_http_client_response_is_read_through_its_read() -> None:
+    import io
+
+    from llmengine.clients.store.files import body_reader
+
+    readinto = body_reader(io.BytesIO(b"0123456789"))
+    buf = memoryview(bytearray(4))
+    got = []
+    while n := readinto(buf):
+        got.append(bytes(buf[:n]))
+    assert b"".join(got) == b"0123456789"

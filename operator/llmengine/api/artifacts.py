@@ -120,9 +120,15 @@ class BuildRequest(Doc):
 
 
 class ManifestFile(Doc):
+    """One file of an engine: its SHA-256 and size, and, for a file uploaded in parts, the SHA-256 of each part
+    (bytes [i * partSize, (i + 1) * partSize) of it, the last one shorter), so that a download verifies each part in
+    the thread that receives it instead of one thread hashing the whole file in order."""
+
     path: str
     sha256: str
     size: int
+    part_size: int | None = None
+    part_sha256: list[str] | None = None
 
 
 class Provenance(Doc):

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from botocore import exceptions as bx
 from pydantic import ValidationError
@@ -37,7 +37,16 @@ from llmengine.clients.store.errors import (
     error_code,
     translate_error,
 )
-from llmengine.clients.store.files import HASH_BLOCK, FileJob, FilePart, already_present, byte_ranges, hash_range
+from llmengine.clients.store.files import (
+    HASH_BLOCK,
+    FileJob,
+    FilePart,
+    already_present,
+    body_reader,
+    byte_ranges,
+    hash_range,
+    receive_buffer,
+)
 from llmengine.clients.store.layout import (
     BUILDS_DIR,
     MANIFEST_NAME,
@@ -46,7 +55,6 @@ from llmengine.clients.store.layout import (
     QUARANTINE_DIR,
     RESERVED_NAMES,
     RESULT_NAME,
-    MiB,
     build_prefix,
     check_files_prefix,
     check_manifest_paths,
@@ -207,22 +215,25 @@ class EngineStore:
 
     # -- upload ----------------------------------------------------------------------------------------------------
 
-    def upload_file(self, local: Path, key: str, progress: Progress | None = None) -> tuple[str, int]:
-        """Upload one file; returns (sha256, size).
+    def upload_file(self, local: Path, key: str, progress: Progress | None = None) -> ManifestFile:
+        """Upload one file; returns its manifest entry (path: the file's name; the caller names it).
 
         Files above the part size go up as a multipart upload, `concurrency` parts at a time, each part read from
-        the file as it is sent; this thread meanwhile hashes the file in order (the hash never waits on the
-        network, and no part is held in memory). Each part (and the single PUT of a small file) is retried on its
-        own while the store is unreachable, within the retry budget: an outage costs the parts in flight, not the
-        file. A file that changes size while uploading fails the upload; the manifest's SHA-256 is what every
-        download verifies, so bytes that changed in place between the two reads could never be served.
+        the file as it is sent and hashed as it is read (the part digests, which downloads verify part by part);
+        this thread meanwhile hashes the whole file in order (the hash never waits on the network, and no part is
+        held in memory). Each part (and the single PUT of a small file) is retried on its own while the store is
+        unreachable, within the retry budget: an outage costs the parts in flight, not the file. A file that changes
+        while uploading (its size, or its modification time or inode after the upload) fails the upload, so the whole
+        file's digest and the parts' always describe the same bytes.
         """
-        size = local.stat().st_size
+        before = local.stat()
+        size = before.st_size
         prog = progress or Progress(get_logger(), "upload", size, self.tuning.progress_interval_s)
         bucket = self.location.bucket
         # S3 allows 10,000 parts: grow the part for files that would need more.
         part = max(self.tuning.part_size, -(-size // 10_000))
         sha = hashlib.sha256()
+        parts: list[str] | None = None
         with self._s3(), open(local, "rb", buffering=0) as f:
             if size <= part:
                 data = f.read()
@@ -231,18 +242,27 @@ class EngineStore:
                 prog.add(len(data))
                 read = len(data)
             else:
-                read = self._multipart(local.name, f, size, key, part, sha, prog)
-        if read != size:
-            raise StoreError(f"{local} changed size while uploading ({size} -> {read} bytes)")
-        return sha.hexdigest(), size
+                read, parts = self._multipart(local.name, f, size, key, part, sha, prog)
+        after = local.stat()
+        if read != size or (after.st_size, after.st_mtime_ns, after.st_ino) != (
+            size,
+            before.st_mtime_ns,
+            before.st_ino,
+        ):
+            raise StoreError(f"{local} changed while uploading ({size} -> {read} bytes read, {after.st_size} now)")
+        if parts is None:
+            return ManifestFile(path=local.name, sha256=sha.hexdigest(), size=size)
+        return ManifestFile(path=local.name, sha256=sha.hexdigest(), size=size, part_size=part, part_sha256=parts)
 
-    def _multipart(self, name: str, f: io.FileIO, size: int, key: str, part: int, sha: Any, prog: Progress) -> int:
+    def _multipart(
+        self, name: str, f: io.FileIO, size: int, key: str, part: int, sha: Any, prog: Progress
+    ) -> tuple[int, list[str]]:
         """The parts go up from the pool while this thread hashes the file; returns the bytes hashed (size, unless
-        the file changed size)."""
+        the file changed size) and the parts' SHA-256 digests, in order."""
         bucket = self.location.bucket
         started = self._patient(f"upload {name}", lambda: self.client.create_multipart_upload(Bucket=bucket, Key=key))
         upload_id = started["UploadId"]
-        futs: list[Future[dict[str, Any]]] = []
+        futs: list[Future[tuple[dict[str, Any], str]]] = []
         try:
             conc = max(1, self.tuning.concurrency)
             with ThreadPoolExecutor(max_workers=conc, thread_name_prefix="s3put") as pool:
@@ -260,7 +280,7 @@ class EngineStore:
                         fut.cancel()  # parts not started yet would each wait out a budget of their own
                     raise
             if read == size:
-                self._patient(f"upload {name}", lambda: self._complete(key, upload_id, done, size))
+                self._patient(f"upload {name}", lambda: self._complete(key, upload_id, [p for p, _ in done], size))
             else:
                 raise StoreError(f"{name} changed size while uploading ({size} -> {read}+ bytes)")
         except BaseException:
@@ -270,7 +290,7 @@ class EngineStore:
                     lambda: self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id),
                 )
             raise
-        return read
+        return read, [digest for _, digest in done]
 
     def _complete(self, key: str, upload_id: str, parts: list[Any], size: int) -> None:
         bucket = self.location.bucket
@@ -288,16 +308,22 @@ class EngineStore:
 
     def _put_part(
         self, name: str, fd: int, key: str, upload_id: str, number: int, offset: int, length: int, prog: Progress
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], str]:
+        """One part; returns its entry for the completion and the SHA-256 of the bytes the accepted request sent."""
         bucket = self.location.bucket
+        sent: list[FilePart] = []
 
         def put() -> Any:
-            body: Any = FilePart(fd, offset, length, name)  # file-like, as botocore takes it (not in its stubs)
-            return self.client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body)
+            body = FilePart(fd, offset, length, name)
+            sent.append(body)
+            # file-like, as botocore takes it (not in its stubs)
+            return self.client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=cast(Any, body)
+            )
 
         got = self._patient(f"upload {name} part {number}", put)
         prog.add(length)
-        return {"PartNumber": number, "ETag": got["ETag"]}
+        return {"PartNumber": number, "ETag": got["ETag"]}, sent[-1].sha256()
 
     def upload_engine(
         self,
@@ -331,8 +357,7 @@ class EngineStore:
         log.info("upload started", uri=self.uri(digest) + base, files=len(files), total_bytes=total)
         entries: list[ManifestFile] = []
         for rel, path in files:
-            sha, size = self.upload_file(path, self.key(digest, base + rel), prog)
-            entries.append(ManifestFile(path=rel, sha256=sha, size=size))
+            entries.append(self.upload_file(path, self.key(digest, base + rel), prog).model_copy(update={"path": rel}))
         self._check_uploaded(digest, base, entries)
         manifest = Manifest(
             engine_digest=digest,
@@ -468,6 +493,8 @@ class EngineStore:
                 sha256=f.sha256,
                 name=f.path,
                 url=urls[f.path] if urls is not None else None,
+                part_size=f.part_size,
+                part_sha256=f.part_sha256,
             )
             for f in manifest.files
         ]
@@ -551,14 +578,17 @@ class EngineStore:
         return total
 
     def _download_files(self, jobs: list[FileJob], parallelism: int, prog: Progress) -> None:
-        """Parallel ranged GETs into `<file>.llmengine-partial`, hashed in order as parts land, renamed if good.
+        """Parallel ranged GETs into `<file>.llmengine-partial`, verified, renamed if good.
 
-        All parts of all files share one pool (FIFO), so the in-order hashing on this thread trails the network
-        by a few parts and overlaps with it instead of adding a second pass.
+        A file the manifest gives part digests for is fetched part by part, each part hashed by the thread that
+        receives it as it arrives and checked against its digest: every byte verified, on every core. A file of one
+        range is hashed the same way against its SHA-256. A file of several ranges without part digests (a manifest
+        written before they existed) is hashed in order on this thread as its ranges land; all ranges of all files
+        share one pool (FIFO), so that hash trails the network by a few ranges instead of adding a second pass.
         """
         part = self.tuning.part_size
         with self._s3(), ThreadPoolExecutor(max_workers=max(1, parallelism), thread_name_prefix="s3get") as pool:
-            pending: list[tuple[FileJob, list[tuple[int, int, Future[None]]]]] = []
+            pending: list[tuple[FileJob, list[tuple[int, int, Future[str | None]]]]] = []
             try:
                 for job in jobs:
                     if already_present(job):
@@ -568,9 +598,14 @@ class EngineStore:
                     partial = job.partial
                     with open(partial, "wb") as f:
                         f.truncate(job.size)
-                    ranges = byte_ranges(job.size, part if job.size >= self.tuning.ranged_threshold else job.size)
+                    if job.part_size is not None:
+                        ranges = byte_ranges(job.size, job.part_size)
+                    else:
+                        ranges = byte_ranges(job.size, part if job.size >= self.tuning.ranged_threshold else job.size)
+                    # Each range hashed where it is received, when that digest is one the manifest gives.
+                    each = job.part_sha256 is not None or (len(ranges) == 1 and job.sha256 is not None)
                     futs = [
-                        (off, ln, pool.submit(self._get_range, job, off, ln, len(ranges) > 1, prog))
+                        (off, ln, pool.submit(self._get_range, job, off, ln, len(ranges) > 1, prog, each))
                         for off, ln in ranges
                     ]
                     pending.append((job, futs))
@@ -585,23 +620,32 @@ class EngineStore:
                         job.partial.unlink()
                 raise
 
-    def _get_range(self, job: FileJob, offset: int, length: int, ranged: bool, prog: Progress) -> None:
-        """GET [offset, offset+length) into the partial file. A body cut short or a store that went away is asked
-        again for the bytes still missing (from `reached`, which each attempt moves on), within the retry budget."""
+    def _get_range(
+        self, job: FileJob, offset: int, length: int, ranged: bool, prog: Progress, hashed: bool
+    ) -> str | None:
+        """GET [offset, offset+length) into the partial file; its SHA-256 when `hashed`. A body cut short or a store
+        that went away is asked again for the bytes still missing (from `reached`, which each attempt moves on, as
+        it feeds the hash), within the retry budget."""
+        sha = hashlib.sha256() if hashed else None
         if length == 0:
-            return
+            return sha.hexdigest() if sha is not None else None
         end = offset + length
         reached = [offset]
         self._patient(
-            f"download {job.name}", lambda: self._get_bytes(job, reached, end, ranged or reached[0] > offset, prog)
+            f"download {job.name}",
+            lambda: self._get_bytes(job, reached, end, ranged or reached[0] > offset, prog, sha),
         )
         if reached[0] != end:
             raise IntegrityError(
                 f"'{job.name}' ended after {reached[0]} bytes, expected {end} (truncated in the store)", job.name
             )
+        return sha.hexdigest() if sha is not None else None
 
-    def _get_bytes(self, job: FileJob, reached: list[int], end: int, ranged: bool, prog: Progress) -> None:
-        """One GET of [reached[0], end), writing at reached[0] and moving it on with every chunk written."""
+    def _get_bytes(
+        self, job: FileJob, reached: list[int], end: int, ranged: bool, prog: Progress, sha: Any | None
+    ) -> None:
+        """One GET of [reached[0], end), writing at reached[0] and moving it on with every block written (and
+        hashed, when sha is given), read into this thread's reused buffer."""
         if reached[0] >= end:
             return  # the body was cut after its last byte: nothing is missing
         kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Key": job.key}
@@ -623,37 +667,57 @@ class EngineStore:
                     f"'{job.name}' is shorter in the store than expected (truncated)", job.name
                 ) from exc
             raise
+        readinto, buf = body_reader(body), receive_buffer()
         fd = os.open(job.partial, os.O_WRONLY)
         try:
-            while chunk := body.read(MiB):
+            while n := readinto(buf):
                 pos = reached[0]
-                if pos + len(chunk) > end:
+                if pos + n > end:
                     raise IntegrityError(f"'{job.name}' is longer in the store than the manifest says", job.name)
-                view = memoryview(chunk)
+                view = buf[:n]
                 while view:
-                    n = os.pwrite(fd, view, pos)
-                    view, pos = view[n:], pos + n
+                    w = os.pwrite(fd, view, pos)
+                    view, pos = view[w:], pos + w
+                if sha is not None:
+                    sha.update(buf[:n])
                 reached[0] = pos
-                prog.add(len(chunk))
+                prog.add(n)
         finally:
             os.close(fd)
             body.close()
 
-    def _finish_file(self, job: FileJob, futs: list[tuple[int, int, Future[None]]]) -> None:
-        sha = hashlib.sha256()
-        buf = bytearray(HASH_BLOCK)
-        with open(job.partial, "rb", buffering=0) as f:
-            for off, ln, fut in futs:
+    def _finish_file(self, job: FileJob, futs: list[tuple[int, int, Future[str | None]]]) -> None:
+        if job.part_sha256 is not None:
+            for number, ((_, _, fut), want) in enumerate(zip(futs, job.part_sha256, strict=True), 1):
+                got = fut.result()
+                if got != want:
+                    self._refuse(job, got, want, f"part {number} of {len(futs)}: ")
+        elif len(futs) == 1 and job.sha256 is not None:
+            got = futs[0][2].result()
+            if got != job.sha256:
+                self._refuse(job, got, job.sha256)
+        elif job.sha256 is not None:
+            sha = hashlib.sha256()
+            buf = bytearray(HASH_BLOCK)
+            with open(job.partial, "rb", buffering=0) as f:
+                for off, ln, fut in futs:
+                    fut.result()
+                    hash_range(f, off, ln, sha, buf)
+            if sha.hexdigest() != job.sha256:
+                self._refuse(job, sha.hexdigest(), job.sha256)
+        else:
+            for _, _, fut in futs:
                 fut.result()
-                hash_range(f, off, ln, sha, buf)
-        if job.sha256 is not None and sha.hexdigest() != job.sha256:
-            job.partial.unlink(missing_ok=True)
-            raise IntegrityError(
-                f"'{job.name}' failed verification: sha256 {sha.hexdigest()[:16]}... "
-                f"does not match the manifest's {job.sha256[:16]}... (corrupted)",
-                job.name,
-            )
         os.replace(job.partial, job.dest)
+
+    @staticmethod
+    def _refuse(job: FileJob, got: str | None, want: str, where: str = "") -> None:
+        job.partial.unlink(missing_ok=True)
+        raise IntegrityError(
+            f"'{job.name}' failed verification: {where}sha256 {(got or '')[:16]}... "
+            f"does not match the manifest's {want[:16]}... (corrupted)",
+            job.name,
+        )
 
     # -- quarantine -------------------------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@ another attempt may get past."""
 
 from __future__ import annotations
 
+import http.client
+import ssl
 from dataclasses import dataclass
 
 from botocore import exceptions as bx
@@ -156,6 +158,11 @@ _TRANSIENT_EXCEPTIONS = (
     u3.NewConnectionError,  # a presigned URL's GET (clients/store/urls.py) without botocore's wrapping
     u3.ConnectTimeoutError,
     ConnectionError,
+    # A body read straight from http.client (files.body_reader) fails without urllib3's wrapping: cut, timed out,
+    # or a TLS stream that ended mid-record.
+    http.client.IncompleteRead,
+    TimeoutError,
+    ssl.SSLEOFError,
 )
 
 

@@ -61,6 +61,18 @@ def check_manifest_paths(files: list[ManifestFile]) -> None:
             raise IntegrityError(f"manifest lists '{f.path}' twice", f.path)
         if f.size < 0 or len(f.sha256) != 64:
             raise IntegrityError(f"manifest entry '{f.path}' has an invalid size or sha256", f.path)
+        if (f.part_size is None) != (f.part_sha256 is None) or (
+            f.part_size is not None
+            and f.part_sha256 is not None
+            and (
+                f.part_size <= 0
+                or len(f.part_sha256) != -(-f.size // f.part_size)
+                or any(len(d) != 64 for d in f.part_sha256)
+            )
+        ):
+            raise IntegrityError(
+                f"manifest entry '{f.path}' has part digests that do not cover its {f.size} bytes", f.path
+            )
         seen.add(f.path)
 
 

@@ -27,11 +27,18 @@ class _Response:
     def __init__(self, rsp: Any) -> None:
         self.rsp = rsp
 
+    @property
+    def raw(self) -> Any:
+        """The urllib3 response, which files.body_reader reads from directly."""
+        return self.rsp
+
     def read(self, amt: int) -> bytes:
         data: bytes = self.rsp.read(amt)
         return data
 
     def close(self) -> None:
+        if not self.rsp.closed:
+            self.rsp.close()  # not read to its end: the connection cannot serve another request
         self.rsp.release_conn()
 
 
