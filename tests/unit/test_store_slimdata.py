@@ -159,13 +159,28 @@ def test_sts_for_web_identity_resolves_as_on_the_full_data(slim: Path) -> None:
         assert urls[0] == urls[1]
 
 
-def test_a_directory_of_another_botocore_or_none_is_not_used(slim: Path, tmp_path: Path) -> None:
+class Log:
+    def __init__(self) -> None:
+        self.warnings: list[tuple[str, dict[str, Any]]] = []
+
+    def warning(self, msg: str, **kw: Any) -> None:
+        self.warnings.append((msg, kw))
+
+
+def test_a_directory_of_another_botocore_or_none_is_not_used(
+    slim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = Log()
+    monkeypatch.setattr(slimdata, "get_logger", lambda: log)
     assert slimdata.usable({}) is None
     assert slimdata.usable({slimdata.ENV: str(slim)}) == slim
+    assert not log.warnings
     assert slimdata.usable({slimdata.ENV: str(tmp_path / "absent")}) is None
     other = slimdata.write(tmp_path / "other")
     (other / slimdata.STAMP).write_text("0.0.1\n")
     assert slimdata.usable({slimdata.ENV: str(other)}) is None
+    assert [kw["found"] for _, kw in log.warnings] == [None, "0.0.1"]
+    assert all("using botocore's full data" in msg for msg, _ in log.warnings)
 
 
 def test_the_store_client_reads_the_directory_the_environment_names(
