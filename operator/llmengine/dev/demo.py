@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from llmengine.clients.store import slimdata
 from llmengine.dev import proc, tools
 from llmengine.dev.cluster import ClusterInfo, DevCluster, wait_for
+from llmengine.dev.harness import OPERATOR_IMAGE_MALLOC, operator_image_botocore_data
 from llmengine.dev.seed import create_store_secret, upload_tiny_checkpoint
 from llmengine.dev.servingpath import metrics_template
 
@@ -200,6 +202,9 @@ def main() -> int:
             "LLMENGINE_TRAFFIC_URL_TEMPLATE": metrics_template(meter_port),
             "LLMENGINE_TRAFFIC_SCRAPE_INTERVAL_SECONDS": "5",
             "LLMENGINE_RESYNC_SECONDS": "5",
+            # As the operator image runs it: its malloc settings and its slim botocore data.
+            **OPERATOR_IMAGE_MALLOC,
+            slimdata.ENV: operator_image_botocore_data(),
         },
     )
 
