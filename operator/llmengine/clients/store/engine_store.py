@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -240,25 +239,18 @@ class EngineStore:
                 sha.update(data)
                 self._patient(f"upload {local.name}", lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data))
                 prog.add(len(data))
-                read = len(data)
             else:
-                read, parts = self._multipart(local.name, f, size, key, part, sha, prog)
+                parts = self._multipart(local.name, f.fileno(), size, key, part, sha, prog)
         after = local.stat()
-        if read != size or (after.st_size, after.st_mtime_ns, after.st_ino) != (
-            size,
-            before.st_mtime_ns,
-            before.st_ino,
-        ):
-            raise StoreError(f"{local} changed while uploading ({size} -> {read} bytes read, {after.st_size} now)")
+        if (after.st_size, after.st_mtime_ns, after.st_ino) != (size, before.st_mtime_ns, before.st_ino):
+            raise StoreError(f"{local} changed while uploading ({size} bytes when it started, {after.st_size} now)")
         if parts is None:
             return ManifestFile(path=local.name, sha256=sha.hexdigest(), size=size)
         return ManifestFile(path=local.name, sha256=sha.hexdigest(), size=size, part_size=part, part_sha256=parts)
 
-    def _multipart(
-        self, name: str, f: io.FileIO, size: int, key: str, part: int, sha: Any, prog: Progress
-    ) -> tuple[int, list[str]]:
-        """The parts go up from the pool while this thread hashes the file; returns the bytes hashed (size, unless
-        the file changed size) and the parts' SHA-256 digests, in order."""
+    def _multipart(self, name: str, fd: int, size: int, key: str, part: int, sha: Any, prog: Progress) -> list[str]:
+        """The parts go up from the pool while this thread hashes the file; returns the parts' SHA-256 digests, in
+        order. A file whose size changed meanwhile is not completed (the upload is aborted)."""
         bucket = self.location.bucket
         started = self._patient(f"upload {name}", lambda: self.client.create_multipart_upload(Bucket=bucket, Key=key))
         upload_id = started["UploadId"]
@@ -268,21 +260,17 @@ class EngineStore:
             with ThreadPoolExecutor(max_workers=conc, thread_name_prefix="s3put") as pool:
                 try:
                     for number, (off, ln) in enumerate(byte_ranges(size, part), 1):
-                        futs.append(
-                            pool.submit(self._put_part, name, f.fileno(), key, upload_id, number, off, ln, prog)
-                        )
-                    read = hash_range(f, 0, size, sha, bytearray(HASH_BLOCK))
-                    if f.read(1):
-                        read += 1  # grew: counted as changed, whatever the parts got
+                        futs.append(pool.submit(self._put_part, name, fd, key, upload_id, number, off, ln, prog))
+                    hash_range(fd, 0, size, sha)
                     done = [fut.result() for fut in futs]
                 except BaseException:
                     for fut in futs:
                         fut.cancel()  # parts not started yet would each wait out a budget of their own
                     raise
-            if read == size:
-                self._patient(f"upload {name}", lambda: self._complete(key, upload_id, [p for p, _ in done], size))
-            else:
-                raise StoreError(f"{name} changed size while uploading ({size} -> {read}+ bytes)")
+            now = os.fstat(fd).st_size
+            if now != size:
+                raise StoreError(f"{name} changed size while uploading ({size} -> {now} bytes)")
+            self._patient(f"upload {name}", lambda: self._complete(key, upload_id, [p for p, _ in done], size))
         except BaseException:
             with contextlib.suppress(Exception):
                 self._patient(
@@ -290,7 +278,7 @@ class EngineStore:
                     lambda: self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id),
                 )
             raise
-        return read, [digest for _, digest in done]
+        return [digest for _, digest in done]
 
     def _complete(self, key: str, upload_id: str, parts: list[Any], size: int) -> None:
         bucket = self.location.bucket
@@ -588,7 +576,7 @@ class EngineStore:
         """
         part = self.tuning.part_size
         with self._s3(), ThreadPoolExecutor(max_workers=max(1, parallelism), thread_name_prefix="s3get") as pool:
-            pending: list[tuple[FileJob, list[tuple[int, int, Future[str | None]]]]] = []
+            pending: list[tuple[FileJob, list[tuple[int, int, Future[str | None]]], list[str] | None]] = []
             try:
                 for job in jobs:
                     if already_present(job):
@@ -602,20 +590,21 @@ class EngineStore:
                         ranges = byte_ranges(job.size, job.part_size)
                     else:
                         ranges = byte_ranges(job.size, part if job.size >= self.tuning.ranged_threshold else job.size)
-                    # Each range hashed where it is received, when that digest is one the manifest gives.
-                    each = job.part_sha256 is not None or (len(ranges) == 1 and job.sha256 is not None)
+                    # What each range is checked against, when the manifest gives a digest per range: hashed where
+                    # it is received. None: the whole file hashed in order here (or, without a SHA-256, not at all).
+                    digests = job.part_sha256 or ([job.sha256] if len(ranges) == 1 and job.sha256 else None)
                     futs = [
-                        (off, ln, pool.submit(self._get_range, job, off, ln, len(ranges) > 1, prog, each))
+                        (off, ln, pool.submit(self._get_range, job, off, ln, len(ranges) > 1, prog, bool(digests)))
                         for off, ln in ranges
                     ]
-                    pending.append((job, futs))
-                for job, futs in pending:
-                    self._finish_file(job, futs)
+                    pending.append((job, futs, digests))
+                for job, futs, digests in pending:
+                    self._finish_file(job, futs, digests)
             except BaseException:
-                for _, futs in pending:
+                for _, futs, _ in pending:
                     for _, _, fut in futs:
                         fut.cancel()
-                for job, _ in pending:
+                for job, _, _ in pending:
                     with contextlib.suppress(FileNotFoundError):
                         job.partial.unlink()
                 raise
@@ -686,23 +675,24 @@ class EngineStore:
             os.close(fd)
             body.close()
 
-    def _finish_file(self, job: FileJob, futs: list[tuple[int, int, Future[str | None]]]) -> None:
-        if job.part_sha256 is not None:
-            for number, ((_, _, fut), want) in enumerate(zip(futs, job.part_sha256, strict=True), 1):
+    def _finish_file(
+        self, job: FileJob, futs: list[tuple[int, int, Future[str | None]]], digests: list[str] | None
+    ) -> None:
+        if digests is not None:
+            for number, ((_, _, fut), want) in enumerate(zip(futs, digests, strict=True), 1):
                 got = fut.result()
                 if got != want:
-                    self._refuse(job, got, want, f"part {number} of {len(futs)}: ")
-        elif len(futs) == 1 and job.sha256 is not None:
-            got = futs[0][2].result()
-            if got != job.sha256:
-                self._refuse(job, got, job.sha256)
+                    self._refuse(job, got, want, f"part {number} of {len(futs)}: " if len(futs) > 1 else "")
         elif job.sha256 is not None:
             sha = hashlib.sha256()
             buf = bytearray(HASH_BLOCK)
-            with open(job.partial, "rb", buffering=0) as f:
+            fd = os.open(job.partial, os.O_RDONLY)
+            try:
                 for off, ln, fut in futs:
                     fut.result()
-                    hash_range(f, off, ln, sha, buf)
+                    hash_range(fd, off, ln, sha, buf)
+            finally:
+                os.close(fd)
             if sha.hexdigest() != job.sha256:
                 self._refuse(job, sha.hexdigest(), job.sha256)
         else:

@@ -44,14 +44,14 @@ def byte_ranges(size: int, part: int) -> list[tuple[int, int]]:
     return [(off, min(part, size - off)) for off in range(0, size, part)]
 
 
-def hash_range(f: io.RawIOBase, offset: int, length: int, sha: Any, buf: bytearray) -> int:
-    """Hash [offset, offset + length) of f into sha, read through buf (reused: no allocation per block). Returns the
-    bytes hashed: fewer than length only when the file ends first."""
-    f.seek(offset)
+def hash_range(fd: int, offset: int, length: int, sha: Any, buf: bytearray | None = None) -> int:
+    """Hash [offset, offset + length) of the file open as fd into sha, read at its offsets (the fd's own position is
+    neither used nor moved) through buf (reused: no allocation per block). Returns the bytes hashed: fewer than
+    length only when the file ends first."""
     done = 0
-    with memoryview(buf) as view:
+    with memoryview(buf if buf is not None else bytearray(HASH_BLOCK)) as view:
         while done < length:
-            n = f.readinto(view[: min(len(view), length - done)])
+            n = os.preadv(fd, [view[: min(len(view), length - done)]], offset + done)
             if not n:
                 break
             sha.update(view[:n])
@@ -142,13 +142,9 @@ class FilePart:
     def sha256(self) -> str:
         if self._hashed == self._length:
             return self._sha.hexdigest()
-        sha, done, view = hashlib.sha256(), 0, memoryview(bytearray(HASH_BLOCK))
-        while done < self._length:
-            n = os.preadv(self._fd, [view[: min(len(view), self._length - done)]], self._offset + done)
-            if not n:
-                raise OSError(f"'{self._name}' ended at {self._offset + done} bytes while uploading it")
-            sha.update(view[:n])
-            done += n
+        sha = hashlib.sha256()
+        if hash_range(self._fd, self._offset, self._length, sha) != self._length:
+            raise OSError(f"'{self._name}' ended before {self._offset + self._length} bytes while uploading it")
         return sha.hexdigest()
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
@@ -171,7 +167,7 @@ class FilePart:
 def file_sha256(path: Path) -> str:
     sha = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        hash_range(f, 0, os.fstat(f.fileno()).st_size, sha, bytearray(HASH_BLOCK))
+        hash_range(f.fileno(), 0, os.fstat(f.fileno()).st_size, sha)
     return sha.hexdigest()
 
 
