@@ -21,9 +21,11 @@ from llmengine.clients.store import (
     S3Config,
     StoreError,
     TransferTuning,
+    chain,
     file_sha256,
     make_s3_client,
 )
+from llmengine.clients.store.chain import ChainedSha256
 from llmengine.dev import proc
 from llmengine.dev.s3 import S3Endpoint
 
@@ -101,14 +103,16 @@ def test_round_trip_of_a_multi_gib_engine_uses_multipart_and_ranged_reads(
     assert manifest.total_bytes == 2 * rank_bytes + 2
     for f in manifest.files:
         assert f.sha256 == file_sha256(src / f.path)
-        if f.size > store.tuning.part_size:  # uploaded in parts: each part's digest, as downloads verify them
-            assert f.part_size == store.tuning.part_size and f.part_sha256 is not None
-            with open(src / f.path, "rb") as fh:
-                assert f.part_sha256 == [
-                    hashlib.sha256(fh.read(f.part_size)).hexdigest() for _ in range(-(-f.size // f.part_size))
-                ]
+        if f.size > store.tuning.part_size:  # uploaded in parts: the chaining value at the end of each part
+            assert f.part_size == store.tuning.part_size and f.part_sha256 is None and f.part_states is not None
+            assert len(f.part_states) == -(-f.size // f.part_size) - 1
+            with open(src / f.path, "rb") as fh:  # each part, hashed from the value before it, reaches the next
+                for i, (start, end) in enumerate(zip([None, *f.part_states], f.part_states, strict=False)):
+                    part = ChainedSha256(start, i * f.part_size)
+                    part.update(fh.read(f.part_size))
+                    assert part.state() == end
         else:
-            assert f.part_sha256 is None
+            assert f.part_sha256 is None and f.part_states is None
     head = store.client.head_object(Bucket=s3_bucket, Key=store.file_key(manifest, "rank0.engine"))
     assert head["ETag"].strip('"').endswith(f"-{parts}"), head["ETag"]  # a multipart object of `parts` parts
 
@@ -133,8 +137,8 @@ def committed(s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path) -> Engine
     return store
 
 
-def _file(store: EngineStore, path: str) -> str:
-    manifest = store.get_manifest("eng")
+def _file(store: EngineStore, path: str, digest: str = "eng") -> str:
+    manifest = store.get_manifest(digest)
     assert manifest is not None
     return store.file_key(manifest, path)
 
@@ -159,21 +163,22 @@ def in_parts(s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path) -> EngineS
     return store
 
 
-def _corrupt(store: EngineStore, path: str, at: int) -> None:
-    key = _file(store, path)
+def _corrupt(store: EngineStore, path: str, at: int, digest: str = "eng") -> None:
+    key = _file(store, path, digest)
     data = bytearray(store.client.get_object(Bucket=store.location.bucket, Key=key)["Body"].read())
     data[at] ^= 0x01
     store.client.put_object(Bucket=store.location.bucket, Key=key, Body=bytes(data))
 
 
+@pytest.mark.parametrize("part", [1, 2, 3])
 def test_a_corrupted_byte_in_a_file_uploaded_in_parts_is_refused_naming_the_file_and_part(
-    in_parts: EngineStore, tmp_path: Path
+    in_parts: EngineStore, tmp_path: Path, part: int
 ) -> None:
     manifest = in_parts.get_manifest("eng")
     assert manifest is not None
-    assert all(f.part_sha256 is not None and len(f.part_sha256) == 3 for f in manifest.files if "rank" in f.path)
-    _corrupt(in_parts, "rank0.engine", 11 * MiB)  # in the third part
-    with pytest.raises(IntegrityError, match=r"failed verification: part 3 of 3") as exc:
+    assert all(f.part_states is not None and len(f.part_states) == 2 for f in manifest.files if "rank" in f.path)
+    _corrupt(in_parts, "rank0.engine", (part - 1) * 5 * MiB + 1234)
+    with pytest.raises(IntegrityError, match=rf"failed verification: part {part} of 3") as exc:
         in_parts.download_engine("eng", tmp_path / "out")
     assert exc.value.path == "rank0.engine"
     assert not (tmp_path / "out" / "rank0.engine").exists()
@@ -185,12 +190,12 @@ def test_an_engine_committed_without_part_digests_is_verified_whole(in_parts: En
     manifest = in_parts.get_manifest("eng")
     assert manifest is not None
     old = manifest.model_copy(
-        update={"files": [f.model_copy(update={"part_size": None, "part_sha256": None}) for f in manifest.files]}
+        update={"files": [f.model_copy(update={"part_size": None, "part_states": None}) for f in manifest.files]}
     )
     bucket = in_parts.location.bucket
     in_parts.client.put_object(Bucket=bucket, Key=in_parts.key("eng", "manifest.json"), Body=old.to_json().encode())
     assert (
-        "partSha256"
+        "partStates"
         not in in_parts.client.get_object(Bucket=bucket, Key=in_parts.key("eng", "manifest.json"))["Body"]
         .read()
         .decode()
@@ -202,6 +207,29 @@ def test_an_engine_committed_without_part_digests_is_verified_whole(in_parts: En
     with pytest.raises(IntegrityError, match="failed verification: sha256") as exc:
         in_parts.download_engine("eng", tmp_path / "bad")
     assert exc.value.path == "rank1.engine"
+
+
+def test_without_chaining_values_each_part_gets_a_digest_and_chained_engines_are_hashed_whole(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where OpenSSL's SHA-256 chaining values cannot be read: uploads hash each part on its own as well
+    (`partSha256`), and an engine committed with chaining values is verified by its files' SHA-256, in order."""
+    store = make_store(s3_endpoint, s3_bucket, TransferTuning(part_size=5 * MiB, ranged_threshold=5 * MiB))
+    chained = upload(store, "a", small_engine(tmp_path / "a", size=12 * MiB + 7))
+    monkeypatch.setattr(chain, "AVAILABLE", False)
+    src = small_engine(tmp_path / "b", size=12 * MiB + 7)
+    plain = upload(store, "b", src)
+    for f in plain.files:
+        if "rank" in f.path:
+            assert f.part_states is None and f.part_sha256 is not None
+            with open(src / f.path, "rb") as fh:
+                assert f.part_sha256 == [hashlib.sha256(fh.read(5 * MiB)).hexdigest() for _ in range(3)]
+    assert store.download_engine("b", tmp_path / "b-out") == plain
+    assert store.download_engine("a", tmp_path / "a-out") == chained
+    _corrupt(store, "rank0.engine", 6 * MiB, digest="a")
+    with pytest.raises(IntegrityError, match="failed verification: sha256") as exc:
+        store.download_engine("a", tmp_path / "a-bad")
+    assert exc.value.path == "rank0.engine"
 
 
 def test_a_file_that_changes_while_uploading_fails_the_upload(

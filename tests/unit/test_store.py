@@ -282,6 +282,12 @@ def test_a_file_part_hashes_what_it_sends_and_rehashes_when_not_sent_whole(tmp_p
         skipped.read()  # never sent from its start: the digest comes from the file, not from half the bytes
         assert skipped.sha256() == want
         assert FilePart(f.fileno(), 100, 5000, "f").sha256() == want
+        unhashed = FilePart(f.fileno(), 100, 5000, "f", hashed=False)  # the file's chaining values check its parts
+        unhashed.read(10)
+        unhashed.seek(0)
+        assert bytes(unhashed.read()) == data[100:5100]
+        with pytest.raises(ValueError, match="without hashing"):
+            unhashed.sha256()
 
 
 @pytest.mark.parametrize(
@@ -313,6 +319,35 @@ def test_manifest_part_digests_must_cover_the_file_exactly(
             check_manifest_paths([entry])
     with pytest.raises(IntegrityError, match="part digests"):
         check_manifest_paths([entry.model_copy(update={"part_size": 4, "part_sha256": ["ab"] * 3})])
+
+
+@pytest.mark.parametrize(
+    ("size", "part_size", "states", "ok"),
+    [
+        (200, 64, 3, True),  # parts of 64, 64, 64, 8 bytes: a chaining value after each but the last
+        (128, 64, 1, True),
+        (64, 64, 0, True),  # one part: its check is the file's SHA-256
+        (200, 64, 4, False),  # one value too many
+        (200, 64, 2, False),
+        (200, 60, 3, False),  # a part that is not whole SHA-256 blocks has no chaining value at its end
+    ],
+)
+def test_manifest_chaining_values_must_end_every_part_but_the_last(
+    size: int, part_size: int, states: int, ok: bool
+) -> None:
+    entry = ManifestFile(
+        path="rank0.engine", sha256="0" * 64, size=size, part_size=part_size, part_states=["2" * 64] * states
+    )
+    if ok:
+        check_manifest_paths([entry])
+    else:
+        with pytest.raises(IntegrityError, match="part digests that do not cover"):
+            check_manifest_paths([entry])
+    both = entry.model_copy(update={"part_sha256": ["1" * 64] * -(-size // part_size)})
+    with pytest.raises(IntegrityError, match="part digests"):
+        check_manifest_paths([both])  # one kind of part check, never two
+    with pytest.raises(IntegrityError, match="part digests"):
+        check_manifest_paths([entry.model_copy(update={"part_states": ["Z" * 64] * states or ["Z" * 64]})])
 
 
 class _Response:

@@ -120,15 +120,19 @@ class BuildRequest(Doc):
 
 
 class ManifestFile(Doc):
-    """One file of an engine: its SHA-256 and size, and, for a file uploaded in parts, the SHA-256 of each part
-    (bytes [i * partSize, (i + 1) * partSize) of it, the last one shorter), so that a download verifies each part in
-    the thread that receives it instead of one thread hashing the whole file in order."""
+    """One file of an engine: its SHA-256 and size, and, for a file uploaded in parts (bytes [i * partSize,
+    (i + 1) * partSize) of it, the last one shorter), what lets a download verify each part in the thread that
+    receives it instead of one thread hashing the whole file in order: either `partStates`, the SHA-256 chaining
+    value of the file's own hash at the end of every part but the last (written by one in-order hash of the file;
+    clients/store/chain.py), or `partSha256`, a separate SHA-256 of each part (a second hash of every byte; written
+    where chaining values are not available)."""
 
     path: str
     sha256: str
     size: int
     part_size: int | None = None
     part_sha256: list[str] | None = None
+    part_states: list[str] | None = None
 
 
 class Provenance(Doc):

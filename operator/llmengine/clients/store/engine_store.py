@@ -25,7 +25,7 @@ from llmengine.api.artifacts import (
     StoreLocation,
     first_problem,
 )
-from llmengine.clients.store import urls
+from llmengine.clients.store import chain, urls
 from llmengine.clients.store.client import S3Client, S3Config, TransferTuning, make_s3_client
 from llmengine.clients.store.errors import (
     SPEC_STORE,
@@ -40,10 +40,12 @@ from llmengine.clients.store.files import (
     HASH_BLOCK,
     FileJob,
     FilePart,
+    RangeCheck,
     already_present,
     body_reader,
     byte_ranges,
     hash_range,
+    range_checks,
     receive_buffer,
 )
 from llmengine.clients.store.layout import (
@@ -54,6 +56,7 @@ from llmengine.clients.store.layout import (
     QUARANTINE_DIR,
     RESERVED_NAMES,
     RESULT_NAME,
+    SHA256_BLOCK,
     build_prefix,
     check_files_prefix,
     check_manifest_paths,
@@ -218,50 +221,62 @@ class EngineStore:
         """Upload one file; returns its manifest entry (path: the file's name; the caller names it).
 
         Files above the part size go up as a multipart upload, `concurrency` parts at a time, each part read from
-        the file as it is sent and hashed as it is read (the part digests, which downloads verify part by part);
-        this thread meanwhile hashes the whole file in order (the hash never waits on the network, and no part is
-        held in memory). Each part (and the single PUT of a small file) is retried on its own while the store is
-        unreachable, within the retry budget: an outage costs the parts in flight, not the file. A file that changes
-        while uploading (its size, or its modification time or inode after the upload) fails the upload, so the whole
-        file's digest and the parts' always describe the same bytes.
+        the file as it is sent; this thread meanwhile hashes the whole file in order (the hash never waits on the
+        network, and no part is held in memory), noting the SHA-256 chaining value at the end of every part, which
+        downloads verify part by part (`partStates`). Where chaining values are not available (chain.AVAILABLE),
+        each part is also hashed on its own as it is sent (`partSha256`: every byte hashed twice). Each part (and
+        the single PUT of a small file) is retried on its own while the store is unreachable, within the retry
+        budget: an outage costs the parts in flight, not the file. A file that changes while uploading (its size,
+        or its modification time or inode after the upload) fails the upload, so the whole file's digest and the
+        parts' checks always describe the same bytes.
         """
         before = local.stat()
         size = before.st_size
         prog = progress or Progress(get_logger(), "upload", size, self.tuning.progress_interval_s)
         bucket = self.location.bucket
-        # S3 allows 10,000 parts: grow the part for files that would need more.
+        # S3 allows 10,000 parts: grow the part for files that would need more (in whole SHA-256 blocks).
         part = max(self.tuning.part_size, -(-size // 10_000))
-        sha = hashlib.sha256()
-        parts: list[str] | None = None
+        part = -(-part // SHA256_BLOCK) * SHA256_BLOCK
+        entry = ManifestFile(path=local.name, sha256="", size=size)
         with self._s3(), open(local, "rb", buffering=0) as f:
             if size <= part:
                 data = f.read()
-                sha.update(data)
                 self._patient(f"upload {local.name}", lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data))
                 prog.add(len(data))
+                entry = entry.model_copy(update={"sha256": hashlib.sha256(data).hexdigest()})
             else:
-                parts = self._multipart(local.name, f.fileno(), size, key, part, sha, prog)
+                entry = self._multipart(entry, f.fileno(), key, part, prog)
         after = local.stat()
         if (after.st_size, after.st_mtime_ns, after.st_ino) != (size, before.st_mtime_ns, before.st_ino):
             raise StoreError(f"{local} changed while uploading ({size} bytes when it started, {after.st_size} now)")
-        if parts is None:
-            return ManifestFile(path=local.name, sha256=sha.hexdigest(), size=size)
-        return ManifestFile(path=local.name, sha256=sha.hexdigest(), size=size, part_size=part, part_sha256=parts)
+        return entry
 
-    def _multipart(self, name: str, fd: int, size: int, key: str, part: int, sha: Any, prog: Progress) -> list[str]:
-        """The parts go up from the pool while this thread hashes the file; returns the parts' SHA-256 digests, in
-        order. A file whose size changed meanwhile is not completed (the upload is aborted)."""
+    def _multipart(self, entry: ManifestFile, fd: int, key: str, part: int, prog: Progress) -> ManifestFile:
+        """The parts go up from the pool while this thread hashes the file; returns the file's entry with its
+        SHA-256 and its parts' checks. A file whose size changed meanwhile is not completed (the upload is
+        aborted)."""
+        name, size = entry.path, entry.size
         bucket = self.location.bucket
+        chained = chain.AVAILABLE
         started = self._patient(f"upload {name}", lambda: self.client.create_multipart_upload(Bucket=bucket, Key=key))
         upload_id = started["UploadId"]
-        futs: list[Future[tuple[dict[str, Any], str]]] = []
+        futs: list[Future[tuple[dict[str, Any], str | None]]] = []
         try:
             conc = max(1, self.tuning.concurrency)
             with ThreadPoolExecutor(max_workers=conc, thread_name_prefix="s3put") as pool:
                 try:
-                    for number, (off, ln) in enumerate(byte_ranges(size, part), 1):
-                        futs.append(pool.submit(self._put_part, name, fd, key, upload_id, number, off, ln, prog))
-                    hash_range(fd, 0, size, sha)
+                    ranges = byte_ranges(size, part)
+                    for number, (off, ln) in enumerate(ranges, 1):
+                        futs.append(
+                            pool.submit(self._put_part, name, fd, key, upload_id, number, off, ln, prog, not chained)
+                        )
+                    sha: Any = chain.ChainedSha256() if chained else hashlib.sha256()
+                    states: list[str] = []
+                    buf = bytearray(HASH_BLOCK)
+                    for off, ln in ranges:
+                        hash_range(fd, off, ln, sha, buf)
+                        if chained and off + ln < size:
+                            states.append(sha.state())
                     done = [fut.result() for fut in futs]
                 except BaseException:
                     for fut in futs:
@@ -278,7 +293,10 @@ class EngineStore:
                     lambda: self.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id),
                 )
             raise
-        return [digest for _, digest in done]
+        checks: dict[str, Any] = (
+            {"part_states": states} if chained else {"part_sha256": [d for _, d in done if d is not None]}
+        )
+        return entry.model_copy(update={"sha256": sha.hexdigest(), "part_size": part, **checks})
 
     def _complete(self, key: str, upload_id: str, parts: list[Any], size: int) -> None:
         bucket = self.location.bucket
@@ -295,14 +313,24 @@ class EngineStore:
                 raise
 
     def _put_part(
-        self, name: str, fd: int, key: str, upload_id: str, number: int, offset: int, length: int, prog: Progress
-    ) -> tuple[dict[str, Any], str]:
-        """One part; returns its entry for the completion and the SHA-256 of the bytes the accepted request sent."""
+        self,
+        name: str,
+        fd: int,
+        key: str,
+        upload_id: str,
+        number: int,
+        offset: int,
+        length: int,
+        prog: Progress,
+        hashed: bool,
+    ) -> tuple[dict[str, Any], str | None]:
+        """One part; returns its entry for the completion and, when `hashed`, the SHA-256 of the bytes the accepted
+        request sent."""
         bucket = self.location.bucket
         sent: list[FilePart] = []
 
         def put() -> Any:
-            body = FilePart(fd, offset, length, name)
+            body = FilePart(fd, offset, length, name, hashed)
             sent.append(body)
             # file-like, as botocore takes it (not in its stubs)
             return self.client.upload_part(
@@ -311,7 +339,7 @@ class EngineStore:
 
         got = self._patient(f"upload {name} part {number}", put)
         prog.add(length)
-        return {"PartNumber": number, "ETag": got["ETag"]}, sent[-1].sha256()
+        return {"PartNumber": number, "ETag": got["ETag"]}, sent[-1].sha256() if hashed else None
 
     def upload_engine(
         self,
@@ -483,6 +511,7 @@ class EngineStore:
                 url=urls[f.path] if urls is not None else None,
                 part_size=f.part_size,
                 part_sha256=f.part_sha256,
+                part_states=f.part_states,
             )
             for f in manifest.files
         ]
@@ -576,7 +605,7 @@ class EngineStore:
         """
         part = self.tuning.part_size
         with self._s3(), ThreadPoolExecutor(max_workers=max(1, parallelism), thread_name_prefix="s3get") as pool:
-            pending: list[tuple[FileJob, list[tuple[int, int, Future[str | None]]], list[str] | None]] = []
+            pending: list[tuple[FileJob, list[tuple[int, int, Future[str | None]]], list[RangeCheck] | None]] = []
             try:
                 for job in jobs:
                     if already_present(job):
@@ -590,16 +619,22 @@ class EngineStore:
                         ranges = byte_ranges(job.size, job.part_size)
                     else:
                         ranges = byte_ranges(job.size, part if job.size >= self.tuning.ranged_threshold else job.size)
-                    # What each range is checked against, when the manifest gives a digest per range: hashed where
-                    # it is received. None: the whole file hashed in order here (or, without a SHA-256, not at all).
-                    digests = job.part_sha256 or ([job.sha256] if len(ranges) == 1 and job.sha256 else None)
+                    # What each range is checked against where it is received; None: the whole file hashed in
+                    # order here (or, without a SHA-256, not at all).
+                    checks = range_checks(job, ranges)
                     futs = [
-                        (off, ln, pool.submit(self._get_range, job, off, ln, len(ranges) > 1, prog, bool(digests)))
-                        for off, ln in ranges
+                        (
+                            off,
+                            ln,
+                            pool.submit(
+                                self._get_range, job, off, ln, len(ranges) > 1, prog, checks[i] if checks else None
+                            ),
+                        )
+                        for i, (off, ln) in enumerate(ranges)
                     ]
-                    pending.append((job, futs, digests))
-                for job, futs, digests in pending:
-                    self._finish_file(job, futs, digests)
+                    pending.append((job, futs, checks))
+                for job, futs, checks in pending:
+                    self._finish_file(job, futs, checks)
             except BaseException:
                 for _, futs, _ in pending:
                     for _, _, fut in futs:
@@ -610,14 +645,14 @@ class EngineStore:
                 raise
 
     def _get_range(
-        self, job: FileJob, offset: int, length: int, ranged: bool, prog: Progress, hashed: bool
+        self, job: FileJob, offset: int, length: int, ranged: bool, prog: Progress, check: RangeCheck | None
     ) -> str | None:
-        """GET [offset, offset+length) into the partial file; its SHA-256 when `hashed`. A body cut short or a store
-        that went away is asked again for the bytes still missing (from `reached`, which each attempt moves on, as
-        it feeds the hash), within the retry budget."""
-        sha = hashlib.sha256() if hashed else None
+        """GET [offset, offset+length) into the partial file; with a check, the value its hash reached (compared
+        by the caller). A body cut short or a store that went away is asked again for the bytes still missing
+        (from `reached`, which each attempt moves on, as it feeds the hash), within the retry budget."""
+        sha = check.start() if check is not None else None
         if length == 0:
-            return sha.hexdigest() if sha is not None else None
+            return check.result(sha) if check is not None else None
         end = offset + length
         reached = [offset]
         self._patient(
@@ -628,7 +663,7 @@ class EngineStore:
             raise IntegrityError(
                 f"'{job.name}' ended after {reached[0]} bytes, expected {end} (truncated in the store)", job.name
             )
-        return sha.hexdigest() if sha is not None else None
+        return check.result(sha) if check is not None else None
 
     def _get_bytes(
         self, job: FileJob, reached: list[int], end: int, ranged: bool, prog: Progress, sha: Any | None
@@ -676,13 +711,13 @@ class EngineStore:
             body.close()
 
     def _finish_file(
-        self, job: FileJob, futs: list[tuple[int, int, Future[str | None]]], digests: list[str] | None
+        self, job: FileJob, futs: list[tuple[int, int, Future[str | None]]], checks: list[RangeCheck] | None
     ) -> None:
-        if digests is not None:
-            for number, ((_, _, fut), want) in enumerate(zip(futs, digests, strict=True), 1):
+        if checks is not None:
+            for number, ((_, _, fut), check) in enumerate(zip(futs, checks, strict=True), 1):
                 got = fut.result()
-                if got != want:
-                    self._refuse(job, got, want, f"part {number} of {len(futs)}: " if len(futs) > 1 else "")
+                if got != check.want:
+                    self._refuse(job, got, check.want, f"part {number} of {len(futs)}: " if len(futs) > 1 else "")
         elif job.sha256 is not None:
             sha = hashlib.sha256()
             buf = bytearray(HASH_BLOCK)

@@ -3,6 +3,7 @@ an upload's parts read into reused buffers."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import io
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmengine.clients.store import chain
 from llmengine.clients.store.layout import PARTIAL_SUFFIX, MiB
 
 
@@ -27,10 +29,54 @@ class FileJob:
     # The manifest's per-part digests (files uploaded in parts): each range is then one part, verified on its own.
     part_size: int | None = None
     part_sha256: list[str] | None = None
+    part_states: list[str] | None = None
 
     @property
     def partial(self) -> Path:
         return self.dest.with_name(self.dest.name + PARTIAL_SUFFIX)
+
+
+@dataclass(frozen=True)
+class RangeCheck:
+    """What one range of a download is checked against, by the thread that receives it: a hash begun where the
+    range begins, and the value it must reach once the range is in."""
+
+    start: Callable[[], Any]
+    result: Callable[[Any], str]
+    want: str
+
+
+def _hexdigest(sha: Any) -> str:
+    return str(sha.hexdigest())
+
+
+def _state(sha: Any) -> str:
+    return str(sha.state())
+
+
+def range_checks(job: FileJob, ranges: list[tuple[int, int]]) -> list[RangeCheck] | None:
+    """One check per range, or None when the file can only be hashed whole, in order (a manifest without part
+    checks, or chaining values where they are not available), or not at all (no SHA-256).
+
+    With chaining values (`partStates`), part i's hash resumes from the value at its start (SHA-256's initial
+    value for the first) and must end at the value the manifest gives for its end; the last part's must end at the
+    file's SHA-256: so every part is checked on its own and the file's own digest with them."""
+    if job.part_states is not None and chain.AVAILABLE:
+        starts: list[str | None] = [None, *job.part_states]
+        ends = [*job.part_states, job.sha256 or ""]
+        last = len(ranges) - 1
+        return [
+            RangeCheck(
+                start=functools.partial(chain.ChainedSha256, starts[i], off),
+                result=_hexdigest if i == last else _state,
+                want=ends[i],
+            )
+            for i, (off, _) in enumerate(ranges)
+        ]
+    digests = job.part_sha256 or ([job.sha256] if len(ranges) == 1 and job.sha256 else None)
+    if digests is None:
+        return None
+    return [RangeCheck(start=hashlib.sha256, result=_hexdigest, want=d) for d in digests]
 
 
 # Files are hashed through one reused buffer of this size: copied in from the page cache, a block this small is still
@@ -112,14 +158,16 @@ class FilePart:
     block through one reused buffer: no part-sized buffer (a fresh 64 MiB one costs a page fault per 4 KiB) and no
     copy of it. Seekable, so a retried request sends the part again from its start. Hashes what it sends: `sha256()`
     is the SHA-256 of the bytes of the last pass over the whole part (read again from the file if the HTTP stack did
-    not send it whole, in order)."""
+    not send it whole, in order). With `hashed=False` it only sends (the file's chaining values are the parts'
+    checks)."""
 
-    def __init__(self, fd: int, offset: int, length: int, name: str) -> None:
+    def __init__(self, fd: int, offset: int, length: int, name: str, hashed: bool = True) -> None:
         self._fd, self._offset, self._length, self._name = fd, offset, length, name
         self._pos = 0
         self._block = bytearray()
         self._sha = hashlib.sha256()
-        self._hashed = 0  # bytes [0, _hashed) of the part are in _sha, in order
+        # bytes [0, _hashed) of the part are in _sha, in order; -1: not hashing
+        self._hashed = 0 if hashed else -1
 
     def __len__(self) -> int:
         return self._length - self._pos
@@ -145,6 +193,8 @@ class FilePart:
         return view
 
     def sha256(self) -> str:
+        if self._hashed < 0:
+            raise ValueError("this part was sent without hashing it")
         if self._hashed == self._length:
             return self._sha.hexdigest()
         sha = hashlib.sha256()
@@ -155,7 +205,7 @@ class FilePart:
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
         self._pos = max(0, min(self._length, base + offset))
-        if self._pos == 0:
+        if self._pos == 0 and self._hashed > 0:
             self._sha, self._hashed = hashlib.sha256(), 0
         return self._pos
 

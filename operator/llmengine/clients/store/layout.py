@@ -28,6 +28,8 @@ BUILDS_DIR = "builds/"
 QUARANTINE_DIR = "quarantine/"
 _BUILD_PREFIX = re.compile(r"^builds/[0-9a-z-]{8,64}/$")
 MiB = 1024 * 1024
+# SHA-256 hashes 64-byte blocks: a chaining value (a part boundary of `partStates`) lies at a multiple of it.
+SHA256_BLOCK = 64
 
 
 def local_files(root: Path) -> list[tuple[str, Path]]:
@@ -61,15 +63,7 @@ def check_manifest_paths(files: list[ManifestFile]) -> None:
             raise IntegrityError(f"manifest lists '{f.path}' twice", f.path)
         if f.size < 0 or len(f.sha256) != 64:
             raise IntegrityError(f"manifest entry '{f.path}' has an invalid size or sha256", f.path)
-        if (f.part_size is None) != (f.part_sha256 is None) or (
-            f.part_size is not None
-            and f.part_sha256 is not None
-            and (
-                f.part_size <= 0
-                or len(f.part_sha256) != -(-f.size // f.part_size)
-                or any(len(d) != 64 for d in f.part_sha256)
-            )
-        ):
+        if not _parts_cover(f):
             raise IntegrityError(
                 f"manifest entry '{f.path}' has part digests that do not cover its {f.size} bytes", f.path
             )
@@ -89,3 +83,21 @@ def check_files_prefix(prefix: str) -> None:
     directory: never a path that leaves the engine's directory."""
     if prefix and not _BUILD_PREFIX.match(prefix):
         raise IntegrityError(f"manifest names an unexpected files prefix '{prefix}'", prefix)
+
+
+def _parts_cover(f: ManifestFile) -> bool:
+    """No part checks at all, or exactly one kind of them with one per part: `partSha256` a digest for each part,
+    `partStates` a chaining value at the end of each part but the last (so parts are whole SHA-256 blocks)."""
+    if f.part_size is None:
+        return f.part_sha256 is None and f.part_states is None
+    if (f.part_sha256 is None) == (f.part_states is None) or f.part_size <= 0:
+        return False
+    parts = -(-f.size // f.part_size)
+    if f.part_sha256 is not None:
+        return len(f.part_sha256) == parts and all(_hex64(d) for d in f.part_sha256)
+    states = f.part_states or []
+    return f.part_size % SHA256_BLOCK == 0 and len(states) == max(parts - 1, 0) and all(_hex64(d) for d in states)
+
+
+def _hex64(d: str) -> bool:
+    return len(d) == 64 and all(c in "0123456789abcdef" for c in d)
