@@ -252,6 +252,28 @@ def test_a_file_that_changes_while_uploading_fails_the_upload(
         store.upload_file(target, store.key("eng", "rank0.engine"), Touching(None, "upload", 12 * MiB, 3600))
 
 
+def test_a_file_cut_short_while_uploading_fails_the_upload_as_a_change(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut mid-block before the in-order hash reaches the cut: the upload says the file changed (a StoreError, which
+    the builder reports as a failed upload), not that a chaining value fell mid-block."""
+    from llmengine.clients.store import engine_store
+
+    store = make_store(s3_endpoint, s3_bucket, TransferTuning(part_size=5 * MiB, ranged_threshold=5 * MiB))
+    target = small_engine(tmp_path / "src", ranks=1, size=12 * MiB) / "rank0.engine"
+    hash_range = engine_store.hash_range
+
+    def cut_first(fd: int, offset: int, length: int, sha: Any, buf: Any = None) -> int:
+        if offset == 0:
+            os.truncate(target, 3 * MiB + 5)
+        return hash_range(fd, offset, length, sha, buf)
+
+    monkeypatch.setattr(engine_store, "hash_range", cut_first)
+    with pytest.raises(StoreError, match="changed size while uploading"):
+        store.upload_file(target, store.key("eng", "rank0.engine"))
+    assert store.get_manifest("eng") is None
+
+
 def test_a_truncated_object_is_refused(committed: EngineStore, tmp_path: Path) -> None:
     key = _file(committed, "rank0.engine")
     data = committed.client.get_object(Bucket=committed.location.bucket, Key=key)["Body"].read()

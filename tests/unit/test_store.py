@@ -315,9 +315,9 @@ def test_manifest_part_digests_must_cover_the_file_exactly(
     if ok:
         check_manifest_paths([entry])
     else:
-        with pytest.raises(IntegrityError, match="part digests that do not cover"):
+        with pytest.raises(IntegrityError, match="part checks that do not cover"):
             check_manifest_paths([entry])
-    with pytest.raises(IntegrityError, match="part digests"):
+    with pytest.raises(IntegrityError, match="part checks"):
         check_manifest_paths([entry.model_copy(update={"part_size": 4, "part_sha256": ["ab"] * 3})])
 
 
@@ -341,12 +341,12 @@ def test_manifest_chaining_values_must_end_every_part_but_the_last(
     if ok:
         check_manifest_paths([entry])
     else:
-        with pytest.raises(IntegrityError, match="part digests that do not cover"):
+        with pytest.raises(IntegrityError, match="part checks that do not cover"):
             check_manifest_paths([entry])
     both = entry.model_copy(update={"part_sha256": ["1" * 64] * -(-size // part_size)})
-    with pytest.raises(IntegrityError, match="part digests"):
+    with pytest.raises(IntegrityError, match="part checks"):
         check_manifest_paths([both])  # one kind of part check, never two
-    with pytest.raises(IntegrityError, match="part digests"):
+    with pytest.raises(IntegrityError, match="part checks"):
         check_manifest_paths([entry.model_copy(update={"part_states": ["Z" * 64] * states or ["Z" * 64]})])
 
 

@@ -119,3 +119,36 @@ def test_a_download_checks_each_part_from_its_chaining_values_or_hashes_the_file
     assert [c.want for c in checks] == [*states, job.sha256]
     monkeypatch.setattr(chain, "AVAILABLE", False)
     assert range_checks(job, ranges) is None  # the caller hashes the whole file in order against its SHA-256
+
+
+@pytest.mark.parametrize("offset", [2**29 - 64, 2**29, 2**32, 8_123_456_768, 2**40])
+def test_a_hash_resumed_deep_into_a_file_counts_its_bytes_as_fips_180_4_pads_them(offset: int) -> None:
+    """Engine files resume far past 512 MiB, where the bit count needs more than 32 bits."""
+    start = os.urandom(32).hex()
+    tail = os.urandom(64 * 3 + 17)
+    h = [int(start[i : i + 8], 16) for i in range(0, 64, 8)]
+    for i in range(0, 64 * 3, 64):
+        h = _compress(h, tail[i : i + 64])
+    after_blocks = struct.pack(">8I", *h).hex()
+    rest = tail[64 * 3 :] + b"\x80"
+    rest += b"\x00" * ((56 - len(rest)) % 64) + struct.pack(">Q", (offset + len(tail)) * 8)
+    for i in range(0, len(rest), 64):
+        h = _compress(h, rest[i : i + 64])
+    resumed = chain.ChainedSha256(start, offset)
+    resumed.update(memoryview(bytearray(tail[: 64 * 3])))
+    assert resumed.state() == after_blocks
+    resumed.update(tail[64 * 3 :])
+    assert resumed.hexdigest() == struct.pack(">8I", *h).hex()
+
+
+def test_the_switch_leaves_openssl_alone_and_says_why() -> None:
+    import subprocess
+    import sys
+
+    probe = "from llmengine.clients.store import chain; print(chain.AVAILABLE, '|', chain.WHY_NOT)"
+    for value, available in (("0", "False"), ("off", "False"), ("1", "True"), ("", "True")):
+        env = {**os.environ, chain.SWITCH: value}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split(" | ")[0] == available, (value, out.stdout)
+        if available == "False":
+            assert chain.SWITCH in out.stdout

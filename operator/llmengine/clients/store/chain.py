@@ -17,7 +17,6 @@ or the functions are missing or a self-test against `hashlib` fails on load.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import struct
@@ -40,38 +39,33 @@ class _Ctx(ctypes.Structure):
     ]
 
 
-def _libcrypto_path() -> str | None:
-    """The libcrypto `hashlib` is linked against (one OpenSSL in the process), else the system's."""
-    import _hashlib  # noqa: F401  (loads it, so that it shows in the process's maps)
-
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.rstrip("\n").split(" ")[-1]
-                if os.path.basename(path).startswith("libcrypto.so"):
-                    return path
-    except OSError:
-        pass
-    return ctypes.util.find_library("crypto")
+# Set to 0 (or off, false, no) to leave OpenSSL's SHA256_* alone: uploads then write separate part digests and
+# downloads hash files with chaining values whole, in order.
+SWITCH = "LLMENGINE_SHA256_CHAINING"
 
 
 def _load() -> tuple[Any, str]:
-    path = _libcrypto_path()
-    if path is None:
-        return None, "no libcrypto found"
+    """SHA256_* from the libcrypto that `hashlib` is linked against: looked up through `_hashlib`'s own handle, which
+    searches the libraries it depends on, so that no second OpenSSL is loaded (nor a system one: macOS aborts a
+    process that loads its unversioned libcrypto)."""
+    if os.environ.get(SWITCH, "").strip().lower() in ("0", "off", "false", "no"):
+        return None, f"{SWITCH} turns them off"
     try:
-        lib = ctypes.CDLL(path)
+        import _hashlib
+
+        where = str(_hashlib.__file__)
+        lib = ctypes.CDLL(where)
         for name in ("SHA256_Init", "SHA256_Update", "SHA256_Final"):
             getattr(lib, name)
-    except (OSError, AttributeError) as exc:
-        return None, f"{path}: {exc}"
+    except (ImportError, OSError, AttributeError) as exc:
+        return None, f"OpenSSL's SHA256_* not found through hashlib: {exc}"
     ctx_p = ctypes.POINTER(_Ctx)
     lib.SHA256_Init.argtypes = [ctx_p]
     lib.SHA256_Update.argtypes = [ctx_p, ctypes.c_void_p, ctypes.c_size_t]
     lib.SHA256_Final.argtypes = [ctypes.c_char_p, ctx_p]
     for f in (lib.SHA256_Init, lib.SHA256_Update, lib.SHA256_Final):
         f.restype = ctypes.c_int
-    return lib, path
+    return lib, where
 
 
 _lib, _where = _load()
@@ -96,20 +90,27 @@ class ChainedSha256:
             self._ctx.Nl, self._ctx.Nh = bits & 0xFFFFFFFF, bits >> 32
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
-        if not n:
+        """As hashlib's: any buffer, hashed as its bytes. A writable contiguous one (what the store passes) is
+        hashed where it lies; any other is copied first."""
+        if not isinstance(data, bytes):
+            view = memoryview(data)
+            if view.readonly or not view.c_contiguous:
+                data = view.tobytes()
+            else:
+                self._update_in_place(view.cast("B"))
+                return
+        if data:
+            _lib.SHA256_Update(ctypes.byref(self._ctx), data, len(data))
+
+    def _update_in_place(self, view: memoryview) -> None:
+        if not view.nbytes:
             return
-        if isinstance(data, bytes):
-            _lib.SHA256_Update(ctypes.byref(self._ctx), data, n)
-            return
-        if isinstance(data, memoryview) and (data.readonly or not data.c_contiguous):
-            _lib.SHA256_Update(ctypes.byref(self._ctx), bytes(data), n)
-            return
-        window = (ctypes.c_char * n).from_buffer(data)
+        window = (ctypes.c_char * view.nbytes).from_buffer(view)
         try:
-            _lib.SHA256_Update(ctypes.byref(self._ctx), window, n)
+            _lib.SHA256_Update(ctypes.byref(self._ctx), window, view.nbytes)
         finally:
             del window
+            view.release()
 
     def state(self) -> str:
         if self._ctx.num:
@@ -117,8 +118,7 @@ class ChainedSha256:
         return struct.pack(">8I", *self._ctx.h).hex()
 
     def hexdigest(self) -> str:
-        done = _Ctx()
-        ctypes.pointer(done)[0] = self._ctx  # finish a copy: this one can go on
+        done = _Ctx.from_buffer_copy(self._ctx)  # finish a copy: this one can go on
         out = ctypes.create_string_buffer(32)
         _lib.SHA256_Final(out, ctypes.byref(done))
         return out.raw.hex()

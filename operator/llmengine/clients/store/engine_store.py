@@ -274,7 +274,8 @@ class EngineStore:
                     states: list[str] = []
                     buf = bytearray(HASH_BLOCK)
                     for off, ln in ranges:
-                        hash_range(fd, off, ln, sha, buf)
+                        if hash_range(fd, off, ln, sha, buf) != ln:
+                            raise StoreError(f"{name} changed size while uploading (it ended before {off + ln} bytes)")
                         if chained and off + ln < size:
                             states.append(sha.state())
                     done = [fut.result() for fut in futs]
@@ -597,10 +598,11 @@ class EngineStore:
     def _download_files(self, jobs: list[FileJob], parallelism: int, prog: Progress) -> None:
         """Parallel ranged GETs into `<file>.llmengine-partial`, verified, renamed if good.
 
-        A file the manifest gives part digests for is fetched part by part, each part hashed by the thread that
-        receives it as it arrives and checked against its digest: every byte verified, on every core. A file of one
-        range is hashed the same way against its SHA-256. A file of several ranges without part digests (a manifest
-        written before they existed) is hashed in order on this thread as its ranges land; all ranges of all files
+        A file the manifest gives part checks for (chaining values, or digests) is fetched part by part, each part
+        hashed by the thread that receives it as it arrives and checked (files.range_checks): every byte verified,
+        on every core. A file of one range is hashed the same way against its SHA-256. A file of several ranges
+        without usable part checks (an older manifest, or chaining values where they cannot be read) is hashed in
+        order on this thread as its ranges land; all ranges of all files
         share one pool (FIFO), so that hash trails the network by a few ranges instead of adding a second pass.
         """
         part = self.tuning.part_size
@@ -717,7 +719,9 @@ class EngineStore:
             for number, ((_, _, fut), check) in enumerate(zip(futs, checks, strict=True), 1):
                 got = fut.result()
                 if got != check.want:
-                    self._refuse(job, got, check.want, f"part {number} of {len(futs)}: " if len(futs) > 1 else "")
+                    where = f"part {number} of {len(futs)}: " if len(futs) > 1 else ""
+                    what = "SHA-256 chaining value" if job.part_states is not None and number < len(futs) else ""
+                    self._refuse(job, got, check.want, where, what or "sha256")
         elif job.sha256 is not None:
             sha = hashlib.sha256()
             buf = bytearray(HASH_BLOCK)
@@ -736,10 +740,10 @@ class EngineStore:
         os.replace(job.partial, job.dest)
 
     @staticmethod
-    def _refuse(job: FileJob, got: str | None, want: str, where: str = "") -> None:
+    def _refuse(job: FileJob, got: str | None, want: str, where: str = "", what: str = "sha256") -> None:
         job.partial.unlink(missing_ok=True)
         raise IntegrityError(
-            f"'{job.name}' failed verification: {where}sha256 {(got or '')[:16]}... "
+            f"'{job.name}' failed verification: {where}{what} {(got or '')[:16]}... "
             f"does not match the manifest's {want[:16]}... (corrupted)",
             job.name,
         )

@@ -26,7 +26,8 @@ class FileJob:
     sha256: str | None
     name: str
     url: str | None = None  # a presigned GET URL (an engine grant) to read instead of the key
-    # The manifest's per-part digests (files uploaded in parts): each range is then one part, verified on its own.
+    # The manifest's part checks (files uploaded in parts: chaining values or digests): each range is then one
+    # part, verified on its own.
     part_size: int | None = None
     part_sha256: list[str] | None = None
     part_states: list[str] | None = None

@@ -30,6 +30,7 @@ _BUILD_PREFIX = re.compile(r"^builds/[0-9a-z-]{8,64}/$")
 MiB = 1024 * 1024
 # SHA-256 hashes 64-byte blocks: a chaining value (a part boundary of `partStates`) lies at a multiple of it.
 SHA256_BLOCK = 64
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def local_files(root: Path) -> list[tuple[str, Path]]:
@@ -65,7 +66,9 @@ def check_manifest_paths(files: list[ManifestFile]) -> None:
             raise IntegrityError(f"manifest entry '{f.path}' has an invalid size or sha256", f.path)
         if not _parts_cover(f):
             raise IntegrityError(
-                f"manifest entry '{f.path}' has part digests that do not cover its {f.size} bytes", f.path
+                f"manifest entry '{f.path}' has part checks that do not cover its {f.size} bytes "
+                "(one kind of check, one per part)",
+                f.path,
             )
         seen.add(f.path)
 
@@ -100,4 +103,4 @@ def _parts_cover(f: ManifestFile) -> bool:
 
 
 def _hex64(d: str) -> bool:
-    return len(d) == 64 and all(c in "0123456789abcdef" for c in d)
+    return _HEX64.fullmatch(d) is not None
