@@ -76,3 +76,56 @@ async def test_one_client_per_location_and_credentials_whatever_the_namespace(mo
     ambient = await s.client("team-a", ACCESS)
     assert await s.client("team-b", ACCESS) is ambient  # the operator's own credentials
     assert len(made) == 3
+
+
+class CountingKube(FakeKube):
+    def __init__(self, secrets: dict[tuple[str, str], dict[str, str]]) -> None:
+        super().__init__(secrets)
+        self.reads = 0
+
+    async def get_secret_data(self, ns: str, name: str) -> dict[str, str] | None:
+        self.reads += 1
+        return await super().get_secret_data(ns, name)
+
+
+async def test_a_credentials_secret_is_read_once_a_minute_and_again_after_the_store_refuses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llmengine.clients.store import CredentialsError
+
+    now = [1000.0]
+    monkeypatch.setattr(st.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(st, "make_s3_client", lambda cfg: object())
+    refusing = [False]
+
+    class Store:
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            pass
+
+        def is_committed(self, digest: str) -> bool:
+            if refusing[0]:
+                raise CredentialsError("the store does not know this access key", setting="spec.store")
+            return False  # building: asked on every pass
+
+    monkeypatch.setattr(st, "EngineStore", Store)
+    kube = CountingKube({})
+    s = st.Stores(cast(Any, kube))
+    explicit = st.StoreAccess(LOC, "s3", explicit=True, default=False)
+
+    view = await s.view("team-a", explicit, "d")  # the Secret does not exist yet: not remembered as missing
+    assert view.committed is None and "Secret 's3' not found" in (view.error or "") and kube.reads == 1
+    kube.secrets[("team-a", "s3")] = {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s"}
+    assert (await s.view("team-a", explicit, "d")).committed is False and kube.reads == 2
+    for _ in range(5):
+        now[0] += 10
+        assert (await s.view("team-a", explicit, "d")).committed is False
+    assert kube.reads == 2  # passes within the minute: no read
+    now[0] += st.SECRET_TTL_SECONDS
+    await s.view("team-a", explicit, "d")
+    assert kube.reads == 3  # a rotation is seen within a minute
+    refusing[0] = True
+    assert "does not know this access key" in ((await s.view("team-a", explicit, "d")).error or "")
+    assert kube.reads == 3
+    refusing[0] = False
+    await s.view("team-a", explicit, "d")
+    assert kube.reads == 4  # refused credentials are read again at once

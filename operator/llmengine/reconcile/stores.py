@@ -17,6 +17,8 @@ from llmengine.clients.kube import Kube
 from llmengine.clients.store import (
     DEFAULT_STORE,
     SPEC_STORE,
+    AccessDenied,
+    CredentialsError,
     EngineStore,
     IntegrityError,
     S3Config,
@@ -29,6 +31,9 @@ from llmengine.reconcile import metrics
 from llmengine.reconcile.snapshot import StoreView
 
 COMMITTED_TTL_SECONDS = 300.0
+# A spec's credentials Secret is read again after this long (a rotation is picked up within it), at once after the
+# store refused the credentials read from it, and on every look-up while it is missing.
+SECRET_TTL_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class Stores:
         # may delete it, so it is asked again after COMMITTED_TTL_SECONDS.
         self._committed: dict[tuple[str, str, str, str], float] = {}
         self._clients: dict[tuple[Any, ...], EngineStore] = {}
+        # (namespace, Secret) -> when read, the credentials in it
+        self._secrets: dict[tuple[str, str], tuple[float, dict[str, str]]] = {}
 
     @staticmethod
     def _commit_key(access: StoreAccess, digest: str) -> tuple[str, str, str, str]:
@@ -75,6 +82,8 @@ class Stores:
             ok = await asyncio.to_thread(store.is_committed, digest)
         except StoreError as e:
             metrics.STORE_ERRORS.inc()
+            if isinstance(e, CredentialsError | AccessDenied) and access.pod_secret:
+                self._secrets.pop((ns, access.pod_secret), None)  # perhaps rotated since: read it again next time
             return StoreView(None, str(e), uri)  # the store's errors name the settings this engine uses
         except Exception as e:  # a store outage must never crash the operator
             metrics.STORE_ERRORS.inc()
@@ -122,21 +131,31 @@ class Stores:
         key: tuple[Any, ...] = (access.location, access.default)
         creds: dict[str, str] = {}
         if access.explicit and access.pod_secret:
-            data = await self.kube.get_secret_data(ns, access.pod_secret)
-            if data is None:
-                raise StoreError(
-                    f"Secret {access.pod_secret!r} not found in namespace {ns!r}",
-                    setting="spec.store.credentialsSecretRef",
-                )
-            creds = {
-                "access_key_id": data.get("AWS_ACCESS_KEY_ID", ""),
-                "secret_access_key": data.get("AWS_SECRET_ACCESS_KEY", ""),
-            }
-            for value in creds.values():
-                register_secret(value)  # masked in every log line from now on
+            creds = await self._credentials(ns, access.pod_secret)
             key = (*key, hashlib.sha256(json.dumps(creds, sort_keys=True).encode()).hexdigest())
         if key not in self._clients:
             cfg = S3Config.for_location(access.location, ca_bundle=self.ca_bundle, **creds)
             names = DEFAULT_STORE if access.default else SPEC_STORE
             self._clients[key] = EngineStore(make_s3_client(cfg), access.location, names=names)
         return self._clients[key]
+
+    async def _credentials(self, ns: str, name: str) -> dict[str, str]:
+        """The keys of a spec's credentials Secret, read at most once per SECRET_TTL_SECONDS (an engine waiting on
+        its build asks the store on every pass)."""
+        seen = self._secrets.get((ns, name))
+        if seen is not None and time.monotonic() - seen[0] < SECRET_TTL_SECONDS:
+            return seen[1]
+        data = await self.kube.get_secret_data(ns, name)
+        if data is None:
+            self._secrets.pop((ns, name), None)
+            raise StoreError(
+                f"Secret {name!r} not found in namespace {ns!r}", setting="spec.store.credentialsSecretRef"
+            )
+        creds = {
+            "access_key_id": data.get("AWS_ACCESS_KEY_ID", ""),
+            "secret_access_key": data.get("AWS_SECRET_ACCESS_KEY", ""),
+        }
+        for value in creds.values():
+            register_secret(value)  # masked in every log line from now on
+        self._secrets[(ns, name)] = (time.monotonic(), creds)
+        return creds
