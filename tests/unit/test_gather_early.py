@@ -14,25 +14,13 @@ from llmengine.api.config import OperatorConfig
 from llmengine.reconcile.gather import Gatherer, Memory
 from llmengine.reconcile.queue import BuildQueue
 from llmengine.reconcile.snapshot import StoreView
+from tests.unit.test_plan_cli import engine as plain_engine
 
 OLD = "0" * 64
 
 
 def engine(status: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": "llmengine.io/v1alpha1",
-        "kind": "LLMEngine",
-        "metadata": {"name": "e", "namespace": "ml", "uid": "u", "generation": 2, "resourceVersion": "7"},
-        "spec": {
-            "model": {
-                "source": {"huggingFace": {"repo": "meta-llama/Llama-3.1-8B-Instruct", "revision": "0e9e39f"}},
-                "catalog": "llama-3.1-8b",
-            },
-            "build": {"maxBatchSize": 64, "maxInputLen": 2048, "maxSeqLen": 4096, "maxNumTokens": 8192},
-            "target": {"gpu": "H100-80GB"},
-        },
-        "status": status or {},
-    }
+    return {**plain_engine("e"), "status": status or {}}
 
 
 class Kube:
