@@ -720,18 +720,14 @@ class EngineStore:
                 got = fut.result()
                 if got != check.want:
                     where = f"part {number} of {len(futs)}: " if len(futs) > 1 else ""
-                    what = "SHA-256 chaining value" if job.part_states is not None and number < len(futs) else ""
-                    self._refuse(job, got, check.want, where, what or "sha256")
+                    self._refuse(job, got, check.want, where, check.what)
         elif job.sha256 is not None:
             sha = hashlib.sha256()
             buf = bytearray(HASH_BLOCK)
-            fd = os.open(job.partial, os.O_RDONLY)
-            try:
+            with open(job.partial, "rb", buffering=0) as f:
                 for off, ln, fut in futs:
                     fut.result()
-                    hash_range(fd, off, ln, sha, buf)
-            finally:
-                os.close(fd)
+                    hash_range(f.fileno(), off, ln, sha, buf)
             if sha.hexdigest() != job.sha256:
                 self._refuse(job, sha.hexdigest(), job.sha256)
         else:

@@ -45,6 +45,7 @@ class RangeCheck:
     start: Callable[[], Any]
     result: Callable[[Any], str]
     want: str
+    what: str = "sha256"  # what a mismatch names
 
 
 def _hexdigest(sha: Any) -> str:
@@ -71,6 +72,7 @@ def range_checks(job: FileJob, ranges: list[tuple[int, int]]) -> list[RangeCheck
                 start=functools.partial(chain.ChainedSha256, starts[i], off),
                 result=_hexdigest if i == last else _state,
                 want=ends[i],
+                what="sha256" if i == last else "SHA-256 chaining value",
             )
             for i, (off, _) in enumerate(ranges)
         ]
