@@ -369,7 +369,7 @@ def test_a_body_cut_short_raises_a_transient_error_when_read_straight_from_http_
     import http.client
 
     from llmengine.clients.store.errors import is_transient
-    from llmengine.clients.store.files import body_reader
+    from llmengine.clients.store.receive import body_reader
 
     class Body:
         _raw_stream = _Response()
@@ -385,7 +385,7 @@ def test_a_body_cut_short_raises_a_transient_error_when_read_straight_from_http_
 def test_a_body_without_an_http_client_response_is_read_through_its_read() -> None:
     import io
 
-    from llmengine.clients.store.files import body_reader
+    from llmengine.clients.store.receive import body_reader
 
     readinto = body_reader(io.BytesIO(b"0123456789"))
     buf = memoryview(bytearray(4))

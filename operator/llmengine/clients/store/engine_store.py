@@ -42,11 +42,9 @@ from llmengine.clients.store.files import (
     FilePart,
     RangeCheck,
     already_present,
-    body_reader,
     byte_ranges,
     hash_range,
     range_checks,
-    receive_buffer,
 )
 from llmengine.clients.store.layout import (
     BUILDS_DIR,
@@ -64,6 +62,7 @@ from llmengine.clients.store.layout import (
     new_build_id,
 )
 from llmengine.clients.store.progress import Progress
+from llmengine.clients.store.receive import receive
 from llmengine.clients.store.retry import Patience
 from llmengine.clock import iso, utcnow
 from llmengine.logging import get_logger
@@ -671,7 +670,7 @@ class EngineStore:
         self, job: FileJob, reached: list[int], end: int, ranged: bool, prog: Progress, sha: Any | None
     ) -> None:
         """One GET of [reached[0], end), writing at reached[0] and moving it on with every block written (and
-        hashed, when sha is given), read into this thread's reused buffer."""
+        hashed, when sha is given): receive.py."""
         if reached[0] >= end:
             return  # the body was cut after its last byte: nothing is missing
         kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Key": job.key}
@@ -693,21 +692,9 @@ class EngineStore:
                     f"'{job.name}' is shorter in the store than expected (truncated)", job.name
                 ) from exc
             raise
-        readinto, buf = body_reader(body), receive_buffer()
-        fd = os.open(job.partial, os.O_WRONLY)
+        fd = os.open(job.partial, os.O_RDWR)
         try:
-            while n := readinto(buf):
-                pos = reached[0]
-                if pos + n > end:
-                    raise IntegrityError(f"'{job.name}' is longer in the store than the manifest says", job.name)
-                view = buf[:n]
-                while view:
-                    w = os.pwrite(fd, view, pos)
-                    view, pos = view[w:], pos + w
-                if sha is not None:
-                    sha.update(buf[:n])
-                reached[0] = pos
-                prog.add(n)
+            receive(body, fd, reached, end, sha, prog.add, job.name)
         finally:
             os.close(fd)
             body.close()

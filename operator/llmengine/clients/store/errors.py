@@ -158,7 +158,7 @@ _TRANSIENT_EXCEPTIONS = (
     u3.NewConnectionError,  # a presigned URL's GET (clients/store/urls.py) without botocore's wrapping
     u3.ConnectTimeoutError,
     ConnectionError,
-    # A body read straight from http.client (files.body_reader) fails without urllib3's wrapping: cut, timed out,
+    # A body read straight from http.client (receive.body_reader) fails without urllib3's wrapping: cut, timed out,
     # or a TLS stream that ended mid-record.
     http.client.IncompleteRead,
     TimeoutError,

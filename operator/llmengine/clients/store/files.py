@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import http.client
 import io
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,54 +104,6 @@ def hash_range(fd: int, offset: int, length: int, sha: Any, buf: bytearray | Non
             sha.update(view[:n])
             done += n
     return done
-
-
-# What a download reads the response into, one buffer per receiving thread (reused for every range it fetches).
-# Each block is copied in from the socket, copied out into the page cache and hashed: three passes, all from the
-# CPU's cache only while the block fits in the core's L2 with room to spare. Measured on a 4 GiB download (8 streams,
-# AMD EPYC with 1 MiB of L2 per core, docs/benchmarks.md): 256 KiB 1,083 MB/s at 1.34 CPU-s/GiB, 128 KiB about the
-# same, 64 KiB 978, 512 KiB 631, 1 MiB 606 MB/s at 2.41 CPU-s/GiB (the kernel's copy into the page cache missing the
-# cache on every line).
-RECEIVE_BLOCK = 256 * 1024
-_receiving = threading.local()
-
-
-def receive_buffer() -> memoryview:
-    buf = getattr(_receiving, "buf", None)
-    if buf is None:
-        buf = _receiving.buf = memoryview(bytearray(RECEIVE_BLOCK))
-    return buf
-
-
-def body_reader(body: Any) -> Callable[[memoryview], int]:
-    """`readinto` for a GET's response body (botocore's StreamingBody, or a grant's urllib3 response).
-
-    Reads straight from the http.client response under botocore's and urllib3's wrappers when it is there (urllib3 2
-    keeps it as `_fp`): the kernel copies into the caller's buffer and that is all. Their own `read(n)` allocates a
-    fresh n-byte buffer and copies it once more for every block; measured on a 1 GiB download from a loopback S3
-    (8 streams, per-part SHA-256 in the receiving threads): 2.5 CPU-seconds per GiB that way, 1.1 this way
-    (docs/benchmarks.md). The bytes are the same either way: botocore asks urllib3 for the body undecoded. Any other
-    body is read through its `read`."""
-    raw = getattr(body, "_raw_stream", None) or getattr(body, "raw", None)
-    fp = getattr(raw, "_fp", None)
-    if isinstance(fp, http.client.HTTPResponse):
-        response = fp
-
-        def from_response(view: memoryview) -> int:
-            n = response.readinto(view)
-            if not n and response.length:
-                # http.client ends quietly when the connection closes early; urllib3 would raise: so does this.
-                raise http.client.IncompleteRead(b"", response.length)
-            return n
-
-        return from_response
-
-    def read_into(view: memoryview) -> int:
-        data = body.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    return read_into
 
 
 class FilePart:

@@ -29,7 +29,7 @@ class _Response:
 
     @property
     def raw(self) -> Any:
-        """The urllib3 response, which files.body_reader reads from directly."""
+        """The urllib3 response, which receive.py reads from directly."""
         return self.rsp
 
     def read(self, amt: int) -> bytes:
