@@ -93,12 +93,12 @@ class ChainedSha256:
         """As hashlib's: any buffer, hashed as its bytes. A writable contiguous one (what the store passes) is
         hashed where it lies; any other is copied first."""
         if not isinstance(data, bytes):
-            view = memoryview(data)
-            if view.readonly or not view.c_contiguous:
-                data = view.tobytes()
-            else:
-                self._update_in_place(view.cast("B"))
-                return
+            with memoryview(data) as view:  # released here, even on an error: a mapped file can then be closed
+                if view.readonly or not view.c_contiguous:
+                    data = view.tobytes()
+                else:
+                    self._update_in_place(view.cast("B"))
+                    return
         if data:
             _lib.SHA256_Update(ctypes.byref(self._ctx), data, len(data))
 

@@ -62,7 +62,7 @@ from llmengine.clients.store.layout import (
     new_build_id,
 )
 from llmengine.clients.store.progress import Progress
-from llmengine.clients.store.receive import receive
+from llmengine.clients.store.receive import close, receive
 from llmengine.clients.store.retry import Patience
 from llmengine.clock import iso, utcnow
 from llmengine.logging import get_logger
@@ -697,7 +697,7 @@ class EngineStore:
             receive(body, fd, reached, end, sha, prog.add, job.name)
         finally:
             os.close(fd)
-            body.close()
+            close(body)
 
     def _finish_file(
         self, job: FileJob, futs: list[tuple[int, int, Future[str | None]]], checks: list[RangeCheck] | None

@@ -116,6 +116,16 @@ def receive(
         progress(n)
 
 
+def close(body: Any) -> None:
+    """Close a GET's body. One read to its end first gives its connection back to the pool for the next GET:
+    urllib3 releases a connection only after its own reads, and closing botocore's body would drop it."""
+    response = http_response(body)
+    raw = getattr(body, "_raw_stream", None)
+    if response is not None and response.isclosed() and response.length == 0 and raw is not None:
+        raw.release_conn()
+    body.close()
+
+
 def _longer(name: str) -> IntegrityError:
     return IntegrityError(f"'{name}' is longer in the store than the manifest says", name)
 
@@ -145,11 +155,13 @@ def _spliced(
     sha: Any | None,
     progress: Callable[[int], object],
 ) -> bool:
-    """The spliced path; False when the kernel refuses splice(2) before a byte of the socket went through a pipe
-    (the copy path then goes on from reached[0], where the body stands)."""
+    """The spliced path; False when it hands the rest of the body to the copy path, which goes on from reached[0]
+    (hashed up to where the body stands): the kernel refused splice(2) before a byte of the socket went through a
+    pipe, or the socket holds urgent (out-of-band) data, which splice(2) never reads past."""
     global _splice_works
     length = response.length or 0
-    # What http.client has already read past the headers waits in its buffer: take it the ordinary way.
+    # What http.client has read past the headers waits in its buffer (peek reads once if it is empty, within the
+    # socket's timeout): take it the ordinary way.
     buffered = response.fp.peek(0)[:length] if length else b""
     if buffered:
         view = memoryview(bytearray(len(buffered)))
@@ -163,43 +175,55 @@ def _spliced(
     if not left:
         return True
     r, w = os.pipe()
-    hashed = reached[0]
-    window = _Window(fd, reached[0], reached[0] + left) if sha is not None else None
+    pos = hashed = reached[0]
+    window: _Window | None = None
+
+    def catch_up() -> None:
+        nonlocal hashed
+        if sha is not None and pos > hashed:
+            assert window is not None
+            window.hash(sha, hashed, pos)
+        progress(pos - hashed)
+        hashed = reached[0] = pos
+
     try:
+        if sha is not None:
+            window = _Window(fd, pos, pos + left)
         with contextlib.suppress(OSError):  # beyond the system's pipe limits: smaller steps
             fcntl.fcntl(w, _F_SETPIPE_SZ, SPLICE_STEP)
         timeout = sock.gettimeout()
         poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        pos = reached[0]
-        moved_any = False
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        waited = False
         while left:
             try:
-                n = os.splice(sock.fileno(), w, min(SPLICE_STEP, left), flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+                n = os.splice(sock.fileno(), w, min(SPLICE_STEP, left), flags=os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
-                if not poller.poll(-1 if timeout is None else int(timeout * 1000) + 1):
+                if waited:  # readable, and still nothing to splice: urgent data ahead
+                    catch_up()
+                    return False
+                events = poller.poll(-1 if timeout is None else int(timeout * 1000) + 1)
+                if not events:
                     raise TimeoutError(f"no data from the store for {timeout} s") from None
+                if any(ev & select.POLLPRI for _, ev in events):
+                    catch_up()
+                    return False
+                waited = True
                 continue
             except OSError as exc:
-                if not moved_any and exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                if pos == reached[0] == hashed and exc.errno in _REFUSED:
                     _splice_works = False
                     return False
                 raise
+            waited = False
             if not n:
                 raise http.client.IncompleteRead(b"", left)
-            moved_any = True
             left -= n
             response.length = left  # as http.client's own reads keep it
             _drain(r, fd, n, pos)
             pos += n
-            if sha is None:
-                reached[0] = pos
-                progress(n)
-            elif pos - hashed >= SPLICE_STEP or not left:
-                assert window is not None
-                window.hash(sha, hashed, pos)
-                progress(pos - hashed)
-                hashed = reached[0] = pos
+            if sha is None or pos - hashed >= SPLICE_STEP or not left:
+                catch_up()
         response.read()  # nothing left: http.client closes its side as after reading the body itself
         return True
     finally:
@@ -207,6 +231,10 @@ def _spliced(
         os.close(w)
         if window is not None:
             window.close()
+
+
+# How the kernel (or a seccomp profile) says no to splice(2) for a socket or a file system.
+_REFUSED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES)
 
 
 def _drain(r: int, fd: int, n: int, pos: int) -> None:
@@ -218,7 +246,7 @@ def _drain(r: int, fd: int, n: int, pos: int) -> None:
             try:
                 m = os.splice(r, fd, n, offset_dst=pos, flags=os.SPLICE_F_MOVE)
             except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                if exc.errno not in _REFUSED:
                     raise
                 _splice_works = False
                 continue
@@ -241,9 +269,9 @@ class _Window:
         self._view: memoryview | None = None
         try:
             self._map = mmap.mmap(fd, end - self._base, offset=self._base)
-            self._view = memoryview(self._map)
         except (OSError, ValueError):
-            self._map = None
+            return
+        self._view = memoryview(self._map)
 
     def hash(self, sha: Any, lo: int, hi: int) -> None:
         if self._view is not None:
@@ -262,4 +290,7 @@ class _Window:
         if self._view is not None:
             self._view.release()
         if self._map is not None:
-            self._map.close()
+            # A view still held (by the traceback of an error raised while hashing) keeps the mapping until it goes;
+            # that error, not this one, is what the caller should see.
+            with contextlib.suppress(BufferError):
+                self._map.close()
