@@ -6,10 +6,10 @@ Two ways, the same bytes, the same hash:
   puts it in the page cache without copying it through this process, and the hash reads it back from the page cache
   through a mapping of the file, a step (1 MiB) at a time, while it is still in the CPU's cache. One copy of every
   byte instead of two, and what is hashed is what landed in the file. On a 1 GiB download from a loopback S3 (8
-  streams, 2 cores, docs/benchmarks.md) this moved 1,255 MB/s at 1.14 client CPU-s/GiB, against 1,043 MB/s at 1.37
-  for the copy below and 1,152 MB/s at 1.21 for s5cmd, which does not hash.
-- **copied** (TLS, a body of unknown length, no splice(2), a file system or socket that refuses it): the body is read
-  into this thread's reused buffer, written with pwrite and hashed from the buffer.
+  streams, 2 cores, docs/benchmarks.md) this moved 1,265 MB/s at 1.16 client CPU-s/GiB, against 1,158 MB/s at 1.33
+  for the copy below and 1,215 MB/s at 1.16 for s5cmd, which does not hash.
+- **copied** (TLS, a body of unknown length, urgent TCP data, no splice(2), a file system or socket that refuses it):
+  the body is read into this thread's reused buffer, written with pwrite and hashed from the buffer.
 
 Either way `reached[0]` moves on only past bytes that are written and hashed, so an attempt cut short is asked again
 from there and the hash goes on where it stopped.
