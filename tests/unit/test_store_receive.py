@@ -191,9 +191,11 @@ def test_a_body_cut_short_raises_a_transient_error_and_the_retry_goes_on_from_wh
     assert path.read_bytes()[AT:end] == payload
 
 
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "copied"])
 def test_a_body_longer_than_the_manifest_says_is_refused_before_a_byte_is_written(
-    target: tuple[int, Path], spliced: list[bool | str]
+    target: tuple[int, Path], spliced: list[bool | str], monkeypatch: pytest.MonkeyPatch, splice: bool
 ) -> None:
+    monkeypatch.setattr(receive, "_splice_works", splice and hasattr(os, "splice"))
     fd, path = target
     payload = os.urandom(MiB)
     with served(payload) as body, pytest.raises(IntegrityError, match="longer in the store than the manifest says"):

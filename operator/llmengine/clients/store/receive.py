@@ -98,12 +98,11 @@ def receive(
     reached[0] follows the bytes written and hashed. A body reaching past `end` is refused (IntegrityError); one cut
     short raises http.client.IncompleteRead (transient: the caller asks again from reached[0])."""
     response = http_response(body)
+    if response is not None and response.length is not None and reached[0] + response.length > end:
+        raise _longer(name)
     sock = _plain_socket(response) if response is not None else None
-    if sock is not None and response is not None:
-        if response.length is not None and reached[0] + response.length > end:
-            raise _longer(name)
-        if _spliced(response, sock, fd, reached, end, sha, progress):
-            return
+    if sock is not None and response is not None and _spliced(response, sock, fd, reached, end, sha, progress):
+        return
     readinto, buf = body_reader(body), receive_buffer()
     while n := readinto(buf):
         pos = reached[0]
