@@ -91,7 +91,7 @@ def byte_ranges(size: int, part: int) -> list[tuple[int, int]]:
     return [(off, min(part, size - off)) for off in range(0, size, part)]
 
 
-def hash_range(fd: int, offset: int, length: int, sha: Any, buf: bytearray | None = None) -> int:
+def hash_range(fd: int, offset: int, length: int, sha: Any, buf: bytearray | memoryview | None = None) -> int:
     """Hash [offset, offset + length) of the file open as fd into sha, read at its offsets (the fd's own position is
     neither used nor moved) through buf (reused: no allocation per block). Returns the bytes hashed: fewer than
     length only when the file ends first."""

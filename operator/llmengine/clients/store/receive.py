@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llmengine.clients.store.errors import IntegrityError
+from llmengine.clients.store.files import hash_range
 from llmengine.clients.store.layout import MiB
 
 # What the copy path reads the response into, one buffer per receiving thread (reused for every range it fetches).
@@ -105,14 +106,9 @@ def receive(
         return
     readinto, buf = body_reader(body), receive_buffer()
     while n := readinto(buf):
-        pos = reached[0]
-        if pos + n > end:
+        if reached[0] + n > end:
             raise _longer(name)
-        _pwrite_all(fd, buf[:n], pos)
-        if sha is not None:
-            sha.update(buf[:n])
-        reached[0] = pos + n
-        progress(n)
+        _land(fd, buf[:n], reached, sha, progress)
 
 
 def close(body: Any) -> None:
@@ -127,6 +123,15 @@ def close(body: Any) -> None:
 
 def _longer(name: str) -> IntegrityError:
     return IntegrityError(f"'{name}' is longer in the store than the manifest says", name)
+
+
+def _land(fd: int, view: memoryview, reached: list[int], sha: Any | None, progress: Callable[[int], object]) -> None:
+    """Write a block received into a buffer at reached[0], hash it, move reached[0] past it."""
+    _pwrite_all(fd, view, reached[0])
+    if sha is not None:
+        sha.update(view)
+    reached[0] += len(view)
+    progress(len(view))
 
 
 def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
@@ -161,15 +166,12 @@ def _spliced(
     length = response.length or 0
     # What http.client has read past the headers waits in its buffer (peek reads once if it is empty, within the
     # socket's timeout): take it the ordinary way.
-    buffered = response.fp.peek(0)[:length] if length else b""
-    if buffered:
-        view = memoryview(bytearray(len(buffered)))
-        n = response.readinto(view)
-        _pwrite_all(fd, view[:n], reached[0])
-        if sha is not None:
-            sha.update(view[:n])
-        reached[0] += n
-        progress(n)
+    buffered = len(response.fp.peek(0)[:length]) if length else 0
+    buf = receive_buffer()
+    while buffered:
+        n = response.readinto(buf[: min(buffered, len(buf))])
+        _land(fd, buf[:n], reached, sha, progress)
+        buffered -= n
     left = response.length or 0
     if not left:
         return True
@@ -286,13 +288,8 @@ class _Window:
                 start -= start % mmap.PAGESIZE
                 self._map.madvise(_DONTNEED, start, hi - self._base - start)
             return
-        buf = receive_buffer()
-        while lo < hi:
-            n = os.preadv(self._fd, [buf[: min(len(buf), hi - lo)]], lo)
-            if not n:
-                raise OSError(errno.EIO, f"the partial file ended at {lo} bytes while hashing it")
-            sha.update(buf[:n])
-            lo += n
+        if hash_range(self._fd, lo, hi - lo, sha, receive_buffer()) != hi - lo:
+            raise OSError(errno.EIO, f"the partial file ended before {hi} bytes while hashing it")
 
     def close(self) -> None:
         if self._view is not None:
