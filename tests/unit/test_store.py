@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 import pytest
@@ -160,6 +162,10 @@ def test_manifest_entries_must_be_unique_and_well_formed() -> None:
         check_manifest_paths([ok, ok])
     with pytest.raises(IntegrityError, match="invalid size or sha256"):
         check_manifest_paths([ManifestFile(path="x", sha256="abc", size=1)])
+    # 64 characters are not enough: a digest is lowercase hex, as hashlib writes it (compared as text on download).
+    for bad in ("g" * 64, "A" * 64, " " + "a" * 63):
+        with pytest.raises(IntegrityError, match="invalid size or sha256"):
+            check_manifest_paths([ManifestFile(path="x", sha256=bad, size=1)])
 
 
 def test_ranges_cover_the_file_exactly() -> None:
@@ -195,6 +201,12 @@ def test_transient_and_permanent_errors_are_told_apart() -> None:
     assert not is_transient(bx.NoCredentialsError())
     assert not is_transient(bx.SSLError(endpoint_url="https://x", error="bad certificate"))
     assert not is_transient(ValueError("x"))
+    # A route that went away under an open connection, as a socket call straight from http.client raises it; a full
+    # or failing local disk stays permanent.
+    assert is_transient(OSError(errno.EHOSTUNREACH, os.strerror(errno.EHOSTUNREACH)))
+    assert is_transient(OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH)))
+    assert not is_transient(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    assert not is_transient(OSError(errno.EIO, os.strerror(errno.EIO)))
 
 
 def test_a_store_error_names_the_settings_the_engine_uses() -> None:

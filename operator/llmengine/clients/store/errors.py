@@ -3,6 +3,7 @@ another attempt may get past."""
 
 from __future__ import annotations
 
+import errno
 import http.client
 import ssl
 from dataclasses import dataclass
@@ -166,11 +167,19 @@ _TRANSIENT_EXCEPTIONS = (
 )
 
 
+# A route or network that went away under an open connection: the socket calls of a body read straight from
+# http.client (receive.py) raise these as plain OSError, without urllib3's or botocore's wrapping. Errors of the local
+# file (ENOSPC, EIO, EROFS) are not among them: another attempt would fail the same way.
+_NETWORK_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.ENETRESET})
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures that another attempt may get past: not credentials, not a missing bucket or object."""
     if isinstance(exc, bx.SSLError):
         return False  # a certificate problem stays one
     if isinstance(exc, (EndpointUnreachable, *_TRANSIENT_EXCEPTIONS)):
+        return True
+    if type(exc) is OSError and exc.errno in _NETWORK_ERRNOS:
         return True
     if isinstance(exc, bx.ClientError):
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)

@@ -62,7 +62,7 @@ def check_manifest_paths(files: list[ManifestFile]) -> None:
             )
         if f.path in seen:
             raise IntegrityError(f"manifest lists '{f.path}' twice", f.path)
-        if f.size < 0 or len(f.sha256) != 64:
+        if f.size < 0 or not _hex64(f.sha256):
             raise IntegrityError(f"manifest entry '{f.path}' has an invalid size or sha256", f.path)
         if not _parts_cover(f):
             raise IntegrityError(
