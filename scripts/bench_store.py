@@ -12,9 +12,11 @@ downloads the same bytes through every client with the same part size and the sa
 - s5cmd: `s5cmd cp --part-size --concurrency`, built from its Go module (devcluster/build-tools.sh s5cmd).
 
 Only ours hashes and verifies; the peers move bytes (the CRT adds its own CRC32 to uploads). Rounds rotate the
-order of the clients; the table shows medians in MB/s (10^6 bytes), the ratio of ours to the best peer, and the CPU
-time the client spent per GiB (every thread of this process, or the s5cmd process; the server's is not counted),
-which a loaded machine disturbs less than the wall time.
+order of the clients; the table shows medians in MB/s (10^6 bytes), the ratio of ours to the best peer, the CPU time
+the client spent per GiB (every thread of this process, or the s5cmd process), which a loaded machine disturbs less
+than the wall time, and the CPU time the server spent per GiB on the same transfer. On one machine the server shares
+the client's cores, so what a client asks of the server (versitygw computes a CRC64NVME of every upload unless the
+client names another checksum, as the CRT does with CRC32) counts against its own speed too.
 
     .venv/bin/python scripts/bench_store.py                      # 1 and 4 GiB, 3 rounds, every client
     .venv/bin/python scripts/bench_store.py --sizes-gib 1 --rounds 1 --clients ours s5cmd
@@ -235,14 +237,20 @@ def cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """Wall seconds and client CPU seconds of fn(), from a page cache with nothing left to write back: the server's
-    copy of the previous upload (its parts and the object it assembles) is flushed first, or the next transfer pays
-    for writing it out (the faster the upload before it, the more)."""
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time of another process, every thread (proc(5): utime and stime of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn: Callable[[], object], server_pid: int) -> tuple[float, float, float]:
+    """Wall seconds, client CPU seconds and server CPU seconds of fn(), from a page cache with nothing left to write
+    back: the server's copy of the previous upload (its parts and the object it assembles) is flushed first, or the
+    next transfer pays for writing it out (the faster the upload before it, the more)."""
     os.sync()
-    c, t = cpu_seconds(), time.perf_counter()
+    s, c, t = process_cpu_seconds(server_pid), cpu_seconds(), time.perf_counter()
     fn()
-    return time.perf_counter() - t, cpu_seconds() - c
+    return time.perf_counter() - t, cpu_seconds() - c, process_cpu_seconds(server_pid) - s
 
 
 def empty_bucket(s3: S3Client) -> None:
@@ -253,7 +261,7 @@ def empty_bucket(s3: S3Client) -> None:
 
 
 def measure(
-    clients: list[Client], s3: S3Client, scratch: Path, size: int, rounds: int
+    clients: list[Client], s3: S3Client, server_pid: int, scratch: Path, size: int, rounds: int
 ) -> tuple[dict[str, dict[str, list[float]]], list[str]]:
     """Seconds per client and direction over the rounds, and the load average before each round."""
     src = scratch / f"src-{size}" / FILE
@@ -261,7 +269,7 @@ def measure(
     log(f"writing {size / GiB:g} GiB of test bytes")
     write_pseudo_random(src, size, 0)
     secs: dict[str, dict[str, list[float]]] = {
-        c.name: {d: [] for d in ("upload", "download", "upload_cpu", "download_cpu")} for c in clients
+        c.name: {d + k: [] for d in ("upload", "download") for k in ("", "_cpu", "_server_cpu")} for c in clients
     }
     loads = []
     for r in range(rounds):
@@ -272,16 +280,17 @@ def measure(
             key = f"{c.name}-{size}-{r}"
             dest = scratch / "down" / FILE
             dest.parent.mkdir()
-            up, up_cpu = timed(lambda c=c, key=key: c.upload(src, key))  # type: ignore[misc]
-            down, down_cpu = timed(lambda c=c, key=key, dest=dest: c.download(key, dest))  # type: ignore[misc]
+            up = timed(lambda c=c, key=key: c.upload(src, key), server_pid)  # type: ignore[misc]
+            down = timed(lambda c=c, key=key, dest=dest: c.download(key, dest), server_pid)  # type: ignore[misc]
             if dest.stat().st_size != size:
                 raise SystemExit(f"{c.name} downloaded {dest.stat().st_size} bytes, expected {size}")
-            for d, wall, cpu in (("upload", up, up_cpu), ("download", down, down_cpu)):
+            for d, (wall, cpu, server_cpu) in (("upload", up), ("download", down)):
                 secs[c.name][d].append(wall)
                 secs[c.name][d + "_cpu"].append(cpu)
+                secs[c.name][d + "_server_cpu"].append(server_cpu)
             log(
-                f"  {c.name:8} up {size / up / 1e6:5.0f} MB/s {up_cpu:5.1f} CPU s   "
-                f"down {size / down / 1e6:5.0f} MB/s {down_cpu:5.1f} CPU s"
+                f"  {c.name:8} up {size / up[0] / 1e6:5.0f} MB/s {up[1]:4.1f} CPU s (server {up[2]:4.1f})   "
+                f"down {size / down[0] / 1e6:5.0f} MB/s {down[1]:4.1f} CPU s (server {down[2]:4.1f})"
             )
             shutil.rmtree(dest.parent)
             empty_bucket(s3)
@@ -293,17 +302,20 @@ def table(size: int, secs: dict[str, dict[str, list[float]]]) -> list[str]:
     def rate(name: str, direction: str) -> float:
         return size / statistics.median(secs[name][direction]) / 1e6
 
-    def cpu(name: str, direction: str) -> float:
-        return statistics.median(secs[name][direction + "_cpu"]) / (size / GiB)
+    def cpu(name: str, what: str) -> str:
+        got = secs[name].get(what)  # absent from --json files written before the server's CPU was measured
+        return f"{statistics.median(got) / (size / GiB):.2f}" if got else "-"
 
     lines = [
-        f"| {size / GiB:g} GiB | upload MB/s | download MB/s | upload client CPU s/GiB | download client CPU s/GiB |",
+        f"| {size / GiB:g} GiB | upload MB/s | download MB/s | upload CPU s/GiB, client + server "
+        "| download CPU s/GiB, client + server |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in secs:
         lines.append(
             f"| {name} | {rate(name, 'upload'):.0f} | {rate(name, 'download'):.0f} "
-            f"| {cpu(name, 'upload'):.2f} | {cpu(name, 'download'):.2f} |"
+            f"| {cpu(name, 'upload_cpu')} + {cpu(name, 'upload_server_cpu')} "
+            f"| {cpu(name, 'download_cpu')} + {cpu(name, 'download_server_cpu')} |"
         )
     peers = [n for n in secs if n != "ours"]
     if "ours" in secs and peers:
@@ -324,12 +336,27 @@ def main() -> None:
     p.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
     p.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None, help="also write every round's seconds here")
+    p.add_argument(
+        "--split-cpus",
+        action="store_true",
+        help="pin the server to the first half of the CPUs and the clients to the rest, so neither takes the other's "
+        "cores (a transfer is then bound by whichever side runs out first)",
+    )
     args = p.parse_args()
     configure_logging(json=False, level="WARNING")
     part, conc = args.part_size_mib * MiB, args.concurrency
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.split_cpus:
+        if len(cpus) < 2:
+            raise SystemExit("--split-cpus needs at least 2 CPUs")
+        server_cpus, client_cpus = cpus[: len(cpus) // 2], cpus[len(cpus) // 2 :]
+        os.sched_setaffinity(0, server_cpus)  # the server inherits it
     ep, server = start_s3(scratch / "s3")
+    if args.split_cpus:
+        os.sched_setaffinity(0, client_cpus)  # this thread, the threads it starts, and s5cmd
+        log(f"server on CPUs {server_cpus}, clients on CPUs {client_cpus}")
     results: dict[str, Any] = {}
     try:
         s3 = make_s3_client(
@@ -339,7 +366,7 @@ def main() -> None:
         clients = make_clients(args.clients, s3, ep, part, conc)
         for gib in args.sizes_gib:
             size = int(gib * GiB)
-            results[f"{gib:g}"] = measure(clients, s3, scratch, size, args.rounds)
+            results[f"{gib:g}"] = measure(clients, s3, server.pid, scratch, size, args.rounds)
     finally:
         proc.stop_pid(server.pid)
         shutil.rmtree(scratch, ignore_errors=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import time
@@ -23,6 +25,7 @@ from llmengine.clients.store import (
     TransferTuning,
     chain,
     file_sha256,
+    files,
     make_s3_client,
 )
 from llmengine.clients.store.chain import ChainedSha256
@@ -153,6 +156,33 @@ def test_a_corrupted_byte_is_refused_naming_the_file(committed: EngineStore, tmp
     assert exc.value.path == "rank1.engine" and "failed verification" in str(exc.value)
     assert not (tmp_path / "out" / "rank1.engine").exists()
     assert not list((tmp_path / "out").rglob("*.llmengine-partial"))
+
+
+def test_a_disk_without_room_for_a_file_fails_before_it_is_fetched_naming_it(
+    committed: EngineStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fallocate(2) answering ENOSPC, as a full node disk does for a file larger than its free space."""
+    big = {f.path for f in (committed.get_manifest("eng") or pytest.fail("not committed")).files if f.size > MiB}
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+        if length > MiB:  # the rank files; the small documents fit
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+        return real(fd, mode, offset, length)
+
+    real = files._fallocate()
+    monkeypatch.setattr(files, "_fallocate", lambda: fallocate)
+    gets: list[str] = []
+    committed.client.meta.events.register(
+        "before-call.s3.GetObject", lambda params, **kw: gets.append(params["url_path"])
+    )
+    with pytest.raises(StoreError) as exc:
+        committed.download_engine("eng", tmp_path / "out", parallelism=1)
+    msg = str(exc.value)
+    assert msg.startswith("no room for '") and msg.split("'")[1] in big and "GiB free there" in msg, msg
+    assert not any(p.endswith(msg.split("'")[1]) for p in gets)  # not a byte of it was asked for
+    assert not list((tmp_path / "out").rglob("*.llmengine-partial"))
+    assert not any(p.name in big for p in (tmp_path / "out").rglob("*"))
 
 
 @pytest.fixture

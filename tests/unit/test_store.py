@@ -405,3 +405,48 @@ def test_a_body_without_an_http_client_response_is_read_through_its_read() -> No
     while n := readinto(buf):
         got.append(bytes(buf[:n]))
     assert b"".join(got) == b"0123456789"
+
+
+def test_a_download_file_is_allocated_ahead_where_the_file_system_can_and_sparse_where_it_cannot(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ctypes
+
+    from llmengine.clients.store import files
+
+    size = 8 * 1024 * 1024 + 3
+    with open(tmp_path / "a", "wb") as f:
+        allocated = files.preallocate(f.fileno(), size)
+    st = os.stat(tmp_path / "a")
+    assert st.st_size == size
+    # What it reports is what happened: blocks for every byte, or none (a file system without fallocate).
+    assert allocated == (st.st_blocks * 512 >= size), (allocated, st.st_blocks)
+    assert (tmp_path / "a").read_bytes() == bytes(size)
+
+    def refusing(code: int) -> Any:
+        def fallocate(*args: Any) -> int:
+            calls.append(args[1:])
+            ctypes.set_errno(code)
+            return -1
+
+        return lambda: fallocate
+
+    calls: list[tuple[int, ...]] = []
+    for code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # cannot allocate ahead: a sparse file instead
+        monkeypatch.setattr(files, "_fallocate", refusing(code))
+        with open(tmp_path / "b", "wb") as f:
+            assert files.preallocate(f.fileno(), size) is False
+        assert os.stat(tmp_path / "b").st_size == size and os.stat(tmp_path / "b").st_blocks == 0
+    assert calls == [(0, 0, size)] * 3  # mode 0: allocate and set the size
+    for code in (errno.ENOSPC, errno.EIO):  # no room, a failing disk: an error, not a sparse file to fill later
+        monkeypatch.setattr(files, "_fallocate", refusing(code))
+        with open(tmp_path / "c", "wb") as f, pytest.raises(OSError) as exc:
+            files.preallocate(f.fileno(), size)
+        assert exc.value.errno == code
+    calls.clear()
+    with open(tmp_path / "d", "wb") as f:
+        assert files.preallocate(f.fileno(), 0) is False and not calls  # nothing to allocate
+    monkeypatch.setattr(files, "_fallocate", lambda: None)  # not Linux, or a libc without fallocate
+    with open(tmp_path / "e", "wb") as f:
+        assert files.preallocate(f.fileno(), size) is False
+    assert os.stat(tmp_path / "e").st_size == size

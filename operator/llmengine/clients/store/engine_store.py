@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -44,6 +46,7 @@ from llmengine.clients.store.files import (
     already_present,
     byte_ranges,
     hash_range,
+    preallocate,
     range_checks,
 )
 from llmengine.clients.store.layout import (
@@ -615,7 +618,7 @@ class EngineStore:
                     job.dest.parent.mkdir(parents=True, exist_ok=True)
                     partial = job.partial
                     with open(partial, "wb") as f:
-                        f.truncate(job.size)
+                        self._make_room(f.fileno(), job)
                     if job.part_size is not None:
                         ranges = byte_ranges(job.size, job.part_size)
                     else:
@@ -644,6 +647,24 @@ class EngineStore:
                     with contextlib.suppress(FileNotFoundError):
                         job.partial.unlink()
                 raise
+
+    @staticmethod
+    def _make_room(fd: int, job: FileJob) -> None:
+        """The partial file at its full size, its blocks allocated where the file system can (files.preallocate:
+        the streams writing it then never allocate under its lock). A disk without room for the file is an error
+        naming it and the space, before a byte is fetched."""
+        try:
+            preallocate(fd, job.size)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                job.partial.unlink()
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = job.partial.parent
+            raise StoreError(
+                f"no room for '{job.name}' ({job.size / 2**30:.2f} GiB) in {where}: "
+                f"{shutil.disk_usage(where).free / 2**30:.2f} GiB free there ({os.strerror(exc.errno)})"
+            ) from exc
 
     def _get_range(
         self, job: FileJob, offset: int, length: int, ranged: bool, prog: Progress, check: RangeCheck | None

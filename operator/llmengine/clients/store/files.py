@@ -3,10 +3,13 @@ an upload's parts read into reused buffers."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import hashlib
 import io
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +173,44 @@ class FilePart:
 
     def readable(self) -> bool:
         return True
+
+
+# fallocate(2) answers these where the file system cannot allocate blocks ahead (NFS before 4.2, some FUSE file
+# systems): the file is then made sparse, as before preallocation. glibc's posix_fallocate (os.posix_fallocate) is not
+# used: on such a file system it writes a byte into every 4 KiB block instead, 17 million writes for 70 GB.
+_NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+
+
+@functools.cache
+def _fallocate() -> Any:
+    """libc's fallocate(2) wrapper, or None where there is none (not Linux, or a libc without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def preallocate(fd: int, size: int) -> bool:
+    """Make the open, empty file `size` bytes long with its blocks allocated now (fallocate(2), mode 0), so the
+    streams writing into it later find them in place instead of each allocating under the file's lock; a file
+    system that cannot allocate ahead gets a sparse file of that size. True if the blocks were allocated.
+
+    A disk without room for the whole file fails here (OSError ENOSPC), before a byte is fetched."""
+    fn = _fallocate()
+    if fn is not None and size > 0:
+        if fn(fd, 0, 0, size) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err not in _NO_FALLOCATE:
+            raise OSError(err, os.strerror(err))
+    os.ftruncate(fd, size)
+    return False
 
 
 def file_sha256(path: Path) -> str:
