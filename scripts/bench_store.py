@@ -20,6 +20,7 @@ client names another checksum, as the CRT does with CRC32) counts against its ow
 
     .venv/bin/python scripts/bench_store.py                      # 1 and 4 GiB, 3 rounds, every client
     .venv/bin/python scripts/bench_store.py --sizes-gib 1 --rounds 1 --clients ours s5cmd
+    .venv/bin/python scripts/bench_store.py --split-cpus       # the server on half the CPUs, the clients on the rest
 """
 
 from __future__ import annotations
