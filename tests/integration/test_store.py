@@ -179,7 +179,8 @@ def test_a_disk_without_room_for_a_file_fails_before_it_is_fetched_naming_it(
     with pytest.raises(StoreError) as exc:
         committed.download_engine("eng", tmp_path / "out", parallelism=1)
     msg = str(exc.value)
-    assert msg.startswith("no room for '") and msg.split("'")[1] in big and "GiB free there" in msg, msg
+    assert msg.startswith("no room for '") and msg.split("'")[1] in big and " free there (" in msg, msg
+    assert "(3.0 MiB)" in msg, msg  # the rank files' 3 MiB + 7 bytes
     assert not any(p.endswith(msg.split("'")[1]) for p in gets)  # not a byte of it was asked for
     assert not list((tmp_path / "out").rglob("*.llmengine-partial"))
     assert not any(p.name in big for p in (tmp_path / "out").rglob("*"))

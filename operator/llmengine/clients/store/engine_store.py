@@ -662,8 +662,8 @@ class EngineStore:
                 raise
             where = job.partial.parent
             raise StoreError(
-                f"no room for '{job.name}' ({job.size / 2**30:.2f} GiB) in {where}: "
-                f"{shutil.disk_usage(where).free / 2**30:.2f} GiB free there ({os.strerror(exc.errno)})"
+                f"no room for '{job.name}' ({_amount(job.size)}) in {where}: "
+                f"{_amount(shutil.disk_usage(where).free)} free there ({os.strerror(exc.errno)})"
             ) from exc
 
     def _get_range(
@@ -803,3 +803,8 @@ def load_grant(path: Path) -> EngineGrant:
         raise StoreError(f"no engine grant at {path}: the operator writes it once the engine is committed") from exc
     except ValidationError as exc:
         raise StoreError(f"{path} is not an engine grant: {first_problem(exc)}") from exc
+
+
+def _amount(n: int) -> str:
+    """Bytes as a person reads them in an error: GiB from 1 GiB up, MiB below."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
