@@ -176,9 +176,11 @@ class FilePart:
 
 
 # fallocate(2) answers these where the file system cannot allocate blocks ahead (NFS before 4.2, some FUSE file
-# systems): the file is then made sparse, as before preallocation. glibc's posix_fallocate (os.posix_fallocate) is not
-# used: on such a file system it writes a byte into every 4 KiB block instead, 17 million writes for 70 GB.
-_NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL})
+# systems), or a seccomp profile denies the call (EPERM, EACCES): the file is then made sparse, as before
+# preallocation (a file that truly may not be written fails there, or at its first write). glibc's posix_fallocate
+# (os.posix_fallocate) is not used: on such a file system it writes a byte into every 4 KiB block instead, 17 million
+# writes for 70 GB.
+_NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.EACCES})
 
 
 @functools.cache
@@ -204,11 +206,14 @@ def preallocate(fd: int, size: int) -> bool:
     A disk without room for the whole file fails here (OSError ENOSPC), before a byte is fetched."""
     fn = _fallocate()
     if fn is not None and size > 0:
-        if fn(fd, 0, 0, size) == 0:
+        while fn(fd, 0, 0, size) != 0:
+            err = ctypes.get_errno()
+            if err in _NO_FALLOCATE:
+                break
+            if err != errno.EINTR:  # a signal during a large allocation: ask again
+                raise OSError(err, os.strerror(err))
+        else:
             return True
-        err = ctypes.get_errno()
-        if err not in _NO_FALLOCATE:
-            raise OSError(err, os.strerror(err))
     os.ftruncate(fd, size)
     return False
 
