@@ -24,6 +24,7 @@ from llmengine.clients.store import (
     StoreError,
     TransferTuning,
     chain,
+    engine_store,
     file_sha256,
     files,
     make_s3_client,
@@ -158,20 +159,27 @@ def test_a_corrupted_byte_is_refused_naming_the_file(committed: EngineStore, tmp
     assert not list((tmp_path / "out").rglob("*.llmengine-partial"))
 
 
+@pytest.mark.parametrize(
+    ("code", "says"),
+    [(errno.ENOSPC, "1.5 MiB free there (No space left on device)"), (errno.EDQUOT, "over its disk quota")],
+)
 def test_a_disk_without_room_for_a_file_fails_before_it_is_fetched_naming_it(
-    committed: EngineStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    committed: EngineStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, says: str
 ) -> None:
-    """fallocate(2) answering ENOSPC, as a full node disk does for a file larger than its free space."""
+    """fallocate(2) answering ENOSPC, as a full node disk does for a file larger than its free space (1.5 MiB here),
+    or EDQUOT, over a quota."""
     big = {f.path for f in (committed.get_manifest("eng") or pytest.fail("not committed")).files if f.size > MiB}
 
     def fallocate(fd: int, mode: int, offset: int, length: int) -> int:
         if length > MiB:  # the rank files; the small documents fit
-            ctypes.set_errno(errno.ENOSPC)
+            ctypes.set_errno(code)
             return -1
         return real(fd, mode, offset, length)
 
     real = files._fallocate()
     monkeypatch.setattr(files, "_fallocate", lambda: fallocate)
+    monkeypatch.setattr(files, "free_bytes", lambda fd: 3 * MiB // 2)
+    monkeypatch.setattr(engine_store, "free_bytes", lambda fd: 3 * MiB // 2)
     gets: list[str] = []
     committed.client.meta.events.register(
         "before-call.s3.GetObject", lambda params, **kw: gets.append(params["url_path"])
@@ -179,8 +187,8 @@ def test_a_disk_without_room_for_a_file_fails_before_it_is_fetched_naming_it(
     with pytest.raises(StoreError) as exc:
         committed.download_engine("eng", tmp_path / "out", parallelism=1)
     msg = str(exc.value)
-    assert msg.startswith("no room for '") and msg.split("'")[1] in big and " free there (" in msg, msg
-    assert "(3.0 MiB)" in msg, msg  # the rank files' 3 MiB + 7 bytes
+    assert msg.startswith("no room for '") and msg.split("'")[1] in big, msg
+    assert f"(3.0 MiB) in {tmp_path / 'out'}: {says}" in msg, msg  # the rank files' 3 MiB + 7 bytes
     assert not any(p.endswith(msg.split("'")[1]) for p in gets)  # not a byte of it was asked for
     assert not list((tmp_path / "out").rglob("*.llmengine-partial"))
     assert not any(p.name in big for p in (tmp_path / "out").rglob("*"))

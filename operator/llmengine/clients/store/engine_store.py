@@ -6,7 +6,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -45,6 +44,7 @@ from llmengine.clients.store.files import (
     RangeCheck,
     already_present,
     byte_ranges,
+    free_bytes,
     hash_range,
     preallocate,
     range_checks,
@@ -655,16 +655,21 @@ class EngineStore:
         naming it and the space, before a byte is fetched."""
         try:
             preallocate(fd, job.size)
-        except OSError as exc:
+        except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
                 job.partial.unlink()
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
             where = job.partial.parent
-            raise StoreError(
-                f"no room for '{job.name}' ({_amount(job.size)}) in {where}: "
-                f"{_amount(shutil.disk_usage(where).free)} free there ({os.strerror(exc.errno)})"
-            ) from exc
+            if isinstance(exc, OSError) and exc.errno == errno.EDQUOT:
+                raise StoreError(
+                    f"no room for '{job.name}' ({_amount(job.size)}) in {where}: over its disk quota "
+                    f"({os.strerror(exc.errno)})"
+                ) from exc
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise StoreError(
+                    f"no room for '{job.name}' ({_amount(job.size)}) in {where}: "
+                    f"{_amount(free_bytes(fd))} free there ({os.strerror(exc.errno)})"
+                ) from exc
+            raise
 
     def _get_range(
         self, job: FileJob, offset: int, length: int, ranged: bool, prog: Progress, check: RangeCheck | None

@@ -168,8 +168,9 @@ _TRANSIENT_EXCEPTIONS = (
 
 
 # A route or network that went away under an open connection: the socket calls of a body read straight from
-# http.client (receive.py) raise these as plain OSError, without urllib3's or botocore's wrapping. Errors of the local
-# file (ENOSPC, EIO, EROFS) are not among them: another attempt would fail the same way.
+# http.client (receive.py) raise these as plain OSError, without urllib3's or botocore's wrapping. The usual errors of
+# a local file (ENOSPC, EDQUOT, EIO, EROFS) are not among them: another attempt would fail the same way. (A file on a
+# soft-mounted SMB share whose server is away answers EHOSTDOWN too; that is retried, within the budget.)
 _NETWORK_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.ENETRESET})
 
 
