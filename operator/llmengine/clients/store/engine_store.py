@@ -219,8 +219,10 @@ class EngineStore:
 
     # -- upload ----------------------------------------------------------------------------------------------------
 
-    def upload_file(self, local: Path, key: str, progress: Progress | None = None) -> ManifestFile:
-        """Upload one file; returns its manifest entry (path: the file's name; the caller names it).
+    def upload_file(
+        self, local: Path, key: str, progress: Progress | None = None, path: str | None = None
+    ) -> ManifestFile:
+        """Upload one file; returns its manifest entry under `path` (default: the file's name).
 
         Files above the part size go up as a multipart upload, `concurrency` parts at a time, each part read from
         the file as it is sent; this thread meanwhile hashes the whole file in order (the hash never waits on the
@@ -239,7 +241,7 @@ class EngineStore:
         # S3 allows 10,000 parts: grow the part for files that would need more (in whole SHA-256 blocks).
         part = max(self.tuning.part_size, -(-size // 10_000))
         part = -(-part // SHA256_BLOCK) * SHA256_BLOCK
-        entry = ManifestFile(path=local.name, sha256="", size=size)
+        entry = ManifestFile(path=path or local.name, sha256="", size=size)
         with self._s3(), open(local, "rb", buffering=0) as f:
             if size <= part:
                 data = f.read()
@@ -376,7 +378,7 @@ class EngineStore:
         log.info("upload started", uri=self.uri(digest) + base, files=len(files), total_bytes=total)
         entries: list[ManifestFile] = []
         for rel, path in files:
-            entries.append(self.upload_file(path, self.key(digest, base + rel), prog).model_copy(update={"path": rel}))
+            entries.append(self.upload_file(path, self.key(digest, base + rel), prog, rel))
         self._check_uploaded(digest, base, entries)
         manifest = Manifest(
             engine_digest=digest,
