@@ -59,14 +59,8 @@ async def test_the_body_kopf_keeps_for_an_engines_daemon_loses_the_records_throu
 
     registry = registries.OperatorRegistry()
     kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)(engine_changed)
-    resource = references.Resource(
-        group=GROUP,
-        version=VERSION,
-        plural=PLURAL,
-        kind=KIND,
-        namespaced=True,
-        verbs=frozenset({"list", "watch", "patch"}),
-    )
+    verbs = frozenset({"list", "watch", "patch"})
+    resource = references.Resource(GROUP, VERSION, PLURAL, kind=KIND, namespaced=True, verbs=verbs)
     memories = inventory.ResourceMemories()
     wakeups = Wakeups()
 
