@@ -304,8 +304,7 @@ def table(size: int, secs: dict[str, dict[str, list[float]]]) -> list[str]:
         return size / statistics.median(secs[name][direction]) / 1e6
 
     def cpu(name: str, what: str) -> str:
-        got = secs[name].get(what)  # absent from --json files written before the server's CPU was measured
-        return f"{statistics.median(got) / (size / GiB):.2f}" if got else "-"
+        return f"{statistics.median(secs[name][what]) / (size / GiB):.2f}"
 
     lines = [
         f"| {size / GiB:g} GiB | upload MB/s | download MB/s | upload CPU s/GiB, client + server "
@@ -348,8 +347,8 @@ def main() -> None:
     part, conc = args.part_size_mib * MiB, args.concurrency
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
-    cpus = sorted(os.sched_getaffinity(0))
     if args.split_cpus:
+        cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             raise SystemExit("--split-cpus needs at least 2 CPUs")
         server_cpus, client_cpus = cpus[: len(cpus) // 2], cpus[len(cpus) // 2 :]

@@ -36,8 +36,9 @@ def test_field_ownership_records_are_dropped_from_the_watched_engine_in_place() 
 async def test_the_body_kopf_keeps_for_an_engines_daemon_loses_the_records_through_kopfs_own_event_processing() -> None:
     """What the drop is for: the object Kopf keeps for the engine's daemon between events. Kopf's own event
     processing (`process_resource_event`, as its watch calls it, no API server needed for an event handler) hands the
-    handler the watch's dict and keeps that same dict, not a copy, as the daemon's body. A Kopf that copied it would
-    keep the records whatever the handler drops, and this fails."""
+    handler the watch's dict and puts that same dict, not a copy, into the body it keeps for the daemon. A Kopf that
+    copied it would keep the records whatever the handler drops, and this fails. The daemon's start (which needs an
+    API server for its finalizer) is stood in for: its body is set as Kopf sets it when it spawns a daemon."""
     import asyncio
 
     import kopf
@@ -95,7 +96,7 @@ async def test_the_body_kopf_keeps_for_an_engines_daemon_loses_the_records_throu
     first = engine(1)
     await deliver(first)
     memory = await memories.recall(first)
-    # The engine's daemon starts on the first event with that event's body, as Kopf spawns daemons.
+    # Stand-in for the daemon's start: Kopf keeps the first event's body for it (processing.py, when spawning).
     memory.daemons_memory.live_fresh_body = kopf.Body(first)
     second = engine(2)
     await deliver(second)

@@ -660,18 +660,13 @@ class EngineStore:
         except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
                 job.partial.unlink()
-            where = job.partial.parent
-            if isinstance(exc, OSError) and exc.errno == errno.EDQUOT:
-                raise StoreError(
-                    f"no room for '{job.name}' ({_amount(job.size)}) in {where}: over its disk quota "
-                    f"({os.strerror(exc.errno)})"
-                ) from exc
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise StoreError(
-                    f"no room for '{job.name}' ({_amount(job.size)}) in {where}: "
-                    f"{_amount(free_bytes(fd))} free there ({os.strerror(exc.errno)})"
-                ) from exc
-            raise
+            if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            room = "over its disk quota" if exc.errno == errno.EDQUOT else f"{_amount(free_bytes(fd))} free there"
+            raise StoreError(
+                f"no room for '{job.name}' ({_amount(job.size)}) in {job.partial.parent}: {room} "
+                f"({os.strerror(exc.errno)})"
+            ) from exc
 
     def _get_range(
         self, job: FileJob, offset: int, length: int, ranged: bool, prog: Progress, check: RangeCheck | None

@@ -3,6 +3,7 @@ an upload's parts read into reused buffers."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import hashlib
@@ -184,25 +185,17 @@ _NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.E
 
 @functools.cache
 def _fallocate() -> Any:
-    """libc's fallocate(2) wrapper, or None where there is none (not Linux, no ctypes, or a libc without it)."""
+    """libc's fallocate(2) wrapper, or None where there is none (not Linux, or a libc without it)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         fn = getattr(libc, "fallocate64", None) or libc.fallocate
-    except (ImportError, OSError, AttributeError):
+    except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     fn.restype = ctypes.c_int
     return fn
-
-
-def _errno() -> int:
-    import ctypes
-
-    return ctypes.get_errno()
 
 
 def free_bytes(fd: int) -> int:
@@ -218,12 +211,12 @@ def preallocate(fd: int, size: int) -> bool:
 
     A disk without room for the whole file fails here (OSError ENOSPC, or EDQUOT over a quota), before a byte is
     fetched. One that reports room for it but still answers ENOSPC gets the sparse file: OpenZFS imitates the call
-    and refuses it unless 110 % of the size is free (zfs_fallocate_reserve_percent), and a download that fits
-    there must not fail for it."""
+    and refuses it unless 110 % of the size is free (zfs_fallocate_reserve_percent in openzfs/zfs
+    module/os/linux/zfs/zpl_file.c), and a download that fits there must not fail for it."""
     fn = _fallocate()
     if fn is not None and size > 0:
         while fn(fd, 0, 0, size) != 0:
-            err = _errno()
+            err = ctypes.get_errno()
             if err in _NO_FALLOCATE or (err == errno.ENOSPC and free_bytes(fd) >= size):
                 break
             if err != errno.EINTR:  # a signal during a large allocation: ask again
