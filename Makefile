@@ -19,7 +19,7 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,builder]'
 	@rm -f $(VENV)/.installed-*; touch $@
 
 venv: $(STAMP)

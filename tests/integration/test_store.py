@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import os
@@ -312,6 +313,93 @@ def test_a_file_cut_short_while_uploading_fails_the_upload_as_a_change(
     with pytest.raises(StoreError, match="changed size while uploading"):
         store.upload_file(target, store.key("eng", "rank0.engine"))
     assert store.get_manifest("eng") is None
+
+
+def _crc32c(data: bytes) -> bytes:
+    """CRC32C by the bit, straight from its definition (reflected polynomial 0x82F63B78): no library's."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return (crc ^ 0xFFFFFFFF).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("setting", ["crc32c", "none"])
+def test_every_part_goes_up_with_the_crc32c_of_the_bytes_hashed_and_the_store_checked_it(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path, setting: str
+) -> None:
+    """The store's own checksum of the object: with crc32c, the composite of the parts' CRC32Cs (the store computed
+    each as the part landed, and took the part only if it matched ours); with none, not a CRC32C at all."""
+    import base64
+
+    tuning = TransferTuning.from_env({"LLMENGINE_S3_PART_CHECKSUM": setting})
+    store = make_store(s3_endpoint, s3_bucket, dataclasses.replace(tuning, part_size=5 * MiB, retry_seconds=0))
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(12 * MiB + 5)  # three parts, the last one short
+    (src / "rank0.engine").write_bytes(data)
+    (src / "config.json").write_bytes(b'{"x": 1}')  # one PUT
+    manifest = upload(store, f"crc-{setting}", src, tp=1)
+    big = store.client.head_object(
+        Bucket=s3_bucket, Key=store.file_key(manifest, "rank0.engine"), ChecksumMode="ENABLED"
+    )
+    small = store.client.head_object(
+        Bucket=s3_bucket, Key=store.file_key(manifest, "config.json"), ChecksumMode="ENABLED"
+    )
+    if setting == "none":
+        assert "ChecksumCRC32C" not in big and "ChecksumCRC32C" not in small
+    else:
+        # The parts' CRC32Cs as the upload takes them (1 MiB reads); the store's composite is its own CRC of them.
+        parts = [data[i : i + 5 * MiB] for i in range(0, len(data), 5 * MiB)]
+        crcs = [files.Crc32c() for _ in parts]
+        for crc, part in zip(crcs, parts, strict=True):
+            for i in range(0, len(part), MiB):
+                crc.update(part[i : i + MiB])
+        assert _crc32c(b"123456789") == bytes.fromhex("e3069283")  # the definition's check value
+        composite = _crc32c(b"".join(c.value.to_bytes(4, "big") for c in crcs))
+        assert big["ChecksumCRC32C"] == base64.b64encode(composite).decode() + "-3"
+        assert small["ChecksumCRC32C"] == base64.b64encode(_crc32c(b'{"x": 1}')).decode()
+    assert store.download_engine(f"crc-{setting}", tmp_path / "down") == manifest
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_a_part_that_reaches_the_store_changed_is_refused_there_and_sent_again_once(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int
+) -> None:
+    """A byte of part 2 flipped on the way (after the hash read the file): the store refuses the part (BadDigest),
+    the part goes up again from the file; flipped on both sends, the upload fails naming the part and nothing is
+    left in the store."""
+    store = make_store(s3_endpoint, s3_bucket, TransferTuning(part_size=5 * MiB, ranged_threshold=5 * MiB))
+    src = small_engine(tmp_path / "src", ranks=1, size=12 * MiB)
+    read = files.FilePart.read
+    flipped: list[int] = []
+
+    def flip_once_per_send(self: files.FilePart, n: int | None = -1) -> memoryview:
+        view = read(self, n)
+        if self._offset == 5 * MiB and self._pos == len(view) and len(flipped) < times:  # part 2's first block
+            flipped.append(1)
+            view[0] ^= 0xFF
+        return view
+
+    monkeypatch.setattr(files.FilePart, "read", flip_once_per_send)
+    if times == 1:
+        manifest = upload(store, "flip", src, tp=1)
+        assert len(flipped) == 1
+        assert store.download_engine("flip", tmp_path / "down") == manifest
+        assert (tmp_path / "down" / "rank0.engine").read_bytes() == (src / "rank0.engine").read_bytes()
+        return
+    with pytest.raises(
+        StoreError,
+        match=r"part 2 of rank0.engine reached the store different from the bytes hashed "
+        r"for the manifest, twice \(BadDigest\)",
+    ):
+        upload(store, "flip", src, tp=1)
+    assert len(flipped) == 2
+    assert store.get_manifest("flip") is None
+    assert not store.client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+    # the build's directory holds the files that went up before (config.json), never the refused one
+    assert not [k for k in store.list_objects(store.key("flip", "")) if k.endswith("rank0.engine")]
 
 
 def test_a_truncated_object_is_refused(committed: EngineStore, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -183,6 +184,62 @@ def test_tuning_from_env() -> None:
     assert TransferTuning().retry_seconds == 0
     assert TransferTuning.from_env({"LLMENGINE_S3_RETRY_SECONDS": "0"}).retry_seconds == 0  # 0 means off, not unset
     assert TransferTuning.from_env({"LLMENGINE_S3_RETRY_SECONDS": "5"}).retry_seconds == 5
+
+
+def test_part_checksums_are_crc32c_unless_turned_off_and_a_wrong_value_names_the_variable() -> None:
+    assert TransferTuning().part_checksum == TransferTuning.from_env({}).part_checksum == "crc32c"
+    assert TransferTuning.from_env({"LLMENGINE_S3_PART_CHECKSUM": " None "}).part_checksum == "none"
+    with pytest.raises(StoreError, match=r"LLMENGINE_S3_PART_CHECKSUM='sha256': use crc32c .* or none") as exc:
+        TransferTuning.from_env({"LLMENGINE_S3_PART_CHECKSUM": "sha256"})
+    assert exc.value.setting == "LLMENGINE_S3_PART_CHECKSUM"
+
+
+def test_crc32c_is_the_castagnoli_crc_in_the_form_s3_takes() -> None:
+    """RFC 3720's check value for "123456789" (0xE3069283), fed in pieces, as the big-endian bytes in base64."""
+    from llmengine.clients.store.files import Crc32c
+
+    crc = Crc32c()
+    for piece in (b"1234", memoryview(b"56789")):
+        crc.update(piece)
+    assert crc.value == 0xE3069283
+    assert crc.b64() == "4waSgw=="
+
+
+@pytest.mark.parametrize(
+    ("size", "operation", "code", "message"),
+    [
+        # a multipart upload: the store answers its start (AWS's words for a header it does not implement)
+        (
+            6 * MiB,
+            "create_multipart_upload",
+            "NotImplemented",
+            "A header you provided implies functionality that is not implemented",
+        ),
+        # one PUT of a small file
+        (1000, "put_object", "InvalidRequest", "Unsupported checksum algorithm: CRC32C"),
+    ],
+)
+def test_a_store_that_refuses_crc32c_checksums_gets_an_error_naming_the_setting_that_turns_them_off(
+    tmp_path: Any, size: int, operation: str, code: str, message: str
+) -> None:
+    from botocore.stub import Stubber
+
+    from llmengine.api.artifacts import StoreLocation
+    from llmengine.clients.store import EngineStore, make_s3_client
+
+    client = make_s3_client(S3Config(endpoint=EP, access_key_id="AKIAEXAMPLE", secret_access_key="s3cr3t-value"))
+    store = EngineStore(client, StoreLocation(bucket="b"), TransferTuning(part_size=5 * MiB))
+    local = tmp_path / "rank0.engine"
+    local.write_bytes(os.urandom(size))
+    with Stubber(client) as stub:
+        stub.add_client_error(operation, service_error_code=code, service_message=message, http_status_code=400)
+        with pytest.raises(
+            StoreError, match=rf"the store refused the CRC32C checksum of rank0.engine \({code}: "
+        ) as exc:
+            store.upload_file(local, "k")
+        assert "LLMENGINE_S3_PART_CHECKSUM=none" in str(exc.value)
+        assert exc.value.setting == "LLMENGINE_S3_PART_CHECKSUM"
+        stub.assert_no_pending_responses()
 
 
 def test_transient_and_permanent_errors_are_told_apart() -> None:
@@ -475,3 +532,33 @@ def test_a_download_file_is_allocated_ahead_where_the_file_system_can_and_sparse
     with open(tmp_path / "e", "wb") as f:
         assert files.preallocate(f.fileno(), size) is False
     assert os.stat(tmp_path / "e").st_size == size
+
+
+def test_without_awscrt_an_upload_fails_before_any_request_naming_both_fixes(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's image does not install awscrt; an upload that would need it says what to install or set."""
+    from botocore.stub import Stubber
+
+    from llmengine.api.artifacts import StoreLocation
+    from llmengine.clients.store import EngineStore, files, make_s3_client
+
+    monkeypatch.setitem(sys.modules, "awscrt.checksums", None)  # import fails
+    files.crc32c_function.cache_clear()
+    client = make_s3_client(S3Config(endpoint=EP, access_key_id="AKIAEXAMPLE", secret_access_key="s3cr3t-value"))
+    store = EngineStore(client, StoreLocation(bucket="b"), TransferTuning(part_size=5 * MiB))
+    local = tmp_path / "rank0.engine"
+    local.write_bytes(os.urandom(6 * MiB))
+    try:
+        with (
+            Stubber(client),
+            pytest.raises(StoreError, match=r"need the awscrt package .*\[builder\].*or set LLMENGINE"),
+        ):
+            store.upload_file(local, "k")  # the Stubber refuses any request: none is sent
+        none = EngineStore(client, StoreLocation(bucket="b"), TransferTuning(part_size=5 * MiB, part_checksum="none"))
+        with Stubber(client) as stub:
+            stub.add_response("put_object", {"ETag": '"e"'}, {"Bucket": "b", "Key": "small", "Body": b"abc"})
+            (tmp_path / "small").write_bytes(b"abc")
+            assert none.upload_file(tmp_path / "small", "small").size == 3  # without checksums it needs none
+    finally:
+        files.crc32c_function.cache_clear()

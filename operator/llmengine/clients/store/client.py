@@ -8,7 +8,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import boto3
 import botocore.session
@@ -16,6 +16,7 @@ from botocore.config import Config
 
 from llmengine.api.artifacts import StoreLocation
 from llmengine.clients.store import slimdata
+from llmengine.clients.store.errors import StoreError
 from llmengine.clients.store.layout import MiB
 
 if TYPE_CHECKING:
@@ -136,16 +137,33 @@ class TransferTuning:
     # top of botocore's own (~1 s) retries. 0 for the operator, whose reconcile loop retries anyway; the builder and
     # the server wait (from_env).
     retry_seconds: float = 0.0
+    # Uploads send each part's CRC32C, taken in the same read as the file's SHA-256, for the store to check as the
+    # part lands (a part that arrives changed is refused, not committed). "none" for a store that refuses CRC32C
+    # checksums (StorageGRID takes SHA-256 only).
+    part_checksum: Literal["crc32c", "none"] = "crc32c"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TransferTuning:
-        """Tuning for the builder and the server: LLMENGINE_S3_PART_SIZE_MIB, LLMENGINE_S3_CONCURRENCY and
-        LLMENGINE_S3_RETRY_SECONDS (default 120) when set."""
+        """Tuning for the builder and the server: LLMENGINE_S3_PART_SIZE_MIB, LLMENGINE_S3_CONCURRENCY,
+        LLMENGINE_S3_RETRY_SECONDS (default 120) and LLMENGINE_S3_PART_CHECKSUM (crc32c or none) when set."""
         env = os.environ if env is None else env
         base = cls()
         part = int(env.get("LLMENGINE_S3_PART_SIZE_MIB") or 0) * MiB or base.part_size
         conc = int(env.get("LLMENGINE_S3_CONCURRENCY") or 0) or base.concurrency
         retry = float(env.get("LLMENGINE_S3_RETRY_SECONDS") or DEFAULT_RETRY_SECONDS)
+        checksum = (env.get("LLMENGINE_S3_PART_CHECKSUM") or base.part_checksum).strip().lower()
+        if checksum not in ("crc32c", "none"):
+            raise StoreError(
+                f"LLMENGINE_S3_PART_CHECKSUM={env.get('LLMENGINE_S3_PART_CHECKSUM')!r}: use crc32c (the default: "
+                "the store checks every uploaded part) or none (for a store that refuses CRC32C checksums)",
+                setting="LLMENGINE_S3_PART_CHECKSUM",
+            )
         # S3 refuses multipart parts under 5 MiB (except the last).
         part = max(part, 5 * MiB)
-        return cls(part_size=part, concurrency=max(1, conc), ranged_threshold=part, retry_seconds=max(0.0, retry))
+        return cls(
+            part_size=part,
+            concurrency=max(1, conc),
+            ranged_threshold=part,
+            retry_seconds=max(0.0, retry),
+            part_checksum="crc32c" if checksum == "crc32c" else "none",
+        )

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar, cast
 
@@ -39,11 +42,14 @@ from llmengine.clients.store.errors import (
 )
 from llmengine.clients.store.files import (
     HASH_BLOCK,
+    Both,
+    Crc32c,
     FileJob,
     FilePart,
     RangeCheck,
     already_present,
     byte_ranges,
+    crc32c_function,
     free_bytes,
     hash_range,
     preallocate,
@@ -71,6 +77,40 @@ from llmengine.clock import iso, utcnow
 from llmengine.logging import get_logger
 
 T = TypeVar("T")
+
+# What a store answers when the bytes it received do not match the checksum sent with them (AWS: BadDigest; some
+# S3-compatible stores: InvalidDigest, XAmzContentChecksumMismatch), and when it does not take CRC32C checksums at all.
+_CHECKSUM_MISMATCH = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"})
+
+
+def _message(exc: bx.ClientError) -> str:
+    return " ".join(str(exc.response.get("Error", {}).get("Message", "")).split())
+
+
+def _refuses_checksums(exc: bx.ClientError) -> bool:
+    if error_code(exc) == "NotImplemented":
+        return True
+    return error_code(exc) in ("InvalidArgument", "InvalidRequest") and "checksum" in _message(exc).lower()
+
+
+def _note_failure(failed: threading.Event, fut: Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        failed.set()
+
+
+@dataclass(frozen=True)
+class PartUpload:
+    """One part of a multipart upload: where it is in the file, and the CRC32C of its bytes (base64) when the store
+    checks it."""
+
+    name: str
+    fd: int
+    key: str
+    upload_id: str
+    number: int
+    offset: int
+    length: int
+    crc32c: str | None
 
 
 class EngineStore:
@@ -242,10 +282,22 @@ class EngineStore:
         part = max(self.tuning.part_size, -(-size // 10_000))
         part = -(-part // SHA256_BLOCK) * SHA256_BLOCK
         entry = ManifestFile(path=path or local.name, sha256="", size=size)
+        if self.tuning.part_checksum == "crc32c":
+            crc32c_function()  # before anything goes up: a StoreError naming the fix where it cannot be computed
         with self._s3(), open(local, "rb", buffering=0) as f:
             if size <= part:
                 data = f.read()
-                self._patient(f"upload {local.name}", lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data))
+                checks: dict[str, Any] = {}
+                if self.tuning.part_checksum == "crc32c":
+                    crc = Crc32c()
+                    crc.update(data)
+                    checks["ChecksumCRC32C"] = crc.b64()
+                self._patient(
+                    f"upload {local.name}",
+                    lambda: self._checked(
+                        entry.path, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data, **checks)
+                    ),
+                )
                 prog.add(len(data))
                 entry = entry.model_copy(update={"sha256": hashlib.sha256(data).hexdigest()})
             else:
@@ -256,32 +308,40 @@ class EngineStore:
         return entry
 
     def _multipart(self, entry: ManifestFile, fd: int, key: str, part: int, prog: Progress) -> ManifestFile:
-        """The parts go up from the pool while this thread hashes the file; returns the file's entry with its
+        """This thread hashes the file in order and hands each part to the pool once its bytes are hashed, with the
+        CRC32C taken in the same read, which the store checks as the part lands; returns the file's entry with its
         SHA-256 and its parts' checks. A file whose size changed meanwhile is not completed (the upload is
         aborted)."""
         name, size = entry.path, entry.size
         bucket = self.location.bucket
         chained = chain.AVAILABLE
-        started = self._patient(f"upload {name}", lambda: self.client.create_multipart_upload(Bucket=bucket, Key=key))
+        crc32c = self.tuning.part_checksum == "crc32c"
+        named: dict[str, Any] = {"ChecksumAlgorithm": "CRC32C"} if crc32c else {}
+        started = self._patient(
+            f"upload {name}",
+            lambda: self._checked(name, lambda: self.client.create_multipart_upload(Bucket=bucket, Key=key, **named)),
+        )
         upload_id = started["UploadId"]
         futs: list[Future[tuple[dict[str, Any], str | None]]] = []
         try:
             conc = max(1, self.tuning.concurrency)
             with ThreadPoolExecutor(max_workers=conc, thread_name_prefix="s3put") as pool:
                 try:
-                    ranges = byte_ranges(size, part)
-                    for number, (off, ln) in enumerate(ranges, 1):
-                        futs.append(
-                            pool.submit(self._put_part, name, fd, key, upload_id, number, off, ln, prog, not chained)
-                        )
                     sha: Any = chain.ChainedSha256() if chained else hashlib.sha256()
                     states: list[str] = []
                     buf = bytearray(HASH_BLOCK)
-                    for off, ln in ranges:
-                        if hash_range(fd, off, ln, sha, buf) != ln:
+                    failed = threading.Event()  # a part failed: stop hashing, its error is raised below
+                    for number, (off, ln) in enumerate(byte_ranges(size, part), 1):
+                        if failed.is_set():
+                            break
+                        crc = Crc32c() if crc32c else None
+                        if hash_range(fd, off, ln, Both(sha, crc) if crc else sha, buf) != ln:
                             raise StoreError(f"{name} changed size while uploading (it ended before {off + ln} bytes)")
                         if chained and off + ln < size:
                             states.append(sha.state())
+                        sent = PartUpload(name, fd, key, upload_id, number, off, ln, crc.b64() if crc else None)
+                        futs.append(pool.submit(self._put_part, sent, prog, not chained))
+                        futs[-1].add_done_callback(functools.partial(_note_failure, failed))
                     done = [fut.result() for fut in futs]
                 except BaseException:
                     for fut in futs:
@@ -317,34 +377,56 @@ class EngineStore:
             if int(head.get("ContentLength") or -1) != size:
                 raise
 
-    def _put_part(
-        self,
-        name: str,
-        fd: int,
-        key: str,
-        upload_id: str,
-        number: int,
-        offset: int,
-        length: int,
-        prog: Progress,
-        hashed: bool,
-    ) -> tuple[dict[str, Any], str | None]:
+    def _put_part(self, up: PartUpload, prog: Progress, hashed: bool) -> tuple[dict[str, Any], str | None]:
         """One part; returns its entry for the completion and, when `hashed`, the SHA-256 of the bytes the accepted
         request sent."""
-        bucket = self.location.bucket
         sent: list[FilePart] = []
+        checks: dict[str, Any] = {"ChecksumCRC32C": up.crc32c} if up.crc32c else {}
 
         def put() -> Any:
-            body = FilePart(fd, offset, length, name, hashed)
+            body = FilePart(up.fd, up.offset, up.length, up.name, hashed)
             sent.append(body)
             # file-like, as botocore takes it (not in its stubs)
             return self.client.upload_part(
-                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=cast(Any, body)
+                Bucket=self.location.bucket,
+                Key=up.key,
+                UploadId=up.upload_id,
+                PartNumber=up.number,
+                Body=cast(Any, body),
+                **checks,
             )
 
-        got = self._patient(f"upload {name} part {number}", put)
-        prog.add(length)
-        return {"PartNumber": number, "ETag": got["ETag"]}, sent[-1].sha256() if hashed else None
+        got = self._patient(
+            f"upload {up.name} part {up.number}", lambda: self._checked(f"part {up.number} of {up.name}", put)
+        )
+        prog.add(up.length)
+        return {"PartNumber": up.number, "ETag": got["ETag"], **checks}, sent[-1].sha256() if hashed else None
+
+    def _checked(self, what: str, fn: Callable[[], T]) -> T:
+        """fn(), a request that sends a CRC32C (or names the algorithm): sent again once if the store finds the
+        bytes it received different from the checksum (a body changed on the way); a StoreError naming the file and
+        the fix when that happens twice, or when the store refuses CRC32C checksums."""
+        for attempt in (1, 2):
+            try:
+                return fn()
+            except bx.ClientError as exc:
+                code = error_code(exc)
+                if code in _CHECKSUM_MISMATCH:
+                    if attempt == 1:
+                        continue
+                    raise StoreError(
+                        f"{what} reached the store different from the bytes hashed for the manifest, twice ({code}): "
+                        "the file changed while uploading, or the path to the store corrupts data; the upload is "
+                        "aborted"
+                    ) from exc
+                if self.tuning.part_checksum == "crc32c" and _refuses_checksums(exc):
+                    raise StoreError(
+                        f"the store refused the CRC32C checksum of {what} ({code}: {_message(exc)}); for a store "
+                        "without CRC32C checksums set LLMENGINE_S3_PART_CHECKSUM=none on the build pods",
+                        setting="LLMENGINE_S3_PART_CHECKSUM",
+                    ) from exc
+                raise
+        raise AssertionError("unreachable")
 
     def upload_engine(
         self,
