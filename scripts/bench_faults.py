@@ -588,54 +588,41 @@ class Bench:
         elif f.kind == "s3-mid-upload":
             pattern = f"llme-build-{digest[:12]}-*" if digest else "llme-build-*"
             log = self.wait_transfer(pattern, "build.log", '"upload started"', '"upload committed"', 120)
-            self._s3_crash(f, log, '"upload committed"', self._upload_progress if log else None)
+            self._s3_crash(f, log, '"upload committed"', (lambda: self._server_io("wchar")) if log else None)
         elif f.kind == "s3-mid-download":
             log = self.wait_transfer(
                 f"llme-{name}-*", "fetch-engine.log", '"download started"', '"download verified"', 120
             )
-            self._s3_crash(f, log, '"download verified"', (lambda: self._download_progress(log)) if log else None)
+            self._s3_crash(f, log, '"download verified"', (lambda: self._server_io("rchar")) if log else None)
 
-    def _upload_progress(self) -> Callable[[], int]:
-        """Bytes the S3 server has written since now (its data directory is where the upload lands). Not the
-        builder's own counters: Linux counts socket sends in none of them. Other uploads at the same time count
-        too, which only moves the crash a little earlier in this one. The server's PID is looked up on every
-        read: another fault may have restarted it since."""
+    def _server_io(self, field: str) -> Callable[[], int]:
+        """Bytes the S3 server has written (`wchar`: an upload lands in its data directory) or read (`rchar`: a
+        download is read from it, sendfile included) since now, from /proc/<pid>/io. Not the client's own
+        counters: Linux counts socket sends in none of them, and a download's partial files have all their blocks
+        from the start (allocated ahead). Other transfers at the same time count too, which only moves the crash a
+        little earlier in this one. The server's PID is looked up on every read: another fault may have restarted
+        it since."""
 
-        def wchar() -> tuple[int | None, int]:
+        def counter() -> tuple[int | None, int]:
             pid = proc.running(self.cluster.dir, "s3")
             try:
                 text = Path(f"/proc/{pid}/io").read_text() if pid else ""
-                return pid, int(dict(line.split(": ") for line in text.splitlines())["wchar"])
+                return pid, int(dict(line.split(": ") for line in text.splitlines())[field])
             except (OSError, KeyError, ValueError):
                 return None, 0
 
-        first_pid, first_base = wchar()
+        first_pid, first_base = counter()
         seen = {"pid": first_pid, "base": first_base}
 
         def moved() -> int:
-            pid, now_w = wchar()
+            pid, now_n = counter()
             if pid is None:
                 return 0
             if pid != seen["pid"]:  # a new server process: count from its start
                 seen["pid"], seen["base"] = pid, 0
-            return now_w - (seen["base"] or 0)
+            return now_n - (seen["base"] or 0)
 
         return moved
-
-    @staticmethod
-    def _download_progress(log: Path) -> Callable[[], int]:
-        """Bytes the serving pod's init container has received: the engine's files are written in place into
-        sparse `.llmengine-partial` files, so their allocated blocks count what has arrived."""
-        engine_dir = log.parent / "volumes" / "engine"
-
-        def allocated() -> int:
-            total = 0
-            for p in engine_dir.glob("*"):
-                with contextlib.suppress(OSError):
-                    total += p.stat().st_blocks * 512
-            return total
-
-        return allocated
 
     def _s3_crash(
         self, f: FaultRecord, log: Path | None, done: str, progress: Callable[[], Callable[[], int]] | None

@@ -340,6 +340,7 @@ def test_every_part_goes_up_with_the_crc32c_of_the_bytes_hashed_and_the_store_ch
     data = os.urandom(12 * MiB + 5)  # three parts, the last one short
     (src / "rank0.engine").write_bytes(data)
     (src / "config.json").write_bytes(b'{"x": 1}')  # one PUT
+    (src / "empty.json").write_bytes(b"")
     manifest = upload(store, f"crc-{setting}", src, tp=1)
     big = store.client.head_object(
         Bucket=s3_bucket, Key=store.file_key(manifest, "rank0.engine"), ChecksumMode="ENABLED"
@@ -347,8 +348,11 @@ def test_every_part_goes_up_with_the_crc32c_of_the_bytes_hashed_and_the_store_ch
     small = store.client.head_object(
         Bucket=s3_bucket, Key=store.file_key(manifest, "config.json"), ChecksumMode="ENABLED"
     )
+    empty = store.client.head_object(
+        Bucket=s3_bucket, Key=store.file_key(manifest, "empty.json"), ChecksumMode="ENABLED"
+    )
     if setting == "none":
-        assert "ChecksumCRC32C" not in big and "ChecksumCRC32C" not in small
+        assert "ChecksumCRC32C" not in big and "ChecksumCRC32C" not in small and "ChecksumCRC32C" not in empty
     else:
         # The parts' CRC32Cs as the upload takes them (1 MiB reads); the store's composite is its own CRC of them.
         parts = [data[i : i + 5 * MiB] for i in range(0, len(data), 5 * MiB)]
@@ -360,6 +364,7 @@ def test_every_part_goes_up_with_the_crc32c_of_the_bytes_hashed_and_the_store_ch
         composite = _crc32c(b"".join(c.value.to_bytes(4, "big") for c in crcs))
         assert big["ChecksumCRC32C"] == base64.b64encode(composite).decode() + "-3"
         assert small["ChecksumCRC32C"] == base64.b64encode(_crc32c(b'{"x": 1}')).decode()
+        assert empty["ChecksumCRC32C"] == "AAAAAA=="
     assert store.download_engine(f"crc-{setting}", tmp_path / "down") == manifest
 
 
@@ -400,6 +405,49 @@ def test_a_part_that_reaches_the_store_changed_is_refused_there_and_sent_again_o
     assert not store.client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
     # the build's directory holds the files that went up before (config.json), never the refused one
     assert not [k for k in store.list_objects(store.key("flip", "")) if k.endswith("rank0.engine")]
+
+
+def test_a_part_that_fails_stops_the_hash_and_the_upload_at_once(
+    s3_endpoint: S3Endpoint, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Part 1 fails for good: the file's hash stops (a 140 GB file is not read to its end first), the parts queued
+    behind it never go up, and the upload is aborted."""
+    import threading
+
+    store = make_store(
+        s3_endpoint, s3_bucket, TransferTuning(part_size=5 * MiB, ranged_threshold=5 * MiB, concurrency=1)
+    )
+    target = small_engine(tmp_path / "src", ranks=1, size=40 * MiB) / "rank0.engine"  # 8 parts
+    put_part, note_failure, hash_range = EngineStore._put_part, engine_store._note_failure, engine_store.hash_range
+    part1_failed = threading.Event()
+    hashed: list[int] = []
+    sent: list[int] = []
+
+    def failing_put(self: EngineStore, up: Any, *a: Any) -> Any:
+        sent.append(up.number)
+        if up.number == 1:
+            raise StoreError("part 1 refused for good")
+        return put_part(self, up, *a)
+
+    def noting(failed: Any, fut: Any) -> None:
+        note_failure(failed, fut)
+        part1_failed.set()
+
+    def counted(fd: int, offset: int, length: int, sha: Any, buf: Any = None) -> int:
+        hashed.append(offset)
+        if offset >= 2 * 5 * MiB:  # the third part waits until part 1 has failed: the next is never hashed
+            part1_failed.wait(10)
+        return hash_range(fd, offset, length, sha, buf)
+
+    monkeypatch.setattr(EngineStore, "_put_part", failing_put)
+    monkeypatch.setattr(engine_store, "_note_failure", noting)
+    monkeypatch.setattr(engine_store, "hash_range", counted)
+    with pytest.raises(StoreError, match="part 1 refused for good"):
+        store.upload_file(target, store.key("eng", "rank0.engine"))
+    assert part1_failed.is_set()
+    assert len(hashed) <= 3, hashed  # of 8 parts
+    assert len(sent) <= 3, sent
+    assert not store.client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
 
 
 def test_a_truncated_object_is_refused(committed: EngineStore, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,9 @@ def test_verify_failure_becomes_a_verify_result(tmp_path: Path, monkeypatch: pyt
             return out
 
     class Store:
+        def check_upload_settings(self) -> None:
+            pass
+
         def get_manifest(self, digest: str) -> None:
             return None
 
@@ -272,6 +276,9 @@ def test_a_build_that_loses_the_commit_race_names_the_winner(
     from types import SimpleNamespace
 
     class Store:
+        def check_upload_settings(self) -> None:
+            pass
+
         def get_manifest(self, digest: str) -> None:
             return None
 
@@ -301,6 +308,38 @@ def test_a_build_that_loses_the_commit_race_names_the_winner(
         assert result.message == "built and committed (TEST BUILD, not TensorRT-LLM)"
     else:
         assert result.message == "built, but build f00d committed this engine first; it stands"
+
+
+@pytest.mark.parametrize("broken", ["a wrong value", "no awscrt"])
+def test_upload_settings_that_cannot_work_fail_the_build_before_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str
+) -> None:
+    """CRC32C part checksums that cannot be sent fail before the fetch and the compile: a setting costs no GPU time."""
+    from llmengine.api.artifacts import StoreLocation
+    from llmengine.clients.store import EngineStore, S3Config, TransferTuning, files, make_s3_client
+
+    env = {"LLMENGINE_S3_PART_CHECKSUM": "sha256" if broken == "a wrong value" else "crc32c"}
+    if broken == "no awscrt":
+        monkeypatch.setitem(sys.modules, "awscrt.checksums", None)
+        files.crc32c_function.cache_clear()
+
+    def store(loc: StoreLocation) -> EngineStore:
+        client = make_s3_client(S3Config(endpoint="http://s3.example:9000", access_key_id="a", secret_access_key="b"))
+        return EngineStore(client, loc, TransferTuning.from_env(env))
+
+    def no_fetch(*a: Any, **k: Any) -> Any:
+        raise AssertionError("fetched although the upload could not work")
+
+    monkeypatch.setattr(builder_main, "fetch_model", no_fetch)
+    req_path = tmp_path / "req.json"
+    req_path.write_text(request().to_json())
+    try:
+        result = run(req_path, tmp_path / "work", Seams(store_factory=store))
+    finally:
+        files.crc32c_function.cache_clear()
+    assert not result.succeeded and result.permanent
+    assert (result.stage, result.reason) == ("validate", "InvalidSettings")
+    assert "LLMENGINE_S3_PART_CHECKSUM" in (result.message or "")
 
 
 # -- results -------------------------------------------------------------------------------------------------------

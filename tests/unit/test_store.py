@@ -562,3 +562,61 @@ def test_without_awscrt_an_upload_fails_before_any_request_naming_both_fixes(
             assert none.upload_file(tmp_path / "small", "small").size == 3  # without checksums it needs none
     finally:
         files.crc32c_function.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "header", "refused"),
+    [
+        ("NotImplemented", "A header you provided implies functionality that is not implemented", None, True),
+        ("NotImplemented", "A header you provided implies functionality …", "x-amz-checksum-crc32c", True),
+        ("XNotImplemented", "The request you provided implies functionality that is not implemented", None, True),
+        ("InvalidRequest", "Unsupported checksum algorithm: CRC32C", None, True),
+        ("InvalidArgument", "checksum algorithm not supported", None, True),
+        # another header not implemented: not the checksum's doing
+        ("NotImplemented", "A header you provided implies functionality …", "Transfer-Encoding", False),
+        # checksums the store implements, sent wrong: turning them off would hide the fault
+        ("InvalidRequest", "Value for x-amz-checksum-crc32c header is invalid.", None, False),
+        ("InvalidRequest", "Checksum Type mismatch occurred, expected checksum Type: CRC32C", None, False),
+        ("InvalidArgument", "Part number must be an integer between 1 and 10000", None, False),
+        ("AccessDenied", "checksum not supported", None, False),
+    ],
+)
+def test_a_refusal_of_crc32c_is_told_from_other_errors(
+    code: str, message: str, header: str | None, refused: bool
+) -> None:
+    from llmengine.clients.store.errors import refuses_checksums
+
+    error: dict[str, str] = {"Code": code, "Message": message, **({"Header": header} if header else {})}
+    exc = bx.ClientError({"Error": error, "ResponseMetadata": {"HTTPStatusCode": 400}}, "UploadPart")  # type: ignore[typeddict-item]
+    assert refuses_checksums(exc) is refused
+
+
+@pytest.mark.parametrize("echo", [None, "AAAAAA=="])
+def test_a_store_that_does_not_repeat_the_crc32c_sent_is_noted_or_refused(tmp_path: Any, echo: str | None) -> None:
+    """The store's answer repeats the checksum it checked. Without one it may not check: logged once, the upload
+    goes on (every download verifies the SHA-256). A different one: it computed something else, and the upload
+    fails naming the setting."""
+    import structlog.testing
+    from botocore.stub import Stubber
+
+    from llmengine.api.artifacts import StoreLocation
+    from llmengine.clients.store import EngineStore, make_s3_client
+
+    client = make_s3_client(S3Config(endpoint=EP, access_key_id="AKIAEXAMPLE", secret_access_key="s3cr3t-value"))
+    store = EngineStore(client, StoreLocation(bucket="b"), TransferTuning(part_size=5 * MiB))
+    (tmp_path / "a").write_bytes(b"abc")
+    (tmp_path / "b").write_bytes(b"def")
+    answer = {"ETag": '"e"', **({"ChecksumCRC32C": echo} if echo else {})}
+    with Stubber(client) as stub, structlog.testing.capture_logs() as logs:
+        stub.add_response("put_object", answer)
+        stub.add_response("put_object", answer)
+        if echo is None:
+            assert store.upload_file(tmp_path / "a", "a").size == 3
+            assert store.upload_file(tmp_path / "b", "b").size == 3
+            notes = [e for e in logs if "does not confirm CRC32C" in e["event"]]
+            assert len(notes) == 1 and notes[0]["first"] == "a"
+        else:
+            # CRC32C("abc") is 0x364B3FB7, as versitygw computes it too
+            with pytest.raises(StoreError, match=r"took a with CRC32C AAAAAA==, not the Nks/tw== sent") as exc:
+                store.upload_file(tmp_path / "a", "a")
+            assert exc.value.setting == "LLMENGINE_S3_PART_CHECKSUM"

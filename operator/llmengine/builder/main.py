@@ -33,6 +33,7 @@ from llmengine.builder.fetch import (
 )
 from llmengine.builder.verify import verify_engine
 from llmengine.clients.store import EngineStore, IntegrityError, ManifestInvalid, StoreError, new_build_id
+from llmengine.clients.store.errors import SETTING_PART_CHECKSUM
 from llmengine.clock import iso, utcnow
 from llmengine.logging import get_logger
 
@@ -195,10 +196,15 @@ def _progress(store: EngineStore, digest: str, stage: str, log: Any) -> None:
 
 
 def _store(seams: Seams, location: StoreLocation) -> EngineStore:
+    """The store, with its upload settings checked before any GPU time is spent on a build it could not upload."""
     try:
-        return seams.store_factory(location)
+        store = seams.store_factory(location)
+        store.check_upload_settings()
     except StoreError as exc:
+        if exc.setting == SETTING_PART_CHECKSUM:
+            raise BuildFailure("validate", "InvalidSettings", str(exc), permanent=True) from exc
         raise BuildFailure("upload", "StoreUnavailable", str(exc)) from exc
+    return store
 
 
 def failure_result(digest: str, failure: BuildFailure, seconds: float | None = None) -> BuildResult:

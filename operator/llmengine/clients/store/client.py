@@ -16,7 +16,7 @@ from botocore.config import Config
 
 from llmengine.api.artifacts import StoreLocation
 from llmengine.clients.store import slimdata
-from llmengine.clients.store.errors import StoreError
+from llmengine.clients.store.errors import SETTING_PART_CHECKSUM, StoreError
 from llmengine.clients.store.layout import MiB
 
 if TYPE_CHECKING:
@@ -25,6 +25,7 @@ else:
     S3Client = Any
 
 DEFAULT_RETRY_SECONDS = 120.0
+_PART_CHECKSUMS: dict[str, Literal["crc32c", "none"]] = {"crc32c": "crc32c", "none": "none"}
 
 
 @dataclass(frozen=True)
@@ -152,11 +153,11 @@ class TransferTuning:
         conc = int(env.get("LLMENGINE_S3_CONCURRENCY") or 0) or base.concurrency
         retry = float(env.get("LLMENGINE_S3_RETRY_SECONDS") or DEFAULT_RETRY_SECONDS)
         checksum = (env.get("LLMENGINE_S3_PART_CHECKSUM") or base.part_checksum).strip().lower()
-        if checksum not in ("crc32c", "none"):
+        if checksum not in _PART_CHECKSUMS:
             raise StoreError(
                 f"LLMENGINE_S3_PART_CHECKSUM={env.get('LLMENGINE_S3_PART_CHECKSUM')!r}: use crc32c (the default: "
                 "the store checks every uploaded part) or none (for a store that refuses CRC32C checksums)",
-                setting="LLMENGINE_S3_PART_CHECKSUM",
+                setting=SETTING_PART_CHECKSUM,
             )
         # S3 refuses multipart parts under 5 MiB (except the last).
         part = max(part, 5 * MiB)
@@ -165,5 +166,5 @@ class TransferTuning:
             concurrency=max(1, conc),
             ranged_threshold=part,
             retry_seconds=max(0.0, retry),
-            part_checksum="crc32c" if checksum == "crc32c" else "none",
+            part_checksum=_PART_CHECKSUMS[checksum],
         )

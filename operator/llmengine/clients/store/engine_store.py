@@ -9,7 +9,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar, cast
@@ -32,12 +32,16 @@ from llmengine.api.artifacts import (
 from llmengine.clients.store import chain, urls
 from llmengine.clients.store.client import S3Client, S3Config, TransferTuning, make_s3_client
 from llmengine.clients.store.errors import (
+    CHECKSUM_MISMATCH,
+    SETTING_PART_CHECKSUM,
     SPEC_STORE,
     IntegrityError,
     ManifestInvalid,
     StoreError,
     StoreSettings,
     error_code,
+    error_message,
+    refuses_checksums,
     translate_error,
 )
 from llmengine.clients.store.files import (
@@ -78,20 +82,6 @@ from llmengine.logging import get_logger
 
 T = TypeVar("T")
 
-# What a store answers when the bytes it received do not match the checksum sent with them (AWS: BadDigest; some
-# S3-compatible stores: InvalidDigest, XAmzContentChecksumMismatch), and when it does not take CRC32C checksums at all.
-_CHECKSUM_MISMATCH = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"})
-
-
-def _message(exc: bx.ClientError) -> str:
-    return " ".join(str(exc.response.get("Error", {}).get("Message", "")).split())
-
-
-def _refuses_checksums(exc: bx.ClientError) -> bool:
-    if error_code(exc) == "NotImplemented":
-        return True
-    return error_code(exc) in ("InvalidArgument", "InvalidRequest") and "checksum" in _message(exc).lower()
-
 
 def _note_failure(failed: threading.Event, fut: Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
@@ -100,8 +90,8 @@ def _note_failure(failed: threading.Event, fut: Future[Any]) -> None:
 
 @dataclass(frozen=True)
 class PartUpload:
-    """One part of a multipart upload: where it is in the file, and the CRC32C of its bytes (base64) when the store
-    checks it."""
+    """One part of a multipart upload: where it is in the file, and the checksum fields its request carries (the CRC32C
+    of its bytes, when the store checks it)."""
 
     name: str
     fd: int
@@ -110,7 +100,11 @@ class PartUpload:
     number: int
     offset: int
     length: int
-    crc32c: str | None
+    checks: dict[str, Any]
+
+
+def _checksum_fields(crc: Crc32c | None) -> dict[str, Any]:
+    return {"ChecksumCRC32C": crc.b64()} if crc is not None else {}
 
 
 class EngineStore:
@@ -127,6 +121,7 @@ class EngineStore:
         self.location = location
         self.tuning = tuning or TransferTuning()
         self.names = names  # how errors name the settings to fix
+        self._unconfirmed_noted = False  # a store that does not confirm part checksums is logged once
 
     # -- naming ---------------------------------------------------------------------------------------------------
 
@@ -264,15 +259,16 @@ class EngineStore:
     ) -> ManifestFile:
         """Upload one file; returns its manifest entry under `path` (default: the file's name).
 
-        Files above the part size go up as a multipart upload, `concurrency` parts at a time, each part read from
-        the file as it is sent; this thread meanwhile hashes the whole file in order (the hash never waits on the
-        network, and no part is held in memory), noting the SHA-256 chaining value at the end of every part, which
-        downloads verify part by part (`partStates`). Where chaining values are not available (chain.AVAILABLE),
-        each part is also hashed on its own as it is sent (`partSha256`: every byte hashed twice). Each part (and
-        the single PUT of a small file) is retried on its own while the store is unreachable, within the retry
-        budget: an outage costs the parts in flight, not the file. A file that changes while uploading (its size,
-        or its modification time or inode after the upload) fails the upload, so the whole file's digest and the
-        parts' checks always describe the same bytes.
+        Files above the part size go up as a multipart upload: this thread hashes the whole file in order (no part is
+        held in memory), noting the SHA-256 chaining value at the end of every part, which downloads verify part by
+        part (`partStates`), and hands each part to a pool of `concurrency` senders once its bytes are hashed, with
+        the part's CRC32C from the same read; each part is read from the file again as it is sent, and the store
+        checks it against that CRC32C (`part_checksum`, docs/store.md "Part checksums"). Where chaining values are
+        not available (chain.AVAILABLE), each part is also hashed on its own as it is sent (`partSha256`: every
+        byte hashed twice). Each part (and the single PUT of a small file) is retried on its own while the store is
+        unreachable, within the retry budget: an outage costs the parts in flight, not the file. A file that
+        changes while uploading (its size, or its modification time or inode after the upload) fails the upload,
+        so the whole file's digest and the parts' checks always describe the same bytes.
         """
         before = local.stat()
         size = before.st_size
@@ -282,20 +278,18 @@ class EngineStore:
         part = max(self.tuning.part_size, -(-size // 10_000))
         part = -(-part // SHA256_BLOCK) * SHA256_BLOCK
         entry = ManifestFile(path=path or local.name, sha256="", size=size)
-        if self.tuning.part_checksum == "crc32c":
-            crc32c_function()  # before anything goes up: a StoreError naming the fix where it cannot be computed
+        self.check_upload_settings()  # before anything goes up
         with self._s3(), open(local, "rb", buffering=0) as f:
             if size <= part:
                 data = f.read()
-                checks: dict[str, Any] = {}
-                if self.tuning.part_checksum == "crc32c":
-                    crc = Crc32c()
+                crc = self._crc32c()
+                if crc is not None:
                     crc.update(data)
-                    checks["ChecksumCRC32C"] = crc.b64()
+                checks = _checksum_fields(crc)
                 self._patient(
                     f"upload {local.name}",
                     lambda: self._checked(
-                        entry.path, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data, **checks)
+                        entry.path, checks, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data, **checks)
                     ),
                 )
                 prog.add(len(data))
@@ -315,11 +309,12 @@ class EngineStore:
         name, size = entry.path, entry.size
         bucket = self.location.bucket
         chained = chain.AVAILABLE
-        crc32c = self.tuning.part_checksum == "crc32c"
-        named: dict[str, Any] = {"ChecksumAlgorithm": "CRC32C"} if crc32c else {}
+        named: dict[str, Any] = {"ChecksumAlgorithm": "CRC32C"} if self.tuning.part_checksum == "crc32c" else {}
         started = self._patient(
             f"upload {name}",
-            lambda: self._checked(name, lambda: self.client.create_multipart_upload(Bucket=bucket, Key=key, **named)),
+            lambda: self._checked(
+                name, {}, lambda: self.client.create_multipart_upload(Bucket=bucket, Key=key, **named)
+            ),
         )
         upload_id = started["UploadId"]
         futs: list[Future[tuple[dict[str, Any], str | None]]] = []
@@ -334,14 +329,18 @@ class EngineStore:
                     for number, (off, ln) in enumerate(byte_ranges(size, part), 1):
                         if failed.is_set():
                             break
-                        crc = Crc32c() if crc32c else None
+                        crc = self._crc32c()
                         if hash_range(fd, off, ln, Both(sha, crc) if crc else sha, buf) != ln:
                             raise StoreError(f"{name} changed size while uploading (it ended before {off + ln} bytes)")
                         if chained and off + ln < size:
                             states.append(sha.state())
-                        sent = PartUpload(name, fd, key, upload_id, number, off, ln, crc.b64() if crc else None)
+                        sent = PartUpload(name, fd, key, upload_id, number, off, ln, _checksum_fields(crc))
                         futs.append(pool.submit(self._put_part, sent, prog, not chained))
                         futs[-1].add_done_callback(functools.partial(_note_failure, failed))
+                    # The first part to fail fails the file at once (the parts queued behind it are cancelled).
+                    finished, _ = wait(futs, return_when=FIRST_EXCEPTION)
+                    for fut in finished:
+                        fut.result()
                     done = [fut.result() for fut in futs]
                 except BaseException:
                     for fut in futs:
@@ -381,7 +380,6 @@ class EngineStore:
         """One part; returns its entry for the completion and, when `hashed`, the SHA-256 of the bytes the accepted
         request sent."""
         sent: list[FilePart] = []
-        checks: dict[str, Any] = {"ChecksumCRC32C": up.crc32c} if up.crc32c else {}
 
         def put() -> Any:
             body = FilePart(up.fd, up.offset, up.length, up.name, hashed)
@@ -393,40 +391,72 @@ class EngineStore:
                 UploadId=up.upload_id,
                 PartNumber=up.number,
                 Body=cast(Any, body),
-                **checks,
+                **up.checks,
             )
 
-        got = self._patient(
-            f"upload {up.name} part {up.number}", lambda: self._checked(f"part {up.number} of {up.name}", put)
-        )
+        what = f"part {up.number} of {up.name}"
+        got = self._patient(f"upload {what}", lambda: self._checked(what, up.checks, put))
         prog.add(up.length)
-        return {"PartNumber": up.number, "ETag": got["ETag"], **checks}, sent[-1].sha256() if hashed else None
+        return {"PartNumber": up.number, "ETag": got["ETag"], **up.checks}, sent[-1].sha256() if hashed else None
 
-    def _checked(self, what: str, fn: Callable[[], T]) -> T:
-        """fn(), a request that sends a CRC32C (or names the algorithm): sent again once if the store finds the
-        bytes it received different from the checksum (a body changed on the way); a StoreError naming the file and
-        the fix when that happens twice, or when the store refuses CRC32C checksums."""
-        for attempt in (1, 2):
-            try:
-                return fn()
-            except bx.ClientError as exc:
-                code = error_code(exc)
-                if code in _CHECKSUM_MISMATCH:
-                    if attempt == 1:
-                        continue
-                    raise StoreError(
-                        f"{what} reached the store different from the bytes hashed for the manifest, twice ({code}): "
-                        "the file changed while uploading, or the path to the store corrupts data; the upload is "
-                        "aborted"
-                    ) from exc
-                if self.tuning.part_checksum == "crc32c" and _refuses_checksums(exc):
-                    raise StoreError(
-                        f"the store refused the CRC32C checksum of {what} ({code}: {_message(exc)}); for a store "
-                        "without CRC32C checksums set LLMENGINE_S3_PART_CHECKSUM=none on the build pods",
-                        setting="LLMENGINE_S3_PART_CHECKSUM",
-                    ) from exc
+    def check_upload_settings(self) -> None:
+        """A StoreError naming the fix where uploads cannot run as set: CRC32C part checksums without awscrt. The
+        builder asks before it builds, so that a setting costs no GPU time."""
+        if self.tuning.part_checksum == "crc32c":
+            crc32c_function()
+
+    def _crc32c(self) -> Crc32c | None:
+        return Crc32c() if self.tuning.part_checksum == "crc32c" else None
+
+    def _checked(self, what: str, checks: dict[str, Any], send: Callable[[], T]) -> T:
+        """send(): a request carrying `checks` (x-amz-checksum-crc32c), or naming the algorithm. Sent once more if
+        the store finds the bytes it received different from the checksum (a body changed on the way); the store's
+        answer must repeat the checksum sent (a store that ignores it is noted once in the log). A StoreError naming
+        the fix when the bytes arrive changed twice, or when the store refuses CRC32C checksums."""
+        try:
+            got = send()
+        except bx.ClientError as exc:
+            if error_code(exc) not in CHECKSUM_MISMATCH:
+                self._explain(what, exc)
                 raise
-        raise AssertionError("unreachable")
+            try:
+                got = send()  # read from the file again
+            except bx.ClientError as again:
+                self._explain(what, again)
+                raise
+        if "ChecksumCRC32C" in checks:
+            echo = cast(dict[str, Any], got).get("ChecksumCRC32C")
+            if echo is None and not self._unconfirmed_noted:
+                self._unconfirmed_noted = True
+                get_logger().warning(
+                    "the store does not confirm CRC32C part checksums: it may not check them (every download still "
+                    "verifies the SHA-256)",
+                    endpoint=self.endpoint,
+                    first=what,
+                )
+            elif echo is not None and echo != checks["ChecksumCRC32C"]:
+                raise StoreError(
+                    f"the store took {what} with CRC32C {echo}, not the {checks['ChecksumCRC32C']} sent: it computes "
+                    f"another checksum; set {SETTING_PART_CHECKSUM}=none on the build pods",
+                    setting=SETTING_PART_CHECKSUM,
+                )
+        return got
+
+    def _explain(self, what: str, exc: bx.ClientError) -> None:
+        """Raise the store's refusal of a checksummed request as a StoreError naming the fix, where there is one."""
+        code = error_code(exc)
+        if code in CHECKSUM_MISMATCH:
+            raise StoreError(
+                f"{what} reached the store different from the bytes hashed for the manifest, twice ({code}): the file "
+                "changed while uploading, or the path to the store changes data (use an https endpoint); nothing of "
+                "it is committed"
+            ) from exc
+        if self.tuning.part_checksum == "crc32c" and refuses_checksums(exc):
+            raise StoreError(
+                f"the store refused the CRC32C checksum of {what} ({code}: {error_message(exc)}); for a store without "
+                f"CRC32C checksums set {SETTING_PART_CHECKSUM}=none on the build pods",
+                setting=SETTING_PART_CHECKSUM,
+            ) from exc
 
     def upload_engine(
         self,

@@ -18,6 +18,8 @@ SETTING_CREDENTIALS = "spec.store.credentialsSecretRef"
 SETTING_BUCKET = "spec.store.bucket"
 SETTING_ENDPOINT = "spec.store.endpoint"
 SETTING_CA_BUNDLE = "spec.pods.caBundle"
+# The build pods' environment variable that turns the uploads' CRC32C part checksums off (chart: enginePods.env).
+SETTING_PART_CHECKSUM = "LLMENGINE_S3_PART_CHECKSUM"
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,29 @@ def error_code(exc: BaseException) -> str:
     if isinstance(exc, bx.ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))
     return ""
+
+
+def error_message(exc: bx.ClientError) -> str:
+    return " ".join(str(exc.response.get("Error", {}).get("Message", "")).split())
+
+
+# The store's answer when the bytes it received do not match the checksum sent with them (AWS: BadDigest; some
+# S3-compatible stores: InvalidDigest, XAmzContentChecksumMismatch).
+CHECKSUM_MISMATCH = frozenset({"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch"})
+
+
+def refuses_checksums(exc: bx.ClientError) -> bool:
+    """Whether the store refused a request for naming a checksum it does not implement: NotImplemented (AWS's code
+    for a header it does not implement; StorageGRID says XNotImplemented) unless the header it names is another
+    one, or an InvalidArgument/InvalidRequest calling the checksum unsupported. A checksum the store does implement
+    but finds malformed or of the wrong type is not a refusal: turning checksums off would hide that."""
+    error = exc.response.get("Error", {})
+    code, message = error_code(exc), error_message(exc).lower()
+    if code in ("NotImplemented", "XNotImplemented"):
+        header = str(error.get("Header", "")).lower()
+        return not header or "checksum" in header
+    unsupported = any(w in message for w in ("unsupported", "not supported", "not implemented"))
+    return code in ("InvalidArgument", "InvalidRequest") and "checksum" in message and unsupported
 
 
 # Worth waiting out: the server is restarting or overloaded, a connection was refused or cut mid-body.

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from llmengine.clients.store import chain
-from llmengine.clients.store.errors import StoreError
+from llmengine.clients.store.errors import SETTING_PART_CHECKSUM, StoreError
 from llmengine.clients.store.layout import PARTIAL_SUFFIX, MiB
 
 
@@ -107,7 +107,7 @@ def crc32c_function() -> Callable[[Any, int], int]:
         raise StoreError(
             "CRC32C part checksums need the awscrt package (pip install 'llmengine-operator[builder]', as the "
             "builder image does), or set LLMENGINE_S3_PART_CHECKSUM=none",
-            setting="LLMENGINE_S3_PART_CHECKSUM",
+            setting=SETTING_PART_CHECKSUM,
         ) from exc
     fn: Callable[[Any, int], int] = crc32c
     return fn
@@ -128,10 +128,14 @@ class Crc32c:
         return base64.b64encode(self.value.to_bytes(4, "big")).decode()
 
 
+class Hasher(Protocol):
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+
+
 class Both:
     """Feeds one read to two hashes: the file's SHA-256 and a part's CRC32C."""
 
-    def __init__(self, first: Any, second: Any) -> None:
+    def __init__(self, first: Hasher, second: Hasher) -> None:
         self.first, self.second = first, second
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
