@@ -395,7 +395,7 @@ class EngineStore:
             )
 
         what = f"part {up.number} of {up.name}"
-        got = self._patient(f"upload {what}", lambda: self._checked(what, up.checks, put))
+        got = self._patient(f"upload {up.name} part {up.number}", lambda: self._checked(what, up.checks, put))
         prog.add(up.length)
         return {"PartNumber": up.number, "ETag": got["ETag"], **up.checks}, sent[-1].sha256() if hashed else None
 
