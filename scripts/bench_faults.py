@@ -588,12 +588,12 @@ class Bench:
         elif f.kind == "s3-mid-upload":
             pattern = f"llme-build-{digest[:12]}-*" if digest else "llme-build-*"
             log = self.wait_transfer(pattern, "build.log", '"upload started"', '"upload committed"', 120)
-            self._s3_crash(f, log, '"upload committed"', (lambda: self._server_io("wchar")) if log else None)
+            self._s3_crash(f, log, '"upload committed"', "wchar")
         elif f.kind == "s3-mid-download":
             log = self.wait_transfer(
                 f"llme-{name}-*", "fetch-engine.log", '"download started"', '"download verified"', 120
             )
-            self._s3_crash(f, log, '"download verified"', (lambda: self._server_io("rchar")) if log else None)
+            self._s3_crash(f, log, '"download verified"', "rchar")
 
     def _server_io(self, field: str) -> Callable[[], int]:
         """Bytes the S3 server has written (`wchar`: an upload lands in its data directory) or read (`rchar`: a
@@ -624,19 +624,18 @@ class Bench:
 
         return moved
 
-    def _s3_crash(
-        self, f: FaultRecord, log: Path | None, done: str, progress: Callable[[], Callable[[], int]] | None
-    ) -> None:
+    def _s3_crash(self, f: FaultRecord, log: Path | None, done: str, counter: str) -> None:
         """Crash S3 once a random share (15-60%) of the engine's bytes has moved: in the middle of the bodies,
-        not before the first request (which the client's own retries would absorb). `progress` makes the byte
-        counter, once this fault holds S3 (no other S3 fault can restart it meanwhile)."""
+        not before the first request (which the client's own retries would absorb). The bytes are the server's
+        `counter` (_server_io), counted from once this fault holds S3 (no other S3 fault can restart it
+        meanwhile)."""
         with self.rng_lock:
             down = self.rng.uniform(0.0, self.s3_down_max)
             share = self.rng.uniform(0.15, 0.6)
         with self.locks["s3"]:
             f.engine_phase = self.phase_now(f.engine)  # read as the wait for the transfer's share begins
-            moved = progress() if progress is not None else None
-            if log is not None and moved is not None:
+            if log is not None:
+                moved = self._server_io(counter)
                 deadline = time.monotonic() + 60
                 while moved() < share * self.engine_bytes and time.monotonic() < deadline:
                     if done in log.read_text(errors="replace"):

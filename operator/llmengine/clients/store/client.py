@@ -8,7 +8,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import boto3
 import botocore.session
@@ -25,7 +25,7 @@ else:
     S3Client = Any
 
 DEFAULT_RETRY_SECONDS = 120.0
-_PART_CHECKSUMS: dict[str, Literal["crc32c", "none"]] = {"crc32c": "crc32c", "none": "none"}
+PartChecksum = Literal["crc32c", "none"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class TransferTuning:
     # Uploads send each part's CRC32C, taken in the same read as the file's SHA-256, for the store to check as the
     # part lands (a part that arrives changed is refused, not committed). "none" for a store that refuses CRC32C
     # checksums (StorageGRID takes SHA-256 only).
-    part_checksum: Literal["crc32c", "none"] = "crc32c"
+    part_checksum: PartChecksum = "crc32c"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> TransferTuning:
@@ -153,7 +153,7 @@ class TransferTuning:
         conc = int(env.get("LLMENGINE_S3_CONCURRENCY") or 0) or base.concurrency
         retry = float(env.get("LLMENGINE_S3_RETRY_SECONDS") or DEFAULT_RETRY_SECONDS)
         checksum = (env.get("LLMENGINE_S3_PART_CHECKSUM") or base.part_checksum).strip().lower()
-        if checksum not in _PART_CHECKSUMS:
+        if checksum not in get_args(PartChecksum):
             raise StoreError(
                 f"LLMENGINE_S3_PART_CHECKSUM={env.get('LLMENGINE_S3_PART_CHECKSUM')!r}: use crc32c (the default: "
                 "the store checks every uploaded part) or none (for a store that refuses CRC32C checksums)",
@@ -166,5 +166,5 @@ class TransferTuning:
             concurrency=max(1, conc),
             ranged_threshold=part,
             retry_seconds=max(0.0, retry),
-            part_checksum=_PART_CHECKSUMS[checksum],
+            part_checksum=cast(PartChecksum, checksum),
         )
