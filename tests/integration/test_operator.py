@@ -132,6 +132,26 @@ def test_same_identity_joins_one_build_and_store_hit_skips_build(env: Any, api: 
         assert len(jobs(api, env.ns)) == 1
 
 
+def test_one_identity_into_two_stores_in_one_namespace_builds_each_store_once(env: Any, api: Any) -> None:
+    """Two LLMEngines of one identity in one namespace, each with a store of its own: each store gets its own build
+    Job and its own commit, first time (neither takes the other's Job for its own and retries on finding nothing
+    committed); a third engine naming the first one's store shares that store's build."""
+    other = f"{env.prefix}-b"
+    with run_operator(env.info, env.ns, env.logs):
+        env.engines.create(env.body("a", serving={"replicas": 1}))
+        env.engines.create(engine("b", env.info, env.model, other, serving={"replicas": 1}))
+        env.engines.create(env.body("c", serving={"replicas": 1}))
+        a, b, c = (env.engines.wait_phase(n, "Ready", timeout=180) for n in ("a", "b", "c"))
+        digest = a["status"]["desiredEngine"]["digest"]
+        assert b["status"]["desiredEngine"]["digest"] == c["status"]["desiredEngine"]["digest"] == digest
+        assert _committed(env.info, env.prefix, digest) and _committed(env.info, other, digest)
+        built = {j.metadata.name: {o.name for o in j.metadata.owner_references} for j in jobs(api, env.ns)}
+        assert len(built) == 2 and sorted(built.values(), key=len) == [{"b"}, {"a", "c"}], built
+        assert a["status"]["build"]["job"] != b["status"]["build"]["job"]
+        for obj in (a, b):
+            assert obj["status"]["build"]["attempts"] == 1, obj["status"]["build"]
+
+
 def test_one_identity_in_two_namespaces_is_built_once(env: Any, api: Any) -> None:
     """Two LLMEngines of one identity into one store, in two namespaces, applied together: one build Job in the
     whole cluster; the other engine waits for its commit and serves the same engine."""

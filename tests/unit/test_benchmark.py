@@ -793,6 +793,7 @@ def render() -> tuple[dict[str, Any], dict[str, Any], BenchRequest]:
         namespace="ml",
         owners=[common.owner_reference(engine, controller=False)],
         short_digest=plan.short_digest,
+        build_job=plan.build_job,
         pool=common.pool_name(plan.gpu.name, plan.mig_profile),
         product_labels=list(plan.gpu.product_labels),
         gpu_resource=plan.gpu_resource,

@@ -133,6 +133,7 @@ def test_the_token_copy_is_the_secret_the_shared_build_pod_reads() -> None:
         namespace="llmengine-system",
         owners=[],
         short_digest="e-0123456789ab",
+        build_job="llme-build-0123456789ab",
         pool="h100-80gb",
         product_labels=["NVIDIA-H100-80GB-HBM3"],
         gpu_resource="nvidia.com/gpu",
@@ -143,6 +144,6 @@ def test_the_token_copy_is_the_secret_the_shared_build_pod_reads() -> None:
     )
     owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "llme-build-0123456789ab", "uid": "j1"}
     copy = render_build.token_copy(where, owner, "hf_secret")
-    assert copy["metadata"]["name"] == render_build.token_copy_name(where.short_digest) == "llme-build-0123456789ab-hf"
+    assert copy["metadata"]["name"] == render_build.token_copy_name(where.build_job) == "llme-build-0123456789ab-hf"
     assert copy["metadata"]["namespace"] == "llmengine-system" and copy["metadata"]["ownerReferences"] == [owner]
     assert copy["stringData"] == {render_build.TOKEN_KEY: "hf_secret"}

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import ImageCatalog, ImagePair, OperatorConfig
 from llmengine.api.v1alpha1 import SecretKeySelector, parse_engine
 from llmengine.plan import plan_object
@@ -47,6 +48,7 @@ def _where(body: dict[str, Any]) -> common.Placement:
         namespace="ml",
         owners=[common.owner_reference(engine, controller=False)],
         short_digest=plan.short_digest,
+        build_job=plan.build_job,
         pool=common.pool_name(plan.gpu.name, plan.mig_profile),
         product_labels=list(plan.gpu.product_labels),
         gpu_resource=plan.gpu_resource,
@@ -139,7 +141,7 @@ def test_pods_are_hardened_and_secrets_only_by_reference() -> None:
 def test_job_identity_naming_and_rollout_strategy() -> None:
     job, dep = _render(_engine())
     plan = plan_object(_engine(), images=CFG.images)
-    assert job["metadata"]["name"] == f"llme-build-{plan.short_digest.removeprefix('e-')}"
+    assert job["metadata"]["name"] == plan.build_job
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] > 0
     assert job["spec"]["ttlSecondsAfterFinished"] > 0
     assert all(o["controller"] is False for o in job["metadata"]["ownerReferences"])
@@ -153,6 +155,35 @@ def test_job_identity_naming_and_rollout_strategy() -> None:
     assert strategy["maxUnavailable"] == 0
     assert dep["spec"]["template"]["metadata"]["annotations"][common.DIGEST_ANNOTATION] == plan.engine_digest
     assert "--max-batch-size" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_build_job_name_is_one_per_identity_and_store() -> None:
+    """The default store's build Job is named by the identity alone; an engine with a store of its own adds the
+    store's key, so that two engines of one identity in one namespace with different stores never share a Job, and
+    two with the same store (endpoint, bucket and prefix) always do."""
+    default = StoreLocation(bucket="fleet", prefix="engines")
+    body = _engine()
+    body["spec"].pop("store")
+    shared = plan_object(body, images=CFG.images, default_store=default)
+    short = shared.short_digest.removeprefix("e-")
+    assert shared.build_job == f"llme-build-{short}"
+
+    def own(store: dict[str, Any]) -> str:
+        return plan_object(_engine(store=store), images=CFG.images, default_store=default).build_job
+
+    a = own({"bucket": "engines", "credentialsSecretRef": {"name": "s3"}})
+    assert a.startswith(f"llme-build-{short}-") and len(a) == len(f"llme-build-{short}-") + 8
+    assert own({"bucket": "engines", "credentialsSecretRef": {"name": "other-creds"}}) == a  # same place, one build
+    others = {
+        own({"bucket": "engines2"}),
+        own({"bucket": "engines", "prefix": "team-b"}),
+        own({"bucket": "engines", "endpoint": "https://s3.example.com"}),
+    }
+    assert len(others) == 3 and a not in others
+    # Its own store at the default store's place is still named apart from the default store's build, which the
+    # operator joins by its annotations (test_gather_elsewhere).
+    assert own({"bucket": "fleet", "prefix": "engines"}) != shared.build_job
+    assert len(max([a, *others], key=len)) + len("-hf") <= 63
 
 
 def test_runtime_only_change_keeps_digest_but_changes_deployment() -> None:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from llmengine.api.artifacts import BuildShapes
+from llmengine.api.artifacts import BuildShapes, StoreLocation
 from llmengine.api.engine import EngineConfig
 from llmengine.api.v1alpha1 import LLMEngineSpec
 from llmengine.plan.catalog import ModelFacts
@@ -37,6 +37,21 @@ def engine_digest(inputs: Mapping[str, Any]) -> str:
 def short_digest(digest: str) -> str:
     """e-<first 12 hex>: short enough for Kubernetes names (Jobs, Deployments) with room for a prefix."""
     return f"{SHORT_PREFIX}{digest[:SHORT_HEX]}" if digest else ""
+
+
+def store_key(location: StoreLocation) -> str:
+    """A short name for a store location (endpoint, bucket, prefix): equal for builds that commit to one place."""
+    text = f"{location.endpoint or ''}|{location.bucket}|{location.prefix}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_job_name(short: str, own_store: StoreLocation | None = None) -> str:
+    """The build Job of an identity: `llme-build-<12 hex>` into the operator's default store. An engine with a store
+    of its own builds in its own namespace, where engines of one identity may name different stores: its Job name
+    carries the store's key too (`llme-build-<12 hex>-<8 hex>`), so that each store gets its own build and engines
+    naming the same store share one."""
+    name = f"llme-build-{short.removeprefix(SHORT_PREFIX)}"
+    return f"{name}-{store_key(own_store)[:8]}" if own_store is not None else name
 
 
 def model_source_identity(spec: LLMEngineSpec) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from llmengine.plan import pods, sizing, validate
 from llmengine.plan.catalog import CATALOG, ModelFacts, lookup, resolve_facts
 from llmengine.plan.engine_config import effective_shapes, engine_config
 from llmengine.plan.gpus import GIB, GPU_CLASSES, UNKNOWN_GPU, GpuClass, MigProfile, gpu_class, gpu_resource, parse_sm
-from llmengine.plan.identity import engine_digest, identity_inputs, short_digest
+from llmengine.plan.identity import build_job_name, engine_digest, identity_inputs, short_digest
 from llmengine.plan.sizing import EMPTY_MEMORY, MemoryEstimate
 
 COMPILERS = ("tensorrt-llm", "test")
@@ -67,6 +67,8 @@ class Plan:
     # The planner itself failed (a bug, not the spec's fault): what it raised. The plan is invalid, but no field is
     # to blame, so admission lets the object in and the status reports an internal error.
     internal_error: str | None = None
+    # The identity's build Job in the namespace it runs in (identity.build_job_name): "" when there is no identity.
+    build_job: str = ""
 
     @property
     def paged_context_fmha(self) -> bool:
@@ -584,6 +586,7 @@ def _plan(
         warnings=warnings,
         engine_digest=digest,
         short_digest=short_digest(digest),
+        build_job=build_job_name(short_digest(digest), store if spec.store is not None else None) if digest else "",
         shapes=shapes or EMPTY_SHAPES,
         memory=memory,
         gpu=gpu,

@@ -75,7 +75,7 @@ class Actor:
                 await self._grant(snap, engine, target.access, action, snap.grant_seconds)
             elif isinstance(action, DeleteBuildJob):
                 bns = target.access.build_namespace if target.access is not None else None
-                await self.kube.delete_job(bns or ns, common.build_job_name(snap.plan.short_digest))
+                await self.kube.delete_job(bns or ns, snap.plan.build_job)
             elif isinstance(action, StartBuild):
                 await self._start_build(snap, target, action.attempt)
             elif isinstance(action, AdoptBuildJob) and engine is not None:
@@ -177,6 +177,7 @@ class Actor:
             namespace=bns if bns is not None and build else snap.namespace,
             owners=[] if isolated and build else [common.owner_reference(engine, controller=False)],
             short_digest=plan.short_digest,
+            build_job=plan.build_job,
             pool=target.pool,
             product_labels=list(plan.gpu.product_labels),
             gpu_resource=plan.gpu_resource,
@@ -213,7 +214,7 @@ class Actor:
         assert request is not None
         token = where.hf_token
         if token is not None:
-            copy = SecretKeySelector(name=render_build.token_copy_name(where.short_digest), key=render_build.TOKEN_KEY)
+            copy = SecretKeySelector(name=render_build.token_copy_name(where.build_job), key=render_build.TOKEN_KEY)
             where = dataclasses.replace(where, hf_token=copy)
         job = render_build.build_job(request=request, where=where, attempt=attempt, cfg=self.cfg)
         self.queue.reserve(target.pool, target.build_key)

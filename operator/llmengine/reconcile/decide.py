@@ -31,7 +31,7 @@ from llmengine.reconcile.actions import (
 from llmengine.reconcile.gate import GateStep, gate
 from llmengine.reconcile.snapshot import Snapshot
 from llmengine.reconcile.views import DeploymentView, JobView, corrupt_engine, last_line, needs_a_person
-from llmengine.render import attachments, common
+from llmengine.render import attachments
 from llmengine.render.serving import image_for
 
 PENDING, QUEUED, BUILDING, DEPLOYING, READY, DEGRADED, FAILED = (
@@ -407,7 +407,7 @@ def _build_step(p: _Pass, build: BuildStatus) -> tuple[str, str]:
     build.next_retry_at = None
     build.attempts = attempts + 1
     p.actions.append(StartBuild(attempts + 1))
-    name = common.build_job_name(snap.plan.short_digest)
+    name = snap.plan.build_job
     p.events.append(("Normal", "BuildStarted", f"build Job {name} (attempt {attempts + 1})"))
     p.soon(5.0)
     p.setc(cond.ENGINE_BUILT, False, "Building", f"starting build attempt {attempts + 1}")

@@ -17,7 +17,7 @@ from llmengine.api.v1alpha1 import InvalidEngine, LLMEngine, LLMEngineSpec, LLME
 from llmengine.clients import scrape
 from llmengine.clients.kube import Kube
 from llmengine.clock import utcnow
-from llmengine.plan import envelope, plan_object
+from llmengine.plan import envelope, identity, plan_object
 from llmengine.plan import traffic as tr
 from llmengine.plan.planner import Plan
 from llmengine.reconcile import metrics
@@ -183,10 +183,10 @@ class Gatherer:
         access = self._access(spec, req.store)
         digest = plan.engine_digest
         pool = common.pool_name(plan.gpu.name, plan.mig_profile)
-        job_name = common.build_job_name(plan.short_digest)
+        job_name = plan.build_job
         bns = access.build_namespace or ns  # where the build Job runs
         key = f"{bns}/{job_name}"
-        store_key = common.store_key(req.store)
+        store_key = identity.store_key(req.store)
         early = _Early()
         moved = status.desired_engine is not None and status.desired_engine.digest != digest
         if moved and not self.stores.remembers(access, digest):
@@ -195,7 +195,7 @@ class Gatherer:
             # build Job. Not on a new engine (a fleet applied against a store that holds its engines would read them
             # all for nothing), never on an engine that stays put.
             early.job = asyncio.ensure_future(self.kube.get_job(bns, job_name))
-            early.pool = asyncio.ensure_future(self._pool_builds(pool, bns, job_name, store_key))
+            early.pool = asyncio.ensure_future(self._pool_builds(pool, bns, job_name, digest, store_key))
         try:
             store = await self.stores.view(ns, access, digest)
             self.queue.join((ns, name), pool, key)
@@ -213,9 +213,11 @@ class Gatherer:
                 progress = await self.stores.progress(ns, access, digest)
             position, elsewhere = 0, None
             if store.committed is False and job is None:
-                active, listed, elsewhere = await (early.pool or self._pool_builds(pool, bns, job_name, store_key))
+                active, listed, elsewhere = await (
+                    early.pool or self._pool_builds(pool, bns, job_name, digest, store_key)
+                )
                 if elsewhere is None:
-                    claimed = self.queue.claim(f"{job_name}|{store_key}", key)
+                    claimed = self.queue.claim(f"{digest}|{store_key}", key)
                     elsewhere = f"{claimed} (starting)" if claimed else None
                 if elsewhere is None:
                     position = self.queue.position(pool, key, active, listed)
@@ -331,23 +333,18 @@ class Gatherer:
 
     # ---- Jobs, pods ----
     async def _pool_builds(
-        self, pool: str, ns: str, job_name: str, store: str
+        self, pool: str, ns: str, job_name: str, digest: str, store: str
     ) -> tuple[set[str], set[str], str | None]:
-        """The keys of the pool's build Jobs still running and of all of them (ended ones included), and a running
-        Job of the same identity into the same store in another namespace ("namespace/name"), if any: one build per
-        identity and store in the whole cluster."""
+        """The keys of the pool's build Jobs still running and of all of them (ended ones included), and another
+        running Job of the same identity into the same store ("namespace/name"), if any, found by its annotations
+        whatever its name (another namespace; the default store's Job for an engine naming the same place as its own;
+        a Job an earlier operator named): one build per identity and store in the whole cluster."""
         sel = common.label_selector({"app.kubernetes.io/managed-by": common.MANAGED_BY, common.POOL_LABEL: pool})
         jobs = await self.kube.list_jobs(sel)
         keys = {f"{j['metadata']['namespace']}/{j['metadata']['name']}": j for j in jobs}
         active = {k for k, j in keys.items() if not common.job_ended(j)}
         elsewhere = next(
-            (
-                k
-                for k in sorted(active)
-                if k != f"{ns}/{job_name}"
-                and k.endswith(f"/{job_name}")
-                and (keys[k]["metadata"].get("annotations") or {}).get(common.STORE_ANNOTATION) == store
-            ),
+            (k for k in sorted(active) if k != f"{ns}/{job_name}" and _builds(keys[k], digest, store)),
             None,
         )
         return active, set(keys), elsewhere
@@ -427,3 +424,9 @@ def _rv(obj: Mapping[str, Any]) -> int:
 
 def _fits(plan: Plan) -> str | None:
     return None if plan.valid else "; ".join(str(e) for e in plan.errors)
+
+
+def _builds(job: Mapping[str, Any], digest: str, store: str) -> bool:
+    """Whether a build Job builds this identity into this store (its annotations, as render.build writes them)."""
+    notes = job["metadata"].get("annotations") or {}
+    return notes.get(common.DIGEST_ANNOTATION) == digest and notes.get(common.STORE_ANNOTATION) == store

@@ -6,6 +6,7 @@ from typing import Any
 
 from llmengine.api.artifacts import BuildRequest
 from llmengine.api.config import OperatorConfig
+from llmengine.plan.identity import store_key
 from llmengine.render import common as c
 
 REQUEST_DIR = "/etc/llmengine/build"
@@ -17,9 +18,7 @@ def build_labels(short_digest: str, pool: str) -> dict[str, str]:
 
 def request_configmap(request: BuildRequest, where: c.Placement) -> dict[str, Any]:
     labels = build_labels(where.short_digest, where.pool)
-    return c.request_configmap(
-        c.build_job_name(where.short_digest), where.namespace, labels, where.owners, request.to_json()
-    )
+    return c.request_configmap(where.build_job, where.namespace, labels, where.owners, request.to_json())
 
 
 def build_job(*, request: BuildRequest, where: c.Placement, attempt: int, cfg: OperatorConfig) -> dict[str, Any]:
@@ -28,7 +27,7 @@ def build_job(*, request: BuildRequest, where: c.Placement, attempt: int, cfg: O
     env.append({"name": "LLMENGINE_BUILDER_IMAGE", "value": request.image})
     env += c.hf_token_env(where.hf_token)
     return c.tool_job(
-        name=c.build_job_name(where.short_digest),
+        name=where.build_job,
         container="build",
         subcommand="build-engine",
         request_dir=REQUEST_DIR,
@@ -36,7 +35,7 @@ def build_job(*, request: BuildRequest, where: c.Placement, attempt: int, cfg: O
         annotations={
             c.ATTEMPT_ANNOTATION: str(attempt),
             c.DIGEST_ANNOTATION: request.engine_digest,
-            c.STORE_ANNOTATION: c.store_key(request.store),
+            c.STORE_ANNOTATION: store_key(request.store),
         },
         env=env,
         where=where,
@@ -50,9 +49,9 @@ def build_job(*, request: BuildRequest, where: c.Placement, attempt: int, cfg: O
 TOKEN_KEY = "token"
 
 
-def token_copy_name(short_digest: str) -> str:
+def token_copy_name(build_job: str) -> str:
     """The copy of an engine's Hugging Face token next to a build in the operator's namespace."""
-    return f"{c.build_job_name(short_digest)}-hf"
+    return f"{build_job}-hf"
 
 
 def token_copy(where: c.Placement, job_owner: dict[str, Any], token: str) -> dict[str, Any]:
@@ -62,7 +61,7 @@ def token_copy(where: c.Placement, job_owner: dict[str, Any], token: str) -> dic
         "kind": "Secret",
         "type": "Opaque",
         "metadata": {
-            "name": token_copy_name(where.short_digest),
+            "name": token_copy_name(where.build_job),
             "namespace": where.namespace,
             "labels": build_labels(where.short_digest, where.pool),
             "ownerReferences": [job_owner],

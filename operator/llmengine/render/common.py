@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from llmengine import GROUP, KIND, PREFIX, VERSION
-from llmengine.api.artifacts import StoreLocation
 from llmengine.api.config import OperatorConfig
 from llmengine.api.pods import OperandPods
 from llmengine.api.v1alpha1 import LLMEngine, LLMEngineSpec, SecretKeySelector, Target
@@ -59,16 +57,6 @@ HPA = Kind("HorizontalPodAutoscaler", "autoscaling", "v2", "horizontalpodautosca
 INGRESS = Kind("Ingress", "networking.k8s.io", "v1", "ingresses")
 HTTP_ROUTE = Kind("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes")
 ATTACHMENT_KINDS = {k.kind: k for k in (HPA, INGRESS, HTTP_ROUTE)}
-
-
-def store_key(location: StoreLocation) -> str:
-    """A short name for a store location (endpoint, bucket, prefix): equal for builds that commit to one place."""
-    text = f"{location.endpoint or ''}|{location.bucket}|{location.prefix}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def build_job_name(short_digest: str) -> str:
-    return f"llme-build-{short_digest.removeprefix('e-')}"
 
 
 def serving_name(engine_name: str) -> str:
@@ -213,6 +201,7 @@ class Placement:
     namespace: str
     owners: list[dict[str, Any]]  # every engine that wants the identity (none is the controller)
     short_digest: str
+    build_job: str  # the identity's build Job (plan.build_job), which names what travels with it
     pool: str  # GPU pool (class, or class + MIG profile)
     product_labels: list[str]
     gpu_resource: str

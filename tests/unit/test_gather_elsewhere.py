@@ -1,0 +1,90 @@
+"""A running build of the same identity into the same store is joined, not repeated, whatever its Job is named
+(gather.py, `_pool_builds`): in another namespace, the default store's Job for an engine that names the same place
+as its own, a Job an earlier operator named."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llmengine.api.artifacts import StoreLocation
+from llmengine.api.config import OperatorConfig
+from llmengine.plan import plan_object
+from llmengine.plan.identity import store_key
+from llmengine.reconcile.gather import Gatherer, Memory
+from llmengine.reconcile.queue import BuildQueue
+from llmengine.render import common
+from tests.unit.test_gather_early import Kube as NoJobs
+from tests.unit.test_gather_early import Stores
+from tests.unit.test_plan_cli import engine
+
+DEFAULT = StoreLocation(bucket="engines", prefix="fleet")
+CFG = OperatorConfig(default_store=DEFAULT)
+OWN_AT_DEFAULT = {"bucket": "engines", "prefix": "fleet", "credentialsSecretRef": {"name": "s3"}}
+
+
+class Kube(NoJobs):
+    """No build Job of this engine's own name; the pool holds `jobs`."""
+
+    def __init__(self, jobs: list[dict[str, Any]]) -> None:
+        super().__init__([])
+        self.jobs = jobs
+
+    async def list_jobs(self, selector: str) -> list[Any]:
+        return self.jobs
+
+
+def job(ns: str, name: str, digest: str, store: StoreLocation, ended: bool = False) -> dict[str, Any]:
+    notes = {common.DIGEST_ANNOTATION: digest, common.STORE_ANNOTATION: store_key(store)}
+    status = {"conditions": [{"type": "Complete", "status": "True"}]} if ended else {}
+    return {"metadata": {"namespace": ns, "name": name, "annotations": notes}, "status": status}
+
+
+async def elsewhere(body: dict[str, Any], jobs: list[dict[str, Any]]) -> str | None:
+    g = Gatherer(Kube(jobs), CFG, BuildQueue(4), Memory(), Stores([], committed=False))  # type: ignore[arg-type]
+    snap, _ = await g.gather(body, lambda ns, name: None)
+    assert snap.plan.valid and snap.job is None, snap.plan.errors
+    return snap.building_elsewhere
+
+
+def digest_of(body: dict[str, Any]) -> str:
+    return plan_object(body, default_store=DEFAULT).engine_digest
+
+
+@pytest.mark.parametrize(
+    ("case", "spec_store", "where", "name", "store", "joined"),
+    [
+        ("another namespace, default store", None, "team-b", "llme-build-x", DEFAULT, True),
+        ("another namespace, another store", None, "team-b", "llme-build-x", StoreLocation(bucket="b"), False),
+        (
+            "own store at the default's place: the default store's Job",
+            OWN_AT_DEFAULT,
+            "ml",
+            "llme-build-x",
+            DEFAULT,
+            True,
+        ),
+        (
+            "own store, a Job an earlier operator named without the store",
+            OWN_AT_DEFAULT,
+            "ml",
+            "old-name",
+            DEFAULT,
+            True,
+        ),
+    ],
+)
+async def test_a_running_build_of_the_identity_into_the_store_is_joined_whatever_its_name(
+    case: str, spec_store: dict[str, Any] | None, where: str, name: str, store: StoreLocation, joined: bool
+) -> None:
+    body = engine("e", **({"store": spec_store} if spec_store else {}))
+    found = await elsewhere(body, [job(where, name, digest_of(body), store)])
+    assert found == (f"{where}/{name}" if joined else None), case
+
+
+async def test_an_ended_build_or_another_identity_is_not_joined() -> None:
+    body = engine("e")
+    digest = digest_of(body)
+    assert await elsewhere(body, [job("team-b", "llme-build-x", digest, DEFAULT, ended=True)]) is None
+    assert await elsewhere(body, [job("team-b", "llme-build-x", "f" * 64, DEFAULT)]) is None
