@@ -41,7 +41,9 @@ def test_failing_benchmark_keeps_the_serving_engine(
         assert bench["serving"] == bench["result"]  # promoted: the baseline of the next engine
         assert _cond(first, "BenchmarkPassed")["status"] == "True"
         names = sorted(j.metadata.name for j in jobs(api, namespace))
-        assert names == [f"llme-bench-{old[:12]}", f"llme-build-{old[:12]}"]
+        # The engine has a store of its own: its build Job's name carries the store's key after the identity.
+        assert names == [f"llme-bench-{old[:12]}", first["status"]["build"]["job"]]
+        assert first["status"]["build"]["job"].startswith(f"llme-build-{old[:12]}-")
 
         # A new engine that can not meet its bound: built and benchmarked, never rolled out.
         engines.patch_spec(
