@@ -21,6 +21,13 @@ client names another checksum, as the CRT does with CRC32) counts against its ow
     .venv/bin/python scripts/bench_store.py                      # 1 and 4 GiB, 3 rounds, every client
     .venv/bin/python scripts/bench_store.py --sizes-gib 1 --rounds 1 --clients ours s5cmd
     .venv/bin/python scripts/bench_store.py --split-cpus       # the server on half the CPUs, the clients on the rest
+
+Before the timed rounds of each size, one untimed round (`--warmup-rounds`) moves the same bytes through every client:
+the first transfer on a fresh server and page cache, and each client's first use (its threads, its connections),
+are paid there instead of by whichever client the first round puts first. On a virtual machine whose kernel hands
+freed memory back to its host (virtio-balloon free page reporting), the host takes those pages away and must supply
+them again when the guest next writes them, which the page cache of a transfer does by the gigabyte; the header
+prints the kernel's reporting settings and how much freed memory went back to the host during the run.
 """
 
 from __future__ import annotations
@@ -232,6 +239,17 @@ def make_clients(names: list[str], s3: S3Client, ep: S3Endpoint, part: int, conc
     return [makers[n]() for n in names]
 
 
+PAGE_REPORTING = Path("/sys/module/page_reporting/parameters")
+
+
+def page_reporting() -> dict[str, str]:
+    """The kernel's free page reporting parameters (virtio-balloon hands freed guest memory back to the host), if
+    this kernel has them: empty on bare metal and on VMs without it."""
+    if not PAGE_REPORTING.is_dir():
+        return {}
+    return {p.name: p.read_text().strip() for p in sorted(PAGE_REPORTING.iterdir()) if os.access(p, os.R_OK)}
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (every thread) and of its finished children (s5cmd)."""
     t = os.times()
@@ -262,9 +280,10 @@ def empty_bucket(s3: S3Client) -> None:
 
 
 def measure(
-    clients: list[Client], s3: S3Client, server_pid: int, scratch: Path, size: int, rounds: int
+    clients: list[Client], s3: S3Client, server_pid: int, scratch: Path, size: int, rounds: int, warmup: int
 ) -> tuple[dict[str, dict[str, list[float]]], list[str]]:
-    """Seconds per client and direction over the rounds, and the load average before each round."""
+    """Seconds per client and direction over the rounds, and the load average before each round; `warmup` untimed
+    rounds first."""
     src = scratch / f"src-{size}" / FILE
     src.parent.mkdir()
     log(f"writing {size / GiB:g} GiB of test bytes")
@@ -273,9 +292,12 @@ def measure(
         c.name: {d + k: [] for d in ("upload", "download") for k in ("", "_cpu", "_server_cpu")} for c in clients
     }
     loads = []
-    for r in range(rounds):
-        loads.append(load())
-        log(f"{size / GiB:g} GiB round {r + 1}/{rounds}, load {loads[-1]}")
+    for r in range(-warmup, rounds):
+        if r < 0:
+            log(f"{size / GiB:g} GiB warm-up round {r + warmup + 1}/{warmup} (not counted), load {load()}")
+        else:
+            loads.append(load())
+            log(f"{size / GiB:g} GiB round {r + 1}/{rounds}, load {loads[-1]}")
         order = clients[r % len(clients) :] + clients[: r % len(clients)]
         for c in order:
             key = f"{c.name}-{size}-{r}"
@@ -285,7 +307,7 @@ def measure(
             down = timed(lambda c=c, key=key, dest=dest: c.download(key, dest), server_pid)  # type: ignore[misc]
             if dest.stat().st_size != size:
                 raise SystemExit(f"{c.name} downloaded {dest.stat().st_size} bytes, expected {size}")
-            for d, (wall, cpu, server_cpu) in (("upload", up), ("download", down)):
+            for d, (wall, cpu, server_cpu) in (("upload", up), ("download", down)) if r >= 0 else ():
                 secs[c.name][d].append(wall)
                 secs[c.name][d + "_cpu"].append(cpu)
                 secs[c.name][d + "_server_cpu"].append(server_cpu)
@@ -331,6 +353,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes-gib", type=float, nargs="+", default=[1.0, 4.0])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds before the timed ones (default 1)")
     p.add_argument("--part-size-mib", type=int, default=TransferTuning().part_size // MiB)
     p.add_argument("--concurrency", type=int, default=TransferTuning().concurrency)
     p.add_argument("--clients", nargs="+", choices=CLIENTS, default=list(CLIENTS))
@@ -346,6 +369,7 @@ def main() -> None:
     configure_logging(json=False, level="WARNING")
     part, conc = args.part_size_mib * MiB, args.concurrency
 
+    reporting = page_reporting()
     scratch = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
     if args.split_cpus:
         cpus = sorted(os.sched_getaffinity(0))
@@ -366,7 +390,7 @@ def main() -> None:
         clients = make_clients(args.clients, s3, ep, part, conc)
         for gib in args.sizes_gib:
             size = int(gib * GiB)
-            results[f"{gib:g}"] = measure(clients, s3, server.pid, scratch, size, args.rounds)
+            results[f"{gib:g}"] = measure(clients, s3, server.pid, scratch, size, args.rounds, args.warmup_rounds)
     finally:
         proc.stop_pid(server.pid)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -374,8 +398,13 @@ def main() -> None:
     print(
         f"\nversitygw {tools.versions()['VERSITYGW_VERSION']} on loopback; part {args.part_size_mib} MiB, "
         f"{conc} streams, median of {args.rounds} rounds; {os.cpu_count()} CPUs, {platform.machine()}, "
-        f"Python {platform.python_version()}; load average after the run {load()}\n"
+        f"Python {platform.python_version()}; load average after the run {load()}"
     )
+    if reporting:
+        handed = int(page_reporting().get("reported_kib", 0)) - int(reporting.get("reported_kib", 0))
+        settings = ", ".join(f"{k}={v}" for k, v in reporting.items() if k not in ("reported_kib", "passes", "walked"))
+        print(f"free page reporting: {settings}; {handed / 2**20:.1f} GiB of freed memory handed back to the host")
+    print()
     for gib, (secs, loads) in results.items():
         print(f"load average (1/5/15 min) before each round of {gib} GiB: {'; '.join(loads)}\n")
         print("\n".join(table(int(float(gib) * GiB), secs)) + "\n")
