@@ -235,7 +235,13 @@ def draw() -> str:
 
     # --- the build Job ----------------------------------------------------------------------------------------
     job = Box(20, 500, 600, 160)
-    add(box(job, "build", "build Job llme-build-<12 hex of the digest>  (a GPU node of the target pool)"))
+    add(
+        box(
+            job,
+            "build",
+            "build Job llme-build-<digest 12>-<store 8>  (a GPU node of the target pool)",
+        )
+    )
     bw, by, bh = 138, 540, 100
     bx = [32, 182, 332, 472]
     add(

@@ -88,3 +88,13 @@ async def test_an_ended_build_or_another_identity_is_not_joined() -> None:
     digest = digest_of(body)
     assert await elsewhere(body, [job("team-b", "llme-build-x", digest, DEFAULT, ended=True)]) is None
     assert await elsewhere(body, [job("team-b", "llme-build-x", "f" * 64, DEFAULT)]) is None
+
+
+async def test_its_own_running_build_is_not_elsewhere() -> None:
+    """The pool lists the engine's own running Job (its name, its namespace): that is its build, not another's."""
+    body = engine("e")
+    plan = plan_object(body, default_store=DEFAULT)
+    assert await elsewhere(body, [job("ml", plan.build_job, plan.engine_digest, DEFAULT)]) is None
+    # The same build in another namespace is another engine's, and is joined.
+    found = await elsewhere(body, [job("team-b", plan.build_job, plan.engine_digest, DEFAULT)])
+    assert found == f"team-b/{plan.build_job}"

@@ -158,31 +158,34 @@ def test_job_identity_naming_and_rollout_strategy() -> None:
 
 
 def test_build_job_name_is_one_per_identity_and_store() -> None:
-    """The default store's build Job is named by the identity alone; an engine with a store of its own adds the
-    store's key, so that two engines of one identity in one namespace with different stores never share a Job, and
-    two with the same store (endpoint, bucket and prefix) always do."""
+    """A build Job is named by the identity and the store it commits to: engines of one identity naming different
+    stores never share a name, engines naming the same place always do (however the prefix is written, and whether
+    it is the default store or their own at the same place), and no name is the identity alone, as earlier
+    operators named Jobs."""
     default = StoreLocation(bucket="fleet", prefix="engines")
     body = _engine()
     body["spec"].pop("store")
     shared = plan_object(body, images=CFG.images, default_store=default)
     short = shared.short_digest.removeprefix("e-")
-    assert shared.build_job == f"llme-build-{short}"
+    assert (
+        shared.build_job.startswith(f"llme-build-{short}-") and len(shared.build_job) == len(f"llme-build-{short}-") + 8
+    )
 
     def own(store: dict[str, Any]) -> str:
         return plan_object(_engine(store=store), images=CFG.images, default_store=default).build_job
 
     a = own({"bucket": "engines", "credentialsSecretRef": {"name": "s3"}})
-    assert a.startswith(f"llme-build-{short}-") and len(a) == len(f"llme-build-{short}-") + 8
+    assert a.startswith(f"llme-build-{short}-") and a != shared.build_job
     assert own({"bucket": "engines", "credentialsSecretRef": {"name": "other-creds"}}) == a  # same place, one build
+    assert own({"bucket": "engines", "prefix": "/engines/"}) == a  # the prefix as engines are stored under it
+    assert own({"bucket": "fleet", "prefix": "engines"}) == shared.build_job  # its own store at the default's place
     others = {
         own({"bucket": "engines2"}),
         own({"bucket": "engines", "prefix": "team-b"}),
         own({"bucket": "engines", "endpoint": "https://s3.example.com"}),
     }
     assert len(others) == 3 and a not in others
-    # Its own store at the default store's place is still named apart from the default store's build, which the
-    # operator joins by its annotations (test_gather_elsewhere).
-    assert own({"bucket": "fleet", "prefix": "engines"}) != shared.build_job
+    assert own({"bucket": "engines", "endpoint": "https://s3.example.com/"}) in others
     assert len(max([a, *others], key=len)) + len("-hf") <= 63
 
 

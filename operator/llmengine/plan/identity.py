@@ -40,18 +40,19 @@ def short_digest(digest: str) -> str:
 
 
 def store_key(location: StoreLocation) -> str:
-    """A short name for a store location (endpoint, bucket, prefix): equal for builds that commit to one place."""
-    text = f"{location.endpoint or ''}|{location.bucket}|{location.prefix}"
+    """A short name for a store location: equal for builds that commit to one place (endpoint, bucket, and the prefix
+    as engines are stored under it, so `engines`, `engines/` and `/engines` are one place)."""
+    endpoint = (location.endpoint or "").rstrip("/")
+    text = f"{endpoint}|{location.bucket}|{location.prefix.strip('/')}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build_job_name(short: str, own_store: StoreLocation | None = None) -> str:
-    """The build Job of an identity: `llme-build-<12 hex>` into the operator's default store. An engine with a store
-    of its own builds in its own namespace, where engines of one identity may name different stores: its Job name
-    carries the store's key too (`llme-build-<12 hex>-<8 hex>`), so that each store gets its own build and engines
-    naming the same store share one."""
-    name = f"llme-build-{short.removeprefix(SHORT_PREFIX)}"
-    return f"{name}-{store_key(own_store)[:8]}" if own_store is not None else name
+def build_job_name(short: str, store: StoreLocation) -> str:
+    """The build Job of an identity into a store: `llme-build-<12 hex of the digest>-<8 hex of the store key>`. One
+    name per identity and store, so that engines of one identity naming different stores in one namespace never share
+    a Job, engines naming the same store always do, and no Job an earlier operator named by the identity alone is
+    taken for one of these."""
+    return f"llme-build-{short.removeprefix(SHORT_PREFIX)}-{store_key(store)[:8]}"
 
 
 def model_source_identity(spec: LLMEngineSpec) -> dict[str, Any]:

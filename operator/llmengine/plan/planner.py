@@ -67,7 +67,7 @@ class Plan:
     # The planner itself failed (a bug, not the spec's fault): what it raised. The plan is invalid, but no field is
     # to blame, so admission lets the object in and the status reports an internal error.
     internal_error: str | None = None
-    # The identity's build Job in the namespace it runs in (identity.build_job_name): "" when there is no identity.
+    # The identity's build Job into its store (identity.build_job_name): "" when there is no identity or no store.
     build_job: str = ""
 
     @property
@@ -586,7 +586,7 @@ def _plan(
         warnings=warnings,
         engine_digest=digest,
         short_digest=short_digest(digest),
-        build_job=build_job_name(short_digest(digest), store if spec.store is not None else None) if digest else "",
+        build_job=build_job_name(short_digest(digest), store) if digest and store is not None else "",
         shapes=shapes or EMPTY_SHAPES,
         memory=memory,
         gpu=gpu,

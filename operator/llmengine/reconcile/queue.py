@@ -21,7 +21,7 @@ class BuildQueue:
         self.reserved: dict[str, dict[str, float]] = {}
         # engine -> (pool, build key) of the build it wants; engines of one identity share a build
         self.engines: dict[Engine, tuple[str, str]] = {}
-        # identity (Job name and store) -> (build key, when last claimed): which namespace builds it
+        # identity (engine digest and store key) -> (build key, when last claimed): which namespace builds it
         self.claims: dict[str, tuple[str, float]] = {}
 
     def position(self, pool: str, key: str, active: Set[str], listed: Set[str] = frozenset()) -> int:
