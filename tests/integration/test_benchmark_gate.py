@@ -41,9 +41,10 @@ def test_failing_benchmark_keeps_the_serving_engine(
         assert bench["serving"] == bench["result"]  # promoted: the baseline of the next engine
         assert _cond(first, "BenchmarkPassed")["status"] == "True"
         names = sorted(j.metadata.name for j in jobs(api, namespace))
-        # The engine has a store of its own: its build Job's name carries the store's key after the identity.
-        assert names == [f"llme-bench-{old[:12]}", first["status"]["build"]["job"]]
-        assert first["status"]["build"]["job"].startswith(f"llme-build-{old[:12]}-")
+        # Build and benchmark Jobs are named by the identity and the store (its key after the identity).
+        built = first["status"]["build"]["job"]
+        assert names == [built.replace("llme-build-", "llme-bench-"), built]  # the benchmark Job is named alike
+        assert built.startswith(f"llme-build-{old[:12]}-")
 
         # A new engine that can not meet its bound: built and benchmarked, never rolled out.
         engines.patch_spec(
@@ -75,7 +76,7 @@ def test_failing_benchmark_keeps_the_serving_engine(
         assert done["status"]["servingEngine"]["digest"] == new
         wait_for("new engine served", lambda: served_digest(api, namespace, "gated") == new, timeout=60)
         bench_jobs = [j for j in jobs(api, namespace) if j.metadata.name.startswith("llme-bench-")]
-        assert sorted(j.metadata.name for j in bench_jobs) == sorted(
+        assert sorted(j.metadata.name[: len("llme-bench-") + 12] for j in bench_jobs) == sorted(
             [f"llme-bench-{old[:12]}", f"llme-bench-{new[:12]}"]
         )
         assert "Traceback" not in op.logs()

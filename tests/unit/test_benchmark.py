@@ -794,6 +794,7 @@ def render() -> tuple[dict[str, Any], dict[str, Any], BenchRequest]:
         owners=[common.owner_reference(engine, controller=False)],
         short_digest=plan.short_digest,
         build_job=plan.build_job,
+        bench_job=plan.bench_job,
         pool=common.pool_name(plan.gpu.name, plan.mig_profile),
         product_labels=list(plan.gpu.product_labels),
         gpu_resource=plan.gpu_resource,
@@ -838,7 +839,8 @@ def test_bench_job_runs_like_the_serving_pods() -> None:
     job, _, req = render()
     plan = plan_object(engine_body())
     md, pod = job["metadata"], job["spec"]["template"]["spec"]
-    assert md["name"] == f"llme-bench-{plan.engine_digest[:12]}" and len(md["name"]) <= 63
+    assert md["name"] == plan.bench_job and md["name"].startswith(f"llme-bench-{plan.engine_digest[:12]}-")
+    assert len(md["name"]) <= 63
     assert md["labels"]["app.kubernetes.io/managed-by"] == "llmengine-operator"
     assert md["labels"][common.COMPONENT_LABEL] == "benchmark"
     assert md["annotations"][common.DIGEST_ANNOTATION] == req.engine_digest

@@ -133,7 +133,8 @@ def test_the_token_copy_is_the_secret_the_shared_build_pod_reads() -> None:
         namespace="llmengine-system",
         owners=[],
         short_digest="e-0123456789ab",
-        build_job="llme-build-0123456789ab",
+        build_job="llme-build-0123456789ab-01234567",
+        bench_job="llme-bench-0123456789ab-01234567",
         pool="h100-80gb",
         product_labels=["NVIDIA-H100-80GB-HBM3"],
         gpu_resource="nvidia.com/gpu",
@@ -142,8 +143,12 @@ def test_the_token_copy_is_the_secret_the_shared_build_pod_reads() -> None:
         store_secret="s3-creds",
         hf_token=None,
     )
-    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "llme-build-0123456789ab", "uid": "j1"}
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "llme-build-0123456789ab-01234567", "uid": "j1"}
     copy = render_build.token_copy(where, owner, "hf_secret")
-    assert copy["metadata"]["name"] == render_build.token_copy_name(where.build_job) == "llme-build-0123456789ab-hf"
+    assert (
+        copy["metadata"]["name"]
+        == render_build.token_copy_name(where.build_job)
+        == "llme-build-0123456789ab-01234567-hf"
+    )
     assert copy["metadata"]["namespace"] == "llmengine-system" and copy["metadata"]["ownerReferences"] == [owner]
     assert copy["stringData"] == {render_build.TOKEN_KEY: "hf_secret"}

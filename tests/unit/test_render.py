@@ -49,6 +49,7 @@ def _where(body: dict[str, Any]) -> common.Placement:
         owners=[common.owner_reference(engine, controller=False)],
         short_digest=plan.short_digest,
         build_job=plan.build_job,
+        bench_job=plan.bench_job,
         pool=common.pool_name(plan.gpu.name, plan.mig_profile),
         product_labels=list(plan.gpu.product_labels),
         gpu_resource=plan.gpu_resource,
@@ -187,6 +188,10 @@ def test_build_job_name_is_one_per_identity_and_store() -> None:
     assert len(others) == 3 and a not in others
     assert own({"bucket": "engines", "endpoint": "https://s3.example.com/"}) in others
     assert len(max([a, *others], key=len)) + len("-hf") <= 63
+    # The benchmark Job of the engine in a store is named alike: one per identity and store.
+    assert shared.bench_job == shared.build_job.replace("llme-build-", "llme-bench-", 1)
+    mine = plan_object(_engine(store={"bucket": "engines2"}), images=CFG.images, default_store=default)
+    assert mine.bench_job != shared.bench_job and mine.bench_job.startswith(f"llme-bench-{short}-")
 
 
 def test_runtime_only_change_keeps_digest_but_changes_deployment() -> None:

@@ -55,6 +55,12 @@ def build_job_name(short: str, store: StoreLocation) -> str:
     return f"llme-build-{short.removeprefix(SHORT_PREFIX)}-{store_key(store)[:8]}"
 
 
+def bench_job_name(short: str, store: StoreLocation) -> str:
+    """The benchmark Job of an identity's engine in a store, named as its build Job is, for the same reasons (the
+    engine a store holds is that store's build): `llme-bench-<12 hex>-<8 hex>`."""
+    return f"llme-bench-{short.removeprefix(SHORT_PREFIX)}-{store_key(store)[:8]}"
+
+
 def model_source_identity(spec: LLMEngineSpec) -> dict[str, Any]:
     source = spec.model.source
     if source.hugging_face is not None:

@@ -17,7 +17,7 @@ from llmengine.plan import pods, sizing, validate
 from llmengine.plan.catalog import CATALOG, ModelFacts, lookup, resolve_facts
 from llmengine.plan.engine_config import effective_shapes, engine_config
 from llmengine.plan.gpus import GIB, GPU_CLASSES, UNKNOWN_GPU, GpuClass, MigProfile, gpu_class, gpu_resource, parse_sm
-from llmengine.plan.identity import build_job_name, engine_digest, identity_inputs, short_digest
+from llmengine.plan.identity import bench_job_name, build_job_name, engine_digest, identity_inputs, short_digest
 from llmengine.plan.sizing import EMPTY_MEMORY, MemoryEstimate
 
 COMPILERS = ("tensorrt-llm", "test")
@@ -69,6 +69,7 @@ class Plan:
     internal_error: str | None = None
     # The identity's build Job into its store (identity.build_job_name): "" when there is no identity or no store.
     build_job: str = ""
+    bench_job: str = ""  # the benchmark Job of that engine (identity.bench_job_name)
 
     @property
     def paged_context_fmha(self) -> bool:
@@ -587,6 +588,7 @@ def _plan(
         engine_digest=digest,
         short_digest=short_digest(digest),
         build_job=build_job_name(short_digest(digest), store) if digest and store is not None else "",
+        bench_job=bench_job_name(short_digest(digest), store) if digest and store is not None else "",
         shapes=shapes or EMPTY_SHAPES,
         memory=memory,
         gpu=gpu,

@@ -178,6 +178,7 @@ class Actor:
             owners=[] if isolated and build else [common.owner_reference(engine, controller=False)],
             short_digest=plan.short_digest,
             build_job=plan.build_job,
+            bench_job=plan.bench_job,
             pool=target.pool,
             product_labels=list(plan.gpu.product_labels),
             gpu_resource=plan.gpu_resource,

@@ -36,7 +36,6 @@ from llmengine.reconcile.views import (
     job_view,
 )
 from llmengine.render import attachments, autoscale, common, grants, serving
-from llmengine.render import bench as render_bench
 
 Key = tuple[str, str]  # (namespace, name)
 # How long a Deployment we wrote is preferred to the watch's older copy (its echo takes well under a second).
@@ -234,7 +233,7 @@ class Gatherer:
             and spec.benchmark is not None
             and (dview is None or dview.digest != digest)
         ):
-            bench_name = render_bench.bench_job_name(plan.short_digest)
+            bench_name = plan.bench_job
             raw_bench = await self.kube.get_job(ns, bench_name)
             pods = await self.kube.list_pods(ns, f"job-name={bench_name}") if raw_bench is not None else []
             bench = bench_view(raw_bench, pods)

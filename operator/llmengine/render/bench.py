@@ -18,20 +18,13 @@ DEFAULT_ACTIVE_DEADLINE_SECONDS = 2 * 3600
 DEFAULT_TTL_SECONDS_AFTER_FINISHED = 24 * 3600
 
 
-def bench_job_name(short_digest: str) -> str:
-    """llme-bench-<12 hex>: 23 characters, well under the 63 a Job name may have (its pods' job-name label)."""
-    return f"llme-bench-{short_digest.removeprefix('e-')}"
-
-
 def bench_labels(short_digest: str, pool: str) -> dict[str, str]:
     return {**c.base_labels(COMPONENT), c.DIGEST_LABEL: short_digest, c.POOL_LABEL: pool}
 
 
 def bench_request_configmap(request: BenchRequest, where: c.Placement) -> dict[str, Any]:
     labels = bench_labels(where.short_digest, where.pool)
-    return c.request_configmap(
-        bench_job_name(where.short_digest), where.namespace, labels, where.owners, request.to_json()
-    )
+    return c.request_configmap(where.bench_job, where.namespace, labels, where.owners, request.to_json())
 
 
 def bench_job(
@@ -47,7 +40,7 @@ def bench_job(
     The tokenizer and config.json of a gated repository need the token the build used."""
     env = c.store_env(where.store_secret, request.store.endpoint, request.store.region) + c.hf_token_env(where.hf_token)
     return c.tool_job(
-        name=bench_job_name(where.short_digest),
+        name=where.bench_job,
         container=COMPONENT,
         subcommand="bench-engine",
         request_dir=REQUEST_DIR,

@@ -202,6 +202,7 @@ class Placement:
     owners: list[dict[str, Any]]  # every engine that wants the identity (none is the controller)
     short_digest: str
     build_job: str  # the identity's build Job (plan.build_job), which names what travels with it
+    bench_job: str  # the benchmark Job of the engine in its store (plan.bench_job)
     pool: str  # GPU pool (class, or class + MIG profile)
     product_labels: list[str]
     gpu_resource: str
