@@ -98,3 +98,26 @@ async def test_its_own_running_build_is_not_elsewhere() -> None:
     # The same build in another namespace is another engine's, and is joined.
     found = await elsewhere(body, [job("team-b", plan.build_job, plan.engine_digest, DEFAULT)])
     assert found == f"team-b/{plan.build_job}"
+
+
+async def test_a_claim_is_held_only_by_a_pass_that_starts_the_build() -> None:
+    """The claim closing the window before a build's Job exists is kept only by a pass that starts the build. An
+    engine that does not (it failed for good, waits out a backoff, or queues) gives it back in the same pass, so that
+    passing every resync it never keeps another namespace's engine of the identity waiting on a start that does not
+    come."""
+    from llmengine.reconcile.act import Actor
+    from llmengine.reconcile.decide import Decision
+
+    queue = BuildQueue(4)
+    here, there = engine("e", namespace="team-a"), engine("e", namespace="team-b")
+    g = Gatherer(Kube([]), CFG, queue, Memory(), Stores([], committed=False))  # type: ignore[arg-type]
+    actor = Actor(Kube([]), CFG, queue, Memory(), None, lambda *a: None)  # type: ignore[arg-type]
+    snap, target = await g.gather(here, lambda ns, name: None)
+    assert target.claim is not None and snap.building_elsewhere is None
+    # Meanwhile the other namespace's engine sees the build claimed ("starting").
+    other, _ = await g.gather(there, lambda ns, name: None)
+    assert other.building_elsewhere == f"team-a/{snap.plan.build_job} (starting)"
+    # This pass decides not to build (no StartBuild): the claim goes with it.
+    await actor.act(snap, target, Decision(status=snap.status))
+    other, _ = await g.gather(there, lambda ns, name: None)
+    assert other.building_elsewhere is None

@@ -70,6 +70,8 @@ class Actor:
 
     async def act(self, snap: Snapshot, target: Target, d: Decision) -> None:
         engine, ns = target.engine, snap.namespace
+        if target.claim is not None and (engine is None or not any(isinstance(a, StartBuild) for a in d.actions)):
+            self.queue.release(target.claim, target.build_key)
         for action in d.actions if engine is not None else ():
             if isinstance(action, Grant) and target.access and engine is not None and snap.grant_seconds is not None:
                 await self._grant(snap, engine, target.access, action, snap.grant_seconds)

@@ -52,6 +52,7 @@ class Target:
     access: StoreAccess | None
     pool: str = ""
     build_key: str = ""  # namespace/name of the build Job (the queue's key)
+    claim: str | None = None  # the build this pass claimed (digest|store), held only if the pass starts it
 
 
 @dataclass
@@ -210,13 +211,14 @@ class Gatherer:
             progress = None
             if job is not None and not job.ended and store.committed is False:
                 progress = await self.stores.progress(ns, access, digest)
-            position, elsewhere = 0, None
+            position, elsewhere, claim = 0, None, None
             if store.committed is False and job is None:
                 active, listed, elsewhere = await (
                     early.pool or self._pool_builds(pool, bns, job_name, digest, store_key)
                 )
                 if elsewhere is None:
-                    claimed = self.queue.claim(f"{digest}|{store_key}", key)
+                    claim = f"{digest}|{store_key}"
+                    claimed = self.queue.claim(claim, key)
                     elsewhere = f"{claimed} (starting)" if claimed else None
                 if elsewhere is None:
                     position = self.queue.position(pool, key, active, listed)
@@ -266,7 +268,7 @@ class Gatherer:
             bench=bench,
             traffic=traffic,
         )
-        return snap, Target(engine, access, pool, key)
+        return snap, Target(engine, access, pool, key, claim)
 
     async def _deployment(self, ns: str, name: str, lookup: DeploymentLookup | None) -> Mapping[str, Any] | None:
         """The serving Deployment: from the watch when there is one, else read; our own last write when it is newer

@@ -56,6 +56,14 @@ class BuildQueue:
         self.claims[identity] = (key, now)
         return None
 
+    def release(self, identity: str, key: str) -> None:
+        """Give up `key`'s claim on `identity`: the pass that took it does not start the build (it failed for good,
+        waits out a backoff, or queues), so it must not keep engines of other namespaces waiting on a start that does
+        not come."""
+        held = self.claims.get(identity)
+        if held is not None and held[0] == key:
+            del self.claims[identity]
+
     def reserve(self, pool: str, key: str) -> None:
         """The build's Job is being created: it holds a slot from now on."""
         self.reserved.setdefault(pool, {})[key] = time.monotonic()
