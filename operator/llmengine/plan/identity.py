@@ -47,18 +47,12 @@ def store_key(location: StoreLocation) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build_job_name(short: str, store: StoreLocation) -> str:
-    """The build Job of an identity into a store: `llme-build-<12 hex of the digest>-<8 hex of the store key>`. One
-    name per identity and store, so that engines of one identity naming different stores in one namespace never share
-    a Job, engines naming the same store always do, and no Job an earlier operator named by the identity alone is
-    taken for one of these."""
-    return f"llme-build-{short.removeprefix(SHORT_PREFIX)}-{store_key(store)[:8]}"
-
-
-def bench_job_name(short: str, store: StoreLocation) -> str:
-    """The benchmark Job of an identity's engine in a store, named as its build Job is, for the same reasons (the
-    engine a store holds is that store's build): `llme-bench-<12 hex>-<8 hex>`."""
-    return f"llme-bench-{short.removeprefix(SHORT_PREFIX)}-{store_key(store)[:8]}"
+def tool_job_name(kind: str, short: str, store: StoreLocation) -> str:
+    """A GPU tool Job of an identity's engine in a store, `llme-<kind>-<12 hex of the digest>-<8 hex of the store
+    key>` (kind: build, bench). One name per identity and store, so that engines of one identity naming different
+    stores in one namespace never share a Job, engines naming the same store always do, and no Job an earlier
+    operator named by the identity alone is taken for one of these."""
+    return f"llme-{kind}-{short.removeprefix(SHORT_PREFIX)}-{store_key(store)[:8]}"
 
 
 def model_source_identity(spec: LLMEngineSpec) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from llmengine.plan import pods, sizing, validate
 from llmengine.plan.catalog import CATALOG, ModelFacts, lookup, resolve_facts
 from llmengine.plan.engine_config import effective_shapes, engine_config
 from llmengine.plan.gpus import GIB, GPU_CLASSES, UNKNOWN_GPU, GpuClass, MigProfile, gpu_class, gpu_resource, parse_sm
-from llmengine.plan.identity import bench_job_name, build_job_name, engine_digest, identity_inputs, short_digest
+from llmengine.plan.identity import engine_digest, identity_inputs, short_digest, tool_job_name
 from llmengine.plan.sizing import EMPTY_MEMORY, MemoryEstimate
 
 COMPILERS = ("tensorrt-llm", "test")
@@ -67,9 +67,9 @@ class Plan:
     # The planner itself failed (a bug, not the spec's fault): what it raised. The plan is invalid, but no field is
     # to blame, so admission lets the object in and the status reports an internal error.
     internal_error: str | None = None
-    # The identity's build Job into its store (identity.build_job_name): "" when there is no identity or no store.
+    # The identity's build Job into its store (identity.tool_job_name): "" when there is no identity or no store.
     build_job: str = ""
-    bench_job: str = ""  # the benchmark Job of that engine (identity.bench_job_name)
+    bench_job: str = ""  # the benchmark Job of that engine, named alike
 
     @property
     def paged_context_fmha(self) -> bool:
@@ -581,14 +581,15 @@ def _plan(
             store=store,
         )
     tp, pp = spec.parallelism.tensor, spec.parallelism.pipeline
+    short = short_digest(digest)
     return Plan(
         valid=valid,
         errors=errors,
         warnings=warnings,
         engine_digest=digest,
-        short_digest=short_digest(digest),
-        build_job=build_job_name(short_digest(digest), store) if digest and store is not None else "",
-        bench_job=bench_job_name(short_digest(digest), store) if digest and store is not None else "",
+        short_digest=short,
+        build_job=tool_job_name("build", short, store) if short and store is not None else "",
+        bench_job=tool_job_name("bench", short, store) if short and store is not None else "",
         shapes=shapes or EMPTY_SHAPES,
         memory=memory,
         gpu=gpu,
