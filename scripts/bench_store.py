@@ -44,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -72,6 +73,20 @@ def log(msg: str) -> None:
 def load() -> str:
     """The 1/5/15-minute load averages, as uptime prints them."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+@dataclass(frozen=True)
+class Cpus:
+    """The cores the clients and the server run on: the same ones (shared), or each side its own (--split-cpus)."""
+
+    client: int
+    server: int
+    shared: bool
+
+    def __str__(self) -> str:
+        if self.shared:
+            return f"{self.client} shared cores"
+        return f"{self.client} client + {self.server} server cores"
 
 
 class Client(Protocol):
@@ -321,31 +336,46 @@ def measure(
     return secs, loads
 
 
-def table(size: int, secs: dict[str, dict[str, list[float]]]) -> list[str]:
+def ceiling(size: int, secs: dict[str, list[float]], direction: str, cpus: Cpus) -> float:
+    """MB/s a client's transfer would reach if the CPU were the only limit: the CPU seconds it and the server spent
+    (medians), spread over the cores they run on. A transfer near its ceiling is bound by the CPU there; a client whose
+    ceiling is below another's measured rate cannot catch it on these cores, however it moves the bytes."""
+    client = statistics.median(secs[direction + "_cpu"])
+    server = statistics.median(secs[direction + "_server_cpu"])
+    seconds = (client + server) / cpus.client if cpus.shared else max(client / cpus.client, server / cpus.server)
+    return size / seconds / 1e6 if seconds > 0 else float("inf")
+
+
+def table(size: int, secs: dict[str, dict[str, list[float]]], cpus: Cpus) -> list[str]:
     def rate(name: str, direction: str) -> float:
         return size / statistics.median(secs[name][direction]) / 1e6
 
     def cpu(name: str, what: str) -> str:
         return f"{statistics.median(secs[name][what]) / (size / GiB):.2f}"
 
+    def cap(name: str, direction: str) -> str:
+        return f"{ceiling(size, secs[name], direction, cpus):.0f}"
+
     lines = [
         f"| {size / GiB:g} GiB | upload MB/s | download MB/s | upload CPU s/GiB, client + server "
-        "| download CPU s/GiB, client + server |",
-        "|---|---:|---:|---:|---:|",
+        f"| download CPU s/GiB, client + server | CPU ceiling on {cpus}, up / down MB/s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name in secs:
         lines.append(
             f"| {name} | {rate(name, 'upload'):.0f} | {rate(name, 'download'):.0f} "
             f"| {cpu(name, 'upload_cpu')} + {cpu(name, 'upload_server_cpu')} "
-            f"| {cpu(name, 'download_cpu')} + {cpu(name, 'download_server_cpu')} |"
+            f"| {cpu(name, 'download_cpu')} + {cpu(name, 'download_server_cpu')} "
+            f"| {cap(name, 'upload')} / {cap(name, 'download')} |"
         )
     peers = [n for n in secs if n != "ours"]
     if "ours" in secs and peers:
-        cells = []
+        cells, caps = [], []
         for d in ("upload", "download"):
             best = max(peers, key=lambda n, d=d: rate(n, d))  # type: ignore[misc]
             cells.append(f"{rate('ours', d) / rate(best, d):.2f}x of {best}")
-        lines.append(f"| ours / best peer | {cells[0]} | {cells[1]} | | |")
+            caps.append(f"{ceiling(size, secs['ours'], d, cpus) / rate(best, d):.2f}x")
+        lines.append(f"| ours / best peer | {cells[0]} | {cells[1]} | | | ours' ceiling: {caps[0]} / {caps[1]} |")
     return lines
 
 
@@ -371,11 +401,14 @@ def main() -> None:
 
     reporting = page_reporting()
     scratch = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
+    ncpu = len(os.sched_getaffinity(0))
+    cpus = Cpus(ncpu, ncpu, shared=True)
     if args.split_cpus:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
+        usable = sorted(os.sched_getaffinity(0))
+        if len(usable) < 2:
             raise SystemExit("--split-cpus needs at least 2 CPUs")
-        server_cpus, client_cpus = cpus[: len(cpus) // 2], cpus[len(cpus) // 2 :]
+        server_cpus, client_cpus = usable[: len(usable) // 2], usable[len(usable) // 2 :]
+        cpus = Cpus(len(client_cpus), len(server_cpus), shared=False)
         os.sched_setaffinity(0, server_cpus)  # the server inherits it
     ep, server = start_s3(scratch / "s3")
     if args.split_cpus:
@@ -412,7 +445,7 @@ def main() -> None:
     print()
     for gib, (secs, loads) in results.items():
         print(f"load average (1/5/15 min) before each round of {gib} GiB: {'; '.join(loads)}\n")
-        print("\n".join(table(int(float(gib) * GiB), secs)) + "\n")
+        print("\n".join(table(int(float(gib) * GiB), secs, cpus)) + "\n")
     if args.json:
         args.json.write_text(json.dumps({g: {"seconds": s, "loads": ld} for g, (s, ld) in results.items()}, indent=1))
 
