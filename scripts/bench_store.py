@@ -16,7 +16,10 @@ order of the clients; the table shows medians in MB/s (10^6 bytes), the ratio of
 the client spent per GiB (every thread of this process, or the s5cmd process), which a loaded machine disturbs less
 than the wall time, and the CPU time the server spent per GiB on the same transfer. On one machine the server shares
 the client's cores, so what a client asks of the server (versitygw computes a CRC64NVME of every upload unless the
-client names another checksum, as the CRT does with CRC32) counts against its own speed too.
+client names another checksum, as the CRT does with CRC32) counts against its own speed too. The last column is each
+client's CPU ceiling: the MB/s its transfer would reach if the CPU it and the server spent were the only limit on the
+cores they run on; where ours' ceiling is below the best peer's measured rate, ours cannot catch that peer on this
+machine while it does the CPU work it does.
 
     .venv/bin/python scripts/bench_store.py                      # 1 and 4 GiB, 3 rounds, every client
     .venv/bin/python scripts/bench_store.py --sizes-gib 1 --rounds 1 --clients ours s5cmd
