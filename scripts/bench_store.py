@@ -19,7 +19,7 @@ the client's cores, so what a client asks of the server (versitygw computes a CR
 client names another checksum, as the CRT does with CRC32) counts against its own speed too. The last column is each
 client's CPU ceiling: the MB/s its transfer would reach if the CPU it and the server spent were the only limit on the
 cores they run on; where ours' ceiling is below the best peer's measured rate, ours cannot catch that peer on this
-machine while it does the CPU work it does.
+machine without spending less CPU per GiB.
 
     .venv/bin/python scripts/bench_store.py                      # 1 and 4 GiB, 3 rounds, every client
     .venv/bin/python scripts/bench_store.py --sizes-gib 1 --rounds 1 --clients ours s5cmd
