@@ -68,7 +68,7 @@ from llmengine.clients.store import (
 from llmengine.dev import proc
 from llmengine.dev.cluster import ClusterInfo, DevCluster
 from llmengine.dev.harness import run_operator
-from llmengine.dev.runner import API_RETRY
+from llmengine.dev.runner import API_RETRY, POD_FILE
 from llmengine.dev.runner import RESTARTS as RUNNER_RESTARTS
 from llmengine.dev.seed import apply_crd, create_store_secret, engine, upload_tiny_checkpoint
 from llmengine.render.common import ATTEMPT_ANNOTATION, DIGEST_ANNOTATION, ENGINE_LABEL
@@ -276,6 +276,7 @@ class BuildRun:
     outcome: str  # succeeded | noop (already committed) | failed | unfinished
     commit: float | None  # "upload committed"
     error: str | None = None
+    job_uid: str | None = None  # the UID of the Job that made the pod (its controller-uid label), when recorded
 
 
 def build_runs(pods_dir: Path, ns: str) -> list[BuildRun]:
@@ -306,20 +307,39 @@ def build_runs(pods_dir: Path, ns: str) -> list[BuildRun]:
                 outcome=outcome,
                 commit=parse_ts(commit.get("timestamp")) if commit else None,
                 error=f"{failed.get('stage')}: {failed.get('error')}" if failed else None,
+                job_uid=job_uid(log.parent),
             )
         )
     return runs
 
 
-def judge_builds(runs: list[BuildRun]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Split the builder runs of each identity into duplicates and legitimate retries.
+def job_uid(pod_dir: Path) -> str | None:
+    """The UID of the Job that made the pod in `pod_dir`, from what the pod runner recorded of it."""
+    try:
+        identity = json.loads((pod_dir / POD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    uid = (identity.get("labels") or {}).get("batch.kubernetes.io/controller-uid")
+    return str(uid) if uid else None
+
+
+def judge_builds(
+    runs: list[BuildRun],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split the builder runs of each identity into duplicates, legitimate retries and repeats of one Job's pod.
 
     The first run of a digest is the build. A later run is a legitimate retry when every earlier run of the same
     digest had ended (its last log line is older than the new run's first) without committing the engine. It is a
     duplicate when an earlier run was still running (two builders of one identity at once) or had already
     committed the engine (a rebuild of something the store holds: the operator should have taken the store hit).
+
+    One exception, a *repeat*: a run after the commit, made by the same Job (the same Job UID) as the run that
+    committed, that found the manifest and did nothing. Kubernetes' Job controller may start a Job's pod again after
+    it succeeded (its documentation says so for parallelism 1, completions 1; kubernetes/kubernetes#130103 shows how,
+    when its watches lag), which no operator can prevent; the builder's check of the store makes it harmless. A
+    repeat that did anything but find the manifest, or one by another Job, stays a duplicate.
     """
-    dups, retries = [], []
+    dups, retries, repeats = [], [], []
     by_digest: dict[str, list[BuildRun]] = {}
     for r in runs:
         by_digest.setdefault(r.digest, []).append(r)
@@ -329,13 +349,18 @@ def judge_builds(runs: list[BuildRun]) -> tuple[list[dict[str, Any]], list[dict[
             earlier = rs[:k]
             committed = [p for p in earlier if p.commit is not None and p.commit <= r.start]
             overlapping = [p for p in earlier if p.end > r.start]
+            if committed and not overlapping and r.outcome == "noop" and r.job_uid is not None:
+                by_same_job = [p for p in committed if p.job_uid == r.job_uid]
+                if by_same_job:
+                    repeats.append({"digest": digest[:12], "run": r.pod_dir, "committed_by": by_same_job[0].pod_dir})
+                    continue
             if committed or overlapping:
                 why = "after-commit" if committed else "concurrent"
                 dups.append({"digest": digest[:12], "run": r.pod_dir, "why": why, "outcome": r.outcome})
             else:
                 prev = earlier[-1]
                 retries.append({"digest": digest[:12], "run": r.pod_dir, "after": prev.outcome, "error": prev.error})
-    return dups, retries
+    return dups, retries, repeats
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -868,7 +893,7 @@ def run(
         time.sleep(1.0)
         recorder.stop()
         runs = build_runs(bench.pods_dir, ns)
-        dups, retries = judge_builds(runs)
+        dups, retries, repeats = judge_builds(runs)
         attempts: dict[tuple[str, str], int] = {}
         for j in recorder.jobs.values():
             attempts[(j.digest, j.attempt)] = attempts.get((j.digest, j.attempt), 0) + 1
@@ -919,12 +944,14 @@ def run(
             "build_jobs_seen": len(recorder.jobs),
             "identities": len({r.digest for r in runs}),
             "legitimate_retries": len(retries),
+            "job_pod_repeats": len(repeats),  # a Job's pod started again after it committed; found the manifest
             "engines_served": len(recorder.served),
             "serving_pods_ready": len(recorder.ready_pods),
         },
         "details": {
             "duplicates": dups + dup_jobs,
             "retries": retries,
+            "job_pod_repeats": repeats,
             "served_without_committed_manifest": served_bad + pods_bad,
             "stuck": stuck,
             "leftovers": left,

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from llmengine.dev.cluster import DevCluster
+from llmengine.dev.runner import POD_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -123,8 +124,16 @@ def test_engine_ready_again_after_fault(fault_run: tuple[dict[str, Any], str], f
         assert record["phase"] == "rebuild", report
 
 
-def _run(pod: str, digest: str, start: float, end: float, outcome: str, commit: float | None = None) -> Any:
-    return bench.BuildRun(pod, digest, start, end, outcome, commit)
+def _run(
+    pod: str,
+    digest: str,
+    start: float,
+    end: float,
+    outcome: str,
+    commit: float | None = None,
+    job: str | None = None,
+) -> Any:
+    return bench.BuildRun(pod, digest, start, end, outcome, commit, job_uid=job)
 
 
 def test_judge_builds_tells_retries_from_duplicates() -> None:
@@ -136,6 +145,48 @@ def test_judge_builds_tells_retries_from_duplicates() -> None:
         _run("c1", "c" * 64, 0, 10, "unfinished"),
         _run("c2", "c" * 64, 5, 15, "succeeded", commit=14),  # while c1 still ran: a duplicate
     ]
-    dups, retries = bench.judge_builds(runs)
+    dups, retries, repeats = bench.judge_builds(runs)
     assert [(d["run"], d["why"]) for d in dups] == [("b2", "after-commit"), ("c2", "concurrent")]
     assert [(r["run"], r["after"]) for r in retries] == [("a2", "failed")]
+    assert repeats == []
+
+
+def test_judge_builds_tells_a_jobs_repeated_pod_from_a_duplicate_build() -> None:
+    """Kubernetes may start a Job's pod again after it succeeded: that pod, finding the manifest, is a repeat. The
+    same after a commit by another Job, or a repeat that did more than find the manifest, is a duplicate."""
+    runs = [
+        _run("d1", "d" * 64, 0, 10, "succeeded", commit=9, job="job-d"),
+        _run("d2", "d" * 64, 12, 13, "noop", job="job-d"),  # the same Job again: a repeat
+        _run("e1", "e" * 64, 0, 10, "succeeded", commit=9, job="job-e"),
+        _run("e2", "e" * 64, 12, 13, "noop", job="job-e2"),  # another Job after the commit: a duplicate
+        _run("f1", "f" * 64, 0, 10, "succeeded", commit=9, job="job-f"),
+        _run("f2", "f" * 64, 12, 20, "succeeded", commit=19, job="job-f"),  # built again: a duplicate
+        _run("g1", "g" * 64, 0, 10, "succeeded", commit=9, job="job-g"),
+        _run("g2", "g" * 64, 5, 11, "noop", job="job-g"),  # started while g1 ran: a duplicate
+        _run("h1", "h" * 64, 0, 10, "succeeded", commit=9, job="job-h"),
+        _run("h2", "h" * 64, 12, 13, "noop"),  # no record of its Job: a duplicate
+    ]
+    dups, retries, repeats = bench.judge_builds(runs)
+    assert repeats == [{"digest": "d" * 12, "run": "d2", "committed_by": "d1"}]
+    assert [(d["run"], d["why"]) for d in dups] == [
+        ("e2", "after-commit"),
+        ("f2", "after-commit"),
+        ("g2", "concurrent"),
+        ("h2", "after-commit"),
+    ]
+    assert retries == []
+
+
+def test_build_runs_read_the_job_that_made_each_pod(tmp_path: Path) -> None:
+    """The pod runner records each pod's labels beside its logs; the judge reads the Job's UID from them."""
+    ns = "faults-x"
+    for pod, uid in (("llme-build-0123-abcd-p1", "job-uid-1"), ("llme-build-0123-abcd-p2", None)):
+        d = tmp_path / f"{ns}_{pod}_00000000"
+        d.mkdir()
+        event = {"event": "build started", "engine_digest": "d" * 64, "timestamp": "2026-12-05T21:16:07.000000Z"}
+        (d / "build.log").write_text(json.dumps(event) + "\n")
+        if uid is not None:
+            labels = {"batch.kubernetes.io/controller-uid": uid, "job-name": "llme-build-0123-abcd"}
+            (d / POD_FILE).write_text(json.dumps({"name": pod, "labels": labels}))
+    runs = {r.pod_dir.split("_")[1]: r.job_uid for r in bench.build_runs(tmp_path, ns)}
+    assert runs == {"llme-build-0123-abcd-p1": "job-uid-1", "llme-build-0123-abcd-p2": None}

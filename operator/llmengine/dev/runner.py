@@ -54,6 +54,7 @@ RESTART_BACKOFF_S = 10.0
 RESTART_BACKOFF_MAX_S = 300.0
 API_PATIENCE_S = 300.0
 API_RETRY = "API call retried"  # in the runner's log once per repeated call (scripts/bench_faults.py counts them)
+POD_FILE = "pod.json"  # in each pod's directory: its namespace, name, UID, labels and owners
 log = logging.getLogger("llmengine.dev.runner")
 
 
@@ -341,6 +342,9 @@ class Runner:
         md = pod["metadata"]
         root = pod_dir(self.work, pod)
         root.mkdir(parents=True, exist_ok=True)
+        # Who made the pod (its Job's UID is in the labels), for the tests and benchmarks that read the logs beside it.
+        identity = {k: md.get(k) for k in ("namespace", "name", "uid", "labels", "ownerReferences")}
+        (root / POD_FILE).write_text(json.dumps(identity, indent=1) + "\n")
         try:
             if is_job_pod(pod):
                 main = pod["spec"]["containers"][0]
