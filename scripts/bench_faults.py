@@ -945,6 +945,7 @@ def run(
             "identities": len({r.digest for r in runs}),
             "legitimate_retries": len(retries),
             "job_pod_repeats": len(repeats),  # a Job's pod started again after it committed; found the manifest
+            "runs_without_job_uid": sum(1 for r in runs if r.job_uid is None),  # the judge cannot tell repeats there
             "engines_served": len(recorder.served),
             "serving_pods_ready": len(recorder.ready_pods),
         },

@@ -111,6 +111,13 @@ def test_invariant_holds_under_faults(fault_run: tuple[dict[str, Any], str], cou
     assert summary["builds"]["builder_runs"] >= len(bench.FAULTS), report
 
 
+def test_every_build_run_names_the_job_that_made_it(fault_run: tuple[dict[str, Any], str]) -> None:
+    # Without it, a Job pod repeat (test_judge_builds_tells_a_jobs_repeated_pod_from_a_duplicate_build) would count
+    # as a duplicate build.
+    summary, report = fault_run
+    assert summary["builds"]["runs_without_job_uid"] == 0, report
+
+
 @pytest.mark.parametrize("fault", bench.FAULTS)
 def test_engine_ready_again_after_fault(fault_run: tuple[dict[str, Any], str], fault: str) -> None:
     summary, report = fault_run
@@ -161,20 +168,24 @@ def test_judge_builds_tells_a_jobs_repeated_pod_from_a_duplicate_build() -> None
         _run("e2", "e" * 64, 12, 13, "noop", job="job-e2"),  # another Job after the commit: a duplicate
         _run("f1", "f" * 64, 0, 10, "succeeded", commit=9, job="job-f"),
         _run("f2", "f" * 64, 12, 20, "succeeded", commit=19, job="job-f"),  # built again: a duplicate
-        _run("g1", "g" * 64, 0, 10, "succeeded", commit=9, job="job-g"),
-        _run("g2", "g" * 64, 5, 11, "noop", job="job-g"),  # started while g1 ran: a duplicate
+        _run("g1", "g" * 64, 0, 10, "succeeded", commit=4, job="job-g"),
+        _run("g2", "g" * 64, 5, 11, "noop", job="job-g"),  # after the commit, but while g1 still ran: a duplicate
         _run("h1", "h" * 64, 0, 10, "succeeded", commit=9, job="job-h"),
         _run("h2", "h" * 64, 12, 13, "noop"),  # no record of its Job: a duplicate
+        _run("i1", "i" * 64, 0, 3, "failed", job="job-i"),
+        _run("i2", "i" * 64, 4, 10, "succeeded", commit=9, job="job-i2"),  # attempt 2, a Job of its own: a retry
+        _run("i3", "i" * 64, 12, 13, "noop", job="job-i"),  # the failed Job again, not the one that committed
     ]
     dups, retries, repeats = bench.judge_builds(runs)
     assert repeats == [{"digest": "d" * 12, "run": "d2", "committed_by": "d1"}]
     assert [(d["run"], d["why"]) for d in dups] == [
         ("e2", "after-commit"),
         ("f2", "after-commit"),
-        ("g2", "concurrent"),
+        ("g2", "after-commit"),
         ("h2", "after-commit"),
+        ("i3", "after-commit"),
     ]
-    assert retries == []
+    assert [r["run"] for r in retries] == ["i2"]
 
 
 def test_build_runs_read_the_job_that_made_each_pod(tmp_path: Path) -> None:

@@ -342,9 +342,11 @@ class Runner:
         md = pod["metadata"]
         root = pod_dir(self.work, pod)
         root.mkdir(parents=True, exist_ok=True)
-        # Who made the pod (its Job's UID is in the labels), for the tests and benchmarks that read the logs beside it.
+        # Who made the pod (its Job's UID is in the labels), for the tests and benchmarks that read the logs beside it;
+        # only a record, so a failure to write it does not stop the pod.
         identity = {k: md.get(k) for k in ("namespace", "name", "uid", "labels", "ownerReferences")}
-        (root / POD_FILE).write_text(json.dumps(identity, indent=1) + "\n")
+        with contextlib.suppress(OSError):
+            (root / POD_FILE).write_text(json.dumps(identity, indent=1) + "\n")
         try:
             if is_job_pod(pod):
                 main = pod["spec"]["containers"][0]
