@@ -13,35 +13,23 @@ dev cluster instead of the session one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from llmengine.dev.cluster import DevCluster
 from llmengine.dev.runner import POD_FILE
+from tests.scripts import load_script
 
-REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
 
 
-def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_faults", REPO / "scripts" / "bench_faults.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_script("bench_faults")
 
 
 @pytest.fixture(scope="module")

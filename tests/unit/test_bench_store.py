@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.scripts import load_script
+
 GiB = 1 << 30
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_store", REPO / "scripts" / "bench_store.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_script("bench_store")
 
 
 def _secs(wall: float, client: float, server: float, rounds: int = 3) -> dict[str, list[float]]:
