@@ -333,11 +333,12 @@ def judge_builds(
     duplicate when an earlier run was still running (two builders of one identity at once) or had already
     committed the engine (a rebuild of something the store holds: the operator should have taken the store hit).
 
-    One exception, a *repeat*: a run after the commit, made by the same Job (the same Job UID) as the run that
-    committed, that found the manifest and did nothing. Kubernetes' Job controller may start a Job's pod again after
-    it succeeded (its documentation says so for parallelism 1, completions 1; kubernetes/kubernetes#130103 shows how,
-    when its watches lag), which no operator can prevent; the builder's check of the store makes it harmless. A
-    repeat that did anything but find the manifest, or one by another Job, stays a duplicate.
+    One exception, a *repeat*: a run that started after a run of the same Job (the same Job UID) committed and after
+    every earlier run had ended, and that found the manifest and did nothing. Kubernetes' Job controller may start the
+    same program twice, also with parallelism 1 and completions 1 (its documentation says so;
+    kubernetes/kubernetes#130103 shows how, when its cache lags), which the operator does not control; the builder's
+    check of the store makes it harmless. A repeat that did anything but find the manifest, or one by another Job,
+    stays a duplicate.
     """
     dups, retries, repeats = [], [], []
     by_digest: dict[str, list[BuildRun]] = {}

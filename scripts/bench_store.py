@@ -342,7 +342,8 @@ def measure(
 def ceiling(size: int, secs: dict[str, list[float]], direction: str, cpus: Cpus) -> float:
     """MB/s a client's transfer would reach if the CPU were the only limit: the CPU seconds it and the server spent
     (medians), spread over the cores they run on. A transfer near its ceiling is bound by the CPU there; a client whose
-    ceiling is below another's measured rate cannot catch it on these cores, however it moves the bytes."""
+    ceiling is below another's measured rate can tie it on these cores only by keeping them entirely busy, and pass it
+    only by spending less CPU per GiB."""
     client = statistics.median(secs[direction + "_cpu"])
     server = statistics.median(secs[direction + "_server_cpu"])
     seconds = (client + server) / cpus.client if cpus.shared else max(client / cpus.client, server / cpus.server)
@@ -404,10 +405,9 @@ def main() -> None:
 
     reporting = page_reporting()
     scratch = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
-    ncpu = len(os.sched_getaffinity(0))
-    cpus = Cpus(ncpu, ncpu, shared=True)
+    usable = sorted(os.sched_getaffinity(0))  # the CPUs this process (and the server it starts) may run on
+    cpus = Cpus(len(usable), len(usable), shared=True)
     if args.split_cpus:
-        usable = sorted(os.sched_getaffinity(0))
         if len(usable) < 2:
             raise SystemExit("--split-cpus needs at least 2 CPUs")
         server_cpus, client_cpus = usable[: len(usable) // 2], usable[len(usable) // 2 :]
@@ -433,7 +433,7 @@ def main() -> None:
 
     print(
         f"\nversitygw {tools.versions()['VERSITYGW_VERSION']} on loopback; part {args.part_size_mib} MiB, "
-        f"{conc} streams, median of {args.rounds} rounds; {os.cpu_count()} CPUs, {platform.machine()}, "
+        f"{conc} streams, median of {args.rounds} rounds; {len(usable)} CPUs, {platform.machine()}, "
         f"Python {platform.python_version()}; load average after the run {load()}"
     )
     if reporting:
